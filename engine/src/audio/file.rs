@@ -1,0 +1,233 @@
+//! Reading any audio file into 24 kHz mono f32, and writing WAV.
+//!
+//! WAV goes through hound; everything else (mp3, flac, ogg/vorbis, m4a/aac) through
+//! symphonia. Channels are averaged to mono and the result is resampled with rubato.
+
+use std::fs::File;
+use std::path::Path;
+
+use symphonia::core::audio::SampleBuffer;
+use symphonia::core::codecs::DecoderOptions;
+use symphonia::core::errors::Error as SymError;
+use symphonia::core::formats::FormatOptions;
+use symphonia::core::io::MediaSourceStream;
+use symphonia::core::meta::MetadataOptions;
+use symphonia::core::probe::Hint;
+
+use super::resample::resample_mono;
+use super::SAMPLE_RATE_HZ;
+use crate::{Error, Result};
+
+/// Decoded audio: interleaved-free mono samples at `sample_rate_hz`.
+#[derive(Debug, Clone)]
+pub struct MonoAudio {
+    pub pcm: Vec<f32>,
+    pub sample_rate_hz: u32,
+}
+
+/// Reads `path` (any supported format, rate and channel count) as 24 kHz mono.
+pub fn read_audio_24k(path: &Path) -> Result<Vec<f32>> {
+    let audio = read_audio_mono(path)?;
+    resample_mono(&audio.pcm, audio.sample_rate_hz, SAMPLE_RATE_HZ)
+}
+
+/// Reads `path` as mono at its own sample rate.
+pub fn read_audio_mono(path: &Path) -> Result<MonoAudio> {
+    let is_wav = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("wav") || e.eq_ignore_ascii_case("wave"));
+    let audio = if is_wav {
+        read_wav(path)?
+    } else {
+        read_with_symphonia(path)?
+    };
+    if audio.pcm.is_empty() {
+        return Err(Error::audio(path, "the file holds no audio samples"));
+    }
+    if let Some(i) = audio.pcm.iter().position(|x| !x.is_finite()) {
+        return Err(Error::audio(path, format!("sample {i} is not a finite number")));
+    }
+    Ok(audio)
+}
+
+fn read_wav(path: &Path) -> Result<MonoAudio> {
+    let reader = hound::WavReader::open(path).map_err(|e| match e {
+        hound::Error::IoError(io) => Error::io(path, io),
+        other => Error::audio(path, format!("not a readable WAV file: {other}")),
+    })?;
+    let spec = reader.spec();
+    if spec.channels == 0 || spec.sample_rate == 0 {
+        return Err(Error::audio(path, "WAV header has zero channels or zero sample rate"));
+    }
+    let channels = spec.channels as usize;
+    let corrupt = |e: hound::Error| Error::audio(path, format!("corrupt WAV data: {e}"));
+    let interleaved: Vec<f32> = match spec.sample_format {
+        hound::SampleFormat::Float => reader
+            .into_samples::<f32>()
+            .collect::<Result<_, _>>()
+            .map_err(corrupt)?,
+        hound::SampleFormat::Int => {
+            let scale = 1.0 / (1u64 << (spec.bits_per_sample - 1)) as f32;
+            reader
+                .into_samples::<i32>()
+                .map(|s| s.map(|s| s as f32 * scale))
+                .collect::<Result<_, _>>()
+                .map_err(corrupt)?
+        }
+    };
+    Ok(MonoAudio {
+        pcm: downmix(&interleaved, channels),
+        sample_rate_hz: spec.sample_rate,
+    })
+}
+
+fn read_with_symphonia(path: &Path) -> Result<MonoAudio> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mss = MediaSourceStream::new(Box::new(file), Default::default());
+    let mut hint = Hint::new();
+    if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
+        hint.with_extension(ext);
+    }
+    let probed = symphonia::default::get_probe()
+        .format(
+            &hint,
+            mss,
+            &FormatOptions::default(),
+            &MetadataOptions::default(),
+        )
+        .map_err(|e| Error::audio(path, format!("unrecognised or corrupt audio file: {e}")))?;
+    let mut format = probed.format;
+    let track = format
+        .default_track()
+        .ok_or_else(|| Error::audio(path, "no audio track"))?;
+    let track_id = track.id;
+    let mut sample_rate_hz = track.codec_params.sample_rate;
+    let mut decoder = symphonia::default::get_codecs()
+        .make(&track.codec_params, &DecoderOptions::default())
+        .map_err(|e| Error::audio(path, format!("unsupported codec: {e}")))?;
+    let mut pcm = Vec::new();
+    loop {
+        let packet = match format.next_packet() {
+            Ok(p) => p,
+            Err(SymError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(SymError::ResetRequired) => break,
+            Err(e) => return Err(Error::audio(path, format!("corrupt stream: {e}"))),
+        };
+        if packet.track_id() != track_id {
+            continue;
+        }
+        let decoded = match decoder.decode(&packet) {
+            Ok(d) => d,
+            // A damaged packet is skipped, as players do; the rest of the file still counts.
+            Err(SymError::DecodeError(_)) => continue,
+            Err(e) => return Err(Error::audio(path, format!("decoding failed: {e}"))),
+        };
+        let spec = *decoded.spec();
+        sample_rate_hz.get_or_insert(spec.rate);
+        let mut buf = SampleBuffer::<f32>::new(decoded.capacity() as u64, spec);
+        buf.copy_interleaved_ref(decoded);
+        pcm.extend(downmix(buf.samples(), spec.channels.count().max(1)));
+    }
+    let sample_rate_hz =
+        sample_rate_hz.ok_or_else(|| Error::audio(path, "the stream has no sample rate"))?;
+    Ok(MonoAudio {
+        pcm,
+        sample_rate_hz,
+    })
+}
+
+fn downmix(interleaved: &[f32], channels: usize) -> Vec<f32> {
+    if channels == 1 {
+        return interleaved.to_vec();
+    }
+    interleaved
+        .chunks_exact(channels)
+        .map(|frame| frame.iter().sum::<f32>() / channels as f32)
+        .collect()
+}
+
+/// Writes mono f32 samples as a 32-bit float WAV (lossless for the model's output).
+pub fn write_wav_f32(path: &Path, pcm: &[f32], sample_rate_hz: u32) -> Result<()> {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: sample_rate_hz,
+        bits_per_sample: 32,
+        sample_format: hound::SampleFormat::Float,
+    };
+    let wrap = |e: hound::Error| match e {
+        hound::Error::IoError(io) => Error::io(path, io),
+        other => Error::audio(path, other),
+    };
+    let mut writer = hound::WavWriter::create(path, spec).map_err(wrap)?;
+    for &s in pcm {
+        writer.write_sample(s).map_err(wrap)?;
+    }
+    writer.finalize().map_err(wrap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("parley-audio-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        dir.join(name)
+    }
+
+    #[test]
+    fn stereo_int16_wav_at_48k_becomes_24k_mono() {
+        let path = tmp("stereo48.wav");
+        let spec = hound::WavSpec {
+            channels: 2,
+            sample_rate: 48_000,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
+        let mut w = hound::WavWriter::create(&path, spec).expect("create");
+        for i in 0..48_000 {
+            let v = ((i as f32 / 48.0).sin() * 8000.0) as i16;
+            w.write_sample(v).expect("l");
+            w.write_sample(v / 2).expect("r");
+        }
+        w.finalize().expect("finalize");
+        let pcm = read_audio_24k(&path).expect("read");
+        assert_eq!(pcm.len(), 24_000);
+        let peak = pcm.iter().fold(0f32, |m, x| m.max(x.abs()));
+        // (1 + 1/2) / 2 of 8000/32768.
+        assert!((peak - 0.75 * 8000.0 / 32768.0).abs() < 0.01, "peak {peak}");
+    }
+
+    #[test]
+    fn float_wav_round_trips_exactly() {
+        let path = tmp("f32.wav");
+        let pcm: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.01).sin() * 0.5).collect();
+        write_wav_f32(&path, &pcm, 24_000).expect("write");
+        assert_eq!(read_audio_24k(&path).expect("read"), pcm);
+    }
+
+    #[test]
+    fn corrupt_and_missing_files_are_named_errors() {
+        let path = tmp("corrupt.wav");
+        std::fs::write(&path, b"RIFF\x10\x00\x00\x00WAVEjunkjunkjunk").expect("write");
+        let err = read_audio_24k(&path).expect_err("corrupt wav must fail").to_string();
+        assert!(err.contains("corrupt.wav"), "{err}");
+
+        let truncated = tmp("truncated.wav");
+        write_wav_f32(&truncated, &[0.1; 100], 24_000).expect("write");
+        let bytes = std::fs::read(&truncated).expect("read");
+        std::fs::write(&truncated, &bytes[..bytes.len() - 3]).expect("truncate");
+        let err = read_audio_24k(&truncated).expect_err("truncated wav must fail").to_string();
+        assert!(err.contains("truncated.wav"), "{err}");
+
+        let garbage = tmp("garbage.mp3");
+        std::fs::write(&garbage, vec![0x55u8; 4096]).expect("write");
+        let err = read_audio_24k(&garbage).expect_err("garbage must fail").to_string();
+        assert!(err.contains("garbage.mp3"), "{err}");
+
+        let missing = tmp("missing.flac");
+        let err = read_audio_24k(&missing).expect_err("missing must fail").to_string();
+        assert!(err.contains("missing.flac"), "{err}");
+    }
+}

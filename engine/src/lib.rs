@@ -1,0 +1,7 @@
+//! Parley's engine: everything but the windows. See ARCHITECTURE.md for who owns what.
+
+pub mod audio;
+pub mod error;
+pub mod models;
+
+pub use error::{Error, Result};

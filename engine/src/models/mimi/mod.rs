@@ -1,0 +1,268 @@
+//! Mimi, Kyutai's streaming neural audio codec: 24 kHz mono audio to 12.5 Hz frames of
+//! codebook tokens and back (the reference's `moshi.models.compression.MimiModel`).
+//!
+//! Two APIs over one implementation: offline ([`Mimi::encode`], [`Mimi::decode`]) and
+//! streaming ([`Mimi::encode_step`], [`Mimi::decode_step`], [`Mimi::reset`]), one
+//! 1920-sample frame per step, with all convolution and attention state carried between
+//! steps in fixed-size buffers. The offline path runs the same streaming code in chunks of
+//! [`OFFLINE_CHUNK_FRAMES`] frames, so memory stays bounded for any length, with attention
+//! rings large enough that every step sees its whole window.
+
+pub mod config;
+pub mod conv;
+pub mod quantization;
+pub mod seanet;
+pub mod transformer;
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+pub use config::MimiConfig;
+use conv::{ConvSpec, PadMode, StreamingConv1d, StreamingConvTr1d};
+use quantization::SplitRvq;
+use seanet::{SeanetDecoder, SeanetEncoder};
+use transformer::ProjectedTransformer;
+
+use crate::models::weights::Weights;
+use crate::{Error, Result};
+
+/// Frames per chunk on the offline path (bounded memory, same results as any other size).
+pub const OFFLINE_CHUNK_FRAMES: usize = 64;
+
+/// Codes of a stretch of audio: `codes[k][t]` is codebook `k` at frame `t`.
+pub type Codes = Vec<Vec<u32>>;
+
+#[derive(Debug, Clone)]
+pub struct Mimi {
+    cfg: MimiConfig,
+    encoder: SeanetEncoder,
+    encoder_transformer: ProjectedTransformer,
+    downsample: Option<StreamingConv1d>,
+    quantizer: SplitRvq,
+    upsample: Option<StreamingConvTr1d>,
+    decoder_transformer: ProjectedTransformer,
+    decoder: SeanetDecoder,
+    num_codebooks: usize,
+}
+
+impl Mimi {
+    /// Loads a Mimi checkpoint (`.safetensors`, f32/f16/bf16) for `cfg`, using the first
+    /// `num_codebooks` codebooks (8 for Moshi, 32 for the STT and TTS models).
+    pub fn load(weights: &Path, cfg: MimiConfig, num_codebooks: usize) -> Result<Self> {
+        cfg.validate().map_err(|reason| Error::Config {
+            path: weights.to_path_buf(),
+            reason,
+        })?;
+        let w = Weights::load(weights)?;
+        Self::from_weights(&w, cfg, num_codebooks)
+    }
+
+    /// Builds Mimi from tensors already loaded. Fails on any missing, misshapen or unused
+    /// tensor.
+    pub fn from_weights(w: &Weights, cfg: MimiConfig, num_codebooks: usize) -> Result<Self> {
+        let dim = cfg.seanet.dimension;
+        let stride = cfg.downsample_stride();
+        let (downsample, upsample) = if stride > 1 {
+            let down = StreamingConv1d::load(
+                &w.pp("downsample.conv.conv.conv"),
+                ConvSpec {
+                    stride,
+                    bias: false,
+                    pad_mode: PadMode::Replicate,
+                    ..ConvSpec::new(dim, dim, 2 * stride)
+                },
+            )?;
+            // The reference's `upsample_channel_wise_bug=True`: one group per channel.
+            let up = StreamingConvTr1d::load(
+                &w.pp("upsample.convtr.convtr.convtr"),
+                ConvSpec {
+                    stride,
+                    bias: false,
+                    groups: dim,
+                    ..ConvSpec::new(dim, dim, 2 * stride)
+                },
+            )?;
+            (Some(down), Some(up))
+        } else {
+            (None, None)
+        };
+        let mut mimi = Self {
+            encoder: SeanetEncoder::load(&w.pp("encoder"), &cfg.seanet)?,
+            encoder_transformer: ProjectedTransformer::load(
+                &w.pp("encoder_transformer"),
+                &cfg.transformer,
+            )?,
+            downsample,
+            quantizer: SplitRvq::load(&w.pp("quantizer"), &cfg.quantizer)?,
+            upsample,
+            decoder_transformer: ProjectedTransformer::load(
+                &w.pp("decoder_transformer"),
+                &cfg.transformer,
+            )?,
+            decoder: SeanetDecoder::load(&w.pp("decoder"), &cfg.seanet)?,
+            num_codebooks: 0,
+            cfg,
+        };
+        w.finish()?;
+        mimi.set_num_codebooks(num_codebooks)?;
+        mimi.reset();
+        Ok(mimi)
+    }
+
+    pub fn config(&self) -> &MimiConfig {
+        &self.cfg
+    }
+
+    /// Samples per frame (1920).
+    pub fn frame_size(&self) -> usize {
+        self.cfg.frame_size()
+    }
+
+    pub fn sample_rate_hz(&self) -> u32 {
+        self.cfg.sample_rate
+    }
+
+    pub fn num_codebooks(&self) -> usize {
+        self.num_codebooks
+    }
+
+    pub fn total_codebooks(&self) -> usize {
+        self.quantizer.total_codebooks()
+    }
+
+    /// Entries per codebook (2048).
+    pub fn cardinality(&self) -> usize {
+        self.quantizer.bins()
+    }
+
+    pub fn set_num_codebooks(&mut self, n: usize) -> Result<()> {
+        let total = self.total_codebooks();
+        let min = self.cfg.quantizer.n_q_semantic;
+        if n < min || n > total {
+            return Err(Error::InvalidInput(format!(
+                "{n} codebooks requested; this Mimi has {min} to {total}"
+            )));
+        }
+        self.num_codebooks = n;
+        Ok(())
+    }
+
+    /// Clears all streaming state: the next step starts a new stream.
+    pub fn reset(&mut self) {
+        self.reset_encoder(false);
+        self.reset_decoder(false);
+    }
+
+    fn reset_encoder(&mut self, exact_window: bool) {
+        self.encoder.reset();
+        let steps = OFFLINE_CHUNK_FRAMES * self.cfg.downsample_stride();
+        self.encoder_transformer.set_window(exact_window, steps);
+        if let Some(d) = &mut self.downsample {
+            d.reset();
+        }
+    }
+
+    fn reset_decoder(&mut self, exact_window: bool) {
+        if let Some(u) = &mut self.upsample {
+            u.reset();
+        }
+        let steps = OFFLINE_CHUNK_FRAMES * self.cfg.downsample_stride();
+        self.decoder_transformer.set_window(exact_window, steps);
+        self.decoder.reset();
+    }
+
+    /// Streaming: one frame of exactly [`Self::frame_size`] samples to one code per codebook.
+    pub fn encode_step(&mut self, frame: &[f32]) -> Result<Vec<u32>> {
+        if frame.len() != self.frame_size() {
+            return Err(Error::InvalidInput(format!(
+                "encode_step takes one frame of {} samples, got {}",
+                self.frame_size(),
+                frame.len()
+            )));
+        }
+        let codes = self.encode_frames(frame)?;
+        Ok(codes.into_iter().map(|row| row[0]).collect())
+    }
+
+    /// Streaming: one code per active codebook to one frame of audio.
+    pub fn decode_step(&mut self, codes: &[u32]) -> Result<Vec<f32>> {
+        let rows: Codes = codes.iter().map(|&c| vec![c]).collect();
+        self.decode_frames(&rows)
+    }
+
+    /// Offline: a whole signal (24 kHz mono) to codes; the signal is padded with silence to
+    /// a whole number of frames. Uses and then clears the encoder's streaming state.
+    pub fn encode(&mut self, pcm: &[f32]) -> Result<Codes> {
+        let fs = self.frame_size();
+        let n_frames = pcm.len().div_ceil(fs);
+        let mut padded = pcm.to_vec();
+        padded.resize(n_frames * fs, 0.0);
+        self.reset_encoder(true);
+        let mut codes: Codes = vec![Vec::with_capacity(n_frames); self.num_codebooks];
+        let mut result = Ok(());
+        for chunk in padded.chunks(OFFLINE_CHUNK_FRAMES * fs) {
+            match self.encode_frames(chunk) {
+                Ok(c) => codes.iter_mut().zip(c).for_each(|(dst, src)| dst.extend(src)),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        self.reset_encoder(false);
+        result.map(|_| codes)
+    }
+
+    /// Offline: codes (`codes[k][t]`) to audio, `frame_size` samples per frame. Uses and
+    /// then clears the decoder's streaming state.
+    pub fn decode(&mut self, codes: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let n_frames = codes.first().map_or(0, Vec::len);
+        self.reset_decoder(true);
+        let mut pcm = Vec::with_capacity(n_frames * self.frame_size());
+        let mut result = Ok(());
+        for start in (0..n_frames).step_by(OFFLINE_CHUNK_FRAMES) {
+            let end = (start + OFFLINE_CHUNK_FRAMES).min(n_frames);
+            let chunk: Codes = codes
+                .iter()
+                .map(|row| row.get(start..end).map(<[u32]>::to_vec).unwrap_or_default())
+                .collect();
+            match self.decode_frames(&chunk) {
+                Ok(p) => pcm.extend(p),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        self.reset_decoder(false);
+        result.map(|_| pcm)
+    }
+
+    /// Encodes whole frames, continuing the encoder's stream.
+    fn encode_frames(&mut self, pcm: &[f32]) -> Result<Codes> {
+        let x = Tensor::from_slice(pcm, (1, 1, pcm.len()), &Device::Cpu)?;
+        let emb = self.encoder.step(&x)?;
+        let emb = self.encoder_transformer.step(&emb)?;
+        let emb = match &mut self.downsample {
+            Some(d) => d.step(&emb)?,
+            None => emb,
+        };
+        self.quantizer.encode(&emb, self.num_codebooks)
+    }
+
+    /// Decodes whole frames, continuing the decoder's stream.
+    fn decode_frames(&mut self, codes: &[Vec<u32>]) -> Result<Vec<f32>> {
+        if codes.first().is_none_or(Vec::is_empty) {
+            return Ok(vec![]);
+        }
+        let emb = self.quantizer.decode(codes)?;
+        let emb = match &mut self.upsample {
+            Some(u) => u.step(&emb)?,
+            None => emb,
+        };
+        let emb = self.decoder_transformer.step(&emb)?;
+        let out = self.decoder.step(&emb)?;
+        Ok(out.flatten_all()?.to_vec1()?)
+    }
+}

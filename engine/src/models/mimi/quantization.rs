@@ -1,0 +1,187 @@
+//! The split residual vector quantizer (the reference's `SplitResidualVectorQuantizer`):
+//! one semantic RVQ with a single codebook and one acoustic RVQ with the rest, both
+//! quantizing the same latent (the acoustic one does not see the semantic residual), their
+//! decodings summed.
+
+use candle_core::{Device, Tensor};
+
+use super::config::QuantizerConfig;
+use crate::models::weights::Weights;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+struct Codebook {
+    /// `[bins, dim]`, the centroids.
+    embedding: Tensor,
+    rows: Vec<f32>,
+    /// Squared norm of each centroid.
+    norms: Vec<f32>,
+    dim: usize,
+}
+
+impl Codebook {
+    fn load(w: &Weights, bins: usize, dim: usize) -> Result<Self> {
+        // Names of the current reference, then those of older releases (its load hook).
+        let sum = w.get_any(&["embedding_sum", "embed_sum", "embed_avg"], &[bins, dim])?;
+        let usage = w.get_any(&["cluster_usage", "cluster_size"], &[bins])?;
+        w.skip("_initialized");
+        w.skip("inited");
+        let embedding = sum.broadcast_div(&usage.clamp(1e-5f32, f32::INFINITY)?.unsqueeze(1)?)?;
+        let rows: Vec<f32> = embedding.flatten_all()?.to_vec1()?;
+        let norms = rows.chunks_exact(dim).map(|r| r.iter().map(|v| v * v).sum()).collect();
+        Ok(Self {
+            embedding,
+            rows,
+            norms,
+            dim,
+        })
+    }
+
+    /// Nearest centroid of each row of `x` (`[T, dim]`), by Euclidean distance.
+    fn encode(&self, x: &Tensor) -> Result<Vec<u32>> {
+        let dots: Vec<Vec<f32>> = x.matmul(&self.embedding.t()?)?.to_vec2()?;
+        Ok(dots
+            .iter()
+            .map(|row| {
+                let mut best = (f32::INFINITY, 0u32);
+                for (j, (&dot, &n)) in row.iter().zip(&self.norms).enumerate() {
+                    let dist = n - 2.0 * dot;
+                    if dist < best.0 {
+                        best = (dist, j as u32);
+                    }
+                }
+                best.1
+            })
+            .collect())
+    }
+
+    fn centroid(&self, code: u32) -> &[f32] {
+        let c = code as usize;
+        &self.rows[c * self.dim..(c + 1) * self.dim]
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Rvq {
+    /// `[dim, in]` and `[out, dim]` (1x1 convolutions without bias).
+    input_proj: Tensor,
+    output_proj: Tensor,
+    codebooks: Vec<Codebook>,
+    dim: usize,
+}
+
+impl Rvq {
+    fn load(w: &Weights, cfg: &QuantizerConfig, n_q: usize) -> Result<Self> {
+        let dim = cfg.dimension;
+        let in_dim = cfg.input_dimension.unwrap_or(dim);
+        let out_dim = cfg.output_dimension.unwrap_or(dim);
+        let input_proj = w.get("input_proj.weight", &[dim, in_dim, 1])?.squeeze(2)?;
+        let output_proj = w.get("output_proj.weight", &[out_dim, dim, 1])?.squeeze(2)?;
+        let codebooks = (0..n_q)
+            .map(|i| Codebook::load(&w.pp(format!("vq.layers.{i}._codebook")), cfg.bins, dim))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            input_proj,
+            output_proj,
+            codebooks,
+            dim,
+        })
+    }
+
+    /// `x`: `[T, in]`. Returns `n` rows of `T` codes.
+    fn encode(&self, x: &Tensor, n: usize) -> Result<Vec<Vec<u32>>> {
+        let t = x.dim(0)?;
+        let mut residual = x.matmul(&self.input_proj.t()?)?;
+        let mut codes = Vec::with_capacity(n);
+        for (k, cb) in self.codebooks[..n].iter().enumerate() {
+            let c = cb.encode(&residual)?;
+            if k + 1 < n {
+                let mut q = Vec::with_capacity(t * self.dim);
+                c.iter().for_each(|&code| q.extend_from_slice(cb.centroid(code)));
+                let q = Tensor::from_vec(q, (t, self.dim), &Device::Cpu)?;
+                residual = (residual - q)?;
+            }
+            codes.push(c);
+        }
+        Ok(codes)
+    }
+
+    /// `codes`: rows of `T` codes, one per codebook. Returns `[T, out]`.
+    fn decode(&self, codes: &[Vec<u32>], t: usize) -> Result<Tensor> {
+        let mut sum = vec![0f32; t * self.dim];
+        for (cb, row) in self.codebooks.iter().zip(codes) {
+            for (ti, &code) in row.iter().enumerate() {
+                let dst = &mut sum[ti * self.dim..(ti + 1) * self.dim];
+                dst.iter_mut().zip(cb.centroid(code)).for_each(|(d, c)| *d += c);
+            }
+        }
+        let sum = Tensor::from_vec(sum, (t, self.dim), &Device::Cpu)?;
+        Ok(sum.matmul(&self.output_proj.t()?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SplitRvq {
+    first: Rvq,
+    rest: Rvq,
+    n_q_semantic: usize,
+    bins: usize,
+}
+
+impl SplitRvq {
+    pub fn load(w: &Weights, cfg: &QuantizerConfig) -> Result<Self> {
+        Ok(Self {
+            first: Rvq::load(&w.pp("rvq_first"), cfg, cfg.n_q_semantic)?,
+            rest: Rvq::load(&w.pp("rvq_rest"), cfg, cfg.n_q - cfg.n_q_semantic)?,
+            n_q_semantic: cfg.n_q_semantic,
+            bins: cfg.bins,
+        })
+    }
+
+    pub fn total_codebooks(&self) -> usize {
+        self.first.codebooks.len() + self.rest.codebooks.len()
+    }
+
+    pub fn bins(&self) -> usize {
+        self.bins
+    }
+
+    /// `x`: `[1, C, T]` latents; returns `num_codebooks` rows of `T` codes.
+    pub fn encode(&self, x: &Tensor, num_codebooks: usize) -> Result<Vec<Vec<u32>>> {
+        let rows = x.squeeze(0)?.t()?.contiguous()?;
+        let mut codes = self.first.encode(&rows, self.n_q_semantic)?;
+        if num_codebooks > self.n_q_semantic {
+            codes.extend(self.rest.encode(&rows, num_codebooks - self.n_q_semantic)?);
+        }
+        Ok(codes)
+    }
+
+    /// `codes`: `K` rows of `T` codes (`n_q_semantic <= K <= total`); returns `[1, C, T]`.
+    pub fn decode(&self, codes: &[Vec<u32>]) -> Result<Tensor> {
+        let k = codes.len();
+        if k < self.n_q_semantic || k > self.total_codebooks() {
+            return Err(Error::InvalidInput(format!(
+                "{k} codebooks given; this Mimi decodes {} to {}",
+                self.n_q_semantic,
+                self.total_codebooks()
+            )));
+        }
+        let t = codes[0].len();
+        if let Some((i, _)) = codes.iter().enumerate().find(|(_, r)| r.len() != t) {
+            return Err(Error::InvalidInput(format!(
+                "codebook {i} has a different number of frames than codebook 0"
+            )));
+        }
+        if let Some(bad) = codes.iter().flatten().find(|&&c| c as usize >= self.bins) {
+            return Err(Error::InvalidInput(format!(
+                "code {bad} is out of range: codebooks have {} entries",
+                self.bins
+            )));
+        }
+        let mut y = self.first.decode(&codes[..self.n_q_semantic], t)?;
+        if k > self.n_q_semantic {
+            y = (y + self.rest.decode(&codes[self.n_q_semantic..], t)?)?;
+        }
+        Ok(y.t()?.contiguous()?.unsqueeze(0)?)
+    }
+}

@@ -1,0 +1,212 @@
+//! The causal SEANet encoder and decoder (the reference's `SEANetEncoder`,
+//! `SEANetDecoder` and `SEANetResnetBlock`), with parameter names `model.{i}.…` as in
+//! its `nn.Sequential`.
+
+use candle_core::{Module, Tensor};
+
+use super::config::SeanetConfig;
+use super::conv::{ConvSpec, Elu, StreamingConv1d, StreamingConvTr1d};
+use crate::models::weights::Weights;
+use crate::Result;
+
+#[derive(Debug, Clone)]
+struct ResnetBlock {
+    act: Elu,
+    convs: Vec<StreamingConv1d>,
+    shortcut: Option<StreamingConv1d>,
+}
+
+impl ResnetBlock {
+    fn load(w: &Weights, cfg: &SeanetConfig, dim: usize, dilation: usize) -> Result<Self> {
+        let hidden = dim / cfg.compress;
+        let kernels = [cfg.residual_kernel_size, 1];
+        let dilations = [dilation, 1];
+        let mut convs = Vec::with_capacity(2);
+        for (i, (&k, &d)) in kernels.iter().zip(&dilations).enumerate() {
+            let in_ch = if i == 0 { dim } else { hidden };
+            let out_ch = if i == kernels.len() - 1 { dim } else { hidden };
+            let spec = ConvSpec {
+                dilation: d,
+                ..ConvSpec::new(in_ch, out_ch, k)
+            };
+            // `block` alternates activation (even index) and convolution (odd index).
+            convs.push(StreamingConv1d::load(
+                &w.pp(format!("block.{}.conv.conv", 2 * i + 1)),
+                spec,
+            )?);
+        }
+        let shortcut = if cfg.true_skip {
+            None
+        } else {
+            Some(StreamingConv1d::load(
+                &w.pp("shortcut.conv.conv"),
+                ConvSpec::new(dim, dim, 1),
+            )?)
+        };
+        Ok(Self {
+            act: Elu(cfg.activation_params.alpha),
+            convs,
+            shortcut,
+        })
+    }
+
+    fn step(&mut self, x: &Tensor) -> Result<Tensor> {
+        let mut v = x.clone();
+        for conv in &mut self.convs {
+            v = conv.step(&self.act.forward(&v)?)?;
+        }
+        let u = match &mut self.shortcut {
+            Some(s) => s.step(x)?,
+            None => x.clone(),
+        };
+        Ok((u + v)?)
+    }
+
+    fn reset(&mut self) {
+        self.convs.iter_mut().for_each(StreamingConv1d::reset);
+        if let Some(s) = &mut self.shortcut {
+            s.reset();
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Layer {
+    Conv(StreamingConv1d),
+    ConvTr(StreamingConvTr1d),
+    Res(ResnetBlock),
+    Act(Elu),
+}
+
+impl Layer {
+    fn step(&mut self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Layer::Conv(c) => c.step(x),
+            Layer::ConvTr(c) => c.step(x),
+            Layer::Res(r) => r.step(x),
+            Layer::Act(a) => Ok(a.forward(x)?),
+        }
+    }
+
+    fn reset(&mut self) {
+        match self {
+            Layer::Conv(c) => c.reset(),
+            Layer::ConvTr(c) => c.reset(),
+            Layer::Res(r) => r.reset(),
+            Layer::Act(_) => {}
+        }
+    }
+}
+
+/// Builds the `nn.Sequential` index by index, so parameter names follow the reference.
+struct Builder<'a> {
+    w: &'a Weights,
+    layers: Vec<Layer>,
+    act: Elu,
+}
+
+impl Builder<'_> {
+    fn prefix(&self) -> Weights {
+        self.w.pp(format!("model.{}", self.layers.len()))
+    }
+    fn conv(&mut self, spec: ConvSpec) -> Result<()> {
+        let c = StreamingConv1d::load(&self.prefix().pp("conv.conv"), spec)?;
+        self.layers.push(Layer::Conv(c));
+        Ok(())
+    }
+    fn convtr(&mut self, spec: ConvSpec) -> Result<()> {
+        let c = StreamingConvTr1d::load(&self.prefix().pp("convtr.convtr"), spec)?;
+        self.layers.push(Layer::ConvTr(c));
+        Ok(())
+    }
+    fn res(&mut self, cfg: &SeanetConfig, dim: usize, dilation: usize) -> Result<()> {
+        let r = ResnetBlock::load(&self.prefix(), cfg, dim, dilation)?;
+        self.layers.push(Layer::Res(r));
+        Ok(())
+    }
+    fn act(&mut self) {
+        self.layers.push(Layer::Act(self.act));
+    }
+}
+
+/// Audio `[1, 1, T]` to latents `[1, dimension, T / hop]`.
+#[derive(Debug, Clone)]
+pub struct SeanetEncoder {
+    layers: Vec<Layer>,
+}
+
+impl SeanetEncoder {
+    pub fn load(w: &Weights, cfg: &SeanetConfig) -> Result<Self> {
+        let mut b = Builder {
+            w,
+            layers: vec![],
+            act: Elu(cfg.activation_params.alpha),
+        };
+        let nf = cfg.n_filters;
+        b.conv(ConvSpec::new(cfg.channels, nf, cfg.kernel_size))?;
+        let mut mult = 1;
+        for &ratio in cfg.ratios.iter().rev() {
+            for j in 0..cfg.n_residual_layers {
+                b.res(cfg, mult * nf, cfg.dilation_base.pow(j as u32))?;
+            }
+            b.act();
+            b.conv(ConvSpec {
+                stride: ratio,
+                ..ConvSpec::new(mult * nf, mult * nf * 2, ratio * 2)
+            })?;
+            mult *= 2;
+        }
+        b.act();
+        b.conv(ConvSpec::new(mult * nf, cfg.dimension, cfg.last_kernel_size))?;
+        Ok(Self { layers: b.layers })
+    }
+
+    pub fn step(&mut self, x: &Tensor) -> Result<Tensor> {
+        self.layers.iter_mut().try_fold(x.clone(), |x, l| l.step(&x))
+    }
+
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(Layer::reset);
+    }
+}
+
+/// Latents `[1, dimension, T]` to audio `[1, 1, T * hop]`.
+#[derive(Debug, Clone)]
+pub struct SeanetDecoder {
+    layers: Vec<Layer>,
+}
+
+impl SeanetDecoder {
+    pub fn load(w: &Weights, cfg: &SeanetConfig) -> Result<Self> {
+        let mut b = Builder {
+            w,
+            layers: vec![],
+            act: Elu(cfg.activation_params.alpha),
+        };
+        let nf = cfg.n_filters;
+        let mut mult = 1 << cfg.ratios.len();
+        b.conv(ConvSpec::new(cfg.dimension, mult * nf, cfg.kernel_size))?;
+        for &ratio in &cfg.ratios {
+            b.act();
+            b.convtr(ConvSpec {
+                stride: ratio,
+                ..ConvSpec::new(mult * nf, mult * nf / 2, ratio * 2)
+            })?;
+            for j in 0..cfg.n_residual_layers {
+                b.res(cfg, mult * nf / 2, cfg.dilation_base.pow(j as u32))?;
+            }
+            mult /= 2;
+        }
+        b.act();
+        b.conv(ConvSpec::new(nf, cfg.channels, cfg.last_kernel_size))?;
+        Ok(Self { layers: b.layers })
+    }
+
+    pub fn step(&mut self, x: &Tensor) -> Result<Tensor> {
+        self.layers.iter_mut().try_fold(x.clone(), |x, l| l.step(&x))
+    }
+
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(Layer::reset);
+    }
+}

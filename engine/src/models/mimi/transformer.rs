@@ -1,0 +1,389 @@
+//! Mimi's encoder and decoder transformers (the reference's `ProjectedTransformer` around a
+//! `StreamingTransformer`): pre-norm layers with RoPE self-attention over a causal
+//! context window, a GELU MLP and layer scale.
+//!
+//! Streaming keeps keys and values in a ring of `context` entries, as the reference's
+//! `RingKVCache` does, so a session of any length runs in constant memory. The ring is
+//! written before attending, so when a call carries `T > 1` steps (Mimi: 2 steps at 25 Hz
+//! per 80 ms frame) the first steps of a call see up to `T - 1` fewer past keys than the
+//! offline path once the ring has wrapped. That is the reference's behaviour, kept here
+//! for token-exact parity; offline runs use a ring large enough to see the whole window.
+
+use candle_core::{Device, Tensor};
+
+use super::config::TransformerConfig;
+use crate::models::weights::Weights;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+enum Norm {
+    Layer { weight: Vec<f32>, bias: Vec<f32>, eps: f32 },
+    Rms { alpha: Vec<f32>, eps: f32 },
+}
+
+impl Norm {
+    fn load(w: &Weights, kind: &str, dim: usize) -> Result<Self> {
+        Ok(match kind {
+            "layer_norm" | "layer_norm_f32" => Norm::Layer {
+                weight: w.get("weight", &[dim])?.to_vec1()?,
+                bias: w.get("bias", &[dim])?.to_vec1()?,
+                eps: if kind == "layer_norm" { 1e-5 } else { 1e-8 },
+            },
+            _ => Norm::Rms {
+                alpha: w.get("alpha", &[1, 1, dim])?.flatten_all()?.to_vec1()?,
+                eps: if kind == "rms_norm" { 1e-5 } else { 1e-8 },
+            },
+        })
+    }
+
+    /// Normalises each row of `x` (`[T, dim]`, row-major).
+    fn forward(&self, x: &[f32], dim: usize) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        for (row, o) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+            match self {
+                Norm::Layer { weight, bias, eps } => {
+                    let mean = row.iter().sum::<f32>() / dim as f32;
+                    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
+                    let inv = 1.0 / (var + eps).sqrt();
+                    for i in 0..dim {
+                        o[i] = (row[i] - mean) * inv * weight[i] + bias[i];
+                    }
+                }
+                Norm::Rms { alpha, eps } => {
+                    let ms = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+                    let inv = 1.0 / (ms + eps).sqrt();
+                    for i in 0..dim {
+                        o[i] = row[i] * alpha[i] * inv;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Keys and values of the last `capacity` steps with their absolute positions.
+#[derive(Debug, Clone)]
+struct RingKv {
+    capacity: usize,
+    /// `[capacity, dim]` each, row = one step (heads concatenated).
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Absolute position held by each row; -1 when empty.
+    pos: Vec<i64>,
+    written: usize,
+}
+
+impl RingKv {
+    fn new(capacity: usize, dim: usize) -> Self {
+        Self {
+            capacity,
+            k: vec![0.0; capacity * dim],
+            v: vec![0.0; capacity * dim],
+            pos: vec![-1; capacity],
+            written: 0,
+        }
+    }
+
+    fn push(&mut self, k: &[f32], v: &[f32], pos: i64) {
+        let dim = k.len();
+        let row = self.written % self.capacity;
+        self.k[row * dim..(row + 1) * dim].copy_from_slice(k);
+        self.v[row * dim..(row + 1) * dim].copy_from_slice(v);
+        self.pos[row] = pos;
+        self.written += 1;
+    }
+
+    fn reset(&mut self) {
+        self.pos.iter_mut().for_each(|p| *p = -1);
+        self.written = 0;
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    norm1: Norm,
+    norm2: Norm,
+    /// `[3 * d, d]`: rows are q, k, v, each `(head, head_dim)`.
+    in_proj: Tensor,
+    out_proj: Tensor,
+    linear1: Tensor,
+    linear2: Tensor,
+    scale1: Option<Vec<f32>>,
+    scale2: Option<Vec<f32>>,
+}
+
+/// Shared, read-only facts the layers need.
+#[derive(Debug, Clone)]
+struct Dims {
+    d_model: usize,
+    num_heads: usize,
+    head_dim: usize,
+    context: usize,
+    rope: bool,
+    max_period: f32,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProjectedTransformer {
+    dims: Dims,
+    sin_embedding: Option<f32>,
+    input_proj: Option<Tensor>,
+    output_proj: Option<Tensor>,
+    layers: Vec<Layer>,
+    /// The streaming state: one ring per layer.
+    rings: Vec<RingKv>,
+    /// Absolute position of the next step.
+    offset: usize,
+    device: Device,
+}
+
+fn linear(x: &[f32], rows: usize, w: &Tensor, device: &Device) -> Result<Vec<f32>> {
+    let (out_dim, in_dim) = w.dims2()?;
+    debug_assert_eq!(x.len(), rows * in_dim);
+    let xt = Tensor::from_slice(x, (rows, in_dim), device)?;
+    let y = xt.matmul(&w.t()?)?;
+    debug_assert_eq!(y.dims(), [rows, out_dim]);
+    Ok(y.flatten_all()?.to_vec1()?)
+}
+
+impl ProjectedTransformer {
+    /// Loads `{prefix}.transformer.layers.{i}.…` and the optional projections.
+    pub fn load(w: &Weights, cfg: &TransformerConfig) -> Result<Self> {
+        let d = cfg.d_model;
+        let context = cfg.context.ok_or_else(|| Error::Config {
+            path: w.path(),
+            reason: "transformer.context must be set: streaming needs a bounded attention window"
+                .into(),
+        })?;
+        let input_proj = if cfg.input_dimension != d {
+            Some(w.get("input_proj.weight", &[d, cfg.input_dimension])?)
+        } else {
+            None
+        };
+        let out_dim = cfg.output_dimensions[0];
+        let output_proj = if out_dim != d {
+            Some(w.get("output_projs.0.weight", &[out_dim, d])?)
+        } else {
+            None
+        };
+        let ff = cfg.dim_feedforward;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let lw = w.pp(format!("transformer.layers.{i}"));
+            let attn = lw.pp("self_attn");
+            let scale = |name: &str| -> Result<Option<Vec<f32>>> {
+                match cfg.layer_scale {
+                    Some(_) => Ok(Some(lw.get(&format!("{name}.scale"), &[d])?.to_vec1()?)),
+                    None => Ok(None),
+                }
+            };
+            layers.push(Layer {
+                norm1: Norm::load(&lw.pp("norm1"), &cfg.norm, d)?,
+                norm2: Norm::load(&lw.pp("norm2"), &cfg.norm, d)?,
+                // Published checkpoints say `in_proj_weight`; the current reference saves
+                // `in_projs.0.weight`. Both are accepted, as its load hook does.
+                in_proj: attn.get_any(
+                    &["in_proj_weight", "in_proj.weight", "in_projs.0.weight"],
+                    &[3 * d, d],
+                )?,
+                out_proj: attn.get_any(&["out_proj.weight", "out_projs.0.weight"], &[d, d])?,
+                linear1: lw.get("linear1.weight", &[ff, d])?,
+                linear2: lw.get("linear2.weight", &[d, ff])?,
+                scale1: scale("layer_scale_1")?,
+                scale2: scale("layer_scale_2")?,
+            });
+        }
+        let sin_embedding = matches!(cfg.positional_embedding.as_str(), "sin" | "sin_rope")
+            .then_some(cfg.positional_scale as f32);
+        Ok(Self {
+            dims: Dims {
+                d_model: d,
+                num_heads: cfg.num_heads,
+                head_dim: d / cfg.num_heads,
+                context,
+                rope: matches!(cfg.positional_embedding.as_str(), "rope" | "sin_rope"),
+                max_period: cfg.max_period as f32,
+            },
+            sin_embedding,
+            input_proj,
+            output_proj,
+            rings: (0..layers.len()).map(|_| RingKv::new(context, d)).collect(),
+            layers,
+            offset: 0,
+            device: Device::Cpu,
+        })
+    }
+
+    /// Streaming step: `x` is `[1, C, T]` (conv layout); returns `[1, C_out, T]`.
+    pub fn step(&mut self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, t) = x.dims3()?;
+        let rows = conv_to_rows(x)?;
+        let mut rings = std::mem::take(&mut self.rings);
+        let out = self.run(&rows, t, &mut rings);
+        self.rings = rings;
+        out
+    }
+
+    /// Sizes the rings for `max_steps_per_call` steps per call. With `exact`, every step
+    /// sees its whole `context` window (the reference's offline semantics, rings of
+    /// `context + max_steps_per_call - 1`); otherwise rings hold `context` steps (the
+    /// reference's streaming semantics). Resets the streaming state.
+    pub fn set_window(&mut self, exact: bool, max_steps_per_call: usize) {
+        let capacity = if exact {
+            self.dims.context + max_steps_per_call.max(1) - 1
+        } else {
+            self.dims.context
+        };
+        let d = self.dims.d_model;
+        self.rings = (0..self.layers.len()).map(|_| RingKv::new(capacity, d)).collect();
+        self.offset = 0;
+    }
+
+    /// Runs `t` steps (`rows`: `[t, C_in]`) through every layer, layer `i` using `rings[i]`.
+    fn run(&mut self, rows: &[f32], t: usize, rings: &mut [RingKv]) -> Result<Tensor> {
+        let dims = &self.dims;
+        let d = dims.d_model;
+        let mut x = match &self.input_proj {
+            Some(w) => linear(rows, t, w, &self.device)?,
+            None => rows.to_vec(),
+        };
+        if let Some(scale) = self.sin_embedding {
+            add_sin_embedding(&mut x, d, self.offset, dims.max_period, scale);
+        }
+        for (layer, kv) in self.layers.iter().zip(rings.iter_mut()) {
+            layer_step(layer, kv, &mut x, t, self.offset, dims, &self.device)?;
+        }
+        self.offset += t;
+        let y = match &self.output_proj {
+            Some(w) => linear(&x, t, w, &self.device)?,
+            None => x,
+        };
+        let out_c = y.len() / t;
+        Ok(Tensor::from_vec(y, (t, out_c), &self.device)?
+            .t()?
+            .contiguous()?
+            .unsqueeze(0)?)
+    }
+
+    pub fn reset(&mut self) {
+        self.offset = 0;
+        self.rings.iter_mut().for_each(RingKv::reset);
+    }
+}
+
+/// `[1, C, T]` to row-major `[T, C]`.
+fn conv_to_rows(x: &Tensor) -> Result<Vec<f32>> {
+    Ok(x.squeeze(0)?.t()?.contiguous()?.flatten_all()?.to_vec1()?)
+}
+
+fn add_sin_embedding(x: &mut [f32], d: usize, offset: usize, max_period: f32, scale: f32) {
+    let half = d / 2;
+    for (t, row) in x.chunks_exact_mut(d).enumerate() {
+        let pos = (offset + t) as f32;
+        for i in 0..half {
+            let phase = pos / max_period.powf(i as f32 / (half as f32 - 1.0));
+            row[i] += scale * phase.cos();
+            row[half + i] += scale * phase.sin();
+        }
+    }
+}
+
+fn apply_rope(v: &mut [f32], pos: usize, head_dim: usize, max_period: f32) {
+    let half = head_dim / 2;
+    for head in v.chunks_exact_mut(head_dim) {
+        for i in 0..half {
+            let freq = (i as f32 * (-(max_period.ln()) * 2.0 / head_dim as f32)).exp();
+            let angle = freq * pos as f32;
+            let (sin, cos) = angle.sin_cos();
+            let (re, im) = (head[2 * i], head[2 * i + 1]);
+            head[2 * i] = re * cos - im * sin;
+            head[2 * i + 1] = re * sin + im * cos;
+        }
+    }
+}
+
+fn layer_step(
+    layer: &Layer,
+    kv: &mut RingKv,
+    x: &mut [f32],
+    t: usize,
+    offset: usize,
+    dims: &Dims,
+    device: &Device,
+) -> Result<()> {
+    let d = dims.d_model;
+    let hd = dims.head_dim;
+    // Self-attention block.
+    let h = layer.norm1.forward(x, d);
+    let mut qkv = linear(&h, t, &layer.in_proj, device)?;
+    for (i, row) in qkv.chunks_exact_mut(3 * d).enumerate() {
+        if dims.rope {
+            let (q, rest) = row.split_at_mut(d);
+            apply_rope(q, offset + i, hd, dims.max_period);
+            apply_rope(&mut rest[..d], offset + i, hd, dims.max_period);
+        }
+    }
+    for (i, row) in qkv.chunks_exact(3 * d).enumerate() {
+        kv.push(&row[d..2 * d], &row[2 * d..], (offset + i) as i64);
+    }
+    let mut attn = vec![0f32; t * d];
+    let mut scores = vec![0f32; kv.capacity];
+    let inv_sqrt = 1.0 / (hd as f32).sqrt();
+    for i in 0..t {
+        let pos_q = (offset + i) as i64;
+        let q = &qkv[i * 3 * d..i * 3 * d + d];
+        for hh in 0..dims.num_heads {
+            let qh = &q[hh * hd..(hh + 1) * hd];
+            let mut max = f32::NEG_INFINITY;
+            for (j, s) in scores.iter_mut().enumerate() {
+                let pk = kv.pos[j];
+                let delta = pos_q - pk;
+                *s = if pk >= 0 && delta >= 0 && delta < dims.context as i64 {
+                    let kh = &kv.k[j * d + hh * hd..j * d + (hh + 1) * hd];
+                    let dot: f32 = qh.iter().zip(kh).map(|(a, b)| a * b).sum();
+                    dot * inv_sqrt
+                } else {
+                    f32::NEG_INFINITY
+                };
+                max = max.max(*s);
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = if s.is_finite() { (*s - max).exp() } else { 0.0 };
+                sum += *s;
+            }
+            let out = &mut attn[i * d + hh * hd..i * d + (hh + 1) * hd];
+            for (j, &p) in scores.iter().enumerate() {
+                if p == 0.0 {
+                    continue;
+                }
+                let w = p / sum;
+                let vh = &kv.v[j * d + hh * hd..j * d + (hh + 1) * hd];
+                for (o, v) in out.iter_mut().zip(vh) {
+                    *o += w * v;
+                }
+            }
+        }
+    }
+    let update = linear(&attn, t, &layer.out_proj, device)?;
+    residual_add(x, &update, layer.scale1.as_deref(), d);
+    // Feed-forward block.
+    let h = layer.norm2.forward(x, d);
+    let ht = Tensor::from_slice(&h, (t, d), device)?;
+    let hidden = ht.matmul(&layer.linear1.t()?)?.gelu_erf()?;
+    let update: Vec<f32> = hidden.matmul(&layer.linear2.t()?)?.flatten_all()?.to_vec1()?;
+    residual_add(x, &update, layer.scale2.as_deref(), d);
+    Ok(())
+}
+
+fn residual_add(x: &mut [f32], update: &[f32], scale: Option<&[f32]>, d: usize) {
+    match scale {
+        Some(s) => {
+            for (i, (xv, u)) in x.iter_mut().zip(update).enumerate() {
+                *xv += s[i % d] * u;
+            }
+        }
+        None => x.iter_mut().zip(update).for_each(|(xv, u)| *xv += u),
+    }
+}

@@ -1,0 +1,214 @@
+//! Strict loading of safetensors checkpoints as published (f32, f16 or bf16 on disk).
+//!
+//! Every tensor is looked up by the reference implementation's parameter name, checked
+//! against the shape the config implies, and marked as used; [`Weights::finish`] then
+//! fails on anything left over, as PyTorch's `load_state_dict(strict=True)` does. A
+//! config that does not match its checkpoint is therefore always a named error.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::{Error, Result};
+
+struct Inner {
+    path: PathBuf,
+    tensors: HashMap<String, Tensor>,
+    used: HashSet<String>,
+}
+
+/// A loaded checkpoint, with a name prefix (cheap to clone, like candle-nn's VarBuilder).
+#[derive(Clone)]
+pub struct Weights {
+    inner: Rc<RefCell<Inner>>,
+    prefix: String,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Weights({}, prefix {:?})", self.path().display(), self.prefix)
+    }
+}
+
+impl Weights {
+    /// Reads a whole safetensors file. A truncated or corrupt file is an error naming it.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
+            Error::Safetensors {
+                path: path.to_path_buf(),
+                reason: describe_safetensors_error(&e),
+            }
+        })?;
+        Ok(Self::from_tensors(path, tensors))
+    }
+
+    /// Wraps tensors already in memory (`path` is only used in messages).
+    pub fn from_tensors(path: &Path, tensors: HashMap<String, Tensor>) -> Self {
+        Self {
+            inner: Rc::new(RefCell::new(Inner {
+                path: path.to_path_buf(),
+                tensors,
+                used: HashSet::new(),
+            })),
+            prefix: String::new(),
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.inner.borrow().path.clone()
+    }
+
+    /// The same checkpoint, with `name` appended to the prefix.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Self {
+            inner: self.inner.clone(),
+            prefix,
+        }
+    }
+
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.inner.borrow().tensors.contains_key(&self.full(name))
+    }
+
+    /// The tensor `name` as f32, which must have exactly `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_any(&[name], shape)
+    }
+
+    /// The first of `names` present (aliases used by different releases), as f32.
+    pub fn get_any(&self, names: &[&str], shape: &[usize]) -> Result<Tensor> {
+        self.get_any_dtype(names, shape, DType::F32)
+    }
+
+    /// Like [`Self::get_any`], converted to `dtype`.
+    pub fn get_any_dtype(&self, names: &[&str], shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let mut inner = self.inner.borrow_mut();
+        let Some(full) = names
+            .iter()
+            .map(|n| self.full(n))
+            .find(|n| inner.tensors.contains_key(n))
+        else {
+            return Err(Error::MissingTensor {
+                path: inner.path.clone(),
+                name: self.full(names[0]),
+            });
+        };
+        let t = &inner.tensors[&full];
+        if !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::BadDType {
+                path: inner.path.clone(),
+                name: full,
+                found: format!("{:?}", t.dtype()),
+            });
+        }
+        if t.dims() != shape {
+            return Err(Error::ShapeMismatch {
+                path: inner.path.clone(),
+                name: full,
+                expected: shape.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        let t = t.to_dtype(dtype)?;
+        inner.used.insert(full);
+        Ok(t)
+    }
+
+    /// Marks `name` as known but unneeded at inference (training-only buffers).
+    pub fn skip(&self, name: &str) {
+        let full = self.full(name);
+        let mut inner = self.inner.borrow_mut();
+        if inner.tensors.contains_key(&full) {
+            inner.used.insert(full);
+        }
+    }
+
+    /// Fails if any tensor of the file was not used by the model built from the config.
+    pub fn finish(&self) -> Result<()> {
+        let inner = self.inner.borrow();
+        let mut unused: Vec<&String> = inner
+            .tensors
+            .keys()
+            .filter(|k| !inner.used.contains(*k))
+            .collect();
+        unused.sort();
+        match unused.first() {
+            None => Ok(()),
+            Some(first) => Err(Error::UnusedTensors {
+                path: inner.path.clone(),
+                count: unused.len(),
+                example: first.to_string(),
+            }),
+        }
+    }
+}
+
+fn describe_safetensors_error(e: &candle_core::Error) -> String {
+    let msg = e.to_string();
+    if msg.contains("MetadataIncompleteBuffer") || msg.contains("incomplete") {
+        format!("the file is truncated or its header is inconsistent ({msg})")
+    } else {
+        msg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_with(tensors: &[(&str, Tensor)]) -> Weights {
+        let map = tensors
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .collect();
+        Weights::from_tensors(Path::new("test.safetensors"), map)
+    }
+
+    #[test]
+    fn shape_mismatch_and_missing_names_are_reported() {
+        let t = Tensor::zeros((2, 3), DType::BF16, &Device::Cpu).expect("zeros");
+        let w = file_with(&[("a.weight", t)]);
+        let err = w.pp("a").get("weight", &[3, 2]).expect_err("shape").to_string();
+        assert!(err.contains("a.weight") && err.contains("[3, 2]") && err.contains("[2, 3]"), "{err}");
+        let err = w.get("b.weight", &[1]).expect_err("missing").to_string();
+        assert!(err.contains("b.weight"), "{err}");
+        let err = w.finish().expect_err("unused").to_string();
+        assert!(err.contains("a.weight"), "{err}");
+        let got = w.pp("a").get("weight", &[2, 3]).expect("get");
+        assert_eq!(got.dtype(), DType::F32);
+        w.finish().expect("all used");
+    }
+
+    #[test]
+    fn truncated_file_is_a_named_error() {
+        let dir = std::env::temp_dir().join(format!("parley-weights-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("w.safetensors");
+        let t = Tensor::ones((64, 64), DType::F32, &Device::Cpu).expect("ones");
+        candle_core::safetensors::save(&HashMap::from([("x".to_string(), t)]), &path)
+            .expect("save");
+        let bytes = std::fs::read(&path).expect("read");
+        std::fs::write(&path, &bytes[..bytes.len() - 100]).expect("truncate");
+        let err = Weights::load(&path).expect_err("truncated").to_string();
+        assert!(err.contains("w.safetensors"), "{err}");
+        std::fs::write(&path, b"garbage").expect("write");
+        assert!(Weights::load(&path).is_err());
+    }
+}
