@@ -46,14 +46,20 @@ fn assert_codes_eq(got: &Codes, want: &Codes, what: &str) {
     for (k, (g, w)) in got.iter().zip(want).enumerate() {
         assert_eq!(g.len(), w.len(), "{what}: frames of codebook {k}");
         if let Some(t) = g.iter().zip(w).position(|(a, b)| a != b) {
-            panic!("{what}: codebook {k} differs first at frame {t}: {} vs reference {}", g[t], w[t]);
+            panic!(
+                "{what}: codebook {k} differs first at frame {t}: {} vs reference {}",
+                g[t], w[t]
+            );
         }
     }
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn stream(mimi: &mut Mimi, pcm: &[f32]) -> (Codes, Vec<f32>) {
@@ -76,10 +82,17 @@ fn fixture_is_informative() {
         let mut distinct = row.clone();
         distinct.sort_unstable();
         distinct.dedup();
-        assert!(distinct.len() >= 8, "codebook {k} has only {} distinct codes", distinct.len());
+        assert!(
+            distinct.len() >= 8,
+            "codebook {k} has only {} distinct codes",
+            distinct.len()
+        );
     }
     let stream = ref_codes("ref_codes_stream.npy");
-    assert_ne!(codes, stream, "the fixture's context must be short enough for the ring to wrap");
+    assert_ne!(
+        codes, stream,
+        "the fixture's context must be short enough for the ring to wrap"
+    );
 }
 
 #[test]
@@ -97,7 +110,11 @@ fn offline_matches_reference() {
 fn streaming_matches_reference() {
     let mut mimi = load("mimi.safetensors");
     let (codes, audio) = stream(&mut mimi, &input_pcm());
-    assert_codes_eq(&codes, &ref_codes("ref_codes_stream.npy"), "streaming codes");
+    assert_codes_eq(
+        &codes,
+        &ref_codes("ref_codes_stream.npy"),
+        "streaming codes",
+    );
     let err = max_abs_diff(&audio, &ref_audio("ref_decoded_stream.npy"));
     assert!(err < 1e-4, "streaming decode max abs error {err}");
 }
@@ -107,9 +124,17 @@ fn bf16_checkpoint_matches_reference() {
     let mut mimi = load("mimi_bf16.safetensors");
     let pcm = input_pcm();
     let codes = mimi.encode(&pcm).expect("encode");
-    assert_codes_eq(&codes, &ref_codes("ref_bf16_codes_offline.npy"), "bf16 offline codes");
+    assert_codes_eq(
+        &codes,
+        &ref_codes("ref_bf16_codes_offline.npy"),
+        "bf16 offline codes",
+    );
     let (codes, _) = stream(&mut mimi, &pcm);
-    assert_codes_eq(&codes, &ref_codes("ref_bf16_codes_stream.npy"), "bf16 streaming codes");
+    assert_codes_eq(
+        &codes,
+        &ref_codes("ref_bf16_codes_stream.npy"),
+        "bf16 streaming codes",
+    );
 }
 
 #[test]

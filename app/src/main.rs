@@ -1,1 +1,50 @@
-fn main(){}
+//! `parley`: the command line (and, later, the desktop app).
+
+mod bench;
+mod mimi_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "parley",
+    version,
+    about = "On-device spoken dialogue with Kyutai's models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Mimi, the audio codec: audio to codes and back.
+    #[command(subcommand)]
+    Mimi(mimi_cmd::MimiCommand),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Mimi(cmd)) => mimi_cmd::run(cmd),
+        Some(Command::Bench(cmd)) => bench::run(cmd),
+        None => {
+            eprintln!("parley: the desktop window is not built yet; these commands work today:\n");
+            use clap::CommandFactory;
+            let _ = Cli::command().print_help();
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -3,5 +3,6 @@
 pub mod audio;
 pub mod error;
 pub mod models;
+pub mod npy;
 
 pub use error::{Error, Result};

@@ -46,7 +46,10 @@ pub fn read_audio_mono(path: &Path) -> Result<MonoAudio> {
         return Err(Error::audio(path, "the file holds no audio samples"));
     }
     if let Some(i) = audio.pcm.iter().position(|x| !x.is_finite()) {
-        return Err(Error::audio(path, format!("sample {i} is not a finite number")));
+        return Err(Error::audio(
+            path,
+            format!("sample {i} is not a finite number"),
+        ));
     }
     Ok(audio)
 }
@@ -58,7 +61,10 @@ fn read_wav(path: &Path) -> Result<MonoAudio> {
     })?;
     let spec = reader.spec();
     if spec.channels == 0 || spec.sample_rate == 0 {
-        return Err(Error::audio(path, "WAV header has zero channels or zero sample rate"));
+        return Err(Error::audio(
+            path,
+            "WAV header has zero channels or zero sample rate",
+        ));
     }
     let channels = spec.channels as usize;
     let corrupt = |e: hound::Error| Error::audio(path, format!("corrupt WAV data: {e}"));
@@ -211,23 +217,31 @@ mod tests {
     fn corrupt_and_missing_files_are_named_errors() {
         let path = tmp("corrupt.wav");
         std::fs::write(&path, b"RIFF\x10\x00\x00\x00WAVEjunkjunkjunk").expect("write");
-        let err = read_audio_24k(&path).expect_err("corrupt wav must fail").to_string();
+        let err = read_audio_24k(&path)
+            .expect_err("corrupt wav must fail")
+            .to_string();
         assert!(err.contains("corrupt.wav"), "{err}");
 
         let truncated = tmp("truncated.wav");
         write_wav_f32(&truncated, &[0.1; 100], 24_000).expect("write");
         let bytes = std::fs::read(&truncated).expect("read");
         std::fs::write(&truncated, &bytes[..bytes.len() - 3]).expect("truncate");
-        let err = read_audio_24k(&truncated).expect_err("truncated wav must fail").to_string();
+        let err = read_audio_24k(&truncated)
+            .expect_err("truncated wav must fail")
+            .to_string();
         assert!(err.contains("truncated.wav"), "{err}");
 
         let garbage = tmp("garbage.mp3");
         std::fs::write(&garbage, vec![0x55u8; 4096]).expect("write");
-        let err = read_audio_24k(&garbage).expect_err("garbage must fail").to_string();
+        let err = read_audio_24k(&garbage)
+            .expect_err("garbage must fail")
+            .to_string();
         assert!(err.contains("garbage.mp3"), "{err}");
 
         let missing = tmp("missing.flac");
-        let err = read_audio_24k(&missing).expect_err("missing must fail").to_string();
+        let err = read_audio_24k(&missing)
+            .expect_err("missing must fail")
+            .to_string();
         assert!(err.contains("missing.flac"), "{err}");
     }
 }

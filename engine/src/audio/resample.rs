@@ -20,15 +20,17 @@ pub fn resample_mono(pcm: &[f32], rate_in_hz: u32, rate_out_hz: u32) -> Result<V
     let mut resampler =
         FftFixedIn::<f32>::new(rate_in_hz as usize, rate_out_hz as usize, CHUNK_IN, 2, 1)
             .map_err(|e| err(&e))?;
-    let want =
-        ((pcm.len() as u64 * rate_out_hz as u64 + rate_in_hz as u64 / 2) / rate_in_hz as u64) as usize;
+    let want = ((pcm.len() as u64 * rate_out_hz as u64 + rate_in_hz as u64 / 2) / rate_in_hz as u64)
+        as usize;
     let delay = resampler.output_delay();
     let mut out = Vec::with_capacity(want + delay + CHUNK_IN * 2);
     let mut pos = 0;
     while pos < pcm.len() {
         let need = resampler.input_frames_next();
         if pcm.len() - pos >= need {
-            let chunk = resampler.process(&[&pcm[pos..pos + need]], None).map_err(|e| err(&e))?;
+            let chunk = resampler
+                .process(&[&pcm[pos..pos + need]], None)
+                .map_err(|e| err(&e))?;
             out.extend_from_slice(&chunk[0]);
             pos += need;
         } else {

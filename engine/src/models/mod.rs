@@ -1,4 +1,5 @@
 //! Models: Mimi today; the delayed-streams language models next.
 
+pub mod kyutai_config;
 pub mod mimi;
 pub mod weights;

@@ -18,6 +18,8 @@ struct Inner {
     path: PathBuf,
     tensors: HashMap<String, Tensor>,
     used: HashSet<String>,
+    /// Set for [`Weights::random`]: missing tensors are drawn instead of failing.
+    random: Option<rand::rngs::StdRng>,
 }
 
 /// A loaded checkpoint, with a name prefix (cheap to clone, like candle-nn's VarBuilder).
@@ -29,7 +31,12 @@ pub struct Weights {
 
 impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Weights({}, prefix {:?})", self.path().display(), self.prefix)
+        write!(
+            f,
+            "Weights({}, prefix {:?})",
+            self.path().display(),
+            self.prefix
+        )
     }
 }
 
@@ -53,9 +60,21 @@ impl Weights {
                 path: path.to_path_buf(),
                 tensors,
                 used: HashSet::new(),
+                random: None,
             })),
             prefix: String::new(),
         }
+    }
+
+    /// A checkpoint that makes up every tensor asked for, uniform in ±1/sqrt(fan_in)
+    /// (1-D tensors: in [0.5, 1.5], so norms and codebook usages stay sane). For benchmarks
+    /// of full-size architectures: speed does not depend on the values, but it does on
+    /// them being real numbers rather than untouched zero pages.
+    pub fn random(seed: u64) -> Self {
+        use rand::SeedableRng;
+        let w = Self::from_tensors(Path::new("<random weights>"), HashMap::new());
+        w.inner.borrow_mut().random = Some(rand::rngs::StdRng::seed_from_u64(seed));
+        w
     }
 
     pub fn path(&self) -> PathBuf {
@@ -100,6 +119,13 @@ impl Weights {
     /// Like [`Self::get_any`], converted to `dtype`.
     pub fn get_any_dtype(&self, names: &[&str], shape: &[usize], dtype: DType) -> Result<Tensor> {
         let mut inner = self.inner.borrow_mut();
+        if let Some(rng) = inner.random.as_mut() {
+            let full = self.full(names[0]);
+            let t = random_tensor(rng, shape)?;
+            inner.used.insert(full.clone());
+            inner.tensors.insert(full, t.clone());
+            return Ok(t.to_dtype(dtype)?);
+        }
         let Some(full) = names
             .iter()
             .map(|n| self.full(n))
@@ -140,6 +166,20 @@ impl Weights {
         }
     }
 
+    /// Writes every tensor (for [`Self::random`]: every one made so far) as safetensors.
+    pub fn save(&self, path: &Path, dtype: DType) -> Result<()> {
+        let inner = self.inner.borrow();
+        let tensors = inner
+            .tensors
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        candle_core::safetensors::save(&tensors, path).map_err(|e| Error::Safetensors {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
     /// Fails if any tensor of the file was not used by the model built from the config.
     pub fn finish(&self) -> Result<()> {
         let inner = self.inner.borrow();
@@ -158,6 +198,20 @@ impl Weights {
             }),
         }
     }
+}
+
+fn random_tensor(rng: &mut rand::rngs::StdRng, shape: &[usize]) -> Result<Tensor> {
+    use rand::Rng;
+    let n: usize = shape.iter().product();
+    let (lo, hi) = if shape.len() <= 1 {
+        (0.5f32, 1.5f32)
+    } else {
+        let fan_in: usize = shape[1..].iter().product();
+        let b = 1.0 / (fan_in.max(1) as f32).sqrt();
+        (-b, b)
+    };
+    let data: Vec<f32> = (0..n).map(|_| rng.random_range(lo..hi)).collect();
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }
 
 fn describe_safetensors_error(e: &candle_core::Error) -> String {
@@ -185,8 +239,15 @@ mod tests {
     fn shape_mismatch_and_missing_names_are_reported() {
         let t = Tensor::zeros((2, 3), DType::BF16, &Device::Cpu).expect("zeros");
         let w = file_with(&[("a.weight", t)]);
-        let err = w.pp("a").get("weight", &[3, 2]).expect_err("shape").to_string();
-        assert!(err.contains("a.weight") && err.contains("[3, 2]") && err.contains("[2, 3]"), "{err}");
+        let err = w
+            .pp("a")
+            .get("weight", &[3, 2])
+            .expect_err("shape")
+            .to_string();
+        assert!(
+            err.contains("a.weight") && err.contains("[3, 2]") && err.contains("[2, 3]"),
+            "{err}"
+        );
         let err = w.get("b.weight", &[1]).expect_err("missing").to_string();
         assert!(err.contains("b.weight"), "{err}");
         let err = w.finish().expect_err("unused").to_string();

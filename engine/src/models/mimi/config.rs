@@ -236,7 +236,8 @@ impl MimiConfig {
     pub fn from_json_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::config(path, e))?;
-        cfg.validate().map_err(|reason| Error::config(path, reason))?;
+        cfg.validate()
+            .map_err(|reason| Error::config(path, reason))?;
         Ok(cfg)
     }
 
@@ -276,7 +277,10 @@ impl MimiConfig {
             self.channels == 1 && s.channels == 1,
             "only mono models (channels = 1) are supported",
         )?;
-        check(s.causal, "seanet.causal must be true (streaming needs causal convolutions)")?;
+        check(
+            s.causal,
+            "seanet.causal must be true (streaming needs causal convolutions)",
+        )?;
         check(
             s.pad_mode == "constant",
             "seanet.pad_mode must be \"constant\" (the reference asserts constant or replicate; Mimi uses constant)",
@@ -293,7 +297,10 @@ impl MimiConfig {
             s.norm == "none",
             "seanet.norm must be \"none\" (published checkpoints have weight norm folded in)",
         )?;
-        check(s.trim_right_ratio == 1.0, "seanet.trim_right_ratio must be 1.0")?;
+        check(
+            s.trim_right_ratio == 1.0,
+            "seanet.trim_right_ratio must be 1.0",
+        )?;
         check(
             !s.ratios.is_empty() && s.ratios.iter().all(|&r| r > 0),
             "seanet.ratios must be non-empty and positive",
@@ -319,7 +326,10 @@ impl MimiConfig {
             q.n_q > q.n_q_semantic && q.n_q_semantic >= 1,
             "quantizer.n_q must exceed quantizer.n_q_semantic >= 1",
         )?;
-        check(q.bins > 0 && q.dimension > 0, "quantizer sizes must be positive")?;
+        check(
+            q.bins > 0 && q.dimension > 0,
+            "quantizer sizes must be positive",
+        )?;
         check(
             q.input_dimension.unwrap_or(q.dimension) == s.dimension
                 && q.output_dimension.unwrap_or(q.dimension) == s.dimension,
@@ -340,11 +350,17 @@ impl MimiConfig {
         )?;
         check(t.conv_layout, "transformer.conv_layout must be true")?;
         check(
-            matches!(t.positional_embedding.as_str(), "rope" | "none" | "sin" | "sin_rope"),
+            matches!(
+                t.positional_embedding.as_str(),
+                "rope" | "none" | "sin" | "sin_rope"
+            ),
             "transformer.positional_embedding must be one of rope, sin, sin_rope, none",
         )?;
         check(
-            matches!(t.norm.as_str(), "layer_norm" | "layer_norm_f32" | "rms_norm" | "rms_norm_f32"),
+            matches!(
+                t.norm.as_str(),
+                "layer_norm" | "layer_norm_f32" | "rms_norm" | "rms_norm_f32"
+            ),
             "transformer.norm must be one of layer_norm, layer_norm_f32, rms_norm, rms_norm_f32",
         )?;
         check(
@@ -395,6 +411,9 @@ mod tests {
         assert!(c.validate().expect_err("unknown").contains("seanet.lstm"));
         let mut c = MimiConfig::default();
         c.transformer.causal = false;
-        assert!(c.validate().expect_err("causal").contains("transformer.causal"));
+        assert!(c
+            .validate()
+            .expect_err("causal")
+            .contains("transformer.causal"));
     }
 }

@@ -64,10 +64,17 @@ impl StreamingConv1d {
     pub fn load(w: &Weights, spec: ConvSpec) -> Result<Self> {
         let weight = w.get(
             "weight",
-            &[spec.out_channels, spec.in_channels / spec.groups, spec.kernel_size],
+            &[
+                spec.out_channels,
+                spec.in_channels / spec.groups,
+                spec.kernel_size,
+            ],
         )?;
         let bias = if spec.bias {
-            Some(w.get("bias", &[spec.out_channels])?.reshape((1, spec.out_channels, 1))?)
+            Some(
+                w.get("bias", &[spec.out_channels])?
+                    .reshape((1, spec.out_channels, 1))?,
+            )
         } else {
             None
         };
@@ -103,7 +110,10 @@ impl StreamingConv1d {
         } else {
             let previous = match (&self.previous, self.pad_mode) {
                 (Some(p), _) => p.clone(),
-                (None, PadMode::Constant) => x.narrow(D::Minus1, 0, 1)?.zeros_like()?.repeat((1, 1, hist))?,
+                (None, PadMode::Constant) => x
+                    .narrow(D::Minus1, 0, 1)?
+                    .zeros_like()?
+                    .repeat((1, 1, hist))?,
                 (None, PadMode::Replicate) => x.narrow(D::Minus1, 0, 1)?.repeat((1, 1, hist))?,
             };
             Tensor::cat(&[&previous, x], D::Minus1)?
@@ -121,6 +131,11 @@ impl StreamingConv1d {
 
     pub fn reset(&mut self) {
         self.previous = None;
+    }
+
+    /// Bytes of streaming state held (constant once the first step has run).
+    pub fn state_bytes(&self) -> usize {
+        self.previous.as_ref().map_or(0, |t| t.elem_count() * 4)
     }
 }
 
@@ -140,10 +155,17 @@ impl StreamingConvTr1d {
     pub fn load(w: &Weights, spec: ConvSpec) -> Result<Self> {
         let weight = w.get(
             "weight",
-            &[spec.in_channels, spec.out_channels / spec.groups, spec.kernel_size],
+            &[
+                spec.in_channels,
+                spec.out_channels / spec.groups,
+                spec.kernel_size,
+            ],
         )?;
         let bias = if spec.bias {
-            Some(w.get("bias", &[spec.out_channels])?.reshape((1, spec.out_channels, 1))?)
+            Some(
+                w.get("bias", &[spec.out_channels])?
+                    .reshape((1, spec.out_channels, 1))?,
+            )
         } else {
             None
         };
@@ -183,12 +205,21 @@ impl StreamingConvTr1d {
     pub fn reset(&mut self) {
         self.partial = None;
     }
+
+    pub fn state_bytes(&self) -> usize {
+        self.partial.as_ref().map_or(0, |t| t.elem_count() * 4)
+    }
 }
 
 /// Transposed convolution where every group has one input channel (Mimi's upsampler,
 /// `groups == channels`). candle splits grouped transposed convolutions into one call per
 /// group, which costs far more than the arithmetic here, so this loop does it directly.
-fn depthwise_conv_transpose1d(x: &Tensor, w: &Tensor, stride: usize, groups: usize) -> Result<Tensor> {
+fn depthwise_conv_transpose1d(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    groups: usize,
+) -> Result<Tensor> {
     let (b, c_in, t) = x.dims3()?;
     let (wc_in, c_out_g, k) = w.dims3()?;
     if b != 1 || c_in != groups || wc_in != c_in {

@@ -148,6 +148,23 @@ impl Mimi {
         Ok(())
     }
 
+    /// Bytes of streaming state (convolution histories, attention rings). Fixed after the
+    /// first step, whatever the length of the session.
+    pub fn state_bytes(&self) -> usize {
+        self.encoder.state_bytes()
+            + self.encoder_transformer.state_bytes()
+            + self
+                .downsample
+                .as_ref()
+                .map_or(0, StreamingConv1d::state_bytes)
+            + self
+                .upsample
+                .as_ref()
+                .map_or(0, StreamingConvTr1d::state_bytes)
+            + self.decoder_transformer.state_bytes()
+            + self.decoder.state_bytes()
+    }
+
     /// Clears all streaming state: the next step starts a new stream.
     pub fn reset(&mut self) {
         self.reset_encoder(false);
@@ -203,7 +220,10 @@ impl Mimi {
         let mut result = Ok(());
         for chunk in padded.chunks(OFFLINE_CHUNK_FRAMES * fs) {
             match self.encode_frames(chunk) {
-                Ok(c) => codes.iter_mut().zip(c).for_each(|(dst, src)| dst.extend(src)),
+                Ok(c) => codes
+                    .iter_mut()
+                    .zip(c)
+                    .for_each(|(dst, src)| dst.extend(src)),
                 Err(e) => {
                     result = Err(e);
                     break;
@@ -239,15 +259,51 @@ impl Mimi {
         result.map(|_| pcm)
     }
 
-    /// Encodes whole frames, continuing the encoder's stream.
-    fn encode_frames(&mut self, pcm: &[f32]) -> Result<Codes> {
+    /// Streaming: one frame to its unquantized latent, `[1, dimension, 1]` (the
+    /// reference's `encode_to_latent(quantize=False)`), continuing the encoder's stream.
+    pub fn encode_latent_step(&mut self, frame: &[f32]) -> Result<Tensor> {
+        if frame.len() != self.frame_size() {
+            return Err(Error::InvalidInput(format!(
+                "encode_latent_step takes one frame of {} samples, got {}",
+                self.frame_size(),
+                frame.len()
+            )));
+        }
+        self.latent_frames(frame)
+    }
+
+    /// Offline: whole frames (`pcm.len()` a multiple of the frame size) to unquantized
+    /// latents `[1, dimension, frames]`. Uses and then clears the encoder's state.
+    pub fn encode_latent(&mut self, pcm: &[f32]) -> Result<Tensor> {
+        let fs = self.frame_size();
+        if pcm.is_empty() || pcm.len() % fs != 0 {
+            return Err(Error::InvalidInput(format!(
+                "encode_latent takes whole frames of {fs} samples, got {}",
+                pcm.len()
+            )));
+        }
+        self.reset_encoder(true);
+        let parts: Result<Vec<Tensor>> = pcm
+            .chunks(OFFLINE_CHUNK_FRAMES * fs)
+            .map(|chunk| self.latent_frames(chunk))
+            .collect();
+        self.reset_encoder(false);
+        Ok(Tensor::cat(&parts?, 2)?)
+    }
+
+    fn latent_frames(&mut self, pcm: &[f32]) -> Result<Tensor> {
         let x = Tensor::from_slice(pcm, (1, 1, pcm.len()), &Device::Cpu)?;
         let emb = self.encoder.step(&x)?;
         let emb = self.encoder_transformer.step(&emb)?;
-        let emb = match &mut self.downsample {
-            Some(d) => d.step(&emb)?,
-            None => emb,
-        };
+        match &mut self.downsample {
+            Some(d) => d.step(&emb),
+            None => Ok(emb),
+        }
+    }
+
+    /// Encodes whole frames, continuing the encoder's stream.
+    fn encode_frames(&mut self, pcm: &[f32]) -> Result<Codes> {
+        let emb = self.latent_frames(pcm)?;
         self.quantizer.encode(&emb, self.num_codebooks)
     }
 

@@ -28,7 +28,10 @@ impl Codebook {
         w.skip("inited");
         let embedding = sum.broadcast_div(&usage.clamp(1e-5f32, f32::INFINITY)?.unsqueeze(1)?)?;
         let rows: Vec<f32> = embedding.flatten_all()?.to_vec1()?;
-        let norms = rows.chunks_exact(dim).map(|r| r.iter().map(|v| v * v).sum()).collect();
+        let norms = rows
+            .chunks_exact(dim)
+            .map(|r| r.iter().map(|v| v * v).sum())
+            .collect();
         Ok(Self {
             embedding,
             rows,
@@ -76,7 +79,9 @@ impl Rvq {
         let in_dim = cfg.input_dimension.unwrap_or(dim);
         let out_dim = cfg.output_dimension.unwrap_or(dim);
         let input_proj = w.get("input_proj.weight", &[dim, in_dim, 1])?.squeeze(2)?;
-        let output_proj = w.get("output_proj.weight", &[out_dim, dim, 1])?.squeeze(2)?;
+        let output_proj = w
+            .get("output_proj.weight", &[out_dim, dim, 1])?
+            .squeeze(2)?;
         let codebooks = (0..n_q)
             .map(|i| Codebook::load(&w.pp(format!("vq.layers.{i}._codebook")), cfg.bins, dim))
             .collect::<Result<_>>()?;
@@ -97,7 +102,8 @@ impl Rvq {
             let c = cb.encode(&residual)?;
             if k + 1 < n {
                 let mut q = Vec::with_capacity(t * self.dim);
-                c.iter().for_each(|&code| q.extend_from_slice(cb.centroid(code)));
+                c.iter()
+                    .for_each(|&code| q.extend_from_slice(cb.centroid(code)));
                 let q = Tensor::from_vec(q, (t, self.dim), &Device::Cpu)?;
                 residual = (residual - q)?;
             }
@@ -112,7 +118,9 @@ impl Rvq {
         for (cb, row) in self.codebooks.iter().zip(codes) {
             for (ti, &code) in row.iter().enumerate() {
                 let dst = &mut sum[ti * self.dim..(ti + 1) * self.dim];
-                dst.iter_mut().zip(cb.centroid(code)).for_each(|(d, c)| *d += c);
+                dst.iter_mut()
+                    .zip(cb.centroid(code))
+                    .for_each(|(d, c)| *d += c);
             }
         }
         let sum = Tensor::from_vec(sum, (t, self.dim), &Device::Cpu)?;

@@ -62,6 +62,17 @@ impl ResnetBlock {
         Ok((u + v)?)
     }
 
+    fn state_bytes(&self) -> usize {
+        self.convs
+            .iter()
+            .map(StreamingConv1d::state_bytes)
+            .sum::<usize>()
+            + self
+                .shortcut
+                .as_ref()
+                .map_or(0, StreamingConv1d::state_bytes)
+    }
+
     fn reset(&mut self) {
         self.convs.iter_mut().for_each(StreamingConv1d::reset);
         if let Some(s) = &mut self.shortcut {
@@ -85,6 +96,15 @@ impl Layer {
             Layer::ConvTr(c) => c.step(x),
             Layer::Res(r) => r.step(x),
             Layer::Act(a) => Ok(a.forward(x)?),
+        }
+    }
+
+    fn state_bytes(&self) -> usize {
+        match self {
+            Layer::Conv(c) => c.state_bytes(),
+            Layer::ConvTr(c) => c.state_bytes(),
+            Layer::Res(r) => r.state_bytes(),
+            Layer::Act(_) => 0,
         }
     }
 
@@ -157,16 +177,26 @@ impl SeanetEncoder {
             mult *= 2;
         }
         b.act();
-        b.conv(ConvSpec::new(mult * nf, cfg.dimension, cfg.last_kernel_size))?;
+        b.conv(ConvSpec::new(
+            mult * nf,
+            cfg.dimension,
+            cfg.last_kernel_size,
+        ))?;
         Ok(Self { layers: b.layers })
     }
 
     pub fn step(&mut self, x: &Tensor) -> Result<Tensor> {
-        self.layers.iter_mut().try_fold(x.clone(), |x, l| l.step(&x))
+        self.layers
+            .iter_mut()
+            .try_fold(x.clone(), |x, l| l.step(&x))
     }
 
     pub fn reset(&mut self) {
         self.layers.iter_mut().for_each(Layer::reset);
+    }
+
+    pub fn state_bytes(&self) -> usize {
+        self.layers.iter().map(Layer::state_bytes).sum()
     }
 }
 
@@ -203,10 +233,16 @@ impl SeanetDecoder {
     }
 
     pub fn step(&mut self, x: &Tensor) -> Result<Tensor> {
-        self.layers.iter_mut().try_fold(x.clone(), |x, l| l.step(&x))
+        self.layers
+            .iter_mut()
+            .try_fold(x.clone(), |x, l| l.step(&x))
     }
 
     pub fn reset(&mut self) {
         self.layers.iter_mut().for_each(Layer::reset);
+    }
+
+    pub fn state_bytes(&self) -> usize {
+        self.layers.iter().map(Layer::state_bytes).sum()
     }
 }

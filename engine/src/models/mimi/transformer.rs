@@ -17,8 +17,15 @@ use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
 enum Norm {
-    Layer { weight: Vec<f32>, bias: Vec<f32>, eps: f32 },
-    Rms { alpha: Vec<f32>, eps: f32 },
+    Layer {
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        eps: f32,
+    },
+    Rms {
+        alpha: Vec<f32>,
+        eps: f32,
+    },
 }
 
 impl Norm {
@@ -236,7 +243,9 @@ impl ProjectedTransformer {
             self.dims.context
         };
         let d = self.dims.d_model;
-        self.rings = (0..self.layers.len()).map(|_| RingKv::new(capacity, d)).collect();
+        self.rings = (0..self.layers.len())
+            .map(|_| RingKv::new(capacity, d))
+            .collect();
         self.offset = 0;
     }
 
@@ -269,6 +278,13 @@ impl ProjectedTransformer {
     pub fn reset(&mut self) {
         self.offset = 0;
         self.rings.iter_mut().for_each(RingKv::reset);
+    }
+
+    pub fn state_bytes(&self) -> usize {
+        self.rings
+            .iter()
+            .map(|r| (r.k.len() + r.v.len()) * 4 + r.pos.len() * 8)
+            .sum()
     }
 }
 
@@ -372,7 +388,10 @@ fn layer_step(
     let h = layer.norm2.forward(x, d);
     let ht = Tensor::from_slice(&h, (t, d), device)?;
     let hidden = ht.matmul(&layer.linear1.t()?)?.gelu_erf()?;
-    let update: Vec<f32> = hidden.matmul(&layer.linear2.t()?)?.flatten_all()?.to_vec1()?;
+    let update: Vec<f32> = hidden
+        .matmul(&layer.linear2.t()?)?
+        .flatten_all()?
+        .to_vec1()?;
     residual_add(x, &update, layer.scale2.as_deref(), d);
     Ok(())
 }

@@ -1,0 +1,165 @@
+//! `parley bench mimi`: streaming encode and decode per 80 ms frame.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use parley_engine::models::mimi::{Mimi, MimiConfig};
+use parley_engine::models::weights::Weights;
+
+use crate::mimi_cmd::MimiSource;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Time Mimi's streaming encode_step and decode_step, one 80 ms frame at a time.
+    Mimi(MimiBench),
+}
+
+#[derive(Debug, Args)]
+pub struct MimiBench {
+    /// Full-size published architecture with random weights (the default when no
+    /// model is given).
+    #[arg(long)]
+    random_weights: bool,
+    #[command(flatten)]
+    source: MimiSource,
+    /// Frames to time (after the warm-up).
+    #[arg(long, default_value_t = 100)]
+    frames: usize,
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    /// Worker threads; by default the benchmark runs once with 1 and once with all.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print one JSON object per run instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Mimi(b) => bench_mimi(b),
+    }
+}
+
+fn bench_mimi(b: MimiBench) -> Result<()> {
+    let Some(threads) = b.threads else {
+        // Thread pools are sized at start-up, so each count runs in a process of its own.
+        let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut counts = vec![1];
+        if all > 1 {
+            counts.push(all);
+        }
+        let exe = std::env::current_exe().context("locating the parley binary")?;
+        for n in counts {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            let status = Command::new(&exe)
+                .args(&args)
+                .arg("--threads")
+                .arg(n.to_string())
+                .env("RAYON_NUM_THREADS", n.to_string())
+                .status()
+                .context("running the benchmark")?;
+            anyhow::ensure!(status.success(), "benchmark with {n} threads failed");
+        }
+        return Ok(());
+    };
+    if std::env::var("RAYON_NUM_THREADS").ok() != Some(threads.to_string()) {
+        // Safe in edition 2021; nothing has read the variable yet, no threads started.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    let (mut mimi, what) = if b.source.model_dir.is_some() || b.source.weights.is_some() {
+        (b.source.load()?, "checkpoint")
+    } else {
+        let mut m = Mimi::from_weights(&Weights::random(0), MimiConfig::default(), 32)?;
+        if let Some(n) = b.source.codebooks {
+            m.set_num_codebooks(n)?;
+        }
+        (m, "random weights, published config")
+    };
+    let fs = mimi.frame_size();
+    let frame_ms = fs as f64 / mimi.sample_rate_hz() as f64 * 1000.0;
+    // A chirp with some noise: realistic activations, different every frame.
+    let mut phase = 0f32;
+    let mut seed = 1u32;
+    let mut next_frame = || -> Vec<f32> {
+        (0..fs)
+            .map(|i| {
+                phase += 0.02 + 0.00001 * i as f32;
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                0.3 * phase.sin() + 0.05 * ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5)
+            })
+            .collect()
+    };
+    let mut enc_ms = Vec::with_capacity(b.frames);
+    let mut dec_ms = Vec::with_capacity(b.frames);
+    for i in 0..b.warmup + b.frames {
+        let frame = next_frame();
+        let t0 = Instant::now();
+        let codes = mimi.encode_step(&frame)?;
+        let t1 = Instant::now();
+        let pcm = mimi.decode_step(&codes)?;
+        let t2 = Instant::now();
+        std::hint::black_box(pcm);
+        if i >= b.warmup {
+            enc_ms.push((t1 - t0).as_secs_f64() * 1e3);
+            dec_ms.push((t2 - t1).as_secs_f64() * 1e3);
+        }
+    }
+    let total: Vec<f64> = enc_ms.iter().zip(&dec_ms).map(|(a, b)| a + b).collect();
+    let (enc, dec, tot) = (Stats::of(&enc_ms), Stats::of(&dec_ms), Stats::of(&total));
+    let rtf = tot.mean / frame_ms;
+    if b.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "mimi", "weights": what, "threads": threads,
+                "codebooks": mimi.num_codebooks(), "frames": b.frames,
+                "encode_ms": enc.json(), "decode_ms": dec.json(), "total_ms": tot.json(),
+                "real_time_factor": rtf,
+            })
+        );
+    } else {
+        println!(
+            "mimi streaming, {what}, {} codebooks, {threads} thread(s), {} frames of {frame_ms:.0} ms",
+            mimi.num_codebooks(),
+            b.frames
+        );
+        println!("            mean    p50    p90    max  (ms per frame)");
+        for (name, s) in [("encode", enc), ("decode", dec), ("total", tot)] {
+            println!(
+                "  {name:<8} {:>6.2} {:>6.2} {:>6.2} {:>6.2}",
+                s.mean, s.p50, s.p90, s.max
+            );
+        }
+        println!("  real-time factor {rtf:.3} (total mean / {frame_ms:.0} ms)");
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Stats {
+    mean: f64,
+    p50: f64,
+    p90: f64,
+    max: f64,
+}
+
+impl Stats {
+    fn of(xs: &[f64]) -> Self {
+        let mut v = xs.to_vec();
+        v.sort_by(f64::total_cmp);
+        let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+        Self {
+            mean: v.iter().sum::<f64>() / v.len() as f64,
+            p50: q(0.5),
+            p90: q(0.9),
+            max: v[v.len() - 1],
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({"mean": self.mean, "p50": self.p50, "p90": self.p90, "max": self.max})
+    }
+}

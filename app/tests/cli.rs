@@ -1,0 +1,246 @@
+//! The `parley` binary end to end: real processes, real files, exit codes and messages.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn parley(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args(args)
+        .output()
+        .expect("run parley")
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mimi-tiny")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("parley-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    dir.join(name)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Fails unless the command failed cleanly: non-zero exit, no panic, and a message that
+/// names `culprit`.
+fn assert_clean_failure(out: &Output, culprit: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    assert!(
+        stderr.contains(culprit),
+        "message should name {culprit}: {stderr}"
+    );
+}
+
+#[test]
+fn model_dir_encode_matches_reference_and_decodes() {
+    let codes = tmp("tiny_codes.npy");
+    let wav = tmp("tiny_out.wav");
+    let dir = fixtures();
+    let out = parley(&[
+        "mimi",
+        "encode",
+        s(&dir.join("input.wav")),
+        "--model-dir",
+        s(&dir),
+        "--out",
+        s(&codes),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = candle_core::Tensor::read_npy(&codes).expect("npy");
+    let want = candle_core::Tensor::read_npy(dir.join("ref_codes_offline.npy")).expect("npy");
+    // The reference ran on whole frames; the CLI pads the last partial frame with silence.
+    let (got, want) = (
+        got.to_vec2::<i64>().expect("i64"),
+        want.to_vec2::<i64>().expect("i64"),
+    );
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.len(), w.len() + 1);
+        assert_eq!(g[..w.len()], w[..]);
+    }
+
+    let out = parley(&[
+        "mimi",
+        "decode",
+        s(&codes),
+        "--model-dir",
+        s(&dir),
+        "--out",
+        s(&wav),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reader = hound::WavReader::open(&wav).expect("wav");
+    assert_eq!(reader.spec().sample_rate, 24_000);
+    assert_eq!(reader.len() as usize, got[0].len() * 1920);
+}
+
+#[test]
+fn full_size_random_mimi_round_trips_a_recording() {
+    let weights = tmp("mimi_full_bf16.safetensors");
+    let codes = tmp("full_codes.npy");
+    let wav = tmp("full_out.wav");
+    let out = parley(&["mimi", "random-weights", "--out", s(&weights)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A 44.1 kHz stereo recording: exercises the downmix and the resampler too.
+    let input = tmp("stereo44k.wav");
+    let spec = hound::WavSpec {
+        channels: 2,
+        sample_rate: 44_100,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(&input, spec).expect("wav");
+    for i in 0..(44_100 * 2) {
+        let v = ((i as f32 * 0.05).sin() * 6000.0) as i16;
+        w.write_sample(v).expect("l");
+        w.write_sample(-v).expect("r");
+    }
+    w.finalize().expect("finalize");
+
+    let out = parley(&[
+        "mimi",
+        "encode",
+        s(&input),
+        "--weights",
+        s(&weights),
+        "--codebooks",
+        "32",
+        "--out",
+        s(&codes),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = candle_core::Tensor::read_npy(&codes).expect("npy");
+    assert_eq!(t.dims(), [32, 25], "2 s at 12.5 Hz, 32 codebooks");
+    let out = parley(&[
+        "mimi",
+        "decode",
+        s(&codes),
+        "--weights",
+        s(&weights),
+        "--out",
+        s(&wav),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let samples: Vec<f32> = hound::WavReader::open(&wav)
+        .expect("wav")
+        .into_samples::<f32>()
+        .collect::<Result<_, _>>()
+        .expect("samples");
+    assert_eq!(samples.len(), 25 * 1920);
+    assert!(samples.iter().all(|x| x.is_finite()));
+    assert!(samples.iter().any(|&x| x != 0.0));
+    let _ = std::fs::remove_file(&weights);
+}
+
+#[test]
+fn bad_inputs_fail_cleanly_and_say_what_is_wrong() {
+    let dir = fixtures();
+    let codes = tmp("bad_codes.npy");
+
+    let corrupt = tmp("corrupt.wav");
+    std::fs::write(
+        &corrupt,
+        b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00garbage",
+    )
+    .expect("write");
+    let out = parley(&[
+        "mimi",
+        "encode",
+        s(&corrupt),
+        "--model-dir",
+        s(&dir),
+        "--out",
+        s(&codes),
+    ]);
+    assert_clean_failure(&out, "corrupt.wav");
+
+    let truncated = tmp("truncated.safetensors");
+    let bytes = std::fs::read(dir.join("mimi.safetensors")).expect("read");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).expect("write");
+    let out = parley(&[
+        "mimi",
+        "encode",
+        s(&dir.join("input.wav")),
+        "--weights",
+        s(&truncated),
+        "--config",
+        s(&dir.join("mimi_config.json")),
+        "--out",
+        s(&codes),
+    ]);
+    assert_clean_failure(&out, "truncated.safetensors");
+
+    // The tiny checkpoint with the published config: a tensor and both shapes are named.
+    let out = parley(&[
+        "mimi",
+        "encode",
+        s(&dir.join("input.wav")),
+        "--weights",
+        s(&dir.join("mimi.safetensors")),
+        "--out",
+        s(&codes),
+    ]);
+    assert_clean_failure(&out, "the config expects");
+
+    let bad_cfg = tmp("bad_config.json");
+    std::fs::write(&bad_cfg, r#"{"sample_rate": 24000, "channels": 1}"#).expect("write");
+    let out = parley(&[
+        "mimi",
+        "encode",
+        s(&dir.join("input.wav")),
+        "--weights",
+        s(&dir.join("mimi.safetensors")),
+        "--config",
+        s(&bad_cfg),
+        "--out",
+        s(&codes),
+    ]);
+    assert_clean_failure(&out, "bad_config.json");
+
+    let garbage = tmp("garbage.npy");
+    std::fs::write(&garbage, b"not an npy file at all").expect("write");
+    let out = parley(&[
+        "mimi",
+        "decode",
+        s(&garbage),
+        "--model-dir",
+        s(&dir),
+        "--out",
+        s(&tmp("x.wav")),
+    ]);
+    assert_clean_failure(&out, "garbage.npy");
+
+    let out = parley(&[
+        "mimi",
+        "encode",
+        s(&dir.join("input.wav")),
+        "--out",
+        s(&codes),
+    ]);
+    assert_clean_failure(&out, "--model-dir");
+}

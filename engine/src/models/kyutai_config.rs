@@ -1,0 +1,159 @@
+//! Kyutai's model repository layout: a `config.json` holding the language model's keyword
+//! arguments plus the names of the other files (`moshi_name`, `mimi_name`,
+//! `mimi_config_name`, `tokenizer_name`) and the per-use sections (`stt_config`,
+//! `tts_config`, `lm_gen_config`), as read by the reference's `CheckpointInfo`. A model
+//! directory on disk is laid out like the Hub repository it came from.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::mimi::{Mimi, MimiConfig};
+use crate::{Error, Result};
+
+/// The reference's defaults for repositories that leave a name out (`loaders.py`).
+pub const DEFAULT_MIMI_NAME: &str = "tokenizer-e351c8d8-checkpoint125.safetensors";
+pub const DEFAULT_MOSHI_NAME: &str = "model.safetensors";
+pub const DEFAULT_TOKENIZER_NAME: &str = "tokenizer_spm_32k_3.model";
+
+/// The file-naming part of `config.json`; the language model's own fields are read by the
+/// language model.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct KyutaiConfig {
+    pub moshi_name: Option<String>,
+    pub mimi_name: Option<String>,
+    pub mimi_config_name: Option<String>,
+    pub tokenizer_name: Option<String>,
+    pub model_type: Option<String>,
+    /// Audio codebooks the LM sees in total, and those it generates (`n_q`, `dep_q`).
+    pub n_q: Option<usize>,
+    pub dep_q: Option<usize>,
+    #[serde(default)]
+    pub tts_config: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    pub stt_config: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    pub lm_gen_config: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A model directory: `config.json` and the files it names.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    pub root: PathBuf,
+    pub config: KyutaiConfig,
+}
+
+impl ModelDir {
+    pub fn open(root: &Path) -> Result<Self> {
+        if !root.is_dir() {
+            return Err(Error::config(root, "not a directory"));
+        }
+        let path = root.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let config = serde_json::from_str(&text).map_err(|e| Error::config(&path, e))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            config,
+        })
+    }
+
+    fn file(&self, name: &str) -> Result<PathBuf> {
+        let path = self.root.join(name);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(Error::config(
+                self.root.join("config.json"),
+                format!("names `{name}`, which is not in {}", self.root.display()),
+            ))
+        }
+    }
+
+    pub fn mimi_weights(&self) -> Result<PathBuf> {
+        self.file(
+            self.config
+                .mimi_name
+                .as_deref()
+                .unwrap_or(DEFAULT_MIMI_NAME),
+        )
+    }
+
+    pub fn mimi_config(&self) -> Result<MimiConfig> {
+        match &self.config.mimi_config_name {
+            Some(name) => MimiConfig::from_json_file(&self.file(name)?),
+            None => Ok(MimiConfig::default()),
+        }
+    }
+
+    /// Codebooks the model's Mimi runs with, as the reference's `CheckpointInfo.get_mimi`:
+    /// `max(dep_q, n_q - dep_q)` (halved for multistream TTS), 8 without an LM config.
+    pub fn mimi_num_codebooks(&self) -> usize {
+        let n = match (self.config.n_q, self.config.dep_q) {
+            (Some(n_q), Some(dep_q)) => dep_q.max(n_q.saturating_sub(dep_q)),
+            _ => 8,
+        };
+        let multistream = self
+            .config
+            .tts_config
+            .get("multistream")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false);
+        if multistream {
+            n / 2
+        } else {
+            n
+        }
+    }
+
+    /// The directory's Mimi with its config and codebook count.
+    pub fn load_mimi(&self) -> Result<Mimi> {
+        Mimi::load(
+            &self.mimi_weights()?,
+            self.mimi_config()?,
+            self.mimi_num_codebooks(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codebooks_follow_the_reference_rule() {
+        let mut dir = ModelDir {
+            root: PathBuf::from("."),
+            config: KyutaiConfig::default(),
+        };
+        assert_eq!(dir.mimi_num_codebooks(), 8);
+        dir.config.n_q = Some(32);
+        dir.config.dep_q = Some(0);
+        assert_eq!(dir.mimi_num_codebooks(), 32); // stt
+        dir.config.n_q = Some(16);
+        dir.config.dep_q = Some(8);
+        assert_eq!(dir.mimi_num_codebooks(), 8); // moshi
+        dir.config.n_q = Some(32);
+        dir.config.dep_q = Some(32);
+        dir.config
+            .tts_config
+            .insert("multistream".into(), serde_json::json!(true));
+        assert_eq!(dir.mimi_num_codebooks(), 16);
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let tmp = std::env::temp_dir().join(format!("parley-modeldir-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).expect("dir");
+        std::fs::write(
+            tmp.join("config.json"),
+            r#"{"mimi_name": "nope.safetensors"}"#,
+        )
+        .expect("write");
+        let dir = ModelDir::open(&tmp).expect("open");
+        let err = dir.load_mimi().expect_err("missing").to_string();
+        assert!(err.contains("nope.safetensors"), "{err}");
+        std::fs::write(tmp.join("config.json"), "{not json").expect("write");
+        let err = ModelDir::open(&tmp).expect_err("bad json").to_string();
+        assert!(err.contains("config.json"), "{err}");
+    }
+}

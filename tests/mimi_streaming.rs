@@ -1,0 +1,121 @@
+//! Mimi's streaming contract at full size: streaming equals offline, and state is bounded.
+
+use std::path::Path;
+
+use candle_core::Tensor;
+use parley_engine::audio::file::read_audio_24k;
+use parley_engine::models::mimi::{Codes, Mimi, MimiConfig};
+use parley_engine::models::weights::Weights;
+
+fn speech() -> Vec<f32> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mimi-tiny/input.wav");
+    let mut pcm = read_audio_24k(&path).expect("read");
+    pcm.truncate(pcm.len() / 1920 * 1920);
+    pcm
+}
+
+fn max_abs(a: &[f32]) -> f32 {
+    a.iter().fold(0f32, |m, x| m.max(x.abs()))
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+/// The published architecture with random weights, on 4.6 s of speech: shorter than the
+/// 10 s attention context, so both paths see the same keys. Random codebooks give one
+/// constant code, so the encoder is compared on its unquantized latents and the decoder
+/// on varied codes.
+#[test]
+fn full_size_streaming_equals_offline() {
+    let mut mimi =
+        Mimi::from_weights(&Weights::random(7), MimiConfig::default(), 32).expect("mimi");
+    let pcm = speech();
+
+    let offline: Vec<f32> = mimi
+        .encode_latent(&pcm)
+        .expect("latent")
+        .flatten_all()
+        .expect("flat")
+        .to_vec1()
+        .expect("vec");
+    mimi.reset();
+    let steps: Vec<Tensor> = pcm
+        .chunks(1920)
+        .map(|f| mimi.encode_latent_step(f).expect("latent step"))
+        .collect();
+    let streamed: Vec<f32> = Tensor::cat(&steps, 2)
+        .expect("cat")
+        .flatten_all()
+        .expect("flat")
+        .to_vec1()
+        .expect("vec");
+    let scale = max_abs(&offline);
+    let err = max_abs_diff(&offline, &streamed);
+    assert!(
+        scale > 0.0 && err <= 1e-5 * scale,
+        "latents: max diff {err}, scale {scale}"
+    );
+    // The latents follow the input: frame-to-frame they change by more than the error.
+    let dim = 512;
+    let n = offline.len() / dim;
+    let moved = (1..n)
+        .filter(|&t| {
+            (0..dim).any(|c| (offline[c * n + t] - offline[c * n + t - 1]).abs() > 1e-3 * scale)
+        })
+        .count();
+    assert!(
+        moved > n / 2,
+        "latents barely change over time ({moved} of {n} frames)"
+    );
+
+    let mut seed = 12345u32;
+    let codes: Codes = (0..32)
+        .map(|_| {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (seed >> 8) % 2048
+                })
+                .collect()
+        })
+        .collect();
+    let offline_audio = mimi.decode(&codes).expect("decode");
+    mimi.reset();
+    let mut audio = vec![];
+    for t in 0..n {
+        let frame: Vec<u32> = codes.iter().map(|row| row[t]).collect();
+        audio.extend(mimi.decode_step(&frame).expect("decode_step"));
+    }
+    let peak = max_abs(&offline_audio);
+    let err = max_abs_diff(&offline_audio, &audio);
+    assert!(
+        peak > 0.0 && err <= 1e-5 * peak,
+        "audio: max diff {err}, peak {peak}"
+    );
+}
+
+#[test]
+fn streaming_state_stays_constant_over_a_long_session() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mimi-tiny");
+    let cfg = MimiConfig::from_json_file(&dir.join("mimi_config.json")).expect("cfg");
+    let mut mimi = Mimi::load(&dir.join("mimi.safetensors"), cfg, 8).expect("mimi");
+    let pcm = speech();
+    let frames: Vec<&[f32]> = pcm.chunks(1920).collect();
+    let mut sizes = vec![];
+    // 600 frames (48 s): the attention rings (12 steps) wrap many times over.
+    for i in 0..600 {
+        let codes = mimi.encode_step(frames[i % frames.len()]).expect("encode");
+        let out = mimi.decode_step(&codes).expect("decode");
+        assert_eq!(out.len(), 1920);
+        if i == 1 || i == 599 {
+            sizes.push(mimi.state_bytes());
+        }
+    }
+    assert!(sizes[0] > 0);
+    assert_eq!(sizes[0], sizes[1], "streaming state grew");
+}
