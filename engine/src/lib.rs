@@ -1,6 +1,7 @@
 //! Parley's engine: everything but the windows. See ARCHITECTURE.md for who owns what.
 
 pub mod audio;
+pub mod compute;
 pub mod error;
 pub mod models;
 pub mod npy;

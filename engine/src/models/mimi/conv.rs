@@ -1,15 +1,42 @@
 //! Causal streaming convolutions: the reference's `StreamingConv1d` and
-//! `StreamingConvTranspose1d`.
+//! `StreamingConvTranspose1d`, over time-major activations ([`Seq`]: `t` rows of `c`
+//! channels).
 //!
 //! Both keep their state between calls, so feeding a signal in pieces gives exactly what
-//! feeding it whole gives. The offline path of the reference is the streaming path from
-//! a fresh state (for the transposed convolution, minus the tail still waiting for the
-//! next frame), so one implementation serves both here too.
+//! feeding it whole gives. The reference's offline path is its streaming path from a fresh
+//! state (for the transposed convolution, minus the tail still waiting for the next
+//! frame), so one implementation serves both here too.
+//!
+//! A convolution is an im2col followed by [`Matrix::matmul_t`] against the kernel
+//! permuted at load time to `[c_out, k * c_in]`; a transposed convolution is a product
+//! with the kernel permuted to `[k * c_out, c_in]` followed by an overlap-add. Activations
+//! stay time-major from the microphone to the speaker, so no layer transposes anything.
 
-use candle_core::{Module, Tensor, D};
-
+use crate::compute::cpu::Matrix;
 use crate::models::weights::Weights;
-use crate::Result;
+use crate::{Error, Result};
+
+/// Time-major activations: `t` rows of `c` channels.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Seq {
+    pub c: usize,
+    pub data: Vec<f32>,
+}
+
+impl Seq {
+    pub fn new(c: usize, data: Vec<f32>) -> Self {
+        debug_assert!(c > 0 && data.len() % c == 0);
+        Self { c, data }
+    }
+
+    pub fn t(&self) -> usize {
+        self.data.len() / self.c
+    }
+
+    pub fn row(&self, t: usize) -> &[f32] {
+        &self.data[t * self.c..(t + 1) * self.c]
+    }
+}
 
 /// How the first `kernel - stride` samples of history are filled on the first call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,18 +45,6 @@ pub enum PadMode {
     Constant,
     /// Copies of the first input sample (`pad_mode="replicate"`, Mimi's downsampler).
     Replicate,
-}
-
-#[derive(Debug, Clone)]
-pub struct StreamingConv1d {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    stride: usize,
-    dilation: usize,
-    groups: usize,
-    pad_mode: PadMode,
-    /// The last `effective_kernel - stride` input samples, `[1, C_in, ·]`; None when fresh.
-    previous: Option<Tensor>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -59,74 +74,109 @@ impl ConvSpec {
     }
 }
 
+fn load_bias(w: &Weights, spec: &ConvSpec) -> Result<Option<Vec<f32>>> {
+    Ok(if spec.bias {
+        Some(w.get("bias", &[spec.out_channels])?.to_vec1()?)
+    } else {
+        None
+    })
+}
+
+fn add_bias(data: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in data.chunks_exact_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StreamingConv1d {
+    /// `[c_out, k * c_in]`, column `k * c_in + ci` holding the reference's `[co, ci, k]`.
+    weight: Matrix,
+    bias: Option<Vec<f32>>,
+    spec: ConvSpec,
+    /// The last `effective_kernel - stride` input rows; None when fresh.
+    previous: Option<Vec<f32>>,
+}
+
 impl StreamingConv1d {
-    /// Loads `{prefix}.weight` and `{prefix}.bias` (the reference's `conv.conv` module).
+    /// Loads `{prefix}.weight` (`[c_out, c_in, k]`) and `{prefix}.bias`.
     pub fn load(w: &Weights, spec: ConvSpec) -> Result<Self> {
+        if spec.groups != 1 {
+            return Err(Error::InvalidInput(format!(
+                "grouped convolutions (groups = {}) are not supported",
+                spec.groups
+            )));
+        }
         let weight = w.get(
             "weight",
-            &[
-                spec.out_channels,
-                spec.in_channels / spec.groups,
-                spec.kernel_size,
-            ],
+            &[spec.out_channels, spec.in_channels, spec.kernel_size],
         )?;
-        let bias = if spec.bias {
-            Some(
-                w.get("bias", &[spec.out_channels])?
-                    .reshape((1, spec.out_channels, 1))?,
-            )
-        } else {
-            None
-        };
+        let weight = Matrix::new(&weight.permute((0, 2, 1))?)?;
         Ok(Self {
             weight,
-            bias,
-            stride: spec.stride,
-            dilation: spec.dilation,
-            groups: spec.groups,
-            pad_mode: spec.pad_mode,
+            bias: load_bias(w, &spec)?,
+            spec,
             previous: None,
         })
     }
 
     fn history_len(&self) -> usize {
-        let k = self.weight.dim(2).unwrap_or(1);
-        (k - 1) * self.dilation + 1 - self.stride
+        (self.spec.kernel_size - 1) * self.spec.dilation + 1 - self.spec.stride
     }
 
-    /// `x`: `[1, C_in, T]` with `T` a positive multiple of the stride.
-    /// Returns `[1, C_out, T / stride]`.
-    pub fn step(&mut self, x: &Tensor) -> Result<Tensor> {
-        let t = x.dim(D::Minus1)?;
-        if t == 0 || t % self.stride != 0 {
-            return Err(crate::Error::InvalidInput(format!(
-                "convolution input of {t} steps is not a positive multiple of its stride {}",
-                self.stride
+    /// `x`: `t` rows of `c_in`, `t` a positive multiple of the stride. Returns `t / stride`
+    /// rows of `c_out`.
+    pub fn step(&mut self, x: &Seq) -> Result<Seq> {
+        let ConvSpec {
+            in_channels: cin,
+            kernel_size: k,
+            stride,
+            dilation,
+            ..
+        } = self.spec;
+        let t = x.t();
+        if x.c != cin || t == 0 || t % stride != 0 {
+            return Err(Error::InvalidInput(format!(
+                "convolution input of {t} steps x {} channels; expected {cin} channels and a positive multiple of {stride} steps",
+                x.c
             )));
         }
         let hist = self.history_len();
-        let x = if hist == 0 {
-            x.clone()
+        let full: Vec<f32> = if hist == 0 {
+            x.data.clone()
         } else {
-            let previous = match (&self.previous, self.pad_mode) {
-                (Some(p), _) => p.clone(),
-                (None, PadMode::Constant) => x
-                    .narrow(D::Minus1, 0, 1)?
-                    .zeros_like()?
-                    .repeat((1, 1, hist))?,
-                (None, PadMode::Replicate) => x.narrow(D::Minus1, 0, 1)?.repeat((1, 1, hist))?,
+            let mut full = match self.previous.take() {
+                Some(p) => p,
+                None => match self.spec.pad_mode {
+                    PadMode::Constant => vec![0.0; hist * cin],
+                    PadMode::Replicate => x.row(0).repeat(hist),
+                },
             };
-            Tensor::cat(&[&previous, x], D::Minus1)?
+            full.extend_from_slice(&x.data);
+            full
         };
-        let mut y = x.conv1d(&self.weight, 0, self.stride, self.dilation, self.groups)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
+        let t_out = t / stride;
+        let mut out = if k == 1 && stride == 1 {
+            self.weight.matmul_t(&full, t_out)?
+        } else {
+            let width = k * cin;
+            let mut cols = vec![0f32; t_out * width];
+            for (to, col) in cols.chunks_exact_mut(width).enumerate() {
+                for (kk, dst) in col.chunks_exact_mut(cin).enumerate() {
+                    let src = (to * stride + kk * dilation) * cin;
+                    dst.copy_from_slice(&full[src..src + cin]);
+                }
+            }
+            self.weight.matmul_t(&cols, t_out)?
+        };
+        add_bias(&mut out, self.bias.as_deref());
         if hist > 0 {
-            let len = x.dim(D::Minus1)?;
-            self.previous = Some(x.narrow(D::Minus1, len - hist, hist)?.contiguous()?);
+            let keep = full.len() - hist * cin;
+            self.previous = Some(full[keep..].to_vec());
         }
-        Ok(y)
+        Ok(Seq::new(self.spec.out_channels, out))
     }
 
     pub fn reset(&mut self) {
@@ -135,71 +185,113 @@ impl StreamingConv1d {
 
     /// Bytes of streaming state held (constant once the first step has run).
     pub fn state_bytes(&self) -> usize {
-        self.previous.as_ref().map_or(0, |t| t.elem_count() * 4)
+        self.previous.as_ref().map_or(0, |p| p.len() * 4)
     }
 }
 
 #[derive(Debug, Clone)]
+enum TrKernel {
+    /// `[k * c_out, c_in]`, row `kk * c_out + co` holding the reference's `[ci, co, kk]`.
+    Full(Matrix),
+    /// One input channel per group (Mimi's upsampler): `[k][c]`.
+    Depthwise(Vec<f32>),
+}
+
+#[derive(Debug, Clone)]
 pub struct StreamingConvTr1d {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    kernel_size: usize,
-    stride: usize,
-    groups: usize,
-    /// Overlap-add tail for the next call (bias excluded), `[1, C_out, K - S]`.
-    partial: Option<Tensor>,
+    kernel: TrKernel,
+    bias: Option<Vec<f32>>,
+    spec: ConvSpec,
+    /// Overlap-add tail for the next call (bias excluded): `k - stride` rows of `c_out`.
+    partial: Option<Vec<f32>>,
 }
 
 impl StreamingConvTr1d {
-    /// Loads `{prefix}.weight` (`[C_in, C_out / groups, K]`) and `{prefix}.bias`.
+    /// Loads `{prefix}.weight` (`[c_in, c_out / groups, k]`) and `{prefix}.bias`.
     pub fn load(w: &Weights, spec: ConvSpec) -> Result<Self> {
-        let weight = w.get(
-            "weight",
-            &[
-                spec.in_channels,
-                spec.out_channels / spec.groups,
-                spec.kernel_size,
-            ],
-        )?;
-        let bias = if spec.bias {
-            Some(
-                w.get("bias", &[spec.out_channels])?
-                    .reshape((1, spec.out_channels, 1))?,
+        let (cin, cout, k) = (spec.in_channels, spec.out_channels, spec.kernel_size);
+        let weight = w.get("weight", &[cin, cout / spec.groups, k])?;
+        let kernel = if spec.groups == 1 {
+            TrKernel::Full(Matrix::new(
+                &weight
+                    .permute((2, 1, 0))?
+                    .contiguous()?
+                    .reshape((k * cout, cin))?,
+            )?)
+        } else if spec.groups == cin && cin == cout {
+            TrKernel::Depthwise(
+                weight
+                    .squeeze(1)?
+                    .t()?
+                    .contiguous()?
+                    .flatten_all()?
+                    .to_vec1()?,
             )
         } else {
-            None
+            return Err(Error::InvalidInput(format!(
+                "transposed convolutions with {} groups over {cin} channels are not supported",
+                spec.groups
+            )));
         };
         Ok(Self {
-            weight,
-            bias,
-            kernel_size: spec.kernel_size,
-            stride: spec.stride,
-            groups: spec.groups,
+            kernel,
+            bias: load_bias(w, &spec)?,
+            spec,
             partial: None,
         })
     }
 
-    /// `x`: `[1, C_in, T]`; returns `[1, C_out, T * stride]`.
-    pub fn step(&mut self, x: &Tensor) -> Result<Tensor> {
-        let mut y = if self.groups == 1 {
-            x.conv_transpose1d(&self.weight, 0, 0, self.stride, 1, 1)?
-        } else {
-            depthwise_conv_transpose1d(x, &self.weight, self.stride, self.groups)?
-        };
-        let pt = self.kernel_size - self.stride;
-        if pt > 0 {
-            let len = y.dim(D::Minus1)?;
-            if let Some(partial) = &self.partial {
-                let head = (y.narrow(D::Minus1, 0, pt)? + partial)?;
-                y = Tensor::cat(&[&head, &y.narrow(D::Minus1, pt, len - pt)?], D::Minus1)?;
+    /// `x`: `t` rows of `c_in`. Returns `t * stride` rows of `c_out`.
+    pub fn step(&mut self, x: &Seq) -> Result<Seq> {
+        let (cout, k, stride) = (
+            self.spec.out_channels,
+            self.spec.kernel_size,
+            self.spec.stride,
+        );
+        let t = x.t();
+        if x.c != self.spec.in_channels {
+            return Err(Error::InvalidInput(format!(
+                "transposed convolution input has {} channels, expected {}",
+                x.c, self.spec.in_channels
+            )));
+        }
+        let len = (t.max(1) - 1) * stride + k;
+        let mut y = vec![0f32; len * cout];
+        match &self.kernel {
+            TrKernel::Full(w) => {
+                let cols = w.matmul_t(&x.data, t)?;
+                for (ti, row) in cols.chunks_exact(k * cout).enumerate() {
+                    for (kk, src) in row.chunks_exact(cout).enumerate() {
+                        let dst = &mut y[(ti * stride + kk) * cout..][..cout];
+                        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                    }
+                }
             }
-            self.partial = Some(y.narrow(D::Minus1, len - pt, pt)?.contiguous()?);
-            y = y.narrow(D::Minus1, 0, len - pt)?;
+            TrKernel::Depthwise(wk) => {
+                for ti in 0..t {
+                    let xr = x.row(ti);
+                    for (kk, wrow) in wk.chunks_exact(cout).enumerate() {
+                        let dst = &mut y[(ti * stride + kk) * cout..][..cout];
+                        for ((d, &xv), &wv) in dst.iter_mut().zip(xr).zip(wrow) {
+                            *d += xv * wv;
+                        }
+                    }
+                }
+            }
         }
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+        if t == 0 {
+            return Ok(Seq::new(cout, vec![]));
         }
-        Ok(y)
+        let pt = (k - stride) * cout;
+        if pt > 0 {
+            if let Some(partial) = &self.partial {
+                y[..pt].iter_mut().zip(partial).for_each(|(d, p)| *d += p);
+            }
+            self.partial = Some(y[y.len() - pt..].to_vec());
+            y.truncate(y.len() - pt);
+        }
+        add_bias(&mut y, self.bias.as_deref());
+        Ok(Seq::new(cout, y))
     }
 
     pub fn reset(&mut self) {
@@ -207,53 +299,15 @@ impl StreamingConvTr1d {
     }
 
     pub fn state_bytes(&self) -> usize {
-        self.partial.as_ref().map_or(0, |t| t.elem_count() * 4)
+        self.partial.as_ref().map_or(0, |p| p.len() * 4)
     }
 }
 
-/// Transposed convolution where every group has one input channel (Mimi's upsampler,
-/// `groups == channels`). candle splits grouped transposed convolutions into one call per
-/// group, which costs far more than the arithmetic here, so this loop does it directly.
-fn depthwise_conv_transpose1d(
-    x: &Tensor,
-    w: &Tensor,
-    stride: usize,
-    groups: usize,
-) -> Result<Tensor> {
-    let (b, c_in, t) = x.dims3()?;
-    let (wc_in, c_out_g, k) = w.dims3()?;
-    if b != 1 || c_in != groups || wc_in != c_in {
-        return Err(crate::Error::InvalidInput(format!(
-            "grouped transposed convolution supports one input channel per group (got {c_in} channels, {groups} groups)"
-        )));
-    }
-    let c_out = c_out_g * groups;
-    let out_len = (t - 1) * stride + k;
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let ws = w.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = vec![0f32; c_out * out_len];
-    for c in 0..c_in {
-        let xrow = &xs[c * t..(c + 1) * t];
-        for o in 0..c_out_g {
-            let oc = c * c_out_g + o;
-            let wrow = &ws[(c * c_out_g + o) * k..(c * c_out_g + o + 1) * k];
-            let orow = &mut out[oc * out_len..(oc + 1) * out_len];
-            for (ti, &xv) in xrow.iter().enumerate() {
-                for (ki, &wv) in wrow.iter().enumerate() {
-                    orow[ti * stride + ki] += xv * wv;
-                }
-            }
+/// ELU with parameter alpha, as `torch.nn.ELU`, in place.
+pub fn elu(x: &mut [f32], alpha: f32) {
+    for v in x.iter_mut() {
+        if *v < 0.0 {
+            *v = alpha * v.exp_m1();
         }
-    }
-    Ok(Tensor::from_vec(out, (1, c_out, out_len), x.device())?)
-}
-
-/// ELU with alpha, as `torch.nn.ELU`.
-#[derive(Debug, Clone, Copy)]
-pub struct Elu(pub f64);
-
-impl Module for Elu {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        xs.elu(self.0)
     }
 }

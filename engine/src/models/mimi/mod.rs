@@ -19,7 +19,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 
 pub use config::MimiConfig;
-use conv::{ConvSpec, PadMode, StreamingConv1d, StreamingConvTr1d};
+use conv::{ConvSpec, PadMode, Seq, StreamingConv1d, StreamingConvTr1d};
 use quantization::SplitRvq;
 use seanet::{SeanetDecoder, SeanetEncoder};
 use transformer::ProjectedTransformer;
@@ -269,7 +269,7 @@ impl Mimi {
                 frame.len()
             )));
         }
-        self.latent_frames(frame)
+        seq_to_conv_layout(self.latent_frames(frame)?)
     }
 
     /// Offline: whole frames (`pcm.len()` a multiple of the frame size) to unquantized
@@ -283,17 +283,21 @@ impl Mimi {
             )));
         }
         self.reset_encoder(true);
-        let parts: Result<Vec<Tensor>> = pcm
+        let parts: Result<Vec<Seq>> = pcm
             .chunks(OFFLINE_CHUNK_FRAMES * fs)
             .map(|chunk| self.latent_frames(chunk))
             .collect();
         self.reset_encoder(false);
-        Ok(Tensor::cat(&parts?, 2)?)
+        let parts = parts?;
+        let c = parts[0].c;
+        seq_to_conv_layout(Seq::new(
+            c,
+            parts.into_iter().flat_map(|p| p.data).collect(),
+        ))
     }
 
-    fn latent_frames(&mut self, pcm: &[f32]) -> Result<Tensor> {
-        let x = Tensor::from_slice(pcm, (1, 1, pcm.len()), &Device::Cpu)?;
-        let emb = self.encoder.step(&x)?;
+    fn latent_frames(&mut self, pcm: &[f32]) -> Result<Seq> {
+        let emb = self.encoder.step(Seq::new(1, pcm.to_vec()))?;
         let emb = self.encoder_transformer.step(&emb)?;
         match &mut self.downsample {
             Some(d) => d.step(&emb),
@@ -318,7 +322,14 @@ impl Mimi {
             None => emb,
         };
         let emb = self.decoder_transformer.step(&emb)?;
-        let out = self.decoder.step(&emb)?;
-        Ok(out.flatten_all()?.to_vec1()?)
+        Ok(self.decoder.step(emb)?.data)
     }
+}
+
+/// `T` rows of `C` to the reference's `[1, C, T]`.
+fn seq_to_conv_layout(x: Seq) -> Result<Tensor> {
+    let t = x.t();
+    Ok(Tensor::from_vec(x.data, (1, t, x.c), &Device::Cpu)?
+        .transpose(1, 2)?
+        .contiguous()?)
 }

@@ -3,16 +3,16 @@
 //! quantizing the same latent (the acoustic one does not see the semantic residual), their
 //! decodings summed.
 
-use candle_core::{Device, Tensor};
-
 use super::config::QuantizerConfig;
+use super::conv::Seq;
+use crate::compute::cpu::Matrix;
 use crate::models::weights::Weights;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
 struct Codebook {
     /// `[bins, dim]`, the centroids.
-    embedding: Tensor,
+    embedding: Matrix,
     rows: Vec<f32>,
     /// Squared norm of each centroid.
     norms: Vec<f32>,
@@ -33,18 +33,18 @@ impl Codebook {
             .map(|r| r.iter().map(|v| v * v).sum())
             .collect();
         Ok(Self {
-            embedding,
+            embedding: Matrix::new(&embedding)?,
             rows,
             norms,
             dim,
         })
     }
 
-    /// Nearest centroid of each row of `x` (`[T, dim]`), by Euclidean distance.
-    fn encode(&self, x: &Tensor) -> Result<Vec<u32>> {
-        let dots: Vec<Vec<f32>> = x.matmul(&self.embedding.t()?)?.to_vec2()?;
+    /// Nearest centroid of each row of `x` (`t` rows of `dim`), by Euclidean distance.
+    fn encode(&self, x: &[f32], t: usize) -> Result<Vec<u32>> {
+        let dots = self.embedding.matmul_t(x, t)?;
         Ok(dots
-            .iter()
+            .chunks_exact(self.embedding.rows())
             .map(|row| {
                 let mut best = (f32::INFINITY, 0u32);
                 for (j, (&dot, &n)) in row.iter().zip(&self.norms).enumerate() {
@@ -67,8 +67,8 @@ impl Codebook {
 #[derive(Debug, Clone)]
 struct Rvq {
     /// `[dim, in]` and `[out, dim]` (1x1 convolutions without bias).
-    input_proj: Tensor,
-    output_proj: Tensor,
+    input_proj: Matrix,
+    output_proj: Matrix,
     codebooks: Vec<Codebook>,
     dim: usize,
 }
@@ -78,10 +78,8 @@ impl Rvq {
         let dim = cfg.dimension;
         let in_dim = cfg.input_dimension.unwrap_or(dim);
         let out_dim = cfg.output_dimension.unwrap_or(dim);
-        let input_proj = w.get("input_proj.weight", &[dim, in_dim, 1])?.squeeze(2)?;
-        let output_proj = w
-            .get("output_proj.weight", &[out_dim, dim, 1])?
-            .squeeze(2)?;
+        let input_proj = Matrix::new(&w.get("input_proj.weight", &[dim, in_dim, 1])?)?;
+        let output_proj = Matrix::new(&w.get("output_proj.weight", &[out_dim, dim, 1])?)?;
         let codebooks = (0..n_q)
             .map(|i| Codebook::load(&w.pp(format!("vq.layers.{i}._codebook")), cfg.bins, dim))
             .collect::<Result<_>>()?;
@@ -93,27 +91,26 @@ impl Rvq {
         })
     }
 
-    /// `x`: `[T, in]`. Returns `n` rows of `T` codes.
-    fn encode(&self, x: &Tensor, n: usize) -> Result<Vec<Vec<u32>>> {
-        let t = x.dim(0)?;
-        let mut residual = x.matmul(&self.input_proj.t()?)?;
+    /// `x`: `t` rows of `in`. Returns `n` rows of `t` codes.
+    fn encode(&self, x: &[f32], t: usize, n: usize) -> Result<Vec<Vec<u32>>> {
+        let mut residual = self.input_proj.matmul_t(x, t)?;
         let mut codes = Vec::with_capacity(n);
         for (k, cb) in self.codebooks[..n].iter().enumerate() {
-            let c = cb.encode(&residual)?;
+            let c = cb.encode(&residual, t)?;
             if k + 1 < n {
-                let mut q = Vec::with_capacity(t * self.dim);
-                c.iter()
-                    .for_each(|&code| q.extend_from_slice(cb.centroid(code)));
-                let q = Tensor::from_vec(q, (t, self.dim), &Device::Cpu)?;
-                residual = (residual - q)?;
+                for (row, &code) in residual.chunks_exact_mut(self.dim).zip(&c) {
+                    row.iter_mut()
+                        .zip(cb.centroid(code))
+                        .for_each(|(r, q)| *r -= q);
+                }
             }
             codes.push(c);
         }
         Ok(codes)
     }
 
-    /// `codes`: rows of `T` codes, one per codebook. Returns `[T, out]`.
-    fn decode(&self, codes: &[Vec<u32>], t: usize) -> Result<Tensor> {
+    /// `codes`: rows of `t` codes, one per codebook. Returns `t` rows of `out`.
+    fn decode(&self, codes: &[Vec<u32>], t: usize) -> Result<Vec<f32>> {
         let mut sum = vec![0f32; t * self.dim];
         for (cb, row) in self.codebooks.iter().zip(codes) {
             for (ti, &code) in row.iter().enumerate() {
@@ -123,8 +120,7 @@ impl Rvq {
                     .for_each(|(d, c)| *d += c);
             }
         }
-        let sum = Tensor::from_vec(sum, (t, self.dim), &Device::Cpu)?;
-        Ok(sum.matmul(&self.output_proj.t()?)?)
+        self.output_proj.matmul_t(&sum, t)
     }
 }
 
@@ -154,18 +150,22 @@ impl SplitRvq {
         self.bins
     }
 
-    /// `x`: `[1, C, T]` latents; returns `num_codebooks` rows of `T` codes.
-    pub fn encode(&self, x: &Tensor, num_codebooks: usize) -> Result<Vec<Vec<u32>>> {
-        let rows = x.squeeze(0)?.t()?.contiguous()?;
-        let mut codes = self.first.encode(&rows, self.n_q_semantic)?;
+    /// `x`: latents, one row per frame; returns `num_codebooks` rows of codes.
+    pub fn encode(&self, x: &Seq, num_codebooks: usize) -> Result<Vec<Vec<u32>>> {
+        let t = x.t();
+        let mut codes = self.first.encode(&x.data, t, self.n_q_semantic)?;
         if num_codebooks > self.n_q_semantic {
-            codes.extend(self.rest.encode(&rows, num_codebooks - self.n_q_semantic)?);
+            codes.extend(
+                self.rest
+                    .encode(&x.data, t, num_codebooks - self.n_q_semantic)?,
+            );
         }
         Ok(codes)
     }
 
-    /// `codes`: `K` rows of `T` codes (`n_q_semantic <= K <= total`); returns `[1, C, T]`.
-    pub fn decode(&self, codes: &[Vec<u32>]) -> Result<Tensor> {
+    /// `codes`: `K` rows of `T` codes (`n_q_semantic <= K <= total`); returns `T` rows of
+    /// latents.
+    pub fn decode(&self, codes: &[Vec<u32>]) -> Result<Seq> {
         let k = codes.len();
         if k < self.n_q_semantic || k > self.total_codebooks() {
             return Err(Error::InvalidInput(format!(
@@ -188,8 +188,9 @@ impl SplitRvq {
         }
         let mut y = self.first.decode(&codes[..self.n_q_semantic], t)?;
         if k > self.n_q_semantic {
-            y = (y + self.rest.decode(&codes[self.n_q_semantic..], t)?)?;
+            let rest = self.rest.decode(&codes[self.n_q_semantic..], t)?;
+            y.iter_mut().zip(&rest).for_each(|(a, b)| *a += b);
         }
-        Ok(y.t()?.contiguous()?.unsqueeze(0)?)
+        Ok(Seq::new(y.len() / t, y))
     }
 }

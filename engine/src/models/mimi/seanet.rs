@@ -2,16 +2,14 @@
 //! `SEANetDecoder` and `SEANetResnetBlock`), with parameter names `model.{i}.…` as in
 //! its `nn.Sequential`.
 
-use candle_core::{Module, Tensor};
-
 use super::config::SeanetConfig;
-use super::conv::{ConvSpec, Elu, StreamingConv1d, StreamingConvTr1d};
+use super::conv::{elu, ConvSpec, Seq, StreamingConv1d, StreamingConvTr1d};
 use crate::models::weights::Weights;
 use crate::Result;
 
 #[derive(Debug, Clone)]
 struct ResnetBlock {
-    act: Elu,
+    alpha: f32,
     convs: Vec<StreamingConv1d>,
     shortcut: Option<StreamingConv1d>,
 }
@@ -44,22 +42,26 @@ impl ResnetBlock {
             )?)
         };
         Ok(Self {
-            act: Elu(cfg.activation_params.alpha),
+            alpha: cfg.activation_params.alpha as f32,
             convs,
             shortcut,
         })
     }
 
-    fn step(&mut self, x: &Tensor) -> Result<Tensor> {
+    fn step(&mut self, x: &Seq) -> Result<Seq> {
         let mut v = x.clone();
         for conv in &mut self.convs {
-            v = conv.step(&self.act.forward(&v)?)?;
+            elu(&mut v.data, self.alpha);
+            v = conv.step(&v)?;
         }
-        let u = match &mut self.shortcut {
-            Some(s) => s.step(x)?,
-            None => x.clone(),
-        };
-        Ok((u + v)?)
+        match &mut self.shortcut {
+            Some(s) => {
+                let u = s.step(x)?;
+                v.data.iter_mut().zip(&u.data).for_each(|(a, b)| *a += b);
+            }
+            None => v.data.iter_mut().zip(&x.data).for_each(|(a, b)| *a += b),
+        }
+        Ok(v)
     }
 
     fn state_bytes(&self) -> usize {
@@ -86,16 +88,21 @@ enum Layer {
     Conv(StreamingConv1d),
     ConvTr(StreamingConvTr1d),
     Res(ResnetBlock),
-    Act(Elu),
+    /// ELU with this alpha.
+    Act(f32),
 }
 
 impl Layer {
-    fn step(&mut self, x: &Tensor) -> Result<Tensor> {
+    fn step(&mut self, x: Seq) -> Result<Seq> {
         match self {
-            Layer::Conv(c) => c.step(x),
-            Layer::ConvTr(c) => c.step(x),
-            Layer::Res(r) => r.step(x),
-            Layer::Act(a) => Ok(a.forward(x)?),
+            Layer::Conv(c) => c.step(&x),
+            Layer::ConvTr(c) => c.step(&x),
+            Layer::Res(r) => r.step(&x),
+            Layer::Act(alpha) => {
+                let mut x = x;
+                elu(&mut x.data, *alpha);
+                Ok(x)
+            }
         }
     }
 
@@ -122,7 +129,7 @@ impl Layer {
 struct Builder<'a> {
     w: &'a Weights,
     layers: Vec<Layer>,
-    act: Elu,
+    alpha: f32,
 }
 
 impl Builder<'_> {
@@ -145,11 +152,11 @@ impl Builder<'_> {
         Ok(())
     }
     fn act(&mut self) {
-        self.layers.push(Layer::Act(self.act));
+        self.layers.push(Layer::Act(self.alpha));
     }
 }
 
-/// Audio `[1, 1, T]` to latents `[1, dimension, T / hop]`.
+/// Audio (`T` rows of 1 channel) to latents (`T / hop` rows of `dimension`).
 #[derive(Debug, Clone)]
 pub struct SeanetEncoder {
     layers: Vec<Layer>,
@@ -160,7 +167,7 @@ impl SeanetEncoder {
         let mut b = Builder {
             w,
             layers: vec![],
-            act: Elu(cfg.activation_params.alpha),
+            alpha: cfg.activation_params.alpha as f32,
         };
         let nf = cfg.n_filters;
         b.conv(ConvSpec::new(cfg.channels, nf, cfg.kernel_size))?;
@@ -185,10 +192,8 @@ impl SeanetEncoder {
         Ok(Self { layers: b.layers })
     }
 
-    pub fn step(&mut self, x: &Tensor) -> Result<Tensor> {
-        self.layers
-            .iter_mut()
-            .try_fold(x.clone(), |x, l| l.step(&x))
+    pub fn step(&mut self, x: Seq) -> Result<Seq> {
+        self.layers.iter_mut().try_fold(x, |x, l| l.step(x))
     }
 
     pub fn reset(&mut self) {
@@ -200,7 +205,7 @@ impl SeanetEncoder {
     }
 }
 
-/// Latents `[1, dimension, T]` to audio `[1, 1, T * hop]`.
+/// Latents (`T` rows of `dimension`) to audio (`T * hop` rows of 1 channel).
 #[derive(Debug, Clone)]
 pub struct SeanetDecoder {
     layers: Vec<Layer>,
@@ -211,7 +216,7 @@ impl SeanetDecoder {
         let mut b = Builder {
             w,
             layers: vec![],
-            act: Elu(cfg.activation_params.alpha),
+            alpha: cfg.activation_params.alpha as f32,
         };
         let nf = cfg.n_filters;
         let mut mult = 1 << cfg.ratios.len();
@@ -232,10 +237,8 @@ impl SeanetDecoder {
         Ok(Self { layers: b.layers })
     }
 
-    pub fn step(&mut self, x: &Tensor) -> Result<Tensor> {
-        self.layers
-            .iter_mut()
-            .try_fold(x.clone(), |x, l| l.step(&x))
+    pub fn step(&mut self, x: Seq) -> Result<Seq> {
+        self.layers.iter_mut().try_fold(x, |x, l| l.step(x))
     }
 
     pub fn reset(&mut self) {

@@ -12,6 +12,8 @@
 use candle_core::{Device, Tensor};
 
 use super::config::TransformerConfig;
+use super::conv::Seq;
+use crate::compute::cpu::Matrix;
 use crate::models::weights::Weights;
 use crate::{Error, Result};
 
@@ -112,10 +114,10 @@ struct Layer {
     norm1: Norm,
     norm2: Norm,
     /// `[3 * d, d]`: rows are q, k, v, each `(head, head_dim)`.
-    in_proj: Tensor,
-    out_proj: Tensor,
-    linear1: Tensor,
-    linear2: Tensor,
+    in_proj: Matrix,
+    out_proj: Matrix,
+    linear1: Matrix,
+    linear2: Matrix,
     scale1: Option<Vec<f32>>,
     scale2: Option<Vec<f32>>,
 }
@@ -135,23 +137,14 @@ struct Dims {
 pub struct ProjectedTransformer {
     dims: Dims,
     sin_embedding: Option<f32>,
-    input_proj: Option<Tensor>,
-    output_proj: Option<Tensor>,
+    input_proj: Option<Matrix>,
+    output_proj: Option<Matrix>,
     layers: Vec<Layer>,
     /// The streaming state: one ring per layer.
     rings: Vec<RingKv>,
     /// Absolute position of the next step.
     offset: usize,
     device: Device,
-}
-
-fn linear(x: &[f32], rows: usize, w: &Tensor, device: &Device) -> Result<Vec<f32>> {
-    let (out_dim, in_dim) = w.dims2()?;
-    debug_assert_eq!(x.len(), rows * in_dim);
-    let xt = Tensor::from_slice(x, (rows, in_dim), device)?;
-    let y = xt.matmul(&w.t()?)?;
-    debug_assert_eq!(y.dims(), [rows, out_dim]);
-    Ok(y.flatten_all()?.to_vec1()?)
 }
 
 impl ProjectedTransformer {
@@ -164,13 +157,17 @@ impl ProjectedTransformer {
                 .into(),
         })?;
         let input_proj = if cfg.input_dimension != d {
-            Some(w.get("input_proj.weight", &[d, cfg.input_dimension])?)
+            Some(Matrix::new(
+                &w.get("input_proj.weight", &[d, cfg.input_dimension])?,
+            )?)
         } else {
             None
         };
         let out_dim = cfg.output_dimensions[0];
         let output_proj = if out_dim != d {
-            Some(w.get("output_projs.0.weight", &[out_dim, d])?)
+            Some(Matrix::new(
+                &w.get("output_projs.0.weight", &[out_dim, d])?,
+            )?)
         } else {
             None
         };
@@ -190,13 +187,15 @@ impl ProjectedTransformer {
                 norm2: Norm::load(&lw.pp("norm2"), &cfg.norm, d)?,
                 // Published checkpoints say `in_proj_weight`; the current reference saves
                 // `in_projs.0.weight`. Both are accepted, as its load hook does.
-                in_proj: attn.get_any(
+                in_proj: Matrix::new(&attn.get_any(
                     &["in_proj_weight", "in_proj.weight", "in_projs.0.weight"],
                     &[3 * d, d],
+                )?)?,
+                out_proj: Matrix::new(
+                    &attn.get_any(&["out_proj.weight", "out_projs.0.weight"], &[d, d])?,
                 )?,
-                out_proj: attn.get_any(&["out_proj.weight", "out_projs.0.weight"], &[d, d])?,
-                linear1: lw.get("linear1.weight", &[ff, d])?,
-                linear2: lw.get("linear2.weight", &[d, ff])?,
+                linear1: Matrix::new(&lw.get("linear1.weight", &[ff, d])?)?,
+                linear2: Matrix::new(&lw.get("linear2.weight", &[d, ff])?)?,
                 scale1: scale("layer_scale_1")?,
                 scale2: scale("layer_scale_2")?,
             });
@@ -222,12 +221,10 @@ impl ProjectedTransformer {
         })
     }
 
-    /// Streaming step: `x` is `[1, C, T]` (conv layout); returns `[1, C_out, T]`.
-    pub fn step(&mut self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, t) = x.dims3()?;
-        let rows = conv_to_rows(x)?;
+    /// Streaming step over `x.t()` steps; returns as many rows of the output dimension.
+    pub fn step(&mut self, x: &Seq) -> Result<Seq> {
         let mut rings = std::mem::take(&mut self.rings);
-        let out = self.run(&rows, t, &mut rings);
+        let out = self.run(&x.data, x.t(), &mut rings);
         self.rings = rings;
         out
     }
@@ -250,11 +247,11 @@ impl ProjectedTransformer {
     }
 
     /// Runs `t` steps (`rows`: `[t, C_in]`) through every layer, layer `i` using `rings[i]`.
-    fn run(&mut self, rows: &[f32], t: usize, rings: &mut [RingKv]) -> Result<Tensor> {
+    fn run(&mut self, rows: &[f32], t: usize, rings: &mut [RingKv]) -> Result<Seq> {
         let dims = &self.dims;
         let d = dims.d_model;
         let mut x = match &self.input_proj {
-            Some(w) => linear(rows, t, w, &self.device)?,
+            Some(w) => w.matmul_t(rows, t)?,
             None => rows.to_vec(),
         };
         if let Some(scale) = self.sin_embedding {
@@ -264,15 +261,10 @@ impl ProjectedTransformer {
             layer_step(layer, kv, &mut x, t, self.offset, dims, &self.device)?;
         }
         self.offset += t;
-        let y = match &self.output_proj {
-            Some(w) => linear(&x, t, w, &self.device)?,
-            None => x,
-        };
-        let out_c = y.len() / t;
-        Ok(Tensor::from_vec(y, (t, out_c), &self.device)?
-            .t()?
-            .contiguous()?
-            .unsqueeze(0)?)
+        Ok(match &self.output_proj {
+            Some(w) => Seq::new(w.rows(), w.matmul_t(&x, t)?),
+            None => Seq::new(d, x),
+        })
     }
 
     pub fn reset(&mut self) {
@@ -286,11 +278,6 @@ impl ProjectedTransformer {
             .map(|r| (r.k.len() + r.v.len()) * 4 + r.pos.len() * 8)
             .sum()
     }
-}
-
-/// `[1, C, T]` to row-major `[T, C]`.
-fn conv_to_rows(x: &Tensor) -> Result<Vec<f32>> {
-    Ok(x.squeeze(0)?.t()?.contiguous()?.flatten_all()?.to_vec1()?)
 }
 
 fn add_sin_embedding(x: &mut [f32], d: usize, offset: usize, max_period: f32, scale: f32) {
@@ -332,7 +319,7 @@ fn layer_step(
     let hd = dims.head_dim;
     // Self-attention block.
     let h = layer.norm1.forward(x, d);
-    let mut qkv = linear(&h, t, &layer.in_proj, device)?;
+    let mut qkv = layer.in_proj.matmul_t(&h, t)?;
     for (i, row) in qkv.chunks_exact_mut(3 * d).enumerate() {
         if dims.rope {
             let (q, rest) = row.split_at_mut(d);
@@ -382,16 +369,17 @@ fn layer_step(
             }
         }
     }
-    let update = linear(&attn, t, &layer.out_proj, device)?;
+    let update = layer.out_proj.matmul_t(&attn, t)?;
     residual_add(x, &update, layer.scale1.as_deref(), d);
     // Feed-forward block.
     let h = layer.norm2.forward(x, d);
-    let ht = Tensor::from_slice(&h, (t, d), device)?;
-    let hidden = ht.matmul(&layer.linear1.t()?)?.gelu_erf()?;
-    let update: Vec<f32> = hidden
-        .matmul(&layer.linear2.t()?)?
+    let hidden = layer.linear1.matmul_t(&h, t)?;
+    let ff = hidden.len() / t;
+    let hidden: Vec<f32> = Tensor::from_vec(hidden, (t, ff), device)?
+        .gelu_erf()?
         .flatten_all()?
         .to_vec1()?;
+    let update = layer.linear2.matmul_t(&hidden, t)?;
     residual_add(x, &update, layer.scale2.as_deref(), d);
     Ok(())
 }
