@@ -119,3 +119,52 @@ fn streaming_state_stays_constant_over_a_long_session() {
     assert!(sizes[0] > 0);
     assert_eq!(sizes[0], sizes[1], "streaming state grew");
 }
+
+/// bf16 weight precision reads half the bytes; on weights that are bf16 values already
+/// (as in the published bf16 checkpoints) it must compute the same thing as f32.
+#[test]
+fn bf16_precision_matches_f32_on_bf16_weights() {
+    use parley_engine::compute::cpu::WeightPrecision;
+    let mut f32_mimi =
+        Mimi::from_weights(&Weights::random_bf16(3), MimiConfig::default(), 32).expect("mimi");
+    let mut bf16_mimi = f32_mimi.clone();
+    bf16_mimi
+        .set_weight_precision(WeightPrecision::Bf16)
+        .expect("bf16");
+    let pcm = &speech()[..1920 * 12];
+    let a: Vec<f32> = f32_mimi
+        .encode_latent(pcm)
+        .expect("latent")
+        .flatten_all()
+        .expect("flat")
+        .to_vec1()
+        .expect("vec");
+    let b: Vec<f32> = bf16_mimi
+        .encode_latent(pcm)
+        .expect("latent")
+        .flatten_all()
+        .expect("flat")
+        .to_vec1()
+        .expect("vec");
+    let scale = max_abs(&a);
+    let err = max_abs_diff(&a, &b);
+    assert!(
+        scale > 0.0 && err <= 1e-5 * scale,
+        "latents: max diff {err}, scale {scale}"
+    );
+    let codes: Codes = (0..32u32)
+        .map(|k| (0..12u32).map(|t| (k * 131 + t * 977) % 2048).collect())
+        .collect();
+    let (mut x, mut y) = (vec![], vec![]);
+    for t in 0..12 {
+        let frame: Vec<u32> = codes.iter().map(|row| row[t]).collect();
+        x.extend(f32_mimi.decode_step(&frame).expect("decode"));
+        y.extend(bf16_mimi.decode_step(&frame).expect("decode"));
+    }
+    let peak = max_abs(&x);
+    let err = max_abs_diff(&x, &y);
+    assert!(
+        peak > 0.0 && err <= 1e-4 * peak,
+        "audio: max diff {err}, peak {peak}"
+    );
+}

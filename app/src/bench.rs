@@ -76,6 +76,7 @@ fn bench_mimi(b: MimiBench) -> Result<()> {
         if let Some(n) = b.source.codebooks {
             m.set_num_codebooks(n)?;
         }
+        m.set_weight_precision(b.source.precision)?;
         (m, "random weights, published config")
     };
     let fs = mimi.frame_size();
@@ -115,6 +116,7 @@ fn bench_mimi(b: MimiBench) -> Result<()> {
             "{}",
             serde_json::json!({
                 "bench": "mimi", "weights": what, "threads": threads,
+                "precision": format!("{:?}", b.source.precision),
                 "codebooks": mimi.num_codebooks(), "frames": b.frames,
                 "encode_ms": enc.json(), "decode_ms": dec.json(), "total_ms": tot.json(),
                 "real_time_factor": rtf,
@@ -122,7 +124,8 @@ fn bench_mimi(b: MimiBench) -> Result<()> {
         );
     } else {
         println!(
-            "mimi streaming, {what}, {} codebooks, {threads} thread(s), {} frames of {frame_ms:.0} ms",
+            "mimi streaming, {what}, {:?} weights, {} codebooks, {threads} thread(s), {} frames of {frame_ms:.0} ms",
+            b.source.precision,
             mimi.num_codebooks(),
             b.frames
         );

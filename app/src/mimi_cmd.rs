@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use clap::{Args, Subcommand};
 use parley_engine::audio::file::{read_audio_24k, write_wav_f32};
+use parley_engine::compute::cpu::WeightPrecision;
 use parley_engine::models::kyutai_config::ModelDir;
 use parley_engine::models::mimi::{Mimi, MimiConfig};
 use parley_engine::models::weights::Weights;
@@ -30,6 +31,10 @@ pub struct MimiSource {
     /// model directory's rule, or 8.
     #[arg(long)]
     pub codebooks: Option<usize>,
+    /// How large weight matrices are held: f32 (matches the reference to float rounding)
+    /// or bf16 (half the memory traffic per step; f32 arithmetic).
+    #[arg(long, default_value = "f32")]
+    pub precision: WeightPrecision,
 }
 
 impl MimiSource {
@@ -50,6 +55,7 @@ impl MimiSource {
         if let Some(n) = self.codebooks {
             mimi.set_num_codebooks(n)?;
         }
+        mimi.set_weight_precision(self.precision)?;
         Ok(mimi)
     }
 }

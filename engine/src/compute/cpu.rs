@@ -23,6 +23,33 @@ pub const STREAMING_MAX_ROWS: usize = 16;
 /// Below this many weights a product runs on the calling thread alone.
 const PARALLEL_MIN_WEIGHTS: usize = 1 << 18;
 
+/// How large weight matrices are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightPrecision {
+    /// As loaded, widened to f32: results match the reference to float rounding.
+    #[default]
+    F32,
+    /// Matrices of at least [`BF16_MIN_WEIGHTS`] weights rounded to bf16 (half the bytes
+    /// per streaming step; the arithmetic stays f32). Published bf16 checkpoints lose
+    /// nothing; f32 ones are rounded.
+    Bf16,
+}
+
+impl std::str::FromStr for WeightPrecision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(format!("unknown weight precision `{other}` (f32 or bf16)")),
+        }
+    }
+}
+
+/// Matrices smaller than this stay f32 under [`WeightPrecision::Bf16`]: they are not
+/// what a step's time goes to, and gemm wants them in f32.
+pub const BF16_MIN_WEIGHTS: usize = 1 << 18;
+
 /// A row-major `[rows, cols]` weight matrix (f32 or bf16).
 #[derive(Debug, Clone)]
 pub struct Matrix {
@@ -57,6 +84,18 @@ impl Matrix {
 
     pub fn dtype(&self) -> DType {
         self.tensor.dtype()
+    }
+
+    /// Applies `precision` to this matrix in place (see [`WeightPrecision`]).
+    pub fn set_precision(&mut self, precision: WeightPrecision) -> Result<()> {
+        let want = match precision {
+            WeightPrecision::Bf16 if self.rows * self.cols >= BF16_MIN_WEIGHTS => DType::BF16,
+            _ => DType::F32,
+        };
+        if self.tensor.dtype() != want {
+            self.tensor = self.tensor.to_dtype(want)?;
+        }
+        Ok(())
     }
 
     /// The same matrix with its weights rounded to bf16.
@@ -98,43 +137,116 @@ impl Matrix {
         let n = self.rows * self.cols;
         // out_t is [rows][m]: contiguous per weight row, so threads write disjoint blocks.
         let mut out_t = vec![0f32; self.rows * m];
+        let cols = self.cols;
+        let arch = Arch::new();
         match self.tensor.dtype() {
             DType::F32 => {
                 let w = &cpu.as_slice::<f32>()?[start..start + n];
-                run_rows(w, self.cols, x, m, &mut out_t, |w, xs, m, o| {
-                    Arch::new().dispatch(DotF32 {
-                        w,
-                        x: xs,
-                        m,
-                        out: o,
-                    })
+                run_rows(w, cols, cols, x, m, &mut out_t, |w, x, m, out| {
+                    arch.dispatch(Dot::<F32Rows> { w, cols, x, m, out })
                 });
             }
             _ => {
                 let w = &cpu.as_slice::<half::bf16>()?[start..start + n];
-                run_rows(w, self.cols, x, m, &mut out_t, |w, xs, m, o| {
-                    Arch::new().dispatch(DotBf16 {
-                        w,
-                        x: xs,
-                        m,
-                        out: o,
-                    })
+                let pairs: &[u32] = match bytemuck::try_cast_slice(w) {
+                    Ok(p) if cols % 2 == 0 => p,
+                    _ => {
+                        // Odd rows or a misaligned buffer: widen once, then as f32.
+                        let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+                        run_rows(&wide, cols, cols, x, m, &mut out_t, |w, x, m, out| {
+                            arch.dispatch(Dot::<F32Rows> { w, cols, x, m, out })
+                        });
+                        return Ok(transpose(&out_t, self.rows, m));
+                    }
+                };
+                let lanes = arch.dispatch(Lanes);
+                let xi = interleave_for_bf16(x, cols, lanes);
+                run_rows(pairs, cols / 2, cols, &xi, m, &mut out_t, |w, x, m, out| {
+                    arch.dispatch(Dot::<Bf16Rows> { w, cols, x, m, out })
                 });
             }
         }
-        let mut out = vec![0f32; m * self.rows];
-        for (j, row) in out_t.chunks_exact(m).enumerate() {
-            for (i, &v) in row.iter().enumerate() {
-                out[i * self.rows + j] = v;
-            }
-        }
-        Ok(out)
+        Ok(transpose(&out_t, self.rows, m))
     }
 }
 
-/// Splits the weight rows into blocks, in parallel when the matrix is large.
+/// `[rows][m]` to `[m][rows]`.
+fn transpose(out_t: &[f32], rows: usize, m: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * rows];
+    for (j, row) in out_t.chunks_exact(m).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            out[i * rows + j] = v;
+        }
+    }
+    out
+}
+
+/// The f32 lane count of the SIMD level `Arch` dispatches to.
+struct Lanes;
+
+impl WithSimd for Lanes {
+    type Output = usize;
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _simd: S) -> usize {
+        S::F32_LANES
+    }
+}
+
+/// `out_t[j * m + i] = w[j] . x[i]` over rows of `cols`, on the calling thread: the
+/// attention scores of `m` queries against a block of keys.
+pub fn dot_rows(w: &[f32], cols: usize, x: &[f32], m: usize, out_t: &mut [f32]) {
+    out_t.iter_mut().for_each(|v| *v = 0.0);
+    Arch::new().dispatch(Dot::<F32Rows> {
+        w,
+        cols,
+        x,
+        m,
+        out: out_t,
+    });
+}
+
+/// `out[c] += sum_j p[j] * v[j * cols + c]`: attention's weighted sum of values.
+pub fn weighted_sum_rows(v: &[f32], cols: usize, p: &[f32], out: &mut [f32]) {
+    Arch::new().dispatch(WeightedSum { v, cols, p, out });
+}
+
+struct WeightedSum<'a> {
+    v: &'a [f32],
+    cols: usize,
+    p: &'a [f32],
+    out: &'a mut [f32],
+}
+
+impl WithSimd for WeightedSum<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> Self::Output {
+        let WeightedSum { v, cols, p, out } = self;
+        let (ov, ot) = S::as_mut_simd_f32s(out);
+        let nv = ov.len();
+        for (row, &pj) in v.chunks_exact(cols).zip(p) {
+            if pj == 0.0 {
+                continue;
+            }
+            let (rv, rt) = S::as_simd_f32s(row);
+            let rv = &rv[..nv];
+            let pv = simd.splat_f32s(pj);
+            for (o, &r) in ov.iter_mut().zip(rv) {
+                *o = simd.mul_add_e_f32s(pv, r, *o);
+            }
+            for (o, &r) in ot.iter_mut().zip(rt) {
+                *o += pj * r;
+            }
+        }
+    }
+}
+
+/// Splits the weight rows (`stride` storage elements each, `cols` weights) into blocks,
+/// in parallel when the matrix is large.
 fn run_rows<T: Sync>(
     w: &[T],
+    stride: usize,
     cols: usize,
     x: &[f32],
     m: usize,
@@ -142,105 +254,222 @@ fn run_rows<T: Sync>(
     kernel: impl Fn(&[T], &[f32], usize, &mut [f32]) + Sync,
 ) {
     let threads = rayon::current_num_threads();
-    if w.len() < PARALLEL_MIN_WEIGHTS || threads == 1 {
+    let rows = w.len() / stride;
+    if rows * cols < PARALLEL_MIN_WEIGHTS || threads == 1 {
         kernel(w, x, m, out_t);
         return;
     }
-    let rows = w.len() / cols;
     let block = rows.div_ceil(threads * 4).max(1);
-    w.par_chunks(block * cols)
+    w.par_chunks(block * stride)
         .zip(out_t.par_chunks_mut(block * m))
         .for_each(|(wb, ob)| kernel(wb, x, m, ob));
 }
 
-/// Dots every weight row with every activation row (f32 weights).
-struct DotF32<'a> {
-    w: &'a [f32],
+/// Weight storage the kernel reads in units that each widen to two f32 SIMD vectors.
+trait Rows: Sync {
+    type Elem: Copy + Sync;
+    type Unit<S: Simd>: Copy;
+    /// Storage elements per row of `cols` weights.
+    fn stride(cols: usize) -> usize;
+    /// The vectorised part of one row.
+    fn units<S: Simd>(row: &[Self::Elem]) -> &[Self::Unit<S>];
+    fn widen<S: Simd>(simd: S, u: Self::Unit<S>) -> [S::f32s; 2];
+    /// Weight `k` of a row (for the scalar tail).
+    fn scalar(row: &[Self::Elem], k: usize) -> f32;
+}
+
+struct F32Rows;
+
+impl Rows for F32Rows {
+    type Elem = f32;
+    type Unit<S: Simd> = [S::f32s; 2];
+    fn stride(cols: usize) -> usize {
+        cols
+    }
+    #[inline(always)]
+    fn units<S: Simd>(row: &[f32]) -> &[[S::f32s; 2]] {
+        let v = S::as_simd_f32s(row).0;
+        bytemuck::cast_slice(&v[..v.len() / 2 * 2])
+    }
+    #[inline(always)]
+    fn widen<S: Simd>(_simd: S, u: [S::f32s; 2]) -> [S::f32s; 2] {
+        u
+    }
+    #[inline(always)]
+    fn scalar(row: &[f32], k: usize) -> f32 {
+        row[k]
+    }
+}
+
+/// bf16 weights read as u32 pairs: a unit widens to the even elements of its block, then
+/// the odd ones; activations are permuted to match ([`interleave_for_bf16`]). Widening
+/// bf16 is exact: the bits move up 16 places.
+struct Bf16Rows;
+
+impl Rows for Bf16Rows {
+    type Elem = u32;
+    type Unit<S: Simd> = S::u32s;
+    fn stride(cols: usize) -> usize {
+        cols / 2
+    }
+    #[inline(always)]
+    fn units<S: Simd>(row: &[u32]) -> &[S::u32s] {
+        S::as_simd_u32s(row).0
+    }
+    #[inline(always)]
+    fn widen<S: Simd>(simd: S, u: S::u32s) -> [S::f32s; 2] {
+        let even = simd.mul_u32s(u, simd.splat_u32s(1 << 16));
+        let odd = simd.and_u32s(u, simd.splat_u32s(0xFFFF_0000));
+        [
+            simd.transmute_f32s_u32s(even),
+            simd.transmute_f32s_u32s(odd),
+        ]
+    }
+    #[inline(always)]
+    fn scalar(row: &[u32], k: usize) -> f32 {
+        let w = row[k / 2];
+        f32::from_bits(if k % 2 == 0 { w << 16 } else { w & 0xFFFF_0000 })
+    }
+}
+
+/// Reorders each activation row to match [`Bf16Rows`]: per block of `2 * lanes` values,
+/// the even ones then the odd ones; the scalar tail keeps its order.
+fn interleave_for_bf16(x: &[f32], cols: usize, lanes: usize) -> Vec<f32> {
+    let block = 2 * lanes;
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(cols) {
+        let full = cols / block * block;
+        for b in row[..full].chunks_exact(block) {
+            out.extend(b.iter().step_by(2));
+            out.extend(b.iter().skip(1).step_by(2));
+        }
+        out.extend_from_slice(&row[full..]);
+    }
+    out
+}
+
+/// Dots every weight row with every activation row: `out[j * m + i] = w[j] . x[i]`.
+struct Dot<'a, W: Rows> {
+    w: &'a [W::Elem],
+    cols: usize,
     x: &'a [f32],
     m: usize,
     out: &'a mut [f32],
 }
 
-impl WithSimd for DotF32<'_> {
+impl<W: Rows> WithSimd for Dot<'_, W> {
     type Output = ();
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) -> Self::Output {
-        let cols = self.x.len() / self.m;
-        for (wrow, orow) in self
-            .w
-            .chunks_exact(cols)
-            .zip(self.out.chunks_exact_mut(self.m))
-        {
-            let (wv, wt) = S::as_simd_f32s(wrow);
-            let mut i = 0;
-            while i < self.m {
-                let r = (self.m - i).min(4);
-                let mut acc = [simd.splat_f32s(0.0); 4];
-                let xs: [&[f32]; 4] =
-                    std::array::from_fn(|q| &self.x[(i + q.min(r - 1)) * cols..][..cols]);
-                let xv: [&[S::f32s]; 4] = xs.map(|s| S::as_simd_f32s(s).0);
-                for (v, &w) in wv.iter().enumerate() {
-                    for q in 0..4 {
-                        acc[q] = simd.mul_add_e_f32s(w, xv[q][v], acc[q]);
-                    }
-                }
-                for q in 0..r {
-                    let tail_x = &xs[q][cols - wt.len()..];
-                    let tail: f32 = wt.iter().zip(tail_x).map(|(a, b)| a * b).sum();
-                    orow[i + q] = simd.reduce_sum_f32s(acc[q]) + tail;
-                }
-                i += r;
+        let Dot { w, cols, x, m, out } = self;
+        let mut i = 0;
+        while i < m {
+            let r = (m - i).min(4);
+            let xs = &x[i * cols..(i + r) * cols];
+            match r {
+                1 => rows_pass::<S, W, 1>(simd, w, cols, xs, i, m, out),
+                2 => rows_pass::<S, W, 2>(simd, w, cols, xs, i, m, out),
+                3 => rows_pass::<S, W, 3>(simd, w, cols, xs, i, m, out),
+                _ => rows_pass::<S, W, 4>(simd, w, cols, xs, i, m, out),
             }
+            i += r;
         }
     }
 }
 
-/// The same with bf16 weights, widened to f32 in registers.
-struct DotBf16<'a> {
-    w: &'a [half::bf16],
-    x: &'a [f32],
+/// Columns per block: activation chunks of this many values stay in L1 while every weight
+/// row streams past them.
+const COL_BLOCK: usize = 1 << 20;
+/// Rows at least this long are read two at a time (two streams keep the prefetchers busier
+/// on long rows; on short ones, one stream is faster).
+const PAIRED_ROW_MIN_COLS: usize = 4096;
+/// Batches of this many rows also pair weight rows: each activation load then feeds two
+/// FMAs, which is what bounds these products.
+const PAIRED_ROW_MIN_BATCH: usize = 8;
+
+/// One pass over all weight rows for `R` activation rows, a block of columns at a time,
+/// adding into `out`.
+#[inline(always)]
+fn rows_pass<S: Simd, W: Rows, const R: usize>(
+    simd: S,
+    w: &[W::Elem],
+    cols: usize,
+    xs: &[f32],
+    i0: usize,
     m: usize,
-    out: &'a mut [f32],
-}
-
-impl WithSimd for DotBf16<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn with_simd<S: Simd>(self, simd: S) -> Self::Output {
-        let cols = self.x.len() / self.m;
-        let lanes = S::F32_LANES;
-        let mut wbuf = vec![0f32; cols];
-        for (wrow, orow) in self
-            .w
-            .chunks_exact(cols)
-            .zip(self.out.chunks_exact_mut(self.m))
-        {
-            // Widen the row once (exact), then dot as f32; the row stays in L1.
-            for (d, s) in wbuf.iter_mut().zip(wrow) {
-                *d = s.to_f32();
-            }
-            let (wv, wt) = S::as_simd_f32s(&wbuf);
-            let _ = lanes;
-            let mut i = 0;
-            while i < self.m {
-                let r = (self.m - i).min(4);
-                let mut acc = [simd.splat_f32s(0.0); 4];
-                let xs: [&[f32]; 4] =
-                    std::array::from_fn(|q| &self.x[(i + q.min(r - 1)) * cols..][..cols]);
-                let xv: [&[S::f32s]; 4] = xs.map(|s| S::as_simd_f32s(s).0);
-                for (v, &w) in wv.iter().enumerate() {
-                    for q in 0..4 {
-                        acc[q] = simd.mul_add_e_f32s(w, xv[q][v], acc[q]);
+    out: &mut [f32],
+) {
+    let stride = W::stride(cols);
+    let rows = w.len() / stride;
+    let unit_cols = 2 * S::F32_LANES;
+    let vec_cols = cols / unit_cols * unit_cols;
+    let block = (COL_BLOCK / unit_cols).max(1) * unit_cols;
+    let zero = simd.splat_f32s(0.0);
+    let mut c0 = 0;
+    while c0 < vec_cols {
+        let c1 = (c0 + block).min(vec_cols);
+        let nu = (c1 - c0) / unit_cols;
+        // Storage offsets of the block (bf16 pairs: half the column index).
+        let (s0, s1) = (c0 * stride / cols, c1 * stride / cols);
+        let xv: [&[[S::f32s; 2]]; R] = std::array::from_fn(|r| {
+            let v = S::as_simd_f32s(&xs[r * cols + c0..r * cols + c1]).0;
+            let pairs: &[[S::f32s; 2]] = bytemuck::cast_slice(&v[..2 * nu]);
+            pairs
+        });
+        let mut j = 0;
+        if cols >= PAIRED_ROW_MIN_COLS || m >= PAIRED_ROW_MIN_BATCH {
+            while j + 1 < rows {
+                let u0 = &W::units::<S>(&w[j * stride + s0..j * stride + s1])[..nu];
+                let u1 = &W::units::<S>(&w[(j + 1) * stride + s0..(j + 1) * stride + s1])[..nu];
+                let mut acc0 = [zero; R];
+                let mut acc1 = [zero; R];
+                for v in 0..nu {
+                    let [a0, b0] = W::widen(simd, u0[v]);
+                    let [a1, b1] = W::widen(simd, u1[v]);
+                    for r in 0..R {
+                        let [xa, xb] = xv[r][v];
+                        acc0[r] = simd.mul_add_e_f32s(a0, xa, acc0[r]);
+                        acc1[r] = simd.mul_add_e_f32s(a1, xa, acc1[r]);
+                        acc0[r] = simd.mul_add_e_f32s(b0, xb, acc0[r]);
+                        acc1[r] = simd.mul_add_e_f32s(b1, xb, acc1[r]);
                     }
                 }
-                for q in 0..r {
-                    let tail_x = &xs[q][cols - wt.len()..];
-                    let tail: f32 = wt.iter().zip(tail_x).map(|(a, b)| a * b).sum();
-                    orow[i + q] = simd.reduce_sum_f32s(acc[q]) + tail;
+                for r in 0..R {
+                    out[j * m + i0 + r] += simd.reduce_sum_f32s(acc0[r]);
+                    out[(j + 1) * m + i0 + r] += simd.reduce_sum_f32s(acc1[r]);
                 }
-                i += r;
+                j += 2;
+            }
+        }
+        while j < rows {
+            let u = &W::units::<S>(&w[j * stride + s0..j * stride + s1])[..nu];
+            // Separate accumulators for the two halves of a unit: twice the independent
+            // FMA chains, so small batches are not bound by FMA latency.
+            let mut acc_a = [zero; R];
+            let mut acc_b = [zero; R];
+            for v in 0..nu {
+                let [a, b] = W::widen(simd, u[v]);
+                for r in 0..R {
+                    let [xa, xb] = xv[r][v];
+                    acc_a[r] = simd.mul_add_e_f32s(a, xa, acc_a[r]);
+                    acc_b[r] = simd.mul_add_e_f32s(b, xb, acc_b[r]);
+                }
+            }
+            for r in 0..R {
+                out[j * m + i0 + r] += simd.reduce_sum_f32s(simd.add_f32s(acc_a[r], acc_b[r]));
+            }
+            j += 1;
+        }
+        c0 = c1;
+    }
+    if vec_cols < cols {
+        for j in 0..rows {
+            let row = &w[j * stride..(j + 1) * stride];
+            for r in 0..R {
+                let xrow = &xs[r * cols..(r + 1) * cols];
+                let tail: f32 = (vec_cols..cols).map(|k| W::scalar(row, k) * xrow[k]).sum();
+                out[j * m + i0 + r] += tail;
             }
         }
     }
@@ -269,7 +498,16 @@ mod tests {
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
         };
-        for &(rows, cols) in &[(1, 1), (3, 7), (33, 17), (600, 515), (1030, 1024)] {
+        for &(rows, cols) in &[
+            (1, 1),
+            (3, 7),
+            (33, 17),
+            (7, 130),
+            (64, 48),
+            (600, 515),
+            (1030, 1024),
+            (9, 4100),
+        ] {
             let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
             let t = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu).expect("t");
             let mat = Matrix::new(&t).expect("matrix");

@@ -20,6 +20,8 @@ struct Inner {
     used: HashSet<String>,
     /// Set for [`Weights::random`]: missing tensors are drawn instead of failing.
     random: Option<rand::rngs::StdRng>,
+    /// Round drawn tensors to bf16 (as the published bf16 checkpoints are).
+    random_bf16: bool,
 }
 
 /// A loaded checkpoint, with a name prefix (cheap to clone, like candle-nn's VarBuilder).
@@ -61,6 +63,7 @@ impl Weights {
                 tensors,
                 used: HashSet::new(),
                 random: None,
+                random_bf16: false,
             })),
             prefix: String::new(),
         }
@@ -74,6 +77,13 @@ impl Weights {
         use rand::SeedableRng;
         let w = Self::from_tensors(Path::new("<random weights>"), HashMap::new());
         w.inner.borrow_mut().random = Some(rand::rngs::StdRng::seed_from_u64(seed));
+        w
+    }
+
+    /// Like [`Self::random`], with every value representable in bf16.
+    pub fn random_bf16(seed: u64) -> Self {
+        let w = Self::random(seed);
+        w.inner.borrow_mut().random_bf16 = true;
         w
     }
 
@@ -121,7 +131,10 @@ impl Weights {
         let mut inner = self.inner.borrow_mut();
         if let Some(rng) = inner.random.as_mut() {
             let full = self.full(names[0]);
-            let t = random_tensor(rng, shape)?;
+            let mut t = random_tensor(rng, shape)?;
+            if inner.random_bf16 {
+                t = t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+            }
             inner.used.insert(full.clone());
             inner.tensors.insert(full, t.clone());
             return Ok(t.to_dtype(dtype)?);

@@ -12,7 +12,7 @@
 //! with the kernel permuted to `[k * c_out, c_in]` followed by an overlap-add. Activations
 //! stay time-major from the microphone to the speaker, so no layer transposes anything.
 
-use crate::compute::cpu::Matrix;
+use crate::compute::cpu::{Matrix, WeightPrecision};
 use crate::models::weights::Weights;
 use crate::{Error, Result};
 
@@ -183,6 +183,10 @@ impl StreamingConv1d {
         self.previous = None;
     }
 
+    pub fn set_precision(&mut self, precision: WeightPrecision) -> Result<()> {
+        self.weight.set_precision(precision)
+    }
+
     /// Bytes of streaming state held (constant once the first step has run).
     pub fn state_bytes(&self) -> usize {
         self.previous.as_ref().map_or(0, |p| p.len() * 4)
@@ -296,6 +300,13 @@ impl StreamingConvTr1d {
 
     pub fn reset(&mut self) {
         self.partial = None;
+    }
+
+    pub fn set_precision(&mut self, precision: WeightPrecision) -> Result<()> {
+        match &mut self.kernel {
+            TrKernel::Full(m) => m.set_precision(precision),
+            TrKernel::Depthwise(_) => Ok(()),
+        }
     }
 
     pub fn state_bytes(&self) -> usize {

@@ -24,6 +24,7 @@ use quantization::SplitRvq;
 use seanet::{SeanetDecoder, SeanetEncoder};
 use transformer::ProjectedTransformer;
 
+use crate::compute::cpu::WeightPrecision;
 use crate::models::weights::Weights;
 use crate::{Error, Result};
 
@@ -134,6 +135,22 @@ impl Mimi {
     /// Entries per codebook (2048).
     pub fn cardinality(&self) -> usize {
         self.quantizer.bins()
+    }
+
+    /// Holds the large weight matrices in `precision` (see [`WeightPrecision`]; f32 by
+    /// default, which matches the reference to float rounding).
+    pub fn set_weight_precision(&mut self, precision: WeightPrecision) -> Result<()> {
+        self.encoder.set_precision(precision)?;
+        self.encoder_transformer.set_precision(precision)?;
+        if let Some(d) = &mut self.downsample {
+            d.set_precision(precision)?;
+        }
+        self.quantizer.set_precision(precision)?;
+        if let Some(u) = &mut self.upsample {
+            u.set_precision(precision)?;
+        }
+        self.decoder_transformer.set_precision(precision)?;
+        self.decoder.set_precision(precision)
     }
 
     pub fn set_num_codebooks(&mut self, n: usize) -> Result<()> {

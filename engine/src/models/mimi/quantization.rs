@@ -5,7 +5,7 @@
 
 use super::config::QuantizerConfig;
 use super::conv::Seq;
-use crate::compute::cpu::Matrix;
+use crate::compute::cpu::{Matrix, WeightPrecision};
 use crate::models::weights::Weights;
 use crate::{Error, Result};
 
@@ -27,17 +27,34 @@ impl Codebook {
         w.skip("_initialized");
         w.skip("inited");
         let embedding = sum.broadcast_div(&usage.clamp(1e-5f32, f32::INFINITY)?.unsqueeze(1)?)?;
-        let rows: Vec<f32> = embedding.flatten_all()?.to_vec1()?;
+        Self::from_matrix(Matrix::new(&embedding)?, dim)
+    }
+
+    /// Centroid rows and norms as the (possibly rounded) matrix holds them, so that the
+    /// search and the decoding agree with each other.
+    fn from_matrix(embedding: Matrix, dim: usize) -> Result<Self> {
+        let rows: Vec<f32> = embedding
+            .tensor()
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
         let norms = rows
             .chunks_exact(dim)
             .map(|r| r.iter().map(|v| v * v).sum())
             .collect();
         Ok(Self {
-            embedding: Matrix::new(&embedding)?,
+            embedding,
             rows,
             norms,
             dim,
         })
+    }
+
+    fn set_precision(&mut self, precision: WeightPrecision) -> Result<()> {
+        let mut m = self.embedding.clone();
+        m.set_precision(precision)?;
+        *self = Self::from_matrix(m, self.dim)?;
+        Ok(())
     }
 
     /// Nearest centroid of each row of `x` (`t` rows of `dim`), by Euclidean distance.
@@ -91,6 +108,14 @@ impl Rvq {
         })
     }
 
+    fn set_precision(&mut self, precision: WeightPrecision) -> Result<()> {
+        self.input_proj.set_precision(precision)?;
+        self.output_proj.set_precision(precision)?;
+        self.codebooks
+            .iter_mut()
+            .try_for_each(|c| c.set_precision(precision))
+    }
+
     /// `x`: `t` rows of `in`. Returns `n` rows of `t` codes.
     fn encode(&self, x: &[f32], t: usize, n: usize) -> Result<Vec<Vec<u32>>> {
         let mut residual = self.input_proj.matmul_t(x, t)?;
@@ -140,6 +165,11 @@ impl SplitRvq {
             n_q_semantic: cfg.n_q_semantic,
             bins: cfg.bins,
         })
+    }
+
+    pub fn set_precision(&mut self, precision: WeightPrecision) -> Result<()> {
+        self.first.set_precision(precision)?;
+        self.rest.set_precision(precision)
     }
 
     pub fn total_codebooks(&self) -> usize {

@@ -4,6 +4,7 @@
 
 use super::config::SeanetConfig;
 use super::conv::{elu, ConvSpec, Seq, StreamingConv1d, StreamingConvTr1d};
+use crate::compute::cpu::WeightPrecision;
 use crate::models::weights::Weights;
 use crate::Result;
 
@@ -106,6 +107,18 @@ impl Layer {
         }
     }
 
+    fn set_precision(&mut self, p: WeightPrecision) -> Result<()> {
+        match self {
+            Layer::Conv(c) => c.set_precision(p),
+            Layer::ConvTr(c) => c.set_precision(p),
+            Layer::Res(r) => {
+                r.convs.iter_mut().try_for_each(|c| c.set_precision(p))?;
+                r.shortcut.as_mut().map_or(Ok(()), |s| s.set_precision(p))
+            }
+            Layer::Act(_) => Ok(()),
+        }
+    }
+
     fn state_bytes(&self) -> usize {
         match self {
             Layer::Conv(c) => c.state_bytes(),
@@ -203,6 +216,10 @@ impl SeanetEncoder {
     pub fn state_bytes(&self) -> usize {
         self.layers.iter().map(Layer::state_bytes).sum()
     }
+
+    pub fn set_precision(&mut self, p: WeightPrecision) -> Result<()> {
+        self.layers.iter_mut().try_for_each(|l| l.set_precision(p))
+    }
 }
 
 /// Latents (`T` rows of `dimension`) to audio (`T * hop` rows of 1 channel).
@@ -247,5 +264,9 @@ impl SeanetDecoder {
 
     pub fn state_bytes(&self) -> usize {
         self.layers.iter().map(Layer::state_bytes).sum()
+    }
+
+    pub fn set_precision(&mut self, p: WeightPrecision) -> Result<()> {
+        self.layers.iter_mut().try_for_each(|l| l.set_precision(p))
     }
 }

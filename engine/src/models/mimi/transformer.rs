@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor};
 
 use super::config::TransformerConfig;
 use super::conv::Seq;
-use crate::compute::cpu::Matrix;
+use crate::compute::cpu::{dot_rows, weighted_sum_rows, Matrix, WeightPrecision};
 use crate::models::weights::Weights;
 use crate::{Error, Result};
 
@@ -71,36 +71,54 @@ impl Norm {
     }
 }
 
-/// Keys and values of the last `capacity` steps with their absolute positions.
+/// Keys and values of the last `capacity` steps with their absolute positions, laid out
+/// per head (`[heads][capacity][head_dim]`) so each head's keys are one contiguous block.
 #[derive(Debug, Clone)]
 struct RingKv {
     capacity: usize,
-    /// `[capacity, dim]` each, row = one step (heads concatenated).
+    heads: usize,
+    head_dim: usize,
     k: Vec<f32>,
     v: Vec<f32>,
-    /// Absolute position held by each row; -1 when empty.
+    /// Absolute position held by each slot; -1 when empty.
     pos: Vec<i64>,
     written: usize,
 }
 
 impl RingKv {
-    fn new(capacity: usize, dim: usize) -> Self {
+    fn new(capacity: usize, heads: usize, head_dim: usize) -> Self {
         Self {
             capacity,
-            k: vec![0.0; capacity * dim],
-            v: vec![0.0; capacity * dim],
+            heads,
+            head_dim,
+            k: vec![0.0; heads * capacity * head_dim],
+            v: vec![0.0; heads * capacity * head_dim],
             pos: vec![-1; capacity],
             written: 0,
         }
     }
 
+    /// Stores one step's keys and values (`heads * head_dim` each, heads concatenated).
     fn push(&mut self, k: &[f32], v: &[f32], pos: i64) {
-        let dim = k.len();
-        let row = self.written % self.capacity;
-        self.k[row * dim..(row + 1) * dim].copy_from_slice(k);
-        self.v[row * dim..(row + 1) * dim].copy_from_slice(v);
-        self.pos[row] = pos;
+        let slot = self.written % self.capacity;
+        let hd = self.head_dim;
+        for h in 0..self.heads {
+            let dst = (h * self.capacity + slot) * hd;
+            self.k[dst..dst + hd].copy_from_slice(&k[h * hd..(h + 1) * hd]);
+            self.v[dst..dst + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
+        }
+        self.pos[slot] = pos;
         self.written += 1;
+    }
+
+    fn head_keys(&self, h: usize) -> &[f32] {
+        let n = self.capacity * self.head_dim;
+        &self.k[h * n..(h + 1) * n]
+    }
+
+    fn head_values(&self, h: usize) -> &[f32] {
+        let n = self.capacity * self.head_dim;
+        &self.v[h * n..(h + 1) * n]
     }
 
     fn reset(&mut self) {
@@ -214,7 +232,9 @@ impl ProjectedTransformer {
             sin_embedding,
             input_proj,
             output_proj,
-            rings: (0..layers.len()).map(|_| RingKv::new(context, d)).collect(),
+            rings: (0..layers.len())
+                .map(|_| RingKv::new(context, cfg.num_heads, d / cfg.num_heads))
+                .collect(),
             layers,
             offset: 0,
             device: Device::Cpu,
@@ -239,9 +259,9 @@ impl ProjectedTransformer {
         } else {
             self.dims.context
         };
-        let d = self.dims.d_model;
+        let (heads, hd) = (self.dims.num_heads, self.dims.head_dim);
         self.rings = (0..self.layers.len())
-            .map(|_| RingKv::new(capacity, d))
+            .map(|_| RingKv::new(capacity, heads, hd))
             .collect();
         self.offset = 0;
     }
@@ -265,6 +285,26 @@ impl ProjectedTransformer {
             Some(w) => Seq::new(w.rows(), w.matmul_t(&x, t)?),
             None => Seq::new(d, x),
         })
+    }
+
+    pub fn set_precision(&mut self, precision: WeightPrecision) -> Result<()> {
+        for l in &mut self.layers {
+            for m in [
+                &mut l.in_proj,
+                &mut l.out_proj,
+                &mut l.linear1,
+                &mut l.linear2,
+            ] {
+                m.set_precision(precision)?;
+            }
+        }
+        for m in [&mut self.input_proj, &mut self.output_proj]
+            .into_iter()
+            .flatten()
+        {
+            m.set_precision(precision)?;
+        }
+        Ok(())
     }
 
     pub fn reset(&mut self) {
@@ -330,43 +370,52 @@ fn layer_step(
     for (i, row) in qkv.chunks_exact(3 * d).enumerate() {
         kv.push(&row[d..2 * d], &row[2 * d..], (offset + i) as i64);
     }
-    let mut attn = vec![0f32; t * d];
-    let mut scores = vec![0f32; kv.capacity];
+    // Queries of all `t` steps, head by head: `[heads][t][head_dim]`, pre-scaled.
     let inv_sqrt = 1.0 / (hd as f32).sqrt();
-    for i in 0..t {
-        let pos_q = (offset + i) as i64;
-        let q = &qkv[i * 3 * d..i * 3 * d + d];
-        for hh in 0..dims.num_heads {
-            let qh = &q[hh * hd..(hh + 1) * hd];
+    let mut q = vec![0f32; t * d];
+    for (i, row) in qkv.chunks_exact(3 * d).enumerate() {
+        for h in 0..dims.num_heads {
+            let dst = &mut q[(h * t + i) * hd..(h * t + i + 1) * hd];
+            dst.iter_mut()
+                .zip(&row[h * hd..(h + 1) * hd])
+                .for_each(|(o, v)| *o = v * inv_sqrt);
+        }
+    }
+    let cap = kv.capacity;
+    let mut attn = vec![0f32; t * d];
+    let mut scores = vec![0f32; cap * t];
+    let mut probs = vec![0f32; cap];
+    for h in 0..dims.num_heads {
+        // scores[j * t + i]: key slot j against query i.
+        dot_rows(
+            kv.head_keys(h),
+            hd,
+            &q[h * t * hd..(h + 1) * t * hd],
+            t,
+            &mut scores,
+        );
+        for i in 0..t {
+            let pos_q = (offset + i) as i64;
             let mut max = f32::NEG_INFINITY;
-            for (j, s) in scores.iter_mut().enumerate() {
+            for (j, p) in probs.iter_mut().enumerate() {
                 let pk = kv.pos[j];
                 let delta = pos_q - pk;
-                *s = if pk >= 0 && delta >= 0 && delta < dims.context as i64 {
-                    let kh = &kv.k[j * d + hh * hd..j * d + (hh + 1) * hd];
-                    let dot: f32 = qh.iter().zip(kh).map(|(a, b)| a * b).sum();
-                    dot * inv_sqrt
+                *p = if pk >= 0 && delta >= 0 && delta < dims.context as i64 {
+                    scores[j * t + i]
                 } else {
                     f32::NEG_INFINITY
                 };
-                max = max.max(*s);
+                max = max.max(*p);
             }
             let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = if s.is_finite() { (*s - max).exp() } else { 0.0 };
-                sum += *s;
+            for p in probs.iter_mut() {
+                *p = if p.is_finite() { (*p - max).exp() } else { 0.0 };
+                sum += *p;
             }
-            let out = &mut attn[i * d + hh * hd..i * d + (hh + 1) * hd];
-            for (j, &p) in scores.iter().enumerate() {
-                if p == 0.0 {
-                    continue;
-                }
-                let w = p / sum;
-                let vh = &kv.v[j * d + hh * hd..j * d + (hh + 1) * hd];
-                for (o, v) in out.iter_mut().zip(vh) {
-                    *o += w * v;
-                }
-            }
+            let inv = 1.0 / sum;
+            probs.iter_mut().for_each(|p| *p *= inv);
+            let out = &mut attn[i * d + h * hd..i * d + (h + 1) * hd];
+            weighted_sum_rows(kv.head_values(h), hd, &probs, out);
         }
     }
     let update = layer.out_proj.matmul_t(&attn, t)?;
