@@ -378,12 +378,49 @@ impl<W: Rows> WithSimd for Dot<'_, W> {
     }
 }
 
+/// `J` weight rows at once against `R` activation rows, one column block.
+#[inline(always)]
+fn multi_row<S: Simd, W: Rows, const R: usize, const J: usize>(
+    simd: S,
+    w: &[W::Elem],
+    stride: usize,
+    s0: usize,
+    s1: usize,
+    nu: usize,
+    xv: &[&[[S::f32s; 2]]; R],
+    j: usize,
+    i0: usize,
+    m: usize,
+    out: &mut [f32],
+) {
+    let zero = simd.splat_f32s(0.0);
+    let u: [&[W::Unit<S>]; J] = std::array::from_fn(|q| {
+        &W::units::<S>(&w[(j + q) * stride + s0..(j + q) * stride + s1])[..nu]
+    });
+    let mut acc = [[zero; R]; J];
+    for v in 0..nu {
+        let wq: [[S::f32s; 2]; J] = std::array::from_fn(|q| W::widen(simd, u[q][v]));
+        for r in 0..R {
+            let [xa, xb] = xv[r][v];
+            for q in 0..J {
+                acc[q][r] = simd.mul_add_e_f32s(wq[q][0], xa, acc[q][r]);
+                acc[q][r] = simd.mul_add_e_f32s(wq[q][1], xb, acc[q][r]);
+            }
+        }
+    }
+    for q in 0..J {
+        for r in 0..R {
+            out[(j + q) * m + i0 + r] += simd.reduce_sum_f32s(acc[q][r]);
+        }
+    }
+}
+
 /// Columns per block: activation chunks of this many values stay in L1 while every weight
 /// row streams past them.
 const COL_BLOCK: usize = 1 << 20;
 /// Rows at least this long are read two at a time (two streams keep the prefetchers busier
 /// on long rows; on short ones, one stream is faster).
-const PAIRED_ROW_MIN_COLS: usize = 4096;
+const PAIRED_ROW_MIN_COLS: usize = 3072;
 /// Batches of this many rows also pair weight rows: each activation load then feeds two
 /// FMAs, which is what bounds these products.
 const PAIRED_ROW_MIN_BATCH: usize = 8;
@@ -419,26 +456,19 @@ fn rows_pass<S: Simd, W: Rows, const R: usize>(
         });
         let mut j = 0;
         if cols >= PAIRED_ROW_MIN_COLS || m >= PAIRED_ROW_MIN_BATCH {
+            let group = if R <= 2 && cols >= PAIRED_ROW_MIN_COLS {
+                4
+            } else {
+                2
+            };
+            if group == 4 {
+                while j + 3 < rows {
+                    multi_row::<S, W, R, 4>(simd, w, stride, s0, s1, nu, &xv, j, i0, m, out);
+                    j += 4;
+                }
+            }
             while j + 1 < rows {
-                let u0 = &W::units::<S>(&w[j * stride + s0..j * stride + s1])[..nu];
-                let u1 = &W::units::<S>(&w[(j + 1) * stride + s0..(j + 1) * stride + s1])[..nu];
-                let mut acc0 = [zero; R];
-                let mut acc1 = [zero; R];
-                for v in 0..nu {
-                    let [a0, b0] = W::widen(simd, u0[v]);
-                    let [a1, b1] = W::widen(simd, u1[v]);
-                    for r in 0..R {
-                        let [xa, xb] = xv[r][v];
-                        acc0[r] = simd.mul_add_e_f32s(a0, xa, acc0[r]);
-                        acc1[r] = simd.mul_add_e_f32s(a1, xa, acc1[r]);
-                        acc0[r] = simd.mul_add_e_f32s(b0, xb, acc0[r]);
-                        acc1[r] = simd.mul_add_e_f32s(b1, xb, acc1[r]);
-                    }
-                }
-                for r in 0..R {
-                    out[j * m + i0 + r] += simd.reduce_sum_f32s(acc0[r]);
-                    out[(j + 1) * m + i0 + r] += simd.reduce_sum_f32s(acc1[r]);
-                }
+                multi_row::<S, W, R, 2>(simd, w, stride, s0, s1, nu, &xv, j, i0, m, out);
                 j += 2;
             }
         }

@@ -277,8 +277,15 @@ impl ProjectedTransformer {
         if let Some(scale) = self.sin_embedding {
             add_sin_embedding(&mut x, d, self.offset, dims.max_period, scale);
         }
+        let rope: Vec<Vec<(f32, f32)>> = if dims.rope {
+            (0..t)
+                .map(|i| rope_table(self.offset + i, dims.head_dim, dims.max_period))
+                .collect()
+        } else {
+            vec![]
+        };
         for (layer, kv) in self.layers.iter().zip(rings.iter_mut()) {
-            layer_step(layer, kv, &mut x, t, self.offset, dims, &self.device)?;
+            layer_step(layer, &rope, kv, &mut x, t, self.offset, dims, &self.device)?;
         }
         self.offset += t;
         Ok(match &self.output_proj {
@@ -332,22 +339,33 @@ fn add_sin_embedding(x: &mut [f32], d: usize, offset: usize, max_period: f32, sc
     }
 }
 
-fn apply_rope(v: &mut [f32], pos: usize, head_dim: usize, max_period: f32) {
-    let half = head_dim / 2;
-    for head in v.chunks_exact_mut(head_dim) {
-        for i in 0..half {
-            let freq = (i as f32 * (-(max_period.ln()) * 2.0 / head_dim as f32)).exp();
-            let angle = freq * pos as f32;
+/// `(cos, sin)` of each rotary frequency at `pos` (the reference's interleaved RoPE).
+fn rope_table(pos: usize, head_dim: usize, max_period: f32) -> Vec<(f32, f32)> {
+    let scale = -max_period.ln() * 2.0 / head_dim as f32;
+    (0..head_dim / 2)
+        .map(|i| {
+            let angle = (i as f32 * scale).exp() * pos as f32;
             let (sin, cos) = angle.sin_cos();
-            let (re, im) = (head[2 * i], head[2 * i + 1]);
-            head[2 * i] = re * cos - im * sin;
-            head[2 * i + 1] = re * sin + im * cos;
+            (cos, sin)
+        })
+        .collect()
+}
+
+/// Rotates each head of `v` by `table` (from [`rope_table`]).
+fn apply_rope(v: &mut [f32], table: &[(f32, f32)]) {
+    let head_dim = 2 * table.len();
+    for head in v.chunks_exact_mut(head_dim) {
+        for (pair, &(cos, sin)) in head.chunks_exact_mut(2).zip(table) {
+            let (re, im) = (pair[0], pair[1]);
+            pair[0] = re * cos - im * sin;
+            pair[1] = re * sin + im * cos;
         }
     }
 }
 
 fn layer_step(
     layer: &Layer,
+    rope: &[Vec<(f32, f32)>],
     kv: &mut RingKv,
     x: &mut [f32],
     t: usize,
@@ -363,8 +381,9 @@ fn layer_step(
     for (i, row) in qkv.chunks_exact_mut(3 * d).enumerate() {
         if dims.rope {
             let (q, rest) = row.split_at_mut(d);
-            apply_rope(q, offset + i, hd, dims.max_period);
-            apply_rope(&mut rest[..d], offset + i, hd, dims.max_period);
+            let table = &rope[i];
+            apply_rope(q, table);
+            apply_rope(&mut rest[..d], table);
         }
     }
     for (i, row) in qkv.chunks_exact(3 * d).enumerate() {
