@@ -206,6 +206,33 @@ mod tests {
     }
 
     #[test]
+    fn compressed_formats_decode_to_the_sine_they_hold() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/audio");
+        for name in ["tone.flac", "tone.ogg", "tone.mp3"] {
+            let pcm = read_audio_24k(&dir.join(name)).expect(name);
+            // 0.5 s at 24 kHz; lossy codecs may add up to a frame of priming.
+            assert!(
+                (11_900..=13_500).contains(&pcm.len()),
+                "{name}: {} samples",
+                pcm.len()
+            );
+            // Amplitude of a -6 dBFS sine (0.5), measured away from the edges.
+            let mid = &pcm[2000..10_000];
+            let rms = (mid.iter().map(|x| x * x).sum::<f32>() / mid.len() as f32).sqrt();
+            assert!((rms - 0.5 / 2f32.sqrt()).abs() < 0.03, "{name}: rms {rms}");
+            // 440 Hz: 8000 samples at 24 kHz hold about 293 zero crossings.
+            let crossings = mid
+                .windows(2)
+                .filter(|w| (w[0] < 0.0) != (w[1] < 0.0))
+                .count();
+            assert!(
+                (285..=300).contains(&crossings),
+                "{name}: {crossings} zero crossings"
+            );
+        }
+    }
+
+    #[test]
     fn float_wav_round_trips_exactly() {
         let path = tmp("f32.wav");
         let pcm: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.01).sin() * 0.5).collect();

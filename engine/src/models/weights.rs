@@ -267,6 +267,12 @@ mod tests {
         assert!(err.contains("a.weight"), "{err}");
         let got = w.pp("a").get("weight", &[2, 3]).expect("get");
         assert_eq!(got.dtype(), DType::F32);
+        let half = Tensor::new(&[1.5f32, -2.25], &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F16))
+            .expect("f16");
+        let w16 = file_with(&[("h", half)]);
+        let v: Vec<f32> = w16.get("h", &[2]).expect("f16 get").to_vec1().expect("vec");
+        assert_eq!(v, [1.5, -2.25]);
         w.finish().expect("all used");
     }
 
