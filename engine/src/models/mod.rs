@@ -2,4 +2,5 @@
 
 pub mod kyutai_config;
 pub mod mimi;
+pub mod transformer;
 pub mod weights;

@@ -1,0 +1,660 @@
+//! The streaming transformer of Kyutai's models (the reference's `StreamingTransformer`
+//! and `StreamingTransformerLayer`), shared by Mimi's encoder and decoder transformers and
+//! the delayed-streams language models: pre-norm layers (LayerNorm or RMSNorm) with
+//! self-attention (RoPE or none) over a causal window, a GELU MLP or an activation-gated
+//! feed-forward, optional layer scale, and optionally one set of weights per step (the
+//! depformer).
+//!
+//! Streaming keeps keys and values in a ring of `context` entries per layer, as the
+//! reference's `RingKVCache` does, so a session of any length runs in constant memory. The
+//! ring is written before attending, so when a call carries `T > 1` steps (Mimi: 2 steps
+//! at 25 Hz per 80 ms frame) the first steps of a call see up to `T - 1` fewer past keys
+//! than the offline path once the ring has wrapped. That is the reference's behaviour,
+//! kept for token-exact parity; [`StreamingTransformer::set_window`] gives the offline
+//! semantics instead.
+
+use candle_core::{Device, Tensor};
+
+use crate::compute::cpu::{dot_rows, weighted_sum_rows, Matrix, WeightPrecision};
+use crate::models::weights::Weights;
+use crate::{Error, Result};
+
+/// What a transformer is made of, from a model's config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransformerSpec {
+    pub d_model: usize,
+    pub num_heads: usize,
+    pub num_layers: usize,
+    pub dim_feedforward: usize,
+    /// `layer_norm`, `layer_norm_f32`, `rms_norm` or `rms_norm_f32`.
+    pub norm: String,
+    /// `none` (GELU MLP) or an activation for the gated feed-forward (`silu`, `gelu`).
+    pub gating: String,
+    pub layer_scale: bool,
+    /// `rope`, `sin`, `sin_rope` or `none`.
+    pub positional_embedding: String,
+    pub positional_scale: f64,
+    pub max_period: f64,
+    /// Attention span in steps; None: unbounded (then `weights_per_step` bounds it).
+    pub context: Option<usize>,
+    /// 0: one set of weights; N: weights for each of N steps (the depformer).
+    pub weights_per_step: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Norm {
+    Layer {
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        eps: f32,
+    },
+    Rms {
+        alpha: Vec<f32>,
+        eps: f32,
+    },
+}
+
+impl Norm {
+    fn load(w: &Weights, kind: &str, dim: usize) -> Result<Self> {
+        Ok(match kind {
+            "layer_norm" | "layer_norm_f32" => Norm::Layer {
+                weight: w.get("weight", &[dim])?.to_vec1()?,
+                bias: w.get("bias", &[dim])?.to_vec1()?,
+                eps: if kind == "layer_norm" { 1e-5 } else { 1e-8 },
+            },
+            _ => Norm::Rms {
+                alpha: w.get("alpha", &[1, 1, dim])?.flatten_all()?.to_vec1()?,
+                eps: if kind == "rms_norm" { 1e-5 } else { 1e-8 },
+            },
+        })
+    }
+
+    /// Normalises each row of `x` (`[T, dim]`, row-major).
+    fn forward(&self, x: &[f32], dim: usize) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        for (row, o) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+            match self {
+                Norm::Layer { weight, bias, eps } => {
+                    let mean = row.iter().sum::<f32>() / dim as f32;
+                    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
+                    let inv = 1.0 / (var + eps).sqrt();
+                    for i in 0..dim {
+                        o[i] = (row[i] - mean) * inv * weight[i] + bias[i];
+                    }
+                }
+                Norm::Rms { alpha, eps } => {
+                    let ms = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+                    let inv = 1.0 / (ms + eps).sqrt();
+                    for i in 0..dim {
+                        o[i] = row[i] * alpha[i] * inv;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Keys and values of the last `capacity` steps with their absolute positions, laid out
+/// per head (`[heads][capacity][head_dim]`) so each head's keys are one contiguous block.
+#[derive(Debug, Clone)]
+struct RingKv {
+    capacity: usize,
+    heads: usize,
+    head_dim: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Absolute position held by each slot; -1 when empty.
+    pos: Vec<i64>,
+    written: usize,
+}
+
+impl RingKv {
+    fn new(capacity: usize, heads: usize, head_dim: usize) -> Self {
+        Self {
+            capacity,
+            heads,
+            head_dim,
+            k: vec![0.0; heads * capacity * head_dim],
+            v: vec![0.0; heads * capacity * head_dim],
+            pos: vec![-1; capacity],
+            written: 0,
+        }
+    }
+
+    /// Stores one step's keys and values (`heads * head_dim` each, heads concatenated).
+    fn push(&mut self, k: &[f32], v: &[f32], pos: i64) {
+        let slot = self.written % self.capacity;
+        let hd = self.head_dim;
+        for h in 0..self.heads {
+            let dst = (h * self.capacity + slot) * hd;
+            self.k[dst..dst + hd].copy_from_slice(&k[h * hd..(h + 1) * hd]);
+            self.v[dst..dst + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
+        }
+        self.pos[slot] = pos;
+        self.written += 1;
+    }
+
+    fn head_keys(&self, h: usize) -> &[f32] {
+        let n = self.capacity * self.head_dim;
+        &self.k[h * n..(h + 1) * n]
+    }
+
+    fn head_values(&self, h: usize) -> &[f32] {
+        let n = self.capacity * self.head_dim;
+        &self.v[h * n..(h + 1) * n]
+    }
+
+    fn reset(&mut self) {
+        self.pos.iter_mut().for_each(|p| *p = -1);
+        self.written = 0;
+    }
+}
+
+#[derive(Debug, Clone)]
+enum FeedForward {
+    /// `linear2(gelu(linear1(x)))`.
+    Mlp { linear1: Matrix, linear2: Matrix },
+    /// `linear_out(act(a) * b)` where `[a, b] = linear_in(x)` (the reference's
+    /// `ActivationGating`).
+    Gated {
+        linear_in: Matrix,
+        linear_out: Matrix,
+        silu: bool,
+    },
+}
+
+impl FeedForward {
+    fn matrices_mut(&mut self) -> [&mut Matrix; 2] {
+        match self {
+            FeedForward::Mlp { linear1, linear2 } => [linear1, linear2],
+            FeedForward::Gated {
+                linear_in,
+                linear_out,
+                ..
+            } => [linear_in, linear_out],
+        }
+    }
+
+    fn forward(&self, h: &[f32], t: usize, device: &Device) -> Result<Vec<f32>> {
+        match self {
+            FeedForward::Mlp { linear1, linear2 } => {
+                let hidden = linear1.matmul_t(h, t)?;
+                let ff = hidden.len() / t;
+                let hidden: Vec<f32> = Tensor::from_vec(hidden, (t, ff), device)?
+                    .gelu_erf()?
+                    .flatten_all()?
+                    .to_vec1()?;
+                linear2.matmul_t(&hidden, t)
+            }
+            FeedForward::Gated {
+                linear_in,
+                linear_out,
+                silu,
+            } => {
+                let both = linear_in.matmul_t(h, t)?;
+                let hidden = both.len() / t / 2;
+                let gated: Vec<f32> = if *silu {
+                    both.chunks_exact(2 * hidden)
+                        .flat_map(|row| {
+                            let (a, b) = row.split_at(hidden);
+                            a.iter().zip(b).map(|(&a, &b)| a / (1.0 + (-a).exp()) * b)
+                        })
+                        .collect()
+                } else {
+                    let (a, b): (Vec<f32>, Vec<f32>) = both
+                        .chunks_exact(2 * hidden)
+                        .flat_map(|row| {
+                            row[..hidden]
+                                .iter()
+                                .copied()
+                                .zip(row[hidden..].iter().copied())
+                        })
+                        .unzip();
+                    let a: Vec<f32> = Tensor::from_vec(a, (t, hidden), device)?
+                        .gelu_erf()?
+                        .flatten_all()?
+                        .to_vec1()?;
+                    a.iter().zip(&b).map(|(a, b)| a * b).collect()
+                };
+                linear_out.matmul_t(&gated, t)
+            }
+        }
+    }
+}
+
+/// The reference's hidden size for gated feed-forwards.
+fn gated_hidden(d_model: usize, dim_feedforward: usize) -> usize {
+    if dim_feedforward == 4 * d_model {
+        21 * d_model / 8
+    } else {
+        2 * dim_feedforward / 3
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    norm1: Norm,
+    norm2: Norm,
+    /// One per step (or one): `[3 * d, d]`, rows q, k, v, each `(head, head_dim)`.
+    in_proj: Vec<Matrix>,
+    out_proj: Vec<Matrix>,
+    ff: Vec<FeedForward>,
+    scale1: Option<Vec<f32>>,
+    scale2: Option<Vec<f32>>,
+}
+
+impl Layer {
+    fn load(lw: &Weights, spec: &TransformerSpec) -> Result<Self> {
+        let d = spec.d_model;
+        let n = spec.weights_per_step.max(1);
+        let attn = lw.pp("self_attn");
+        // Published checkpoints say `in_proj_weight` (steps stacked on the rows); the
+        // current reference saves `in_projs.{k}.weight`. Both are accepted, as its load
+        // hook does.
+        let per_step = |stacked: &[&str], split: &str, rows: usize| -> Result<Vec<Matrix>> {
+            if attn.contains(&format!("{split}.0.weight")) {
+                (0..n)
+                    .map(|k| Matrix::new(&attn.get(&format!("{split}.{k}.weight"), &[rows, d])?))
+                    .collect()
+            } else {
+                let all = attn.get_any(stacked, &[n * rows, d])?;
+                (0..n)
+                    .map(|k| Matrix::new(&all.narrow(0, k * rows, rows)?))
+                    .collect()
+            }
+        };
+        let in_proj = per_step(&["in_proj_weight", "in_proj.weight"], "in_projs", 3 * d)?;
+        let out_proj = per_step(&["out_proj.weight"], "out_projs", d)?;
+        let ff_dim = spec.dim_feedforward;
+        let ff = if spec.gating == "none" {
+            vec![FeedForward::Mlp {
+                linear1: Matrix::new(&lw.get("linear1.weight", &[ff_dim, d])?)?,
+                linear2: Matrix::new(&lw.get("linear2.weight", &[d, ff_dim])?)?,
+            }]
+        } else {
+            let hidden = gated_hidden(d, ff_dim);
+            let silu = spec.gating == "silu";
+            let gw = |g: Weights| -> Result<FeedForward> {
+                Ok(FeedForward::Gated {
+                    linear_in: Matrix::new(&g.get("linear_in.weight", &[2 * hidden, d])?)?,
+                    linear_out: Matrix::new(&g.get("linear_out.weight", &[d, hidden])?)?,
+                    silu,
+                })
+            };
+            if spec.weights_per_step > 0 {
+                (0..n)
+                    .map(|k| gw(lw.pp(format!("gating.{k}"))))
+                    .collect::<Result<_>>()?
+            } else {
+                vec![gw(lw.pp("gating"))?]
+            }
+        };
+        let scale = |name: &str| -> Result<Option<Vec<f32>>> {
+            if spec.layer_scale {
+                Ok(Some(lw.get(&format!("{name}.scale"), &[d])?.to_vec1()?))
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(Layer {
+            norm1: Norm::load(&lw.pp("norm1"), &spec.norm, d)?,
+            norm2: Norm::load(&lw.pp("norm2"), &spec.norm, d)?,
+            in_proj,
+            out_proj,
+            ff,
+            scale1: scale("layer_scale_1")?,
+            scale2: scale("layer_scale_2")?,
+        })
+    }
+}
+
+/// Shared, read-only facts the layers need.
+#[derive(Debug, Clone)]
+struct Dims {
+    d_model: usize,
+    num_heads: usize,
+    head_dim: usize,
+    context: Option<usize>,
+    rope: bool,
+    max_period: f32,
+    weights_per_step: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct StreamingTransformer {
+    dims: Dims,
+    sin_embedding: Option<f32>,
+    layers: Vec<Layer>,
+    /// The streaming state: one ring per layer.
+    rings: Vec<RingKv>,
+    /// Absolute position of the next step.
+    offset: usize,
+    device: Device,
+}
+
+impl StreamingTransformer {
+    /// Loads `{prefix}.layers.{i}.…`.
+    pub fn load(w: &Weights, spec: &TransformerSpec) -> Result<Self> {
+        let d = spec.d_model;
+        if spec.num_heads == 0 || d % spec.num_heads != 0 || (d / spec.num_heads) % 2 != 0 {
+            return Err(Error::config(
+                w.path(),
+                format!(
+                    "d_model {d} is not a multiple of num_heads {} with an even head size",
+                    spec.num_heads
+                ),
+            ));
+        }
+        if !matches!(
+            spec.norm.as_str(),
+            "layer_norm" | "layer_norm_f32" | "rms_norm" | "rms_norm_f32"
+        ) {
+            return Err(Error::config(
+                w.path(),
+                format!("unsupported norm `{}`", spec.norm),
+            ));
+        }
+        if !matches!(spec.gating.as_str(), "none" | "silu" | "gelu") {
+            return Err(Error::config(
+                w.path(),
+                format!("unsupported gating `{}`", spec.gating),
+            ));
+        }
+        if !matches!(
+            spec.positional_embedding.as_str(),
+            "rope" | "sin" | "sin_rope" | "none"
+        ) {
+            return Err(Error::config(
+                w.path(),
+                format!(
+                    "unsupported positional_embedding `{}`",
+                    spec.positional_embedding
+                ),
+            ));
+        }
+        if spec.context.is_none() && spec.weights_per_step == 0 {
+            return Err(Error::config(
+                w.path(),
+                "a streaming transformer needs a bounded context",
+            ));
+        }
+        let layers = (0..spec.num_layers)
+            .map(|i| Layer::load(&w.pp(format!("layers.{i}")), spec))
+            .collect::<Result<Vec<_>>>()?;
+        let sin_embedding = matches!(spec.positional_embedding.as_str(), "sin" | "sin_rope")
+            .then_some(spec.positional_scale as f32);
+        let mut t = Self {
+            dims: Dims {
+                d_model: d,
+                num_heads: spec.num_heads,
+                head_dim: d / spec.num_heads,
+                context: spec.context,
+                rope: matches!(spec.positional_embedding.as_str(), "rope" | "sin_rope"),
+                max_period: spec.max_period as f32,
+                weights_per_step: spec.weights_per_step,
+            },
+            sin_embedding,
+            layers,
+            rings: vec![],
+            offset: 0,
+            device: Device::Cpu,
+        };
+        t.set_window(false, 1);
+        Ok(t)
+    }
+
+    pub fn d_model(&self) -> usize {
+        self.dims.d_model
+    }
+
+    /// Sizes the rings for `max_steps_per_call` steps per call. With `exact`, every step
+    /// sees its whole `context` window (the reference's offline semantics, rings of
+    /// `context + max_steps_per_call - 1`); otherwise rings hold `context` steps (the
+    /// reference's streaming semantics; `weights_per_step` steps when the context is
+    /// unbounded). Resets the streaming state.
+    pub fn set_window(&mut self, exact: bool, max_steps_per_call: usize) {
+        let base = self
+            .dims
+            .context
+            .unwrap_or(self.dims.weights_per_step)
+            .max(1);
+        let capacity = if exact && self.dims.context.is_some() {
+            base + max_steps_per_call.max(1) - 1
+        } else {
+            base
+        };
+        let (heads, hd) = (self.dims.num_heads, self.dims.head_dim);
+        self.rings = (0..self.layers.len())
+            .map(|_| RingKv::new(capacity, heads, hd))
+            .collect();
+        self.offset = 0;
+    }
+
+    /// Runs `t` steps (`rows`: `t` rows of `d_model`), continuing the stream. Returns `t`
+    /// rows of `d_model`.
+    pub fn step(&mut self, rows: &[f32], t: usize) -> Result<Vec<f32>> {
+        let dims = &self.dims;
+        let d = dims.d_model;
+        if rows.len() != t * d {
+            return Err(Error::InvalidInput(format!(
+                "transformer input of {} values for {t} steps of {d}",
+                rows.len()
+            )));
+        }
+        if dims.weights_per_step > 0 && self.offset + t > dims.weights_per_step {
+            return Err(Error::InvalidInput(format!(
+                "step {} of a transformer with weights for {} steps",
+                self.offset + t,
+                dims.weights_per_step
+            )));
+        }
+        let mut x = rows.to_vec();
+        if let Some(scale) = self.sin_embedding {
+            add_sin_embedding(&mut x, d, self.offset, dims.max_period, scale);
+        }
+        let rope: Vec<Vec<(f32, f32)>> = if dims.rope {
+            (0..t)
+                .map(|i| rope_table(self.offset + i, dims.head_dim, dims.max_period))
+                .collect()
+        } else {
+            vec![]
+        };
+        for (layer, kv) in self.layers.iter().zip(self.rings.iter_mut()) {
+            if dims.weights_per_step > 0 {
+                // Each step has its own weights: one step at a time.
+                for i in 0..t {
+                    let row = &mut x[i * d..(i + 1) * d];
+                    let rope_i = if dims.rope {
+                        &rope[i..i + 1]
+                    } else {
+                        &rope[..]
+                    };
+                    layer_step(
+                        layer,
+                        self.offset + i,
+                        rope_i,
+                        kv,
+                        row,
+                        1,
+                        self.offset + i,
+                        dims,
+                        &self.device,
+                    )?;
+                }
+            } else {
+                layer_step(
+                    layer,
+                    0,
+                    &rope,
+                    kv,
+                    &mut x,
+                    t,
+                    self.offset,
+                    dims,
+                    &self.device,
+                )?;
+            }
+        }
+        self.offset += t;
+        Ok(x)
+    }
+
+    pub fn set_precision(&mut self, precision: WeightPrecision) -> Result<()> {
+        for l in &mut self.layers {
+            for m in l.in_proj.iter_mut().chain(l.out_proj.iter_mut()) {
+                m.set_precision(precision)?;
+            }
+            for f in &mut l.ff {
+                for m in f.matrices_mut() {
+                    m.set_precision(precision)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn reset(&mut self) {
+        self.offset = 0;
+        self.rings.iter_mut().for_each(RingKv::reset);
+    }
+
+    pub fn state_bytes(&self) -> usize {
+        self.rings
+            .iter()
+            .map(|r| (r.k.len() + r.v.len()) * 4 + r.pos.len() * 8)
+            .sum()
+    }
+}
+
+fn add_sin_embedding(x: &mut [f32], d: usize, offset: usize, max_period: f32, scale: f32) {
+    let half = d / 2;
+    for (t, row) in x.chunks_exact_mut(d).enumerate() {
+        let pos = (offset + t) as f32;
+        for i in 0..half {
+            let phase = pos / max_period.powf(i as f32 / (half as f32 - 1.0));
+            row[i] += scale * phase.cos();
+            row[half + i] += scale * phase.sin();
+        }
+    }
+}
+
+/// `(cos, sin)` of each rotary frequency at `pos` (the reference's interleaved RoPE).
+fn rope_table(pos: usize, head_dim: usize, max_period: f32) -> Vec<(f32, f32)> {
+    let scale = -max_period.ln() * 2.0 / head_dim as f32;
+    (0..head_dim / 2)
+        .map(|i| {
+            let angle = (i as f32 * scale).exp() * pos as f32;
+            let (sin, cos) = angle.sin_cos();
+            (cos, sin)
+        })
+        .collect()
+}
+
+/// Rotates each head of `v` by `table` (from [`rope_table`]).
+fn apply_rope(v: &mut [f32], table: &[(f32, f32)]) {
+    let head_dim = 2 * table.len();
+    for head in v.chunks_exact_mut(head_dim) {
+        for (pair, &(cos, sin)) in head.chunks_exact_mut(2).zip(table) {
+            let (re, im) = (pair[0], pair[1]);
+            pair[0] = re * cos - im * sin;
+            pair[1] = re * sin + im * cos;
+        }
+    }
+}
+
+fn layer_step(
+    layer: &Layer,
+    weights_index: usize,
+    rope: &[Vec<(f32, f32)>],
+    kv: &mut RingKv,
+    x: &mut [f32],
+    t: usize,
+    offset: usize,
+    dims: &Dims,
+    device: &Device,
+) -> Result<()> {
+    let d = dims.d_model;
+    let hd = dims.head_dim;
+    let widx = weights_index.min(layer.in_proj.len() - 1);
+    // Self-attention block.
+    let h = layer.norm1.forward(x, d);
+    let mut qkv = layer.in_proj[widx].matmul_t(&h, t)?;
+    if dims.rope {
+        for (row, table) in qkv.chunks_exact_mut(3 * d).zip(rope) {
+            let (q, rest) = row.split_at_mut(d);
+            apply_rope(q, table);
+            apply_rope(&mut rest[..d], table);
+        }
+    }
+    for (i, row) in qkv.chunks_exact(3 * d).enumerate() {
+        kv.push(&row[d..2 * d], &row[2 * d..], (offset + i) as i64);
+    }
+    // Queries of all `t` steps, head by head: `[heads][t][head_dim]`, pre-scaled.
+    let inv_sqrt = 1.0 / (hd as f32).sqrt();
+    let mut q = vec![0f32; t * d];
+    for (i, row) in qkv.chunks_exact(3 * d).enumerate() {
+        for h in 0..dims.num_heads {
+            let dst = &mut q[(h * t + i) * hd..(h * t + i + 1) * hd];
+            dst.iter_mut()
+                .zip(&row[h * hd..(h + 1) * hd])
+                .for_each(|(o, v)| *o = v * inv_sqrt);
+        }
+    }
+    let cap = kv.capacity;
+    let context = dims.context.map_or(i64::MAX, |c| c as i64);
+    let mut attn = vec![0f32; t * d];
+    let mut scores = vec![0f32; cap * t];
+    let mut probs = vec![0f32; cap];
+    for h in 0..dims.num_heads {
+        // scores[j * t + i]: key slot j against query i.
+        dot_rows(
+            kv.head_keys(h),
+            hd,
+            &q[h * t * hd..(h + 1) * t * hd],
+            t,
+            &mut scores,
+        );
+        for i in 0..t {
+            let pos_q = (offset + i) as i64;
+            let mut max = f32::NEG_INFINITY;
+            for (j, p) in probs.iter_mut().enumerate() {
+                let pk = kv.pos[j];
+                let delta = pos_q - pk;
+                *p = if pk >= 0 && delta >= 0 && delta < context {
+                    scores[j * t + i]
+                } else {
+                    f32::NEG_INFINITY
+                };
+                max = max.max(*p);
+            }
+            let mut sum = 0f32;
+            for p in probs.iter_mut() {
+                *p = if p.is_finite() { (*p - max).exp() } else { 0.0 };
+                sum += *p;
+            }
+            let inv = 1.0 / sum;
+            probs.iter_mut().for_each(|p| *p *= inv);
+            let out = &mut attn[i * d + h * hd..i * d + (h + 1) * hd];
+            weighted_sum_rows(kv.head_values(h), hd, &probs, out);
+        }
+    }
+    let update = layer.out_proj[widx].matmul_t(&attn, t)?;
+    residual_add(x, &update, layer.scale1.as_deref(), d);
+    // Feed-forward block.
+    let h = layer.norm2.forward(x, d);
+    let update = layer.ff[weights_index.min(layer.ff.len() - 1)].forward(&h, t, device)?;
+    residual_add(x, &update, layer.scale2.as_deref(), d);
+    Ok(())
+}
+
+fn residual_add(x: &mut [f32], update: &[f32], scale: Option<&[f32]>, d: usize) {
+    match scale {
+        Some(s) => {
+            for (i, (xv, u)) in x.iter_mut().zip(update).enumerate() {
+                *xv += s[i % d] * u;
+            }
+        }
+        None => x.iter_mut().zip(update).for_each(|(xv, u)| *xv += u),
+    }
+}
