@@ -111,6 +111,21 @@ impl Matrix {
         &self.tensor
     }
 
+    /// Adds row `i` (widened to f32) to `out`: an embedding lookup.
+    pub fn add_row_to(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        if i >= self.rows || out.len() != self.cols {
+            return Err(Error::InvalidInput(format!(
+                "row {i} of a {}x{} matrix into {} values",
+                self.rows,
+                self.cols,
+                out.len()
+            )));
+        }
+        let row: Vec<f32> = self.tensor.get(i)?.to_dtype(DType::F32)?.to_vec1()?;
+        out.iter_mut().zip(&row).for_each(|(o, v)| *o += v);
+        Ok(())
+    }
+
     /// `out[i][j] = sum_k self[j][k] * x[i][k]`: `x` is `m` rows of `cols`, the result `m`
     /// rows of `rows` (that is `x @ self^T`, a linear layer without bias).
     pub fn matmul_t(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {

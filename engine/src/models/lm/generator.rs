@@ -1,0 +1,217 @@
+//! Frame-by-frame generation with per-stream delays (the reference's `LMGen`).
+//!
+//! Each call takes one frame of the user's audio codes and returns that frame's output:
+//! the model's text token and, for models that speak, its audio tokens, once the delays
+//! allow (nothing during the first `max(delays)` steps, as the reference). Stream `k` at
+//! step `t` feeds the token of step `t - delays[k]`; tokens are kept in a ring of
+//! `max(delays) + 2` steps, so memory stays constant.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::{LmModel, TemporalOutput};
+use crate::{Error, Result};
+
+/// Token id of a stream position not generated yet (the reference's -2).
+const UNGENERATED: i64 = -2;
+
+/// How tokens are chosen from logits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// 0 (or less): greedy.
+    pub temp: f32,
+    /// Keep the `top_k` most likely tokens (0: all).
+    pub top_k: usize,
+}
+
+impl Sampling {
+    pub const GREEDY: Sampling = Sampling {
+        temp: 0.0,
+        top_k: 0,
+    };
+
+    /// Picks a token from `logits`.
+    pub fn choose(&self, logits: &[f32], rng: &mut StdRng) -> u32 {
+        if self.temp <= 0.0 {
+            // The first maximum, as torch.argmax.
+            let mut best = 0;
+            for (i, &v) in logits.iter().enumerate() {
+                if v > logits[best] {
+                    best = i;
+                }
+            }
+            return best as u32;
+        }
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        if self.top_k > 0 && self.top_k < logits.len() {
+            idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+            idx.truncate(self.top_k);
+        }
+        let max = idx
+            .iter()
+            .map(|&i| logits[i])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f64> = idx
+            .iter()
+            .map(|&i| (((logits[i] - max) / self.temp) as f64).exp())
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let mut r = rng.random::<f64>() * total;
+        for (&i, w) in idx.iter().zip(&weights) {
+            if r < *w {
+                return i as u32;
+            }
+            r -= w;
+        }
+        idx[idx.len() - 1] as u32
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GenConfig {
+    pub text: Sampling,
+    pub audio: Sampling,
+    pub seed: u64,
+}
+
+impl Default for GenConfig {
+    fn default() -> Self {
+        Self {
+            text: Sampling::GREEDY,
+            audio: Sampling::GREEDY,
+            seed: 0,
+        }
+    }
+}
+
+/// One step's output.
+#[derive(Debug, Clone)]
+pub struct GenStep {
+    /// The model's streams (text, then its `dep_q` audio codebooks) aligned in time, once
+    /// the delays allow; None during the first `max(delays)` steps.
+    pub tokens: Option<Vec<i64>>,
+    /// This step's text token, before any delay is undone.
+    pub text_token: u32,
+    /// This step's text logits.
+    pub text_logits: Vec<f32>,
+    /// This step's extra-head probabilities (end-of-turn heads), one vector per head.
+    pub extra_heads: Vec<Vec<f32>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LmGen {
+    model: LmModel,
+    cfg: GenConfig,
+    rng: StdRng,
+    /// `[streams][max_delay + 2]`.
+    cache: Vec<Vec<i64>>,
+    offset: usize,
+    max_delay: usize,
+}
+
+impl LmGen {
+    pub fn new(model: LmModel, cfg: GenConfig) -> Self {
+        let k = model.config().num_codebooks();
+        let max_delay = model.config().delays.iter().copied().max().unwrap_or(0);
+        Self {
+            model,
+            rng: StdRng::seed_from_u64(cfg.seed),
+            cfg,
+            cache: vec![vec![UNGENERATED; max_delay + 2]; k],
+            offset: 0,
+            max_delay,
+        }
+    }
+
+    pub fn model(&self) -> &LmModel {
+        &self.model
+    }
+
+    /// Steps with no output at the start of a stream.
+    pub fn max_delay(&self) -> usize {
+        self.max_delay
+    }
+
+    /// Input codebooks the model needs per step (the user's audio stream).
+    pub fn input_codebooks(&self) -> usize {
+        let c = self.model.config();
+        c.num_codebooks() - c.dep_q - 1
+    }
+
+    /// Starts a new stream.
+    pub fn reset(&mut self) {
+        self.model.reset();
+        self.cache.iter_mut().for_each(|c| c.fill(UNGENERATED));
+        self.offset = 0;
+        self.rng = StdRng::seed_from_u64(self.cfg.seed);
+    }
+
+    /// One step: `input` holds at least [`Self::input_codebooks`] codes of the user's audio
+    /// for this frame (extra ones are ignored, as the reference does).
+    pub fn step(&mut self, input: &[u32]) -> Result<GenStep> {
+        let cfg = self.model.config().clone();
+        let needed = self.input_codebooks();
+        if input.len() < needed {
+            return Err(Error::InvalidInput(format!(
+                "{} input codes for a model that reads {needed} per step",
+                input.len()
+            )));
+        }
+        if let Some(bad) = input[..needed].iter().find(|&&c| c as usize >= cfg.card) {
+            return Err(Error::InvalidInput(format!(
+                "audio code {bad} is outside 0..{}",
+                cfg.card
+            )));
+        }
+        let ct = self.max_delay + 2;
+        let k_total = cfg.num_codebooks();
+        for k in cfg.dep_q + 1..k_total {
+            self.cache[k][(self.offset + cfg.delays[k]) % ct] = input[k - cfg.dep_q - 1] as i64;
+        }
+        let tokens_in: Vec<i64> = (0..k_total)
+            .map(|k| {
+                if self.offset <= cfg.delays[k] {
+                    if k == 0 {
+                        cfg.text_card as i64
+                    } else {
+                        cfg.card as i64
+                    }
+                } else {
+                    self.cache[k][self.offset % ct]
+                }
+            })
+            .collect();
+        let TemporalOutput {
+            hidden,
+            text_logits,
+        } = self.model.temporal_step(&tokens_in)?;
+        let text_token = self.cfg.text.choose(&text_logits, &mut self.rng);
+        let audio = if cfg.dep_q > 0 {
+            let (sampling, rng) = (self.cfg.audio, &mut self.rng);
+            self.model
+                .depformer_step(text_token as i64, &hidden, |_, logits| {
+                    sampling.choose(logits, rng)
+                })?
+        } else {
+            vec![]
+        };
+        let extra_heads = self.model.extra_heads(&hidden)?;
+        self.offset += 1;
+        let pos = self.offset % ct;
+        self.cache[0][pos] = text_token as i64;
+        for (k, &a) in audio.iter().enumerate() {
+            self.cache[k + 1][pos] = a as i64;
+        }
+        let tokens = (self.offset > self.max_delay).then(|| {
+            (0..=cfg.dep_q)
+                .map(|k| self.cache[k][(self.offset - self.max_delay + cfg.delays[k]) % ct])
+                .collect()
+        });
+        Ok(GenStep {
+            tokens,
+            text_token,
+            text_logits,
+            extra_heads,
+        })
+    }
+}

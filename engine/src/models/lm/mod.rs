@@ -1,0 +1,324 @@
+//! Kyutai's delayed-streams language model (the reference's `LMModel`): one temporal
+//! transformer over the sum of a text embedding and one embedding per audio codebook, a
+//! text head, and, when the model speaks, a depformer that produces its audio codebooks
+//! one after the other within each step. [`generator::LmGen`] runs it frame by frame with
+//! the per-stream delays.
+
+pub mod config;
+pub mod generator;
+
+use std::path::Path;
+
+pub use config::LmConfig;
+
+use crate::compute::cpu::{Matrix, WeightPrecision};
+use crate::models::transformer::{StreamingTransformer, TransformerSpec};
+use crate::models::weights::Weights;
+use crate::{Error, Result};
+
+/// Token id meaning "no input here": its embedding is zero (the reference's `zero_idx`).
+pub const ZERO_TOKEN: i64 = -1;
+
+/// An embedding table; row `i` is token `i`'s vector.
+#[derive(Debug, Clone)]
+struct Embedding {
+    table: Matrix,
+}
+
+impl Embedding {
+    fn load(w: &Weights, rows: usize, dim: usize) -> Result<Self> {
+        Ok(Self {
+            table: Matrix::new(&w.get("weight", &[rows, dim])?)?,
+        })
+    }
+
+    /// Adds token `id`'s vector to `out` (nothing for [`ZERO_TOKEN`]).
+    fn add_to(&self, id: i64, out: &mut [f32]) -> Result<()> {
+        if id == ZERO_TOKEN {
+            return Ok(());
+        }
+        if id < 0 || id as usize >= self.table.rows() {
+            return Err(Error::InvalidInput(format!(
+                "token {id} is outside this embedding's 0..{}",
+                self.table.rows()
+            )));
+        }
+        self.table.add_row_to(id as usize, out)
+    }
+}
+
+/// A linear layer with an optional bias.
+#[derive(Debug, Clone)]
+struct Linear {
+    weight: Matrix,
+    bias: Option<Vec<f32>>,
+}
+
+impl Linear {
+    fn load(w: &Weights, out_dim: usize, in_dim: usize, bias: bool) -> Result<Self> {
+        Ok(Self {
+            weight: Matrix::new(&w.get("weight", &[out_dim, in_dim])?)?,
+            bias: if bias {
+                Some(w.get("bias", &[out_dim])?.to_vec1()?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let mut y = self.weight.matmul_t(x, 1)?;
+        if let Some(b) = &self.bias {
+            y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+        }
+        Ok(y)
+    }
+}
+
+/// The output norm: the main transformer's norm kind, applied to one row.
+#[derive(Debug, Clone)]
+enum OutNorm {
+    Layer {
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        eps: f32,
+    },
+    Rms {
+        alpha: Vec<f32>,
+        eps: f32,
+    },
+}
+
+impl OutNorm {
+    fn load(w: &Weights, kind: &str, dim: usize) -> Result<Self> {
+        Ok(match kind {
+            "layer_norm" | "layer_norm_f32" => OutNorm::Layer {
+                weight: w.get("weight", &[dim])?.to_vec1()?,
+                bias: w.get("bias", &[dim])?.to_vec1()?,
+                eps: if kind == "layer_norm" { 1e-5 } else { 1e-8 },
+            },
+            _ => OutNorm::Rms {
+                alpha: w.get("alpha", &[1, 1, dim])?.flatten_all()?.to_vec1()?,
+                eps: if kind == "rms_norm" { 1e-5 } else { 1e-8 },
+            },
+        })
+    }
+
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let n = x.len() as f32;
+        match self {
+            OutNorm::Layer { weight, bias, eps } => {
+                let mean = x.iter().sum::<f32>() / n;
+                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+                let inv = 1.0 / (var + eps).sqrt();
+                x.iter()
+                    .zip(weight.iter().zip(bias))
+                    .map(|(v, (w, b))| (v - mean) * inv * w + b)
+                    .collect()
+            }
+            OutNorm::Rms { alpha, eps } => {
+                let inv = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / n + eps).sqrt();
+                x.iter().zip(alpha).map(|(v, a)| v * a * inv).collect()
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Depformer {
+    /// One input projection per generated codebook (multi-linear), or one shared.
+    inputs: Vec<Matrix>,
+    /// Embeddings of the previous token: text for codebook 0, then codebooks 0..dep_q-1.
+    text_emb: Embedding,
+    emb: Vec<Embedding>,
+    transformer: StreamingTransformer,
+    heads: Vec<Linear>,
+}
+
+/// What one step of the temporal transformer gives.
+#[derive(Debug, Clone)]
+pub struct TemporalOutput {
+    /// The transformer's output after the output norm (`dim` values).
+    pub hidden: Vec<f32>,
+    pub text_logits: Vec<f32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LmModel {
+    cfg: LmConfig,
+    text_emb: Embedding,
+    emb: Vec<Embedding>,
+    transformer: StreamingTransformer,
+    out_norm: OutNorm,
+    text_linear: Linear,
+    extra_heads: Vec<Matrix>,
+    depformer: Option<Depformer>,
+}
+
+impl LmModel {
+    /// Loads a checkpoint (published PyTorch parameter names) for `cfg`.
+    pub fn load(weights: &Path, cfg: LmConfig) -> Result<Self> {
+        cfg.validate().map_err(|r| Error::config(weights, r))?;
+        Self::from_weights(&Weights::load(weights)?, cfg)
+    }
+
+    /// Builds the model from loaded tensors; fails on any missing, misshapen or unused one.
+    pub fn from_weights(w: &Weights, cfg: LmConfig) -> Result<Self> {
+        let d = cfg.dim;
+        let text_out = cfg.text_card_out.unwrap_or(cfg.text_card);
+        let depformer = if cfg.dep_q > 0 {
+            let dd = cfg.depformer_dim;
+            let n_in = if cfg.depformer_multi_linear {
+                cfg.dep_q
+            } else {
+                1
+            };
+            let spec: TransformerSpec = cfg.depformer_spec();
+            Some(Depformer {
+                inputs: (0..n_in)
+                    .map(|k| Matrix::new(&w.get(&format!("depformer_in.{k}.weight"), &[dd, d])?))
+                    .collect::<Result<_>>()?,
+                text_emb: Embedding::load(&w.pp("depformer_text_emb"), cfg.text_card + 1, dd)?,
+                emb: (0..cfg.dep_q - 1)
+                    .map(|k| Embedding::load(&w.pp(format!("depformer_emb.{k}")), cfg.card + 1, dd))
+                    .collect::<Result<_>>()?,
+                transformer: StreamingTransformer::load(&w.pp("depformer"), &spec)?,
+                heads: (0..cfg.dep_q)
+                    .map(|k| {
+                        Linear::load(&w.pp(format!("linears.{k}")), cfg.card, dd, cfg.bias_proj)
+                    })
+                    .collect::<Result<_>>()?,
+            })
+        } else {
+            // The reference builds this projection even without a depformer; it is unused.
+            w.skip("depformer_in.0.weight");
+            None
+        };
+        let model = Self {
+            text_emb: Embedding::load(&w.pp("text_emb"), cfg.text_card + 1, d)?,
+            emb: (0..cfg.n_q)
+                .map(|k| Embedding::load(&w.pp(format!("emb.{k}")), cfg.card + 1, d))
+                .collect::<Result<_>>()?,
+            transformer: StreamingTransformer::load(&w.pp("transformer"), &cfg.transformer_spec())?,
+            out_norm: OutNorm::load(&w.pp("out_norm"), &cfg.norm, d)?,
+            text_linear: Linear::load(&w.pp("text_linear"), text_out, d, cfg.bias_proj)?,
+            extra_heads: (0..cfg.extra_heads_num_heads)
+                .map(|k| {
+                    Matrix::new(&w.get(
+                        &format!("extra_heads.{k}.weight"),
+                        &[cfg.extra_heads_dim, d],
+                    )?)
+                })
+                .collect::<Result<_>>()?,
+            depformer,
+            cfg,
+        };
+        w.finish()?;
+        Ok(model)
+    }
+
+    pub fn config(&self) -> &LmConfig {
+        &self.cfg
+    }
+
+    /// One step of the temporal transformer. `tokens`: the text token then one token per
+    /// audio codebook (`n_q + 1` ids; [`ZERO_TOKEN`] for none).
+    pub fn temporal_step(&mut self, tokens: &[i64]) -> Result<TemporalOutput> {
+        if tokens.len() != self.cfg.num_codebooks() {
+            return Err(Error::InvalidInput(format!(
+                "{} tokens for a model of {} streams",
+                tokens.len(),
+                self.cfg.num_codebooks()
+            )));
+        }
+        let mut x = vec![0f32; self.cfg.dim];
+        for (emb, &tok) in self.emb.iter().zip(&tokens[1..]) {
+            emb.add_to(tok, &mut x)?;
+        }
+        self.text_emb.add_to(tokens[0], &mut x)?;
+        let y = self.transformer.step(&x, 1)?;
+        let hidden = self.out_norm.forward(&y);
+        let text_logits = self.text_linear.forward(&hidden)?;
+        Ok(TemporalOutput {
+            hidden,
+            text_logits,
+        })
+    }
+
+    /// The extra heads' probabilities (softmax over `extra_heads_dim`) for `hidden`.
+    pub fn extra_heads(&self, hidden: &[f32]) -> Result<Vec<Vec<f32>>> {
+        self.extra_heads
+            .iter()
+            .map(|h| Ok(softmax(&h.matmul_t(hidden, 1)?)))
+            .collect()
+    }
+
+    /// Runs the depformer for one step: `choose(codebook, logits)` picks each audio token
+    /// from its logits, in order, each conditioning the next. Returns `dep_q` tokens.
+    pub fn depformer_step(
+        &mut self,
+        text_token: i64,
+        hidden: &[f32],
+        mut choose: impl FnMut(usize, &[f32]) -> u32,
+    ) -> Result<Vec<u32>> {
+        let dep = self
+            .depformer
+            .as_mut()
+            .ok_or_else(|| Error::InvalidInput("this model has no depformer".into()))?;
+        dep.transformer.reset();
+        let mut prev = text_token;
+        let mut out = Vec::with_capacity(dep.heads.len());
+        for k in 0..dep.heads.len() {
+            let input = &dep.inputs[k.min(dep.inputs.len() - 1)];
+            let mut x = input.matmul_t(hidden, 1)?;
+            if k == 0 {
+                dep.text_emb.add_to(prev, &mut x)?;
+            } else {
+                dep.emb[k - 1].add_to(prev, &mut x)?;
+            }
+            let y = dep.transformer.step(&x, 1)?;
+            let logits = dep.heads[k].forward(&y)?;
+            let tok = choose(k, &logits);
+            out.push(tok);
+            prev = tok as i64;
+        }
+        Ok(out)
+    }
+
+    /// Clears the streaming state (attention rings and positions).
+    pub fn reset(&mut self) {
+        self.transformer.reset();
+        if let Some(d) = &mut self.depformer {
+            d.transformer.reset();
+        }
+    }
+
+    /// Bytes of streaming state; fixed whatever the session's length.
+    pub fn state_bytes(&self) -> usize {
+        self.transformer.state_bytes()
+            + self
+                .depformer
+                .as_ref()
+                .map_or(0, |d| d.transformer.state_bytes())
+    }
+
+    /// Holds the large weight matrices in `precision` (see [`WeightPrecision`]).
+    pub fn set_weight_precision(&mut self, precision: WeightPrecision) -> Result<()> {
+        self.transformer.set_precision(precision)?;
+        self.text_linear.weight.set_precision(precision)?;
+        if let Some(d) = &mut self.depformer {
+            d.transformer.set_precision(precision)?;
+            for m in d.inputs.iter_mut() {
+                m.set_precision(precision)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn softmax(x: &[f32]) -> Vec<f32> {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = x.iter().map(|v| (v - max).exp()).collect();
+    let sum: f32 = e.iter().sum();
+    e.iter().map(|v| v / sum).collect()
+}
