@@ -3,5 +3,6 @@
 pub mod kyutai_config;
 pub mod lm;
 pub mod mimi;
+pub mod tokenizer;
 pub mod transformer;
 pub mod weights;
