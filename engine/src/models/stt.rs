@@ -1,0 +1,285 @@
+//! Speech-to-text with a delayed-streams model, following the procedure of Kyutai's
+//! reference script (delayed-streams-modeling, `scripts/stt_from_file_pytorch.py`): a
+//! silence prefix, the audio frame by frame, silence for the model's audio delay at the
+//! end, one text token per frame, and words with start and end times taken from the
+//! end-of-padding tokens.
+
+use serde::Deserialize;
+
+use super::lm::generator::LmGen;
+use super::mimi::Mimi;
+use super::tokenizer::TextTokenizer;
+use crate::Result;
+
+/// The token that marks the start of a word (end of the padding before it).
+pub const END_OF_PADDING_ID: u32 = 0;
+
+/// `stt_config` in a model's config.json; defaults as the reference script's.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct SttConfig {
+    pub audio_silence_prefix_seconds: f64,
+    pub audio_delay_seconds: f64,
+}
+
+impl Default for SttConfig {
+    fn default() -> Self {
+        Self {
+            audio_silence_prefix_seconds: 1.0,
+            audio_delay_seconds: 5.0,
+        }
+    }
+}
+
+/// A transcribed word with its time span in the input audio, in seconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Word {
+    pub text: String,
+    pub start_s: f64,
+    pub end_s: f64,
+}
+
+/// Words and their times from one text token per frame, as the reference's
+/// `tokens_to_timestamped_text`: each word is the text between two end-of-padding tokens
+/// (ids above `padding_id` only); a segment holding several words gives each as many
+/// frames as it has tokens; the last word ends at the end-of-stream token, else one second
+/// later or at the end of the stream, whichever is first. Times are frame positions over
+/// `frame_rate_hz` minus `offset_s`, floored at 0. (Where the reference script would fail,
+/// the last word ending a second before the stream does, its end is taken as one second.)
+pub fn timestamped_words(
+    tokens: &[u32],
+    tokenizer: &TextTokenizer,
+    frame_rate_hz: f64,
+    padding_id: u32,
+    offset_s: f64,
+) -> Result<Vec<Word>> {
+    let span = |a: f64, b: f64| {
+        (
+            (a / frame_rate_hz - offset_s).max(0.0),
+            (b / frame_rate_hz - offset_s).max(0.0),
+        )
+    };
+    let mut words = vec![];
+    let mut segment = |start: usize, end_slice: usize, end_time: f64| -> Result<()> {
+        let ids: Vec<u32> = tokens[start..end_slice.max(start)]
+            .iter()
+            .copied()
+            .filter(|&t| t > padding_id)
+            .collect();
+        let text = tokenizer.decode(&ids)?;
+        let parts: Vec<&str> = text.split_whitespace().collect();
+        match parts.len() {
+            0 => {}
+            1 => {
+                let (s, e) = span(start as f64, end_time);
+                words.push(Word {
+                    text: text.clone(),
+                    start_s: s,
+                    end_s: e,
+                });
+            }
+            n => {
+                let mut at = start;
+                for w in &parts[..n - 1] {
+                    let len = tokenizer.encode(w)?.len();
+                    let (s, e) = span(at as f64, (at + len) as f64);
+                    words.push(Word {
+                        text: w.to_string(),
+                        start_s: s,
+                        end_s: e,
+                    });
+                    at += len;
+                }
+                let (s, e) = span(at as f64, end_time);
+                words.push(Word {
+                    text: parts[n - 1].to_string(),
+                    start_s: s,
+                    end_s: e,
+                });
+            }
+        }
+        Ok(())
+    };
+    let bounds: Vec<usize> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t == END_OF_PADDING_ID)
+        .map(|(i, _)| i)
+        .collect();
+    let Some(&last) = bounds.last() else {
+        return Ok(words);
+    };
+    for pair in bounds.windows(2) {
+        segment(pair[0] + 1, pair[1], pair[1] as f64)?;
+    }
+    let start = last + 1;
+    let eos = tokenizer.eos_id().and_then(|eos| {
+        tokens[start.min(tokens.len())..]
+            .iter()
+            .position(|&t| t == eos)
+    });
+    match eos {
+        Some(i) => segment(start, start + i, (start + i) as f64)?,
+        None => {
+            let end = (tokens.len() as f64).min(start as f64 + frame_rate_hz);
+            segment(start, end.floor() as usize, end)?
+        }
+    }
+    Ok(words)
+}
+
+/// What one frame of transcription gives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SttStep {
+    /// The text token of this frame (None while the model's delays hold output back).
+    pub token: Option<u32>,
+    /// Probability that the speaker's turn has ended (extra head 2, entry 0, as the
+    /// reference script reads it), for models with that head.
+    pub end_of_turn: Option<f32>,
+}
+
+/// The result of transcribing a recording.
+#[derive(Debug, Clone)]
+pub struct Transcript {
+    /// One text token per frame, silence prefix and suffix included.
+    pub tokens: Vec<u32>,
+    pub words: Vec<Word>,
+    /// Per frame, the end-of-turn probability (empty for models without that head).
+    pub end_of_turn: Vec<f32>,
+    /// Seconds of model time before the input's time 0 (prefix and delay).
+    pub offset_s: f64,
+}
+
+/// Mimi and an STT model, run frame by frame.
+#[derive(Debug)]
+pub struct Transcriber {
+    pub mimi: Mimi,
+    pub gen: LmGen,
+    pub tokenizer: TextTokenizer,
+    pub cfg: SttConfig,
+    pub padding_id: u32,
+}
+
+impl Transcriber {
+    fn frame_rate_hz(&self) -> f64 {
+        self.mimi.config().frame_rate
+    }
+
+    /// Frames of silence before the audio.
+    pub fn prefix_frames(&self) -> usize {
+        (self.cfg.audio_silence_prefix_seconds * self.frame_rate_hz()).ceil() as usize
+    }
+
+    /// Frames of silence after the audio, to flush the model's delay.
+    pub fn suffix_frames(&self) -> usize {
+        (self.cfg.audio_delay_seconds * self.frame_rate_hz()).ceil() as usize
+    }
+
+    /// The time offset of the reference script: whole seconds of prefix, plus the delay.
+    pub fn offset_s(&self) -> f64 {
+        (self.prefix_frames() as f64 / self.frame_rate_hz()).trunc() + self.cfg.audio_delay_seconds
+    }
+
+    /// Starts a new stream.
+    pub fn reset(&mut self) {
+        self.mimi.reset();
+        self.gen.reset();
+    }
+
+    /// One frame of audio (exactly the frame size).
+    pub fn step(&mut self, frame: &[f32]) -> Result<SttStep> {
+        let codes = self.mimi.encode_step(frame)?;
+        let step = self.gen.step(&codes)?;
+        Ok(SttStep {
+            token: step.tokens.map(|t| t[0] as u32),
+            end_of_turn: step.extra_heads.get(2).and_then(|h| h.first().copied()),
+        })
+    }
+
+    /// Transcribes a whole recording (24 kHz mono), calling `on_step` after every frame.
+    pub fn transcribe(
+        &mut self,
+        pcm: &[f32],
+        mut on_step: impl FnMut(&SttStep, &TextTokenizer),
+    ) -> Result<Transcript> {
+        self.reset();
+        let fs = self.mimi.frame_size();
+        let silence = vec![0f32; fs];
+        let mut audio = pcm.to_vec();
+        audio.resize(pcm.len().div_ceil(fs) * fs, 0.0);
+        let frames = std::iter::repeat_n(silence.as_slice(), self.prefix_frames())
+            .chain(audio.chunks(fs))
+            .chain(std::iter::repeat_n(
+                silence.as_slice(),
+                self.suffix_frames(),
+            ));
+        let mut tokens = vec![];
+        let mut end_of_turn = vec![];
+        for frame in frames {
+            let step = self.step(frame)?;
+            if let Some(t) = step.token {
+                tokens.push(t);
+            }
+            if let Some(p) = step.end_of_turn {
+                end_of_turn.push(p);
+            }
+            on_step(&step, &self.tokenizer);
+        }
+        let offset_s = self.offset_s();
+        let words = timestamped_words(
+            &tokens,
+            &self.tokenizer,
+            self.frame_rate_hz(),
+            self.padding_id,
+            offset_s,
+        )?;
+        Ok(Transcript {
+            tokens,
+            words,
+            end_of_turn,
+            offset_s,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn timestamps_match_the_reference_script() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/stt-tiny");
+        let tok = TextTokenizer::load(&dir.join("tokenizer.model")).expect("tokenizer");
+        let text = std::fs::read_to_string(dir.join("timestamp_cases.json")).expect("cases");
+        let cases: serde_json::Value = serde_json::from_str(&text).expect("json");
+        let mut nonempty = 0;
+        for case in cases.as_array().expect("cases") {
+            let name = case["name"].as_str().expect("name");
+            let tokens: Vec<u32> = case["tokens"]
+                .as_array()
+                .expect("tokens")
+                .iter()
+                .map(|v| v.as_u64().expect("id") as u32)
+                .collect();
+            let offset = case["offset_seconds"].as_f64().expect("offset");
+            let got = timestamped_words(&tokens, &tok, 12.5, 3, offset).expect("words");
+            let want = case["words"].as_array().expect("words");
+            assert_eq!(got.len(), want.len(), "{name} @ {offset}: {got:?}");
+            for (g, w) in got.iter().zip(want) {
+                assert_eq!(g.text, w["text"].as_str().expect("text"), "{name}");
+                // The reference computes times in float32 tensors.
+                assert!(
+                    (g.start_s - w["start"].as_f64().expect("s")).abs() < 1e-5,
+                    "{name}: {g:?} vs {w}"
+                );
+                assert!(
+                    (g.end_s - w["end"].as_f64().expect("e")).abs() < 1e-5,
+                    "{name}: {g:?} vs {w}"
+                );
+            }
+            nonempty += usize::from(!got.is_empty());
+        }
+        assert!(nonempty >= 6, "too few cases with words");
+    }
+}
