@@ -1,6 +1,7 @@
 //! `parley`: the command line (and, later, the desktop app).
 
 mod bench;
+mod lm_cmd;
 mod mimi_cmd;
 
 use std::process::ExitCode;
@@ -23,6 +24,10 @@ enum Command {
     /// Mimi, the audio codec: audio to codes and back.
     #[command(subcommand)]
     Mimi(mimi_cmd::MimiCommand),
+    /// Transcribe a recording with a delayed-streams speech-to-text model.
+    Stt(lm_cmd::SttArgs),
+    /// Run a full-duplex Moshi-style model over a recording of the user.
+    Moshi(lm_cmd::MoshiArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -33,6 +38,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Mimi(cmd)) => mimi_cmd::run(cmd),
         Some(Command::Bench(cmd)) => bench::run(cmd),
+        Some(Command::Stt(args)) => lm_cmd::stt(args),
+        Some(Command::Moshi(args)) => lm_cmd::moshi(args),
         None => {
             eprintln!("parley: the desktop window is not built yet; these commands work today:\n");
             use clap::CommandFactory;

@@ -244,3 +244,129 @@ fn bad_inputs_fail_cleanly_and_say_what_is_wrong() {
     ]);
     assert_clean_failure(&out, "--model-dir");
 }
+
+fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+#[test]
+fn stt_transcribes_a_recording_with_word_times() {
+    let dir = fixture_dir("stt-tiny");
+    let input = fixtures().join("input.wav");
+    let tokens = tmp("stt_tokens.npy");
+    let out = parley(&[
+        "stt",
+        s(&input),
+        "--model-dir",
+        s(&dir),
+        "--json",
+        "--vad",
+        "--dump-tokens",
+        s(&tokens),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 1 s of silence prefix (13 frames), 59 frames of audio, 0.5 s of delay flush (7).
+    let t = candle_core::Tensor::read_npy(&tokens).expect("npy");
+    assert_eq!(t.dims(), [13 + 59 + 7]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut words = 0;
+    for line in stdout.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("one JSON object per line");
+        if v["type"] == "word" {
+            let (a, b) = (
+                v["start"].as_f64().expect("start"),
+                v["end"].as_f64().expect("end"),
+            );
+            assert!(0.0 <= a && a <= b && b <= 4.7, "{line}");
+            assert!(!v["text"].as_str().expect("text").trim().is_empty());
+            words += 1;
+        }
+    }
+    assert!(words > 0, "no words in {stdout}");
+}
+
+#[test]
+fn moshi_replies_with_audio_and_tokens() {
+    let dir = fixture_dir("moshi-tiny");
+    let input = fixtures().join("input.wav");
+    let (wav, tokens, tokens2) = (
+        tmp("reply.wav"),
+        tmp("moshi_tokens.npy"),
+        tmp("moshi_tokens2.npy"),
+    );
+    for t in [&tokens, &tokens2] {
+        let out = parley(&[
+            "moshi",
+            s(&input),
+            "--model-dir",
+            s(&dir),
+            "--out",
+            s(&wav),
+            "--dump-tokens",
+            s(t),
+            "--temp",
+            "0.8",
+            "--temp-text",
+            "0.7",
+            "--seed",
+            "5",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let a = candle_core::Tensor::read_npy(&tokens).expect("npy");
+    // 59 frames, the first max(delays) = 1 held back: [1 + dep_q, 58].
+    assert_eq!(a.dims(), [9, 58]);
+    let b = candle_core::Tensor::read_npy(&tokens2).expect("npy");
+    assert_eq!(
+        a.to_vec2::<i64>().expect("a"),
+        b.to_vec2::<i64>().expect("b"),
+        "same seed, same reply"
+    );
+    let reader = hound::WavReader::open(&wav).expect("wav");
+    assert_eq!(reader.len(), 59 * 1920);
+}
+
+#[test]
+fn lm_commands_reject_bad_model_directories() {
+    let input = fixtures().join("input.wav");
+    // A codec-only directory: its config.json describes no language model.
+    let out = parley(&["stt", s(&input), "--model-dir", s(&fixtures())]);
+    assert_clean_failure(&out, "num_layers must be set");
+    let broken = tmp("broken-model");
+    std::fs::create_dir_all(&broken).expect("dir");
+    for f in [
+        "mimi.safetensors",
+        "mimi_config.json",
+        "tokenizer.model",
+        "model.safetensors",
+    ] {
+        std::fs::copy(fixture_dir("stt-tiny").join(f), broken.join(f)).expect("copy");
+    }
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir("stt-tiny").join("config.json")).expect("config"),
+    )
+    .expect("json");
+    cfg["num_layers"] = serde_json::json!(3);
+    std::fs::write(broken.join("config.json"), cfg.to_string()).expect("write");
+    let out = parley(&["stt", s(&input), "--model-dir", s(&broken)]);
+    assert_clean_failure(&out, "transformer.layers.2");
+    let out = parley(&[
+        "moshi",
+        s(&input),
+        "--model-dir",
+        s(&fixture_dir("stt-tiny")),
+        "--out",
+        s(&tmp("x.wav")),
+    ]);
+    assert_clean_failure(&out, "parley stt");
+}

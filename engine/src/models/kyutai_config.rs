@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::lm::{LmConfig, LmModel};
 use super::mimi::{Mimi, MimiConfig};
+use super::stt::SttConfig;
+use super::tokenizer::TextTokenizer;
 use crate::{Error, Result};
 
 /// The reference's defaults for repositories that leave a name out (`loaders.py`).
@@ -28,6 +31,8 @@ pub struct KyutaiConfig {
     /// Audio codebooks the LM sees in total, and those it generates (`n_q`, `dep_q`).
     pub n_q: Option<usize>,
     pub dep_q: Option<usize>,
+    /// The padding token the reference STT script reads (default 3).
+    pub text_padding_token_id: Option<u32>,
     #[serde(default)]
     pub tts_config: serde_json::Map<String, serde_json::Value>,
     #[serde(default)]
@@ -103,6 +108,47 @@ impl ModelDir {
         } else {
             n
         }
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.root.join("config.json")
+    }
+
+    /// The language model's config (the LM keyword arguments of config.json).
+    pub fn lm_config(&self) -> Result<LmConfig> {
+        LmConfig::from_json_file(&self.config_path())
+    }
+
+    /// The language model, loaded from `moshi_name`.
+    pub fn load_lm(&self) -> Result<LmModel> {
+        let cfg = self.lm_config()?;
+        LmModel::load(
+            &self.file(
+                self.config
+                    .moshi_name
+                    .as_deref()
+                    .unwrap_or(DEFAULT_MOSHI_NAME),
+            )?,
+            cfg,
+        )
+    }
+
+    /// The text tokenizer named by `tokenizer_name`.
+    pub fn load_tokenizer(&self) -> Result<TextTokenizer> {
+        TextTokenizer::load(
+            &self.file(
+                self.config
+                    .tokenizer_name
+                    .as_deref()
+                    .unwrap_or(DEFAULT_TOKENIZER_NAME),
+            )?,
+        )
+    }
+
+    /// `stt_config`, with the reference script's defaults.
+    pub fn stt_config(&self) -> Result<SttConfig> {
+        serde_json::from_value(serde_json::Value::Object(self.config.stt_config.clone()))
+            .map_err(|e| Error::config(self.config_path(), format!("stt_config: {e}")))
     }
 
     /// The directory's Mimi with its config and codebook count.

@@ -1,0 +1,235 @@
+//! `parley stt` and `parley moshi`: the delayed-streams models over a recording.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use parley_engine::audio::file::{read_audio_24k, write_wav_f32};
+use parley_engine::compute::cpu::WeightPrecision;
+use parley_engine::models::kyutai_config::ModelDir;
+use parley_engine::models::lm::generator::{GenConfig, LmGen, Sampling};
+use parley_engine::models::stt::Transcriber;
+use parley_engine::npy;
+
+#[derive(Debug, Args)]
+pub struct SttArgs {
+    /// The recording to transcribe (wav, mp3, flac, ogg).
+    input: PathBuf,
+    /// A model directory laid out like a Kyutai STT repository.
+    #[arg(long)]
+    model_dir: PathBuf,
+    /// One JSON object per line: words with start and end in seconds, end-of-turn events.
+    #[arg(long)]
+    json: bool,
+    /// Write the text token of every step (silence prefix and suffix included) as an
+    /// int64 .npy of shape [n_steps].
+    #[arg(long)]
+    dump_tokens: Option<PathBuf>,
+    /// Report end-of-turn (semantic voice activity) from the model's extra heads.
+    #[arg(long)]
+    vad: bool,
+    /// f32 or bf16 weights.
+    #[arg(long, default_value = "f32")]
+    precision: WeightPrecision,
+}
+
+pub fn stt(args: SttArgs) -> Result<()> {
+    let dir = ModelDir::open(&args.model_dir).context("opening the model directory")?;
+    let pcm = read_audio_24k(&args.input)?;
+    let mut mimi = dir.load_mimi().context("loading Mimi")?;
+    let mut lm = dir.load_lm().context("loading the language model")?;
+    mimi.set_weight_precision(args.precision)?;
+    lm.set_weight_precision(args.precision)?;
+    if lm.config().dep_q != 0 {
+        bail!(
+            "{} holds a model that speaks (dep_q > 0): use `parley moshi`",
+            args.model_dir.display()
+        );
+    }
+    let mut t = Transcriber {
+        mimi,
+        gen: LmGen::new(lm, GenConfig::default()),
+        tokenizer: dir.load_tokenizer().context("loading the text tokenizer")?,
+        cfg: dir.stt_config()?,
+        padding_id: dir.config.text_padding_token_id.unwrap_or(3),
+    };
+    let frame_s = 1.0 / t.mimi.config().frame_rate;
+    let offset_s = t.offset_s();
+    let (json, vad) = (args.json, args.vad);
+    let mut step_index = 0usize;
+    let mut in_turn_end = false;
+    let stdout = std::io::stdout();
+    let start = Instant::now();
+    let transcript = t.transcribe(&pcm, |step, tok| {
+        let mut out = stdout.lock();
+        if vad {
+            if let Some(p) = step.end_of_turn {
+                if p > 0.5 && !in_turn_end {
+                    in_turn_end = true;
+                    let time = ((step_index + 1) as f64 * frame_s - offset_s).max(0.0);
+                    if json {
+                        let _ = writeln!(out, "{}", serde_json::json!({"type": "end_of_turn", "time": ms(time), "probability": p}));
+                    } else {
+                        let _ = write!(out, " [end of turn]");
+                    }
+                }
+            }
+        }
+        if let Some(id) = step.token {
+            if id != 0 && id != 3 {
+                in_turn_end = false;
+                if !json {
+                    if let Some(piece) = tok.id_to_piece(id) {
+                        let _ = write!(out, "{}", piece.replace('\u{2581}', " "));
+                        let _ = out.flush();
+                    }
+                }
+            }
+        }
+        step_index += 1;
+    })?;
+    let elapsed = start.elapsed().as_secs_f64();
+    if json {
+        for w in &transcript.words {
+            println!(
+                "{}",
+                serde_json::json!({"type": "word", "text": w.text, "start": ms(w.start_s), "end": ms(w.end_s)})
+            );
+        }
+    } else {
+        println!();
+    }
+    if let Some(path) = &args.dump_tokens {
+        npy::write_i64_1d(path, &transcript.tokens)?;
+    }
+    eprintln!(
+        "{} steps in {elapsed:.2} s ({:.1} steps/s), {} words",
+        transcript.tokens.len(),
+        transcript.tokens.len() as f64 / elapsed,
+        transcript.words.len()
+    );
+    Ok(())
+}
+
+/// Seconds rounded to the millisecond, for display.
+fn ms(s: f64) -> f64 {
+    (s * 1000.0).round() / 1000.0
+}
+
+#[derive(Debug, Args)]
+pub struct MoshiArgs {
+    /// A recording of the user (wav, mp3, flac, ogg).
+    input: PathBuf,
+    /// A model directory laid out like a Kyutai Moshi repository.
+    #[arg(long)]
+    model_dir: PathBuf,
+    /// Where to write what the model said (24 kHz WAV).
+    #[arg(long)]
+    out: PathBuf,
+    /// Write the model's text and audio tokens as an int64 .npy of shape [1 + dep_q, n],
+    /// one column per step at which the generator returned tokens.
+    #[arg(long)]
+    dump_tokens: Option<PathBuf>,
+    /// Audio temperature (0: greedy); the model's lm_gen_config by default.
+    #[arg(long)]
+    temp: Option<f32>,
+    /// Text temperature (0: greedy); the model's lm_gen_config by default.
+    #[arg(long)]
+    temp_text: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Feed frames at the live clock's pace (one per 80 ms) instead of as fast as possible.
+    #[arg(long)]
+    realtime: bool,
+    /// f32 or bf16 weights.
+    #[arg(long, default_value = "f32")]
+    precision: WeightPrecision,
+}
+
+pub fn moshi(args: MoshiArgs) -> Result<()> {
+    let dir = ModelDir::open(&args.model_dir).context("opening the model directory")?;
+    let pcm = read_audio_24k(&args.input)?;
+    let mut mimi = dir.load_mimi().context("loading Mimi")?;
+    let mut lm = dir.load_lm().context("loading the language model")?;
+    mimi.set_weight_precision(args.precision)?;
+    lm.set_weight_precision(args.precision)?;
+    let tokenizer = dir.load_tokenizer().context("loading the text tokenizer")?;
+    let dep_q = lm.config().dep_q;
+    if dep_q == 0 {
+        bail!(
+            "{} holds a model that does not speak (dep_q = 0): use `parley stt`",
+            args.model_dir.display()
+        );
+    }
+    let gen_cfg = &dir.config.lm_gen_config;
+    let get = |k: &str, d: f64| {
+        gen_cfg
+            .get(k)
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(d)
+    };
+    let cfg = GenConfig {
+        text: Sampling {
+            temp: args.temp_text.unwrap_or(get("temp_text", 0.7) as f32),
+            top_k: get("top_k_text", 25.0) as usize,
+        },
+        audio: Sampling {
+            temp: args.temp.unwrap_or(get("temp", 0.8) as f32),
+            top_k: get("top_k", 250.0) as usize,
+        },
+        seed: args.seed,
+    };
+    let mut gen = LmGen::new(lm, cfg);
+    let fs = mimi.frame_size();
+    let mut audio = pcm.clone();
+    audio.resize(pcm.len().div_ceil(fs) * fs, 0.0);
+    let mut columns: Vec<Vec<i64>> = vec![];
+    let mut reply = Vec::with_capacity(audio.len());
+    let frame_dur = Duration::from_secs_f64(fs as f64 / mimi.sample_rate_hz() as f64);
+    let start = Instant::now();
+    let mut stdout = std::io::stdout().lock();
+    for (i, frame) in audio.chunks(fs).enumerate() {
+        if args.realtime {
+            let due = frame_dur * (i as u32 + 1);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        let user_codes = mimi.encode_step(frame)?;
+        let step = gen.step(&user_codes)?;
+        match step.tokens {
+            Some(tokens) => {
+                let text = tokens[0] as u32;
+                if text != 0 && text != 3 {
+                    if let Some(piece) = tokenizer.id_to_piece(text) {
+                        write!(stdout, "{}", piece.replace('\u{2581}', " "))?;
+                        stdout.flush()?;
+                    }
+                }
+                let codes: Vec<u32> = tokens[1..].iter().map(|&t| t as u32).collect();
+                reply.extend(mimi.decode_step(&codes)?);
+                columns.push(tokens);
+            }
+            // While the delays hold output back, the model is silent.
+            None => reply.extend(std::iter::repeat_n(0f32, fs)),
+        }
+    }
+    writeln!(stdout)?;
+    write_wav_f32(&args.out, &reply, mimi.sample_rate_hz())?;
+    if let Some(path) = &args.dump_tokens {
+        let rows: Vec<Vec<u32>> = (0..=dep_q)
+            .map(|k| columns.iter().map(|c| c[k] as u32).collect())
+            .collect();
+        npy::write_i64_2d(path, &rows)?;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    eprintln!(
+        "{} frames in {elapsed:.2} s ({:.1} ms per frame) -> {}",
+        audio.len() / fs,
+        elapsed * 1e3 / (audio.len() / fs) as f64,
+        args.out.display()
+    );
+    Ok(())
+}
