@@ -20,8 +20,18 @@ fn one_hour_session_runs_in_constant_memory() {
     let cfg = LmConfig::from_json_file(&dir.join("config.json")).expect("config");
     let context = cfg.context.expect("context");
     let model = LmModel::load(&dir.join("model.safetensors"), cfg).expect("model");
-    let sampling = Sampling { temp: 0.8, top_k: 25 };
-    let mut gen = LmGen::new(model, GenConfig { text: sampling, audio: sampling, seed: 1 });
+    let sampling = Sampling {
+        temp: 0.8,
+        top_k: 25,
+    };
+    let mut gen = LmGen::new(
+        model,
+        GenConfig {
+            text: sampling,
+            audio: sampling,
+            seed: 1,
+        },
+    );
     let steps = 45_000; // one hour at 12.5 Hz
     let mut seed = 99u32;
     let mut state = vec![];
@@ -47,6 +57,9 @@ fn one_hour_session_runs_in_constant_memory() {
     assert_eq!(state[0], state[1], "streaming state grew over the session");
     if let (Some(a), Some(b)) = (rss[0], rss[1]) {
         // Allocator noise only: far less than the ~45,000 steps of state a leak would add.
-        assert!(b < a + (4 << 20), "resident memory grew from {a} to {b} bytes");
+        assert!(
+            b < a + (4 << 20),
+            "resident memory grew from {a} to {b} bytes"
+        );
     }
 }

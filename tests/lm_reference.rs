@@ -137,3 +137,84 @@ fn bad_model_files_give_clear_errors() {
         .to_string();
     assert!(err.contains("shape"), "{err}");
 }
+
+/// The `-candle` repositories store the depformer as one slice per codebook. The Moshi
+/// fixture, renamed to that layout, must generate exactly the reference's tokens.
+#[test]
+fn candle_layout_checkpoint_matches_reference() {
+    use candle_core::Device;
+    use parley_engine::models::weights::Weights;
+    use std::collections::HashMap;
+
+    let d = dir("moshi-tiny");
+    let cfg = LmConfig::from_json_file(&d.join("config.json")).expect("config");
+    let (dep_q, dd) = (cfg.dep_q, cfg.depformer_dim);
+    let orig =
+        candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).expect("load");
+    let mut out: HashMap<String, Tensor> = HashMap::new();
+    for (name, t) in orig {
+        let parts: Vec<&str> = name.split('.').collect();
+        match parts.as_slice() {
+            ["depformer_in", k, "weight"] => {
+                out.insert(format!("depformer.{k}.linear_in.weight"), t);
+            }
+            ["depformer_text_emb", "weight"] => {
+                out.insert("depformer.0.emb.weight".into(), t);
+            }
+            ["depformer_emb", k, "weight"] => {
+                let k: usize = k.parse().expect("k");
+                out.insert(format!("depformer.{}.emb.weight", k + 1), t);
+            }
+            ["linears", k, "weight"] => {
+                out.insert(format!("depformer.{k}.linear_out.weight"), t);
+            }
+            ["depformer", "layers", i, "self_attn", rest @ ..] => {
+                let rows = t.dim(0).expect("rows") / dep_q;
+                for k in 0..dep_q {
+                    let part = t.narrow(0, k * rows, rows).expect("narrow");
+                    out.insert(
+                        format!(
+                            "depformer.{k}.transformer.layers.{i}.self_attn.{}",
+                            rest.join(".")
+                        ),
+                        part,
+                    );
+                }
+            }
+            ["depformer", "layers", i, "gating", k, rest @ ..] => {
+                out.insert(
+                    format!(
+                        "depformer.{k}.transformer.layers.{i}.gating.{}",
+                        rest.join(".")
+                    ),
+                    t,
+                );
+            }
+            ["depformer", "layers", i, rest @ ..] => {
+                for k in 0..dep_q {
+                    out.insert(
+                        format!("depformer.{k}.transformer.layers.{i}.{}", rest.join(".")),
+                        t.clone(),
+                    );
+                }
+            }
+            _ => {
+                out.insert(name, t);
+            }
+        }
+    }
+    assert!(out.contains_key(&format!(
+        "depformer.{}.transformer.layers.0.gating.linear_in.weight",
+        dep_q - 1
+    )));
+    assert_eq!(out["depformer.0.linear_in.weight"].dims()[0], dd);
+    let w = Weights::from_tensors(&d.join("model-candle.safetensors"), out);
+    let model = LmModel::from_weights(&w, cfg).expect("candle layout");
+    let mut gen = LmGen::new(model, GenConfig::default());
+    let got = run(&mut gen, "moshi-tiny").tokens;
+    let want: Vec<Vec<i64>> = npy(d.join("ref_tokens.npy")).to_vec2().expect("tokens");
+    for (t, g) in got.iter().enumerate() {
+        let col: Vec<i64> = want.iter().map(|row| row[t]).collect();
+        assert_eq!(g, &col, "step {t}");
+    }
+}

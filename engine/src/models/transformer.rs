@@ -41,7 +41,7 @@ pub struct TransformerSpec {
     pub weights_per_step: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 enum Norm {
     Layer {
         weight: Vec<f32>,
@@ -309,6 +309,33 @@ impl Layer {
     }
 }
 
+impl Layer {
+    /// The `-candle` layout: one transformer per step (`slices[k].layers.{i}`), each with
+    /// its own copy of the norms; the norms of slice 0 are used and the others must match.
+    fn load_slices(slices: &[Weights], i: usize, spec: &TransformerSpec) -> Result<Self> {
+        let one = TransformerSpec {
+            weights_per_step: 0,
+            ..spec.clone()
+        };
+        let mut parts = slices
+            .iter()
+            .map(|s| Layer::load(&s.pp(format!("layers.{i}")), &one))
+            .collect::<Result<Vec<_>>>()?;
+        let mut first = parts.remove(0);
+        for p in parts {
+            if p.norm1 != first.norm1 || p.norm2 != first.norm2 {
+                return Err(Error::InvalidInput(format!(
+                    "depformer layer {i}: per-step copies of the norms differ"
+                )));
+            }
+            first.in_proj.extend(p.in_proj);
+            first.out_proj.extend(p.out_proj);
+            first.ff.extend(p.ff);
+        }
+        Ok(first)
+    }
+}
+
 /// Shared, read-only facts the layers need.
 #[derive(Debug, Clone)]
 struct Dims {
@@ -336,6 +363,19 @@ pub struct StreamingTransformer {
 impl StreamingTransformer {
     /// Loads `{prefix}.layers.{i}.…`.
     pub fn load(w: &Weights, spec: &TransformerSpec) -> Result<Self> {
+        Self::load_from(w, &[], spec)
+    }
+
+    /// Loads per-step weights stored as one transformer per step (`{slice}.layers.{i}`,
+    /// the `-candle` checkpoints' depformer).
+    pub fn load_slices(slices: &[Weights], spec: &TransformerSpec) -> Result<Self> {
+        let first = slices
+            .first()
+            .ok_or_else(|| Error::InvalidInput("no transformer slices".into()))?;
+        Self::load_from(first, slices, spec)
+    }
+
+    fn load_from(w: &Weights, slices: &[Weights], spec: &TransformerSpec) -> Result<Self> {
         let d = spec.d_model;
         if spec.num_heads == 0 || d % spec.num_heads != 0 || (d / spec.num_heads) % 2 != 0 {
             return Err(Error::config(
@@ -380,7 +420,13 @@ impl StreamingTransformer {
             ));
         }
         let layers = (0..spec.num_layers)
-            .map(|i| Layer::load(&w.pp(format!("layers.{i}")), spec))
+            .map(|i| {
+                if slices.is_empty() {
+                    Layer::load(&w.pp(format!("layers.{i}")), spec)
+                } else {
+                    Layer::load_slices(slices, i, spec)
+                }
+            })
             .collect::<Result<Vec<_>>>()?;
         let sin_embedding = matches!(spec.positional_embedding.as_str(), "sin" | "sin_rope")
             .then_some(spec.positional_scale as f32);

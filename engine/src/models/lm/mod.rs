@@ -168,27 +168,66 @@ impl LmModel {
         let text_out = cfg.text_card_out.unwrap_or(cfg.text_card);
         let depformer = if cfg.dep_q > 0 {
             let dd = cfg.depformer_dim;
-            let n_in = if cfg.depformer_multi_linear {
-                cfg.dep_q
-            } else {
-                1
-            };
             let spec: TransformerSpec = cfg.depformer_spec();
-            Some(Depformer {
-                inputs: (0..n_in)
-                    .map(|k| Matrix::new(&w.get(&format!("depformer_in.{k}.weight"), &[dd, d])?))
-                    .collect::<Result<_>>()?,
-                text_emb: Embedding::load(&w.pp("depformer_text_emb"), cfg.text_card + 1, dd)?,
-                emb: (0..cfg.dep_q - 1)
-                    .map(|k| Embedding::load(&w.pp(format!("depformer_emb.{k}")), cfg.card + 1, dd))
-                    .collect::<Result<_>>()?,
-                transformer: StreamingTransformer::load(&w.pp("depformer"), &spec)?,
-                heads: (0..cfg.dep_q)
-                    .map(|k| {
-                        Linear::load(&w.pp(format!("linears.{k}")), cfg.card, dd, cfg.bias_proj)
-                    })
-                    .collect::<Result<_>>()?,
-            })
+            if w.contains("depformer.0.linear_in.weight") {
+                // The `-candle` repositories: one slice per generated codebook.
+                let slices: Vec<Weights> = (0..cfg.dep_q)
+                    .map(|k| w.pp(format!("depformer.{k}")))
+                    .collect();
+                let vocab = |k: usize| {
+                    if k == 0 {
+                        cfg.text_card + 1
+                    } else {
+                        cfg.card + 1
+                    }
+                };
+                Some(Depformer {
+                    inputs: slices
+                        .iter()
+                        .map(|s| Matrix::new(&s.get("linear_in.weight", &[dd, d])?))
+                        .collect::<Result<_>>()?,
+                    text_emb: Embedding::load(&slices[0].pp("emb"), vocab(0), dd)?,
+                    emb: (1..cfg.dep_q)
+                        .map(|k| Embedding::load(&slices[k].pp("emb"), vocab(k), dd))
+                        .collect::<Result<_>>()?,
+                    transformer: StreamingTransformer::load_slices(
+                        &slices
+                            .iter()
+                            .map(|s| s.pp("transformer"))
+                            .collect::<Vec<_>>(),
+                        &spec,
+                    )?,
+                    heads: slices
+                        .iter()
+                        .map(|s| Linear::load(&s.pp("linear_out"), cfg.card, dd, cfg.bias_proj))
+                        .collect::<Result<_>>()?,
+                })
+            } else {
+                let n_in = if cfg.depformer_multi_linear {
+                    cfg.dep_q
+                } else {
+                    1
+                };
+                Some(Depformer {
+                    inputs: (0..n_in)
+                        .map(|k| {
+                            Matrix::new(&w.get(&format!("depformer_in.{k}.weight"), &[dd, d])?)
+                        })
+                        .collect::<Result<_>>()?,
+                    text_emb: Embedding::load(&w.pp("depformer_text_emb"), cfg.text_card + 1, dd)?,
+                    emb: (0..cfg.dep_q - 1)
+                        .map(|k| {
+                            Embedding::load(&w.pp(format!("depformer_emb.{k}")), cfg.card + 1, dd)
+                        })
+                        .collect::<Result<_>>()?,
+                    transformer: StreamingTransformer::load(&w.pp("depformer"), &spec)?,
+                    heads: (0..cfg.dep_q)
+                        .map(|k| {
+                            Linear::load(&w.pp(format!("linears.{k}")), cfg.card, dd, cfg.bias_proj)
+                        })
+                        .collect::<Result<_>>()?,
+                })
+            }
         } else {
             // The reference builds this projection even without a depformer; it is unused.
             w.skip("depformer_in.0.weight");
