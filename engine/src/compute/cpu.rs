@@ -12,7 +12,10 @@
 //! Weights may be held in bf16 ([`Matrix::to_bf16`]): halves the bytes a step reads; each
 //! value widens to f32 exactly, and all arithmetic stays in f32.
 
-use candle_core::{DType, Device, Storage, Tensor};
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Storage, Tensor};
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
@@ -33,6 +36,12 @@ pub enum WeightPrecision {
     /// per streaming step; the arithmetic stays f32). Published bf16 checkpoints lose
     /// nothing; f32 ones are rounded.
     Bf16,
+    /// Large matrices in GGML's q8_0 (8-bit blocks of 32, 8.5 bits a weight), multiplied
+    /// by candle's quantized kernels; others as for `Bf16`.
+    Q8_0,
+    /// Large matrices in GGML's q4k (4-bit super-blocks of 256, 4.5 bits a weight); rows
+    /// not a multiple of 256 fall back to q8_0.
+    Q4,
 }
 
 impl std::str::FromStr for WeightPrecision {
@@ -41,7 +50,11 @@ impl std::str::FromStr for WeightPrecision {
         match s {
             "f32" => Ok(Self::F32),
             "bf16" => Ok(Self::Bf16),
-            other => Err(format!("unknown weight precision `{other}` (f32 or bf16)")),
+            "q8_0" | "q8" => Ok(Self::Q8_0),
+            "q4" | "q4k" => Ok(Self::Q4),
+            other => Err(format!(
+                "unknown weight precision `{other}` (f32, bf16, q8_0 or q4)"
+            )),
         }
     }
 }
@@ -50,10 +63,12 @@ impl std::str::FromStr for WeightPrecision {
 /// what a step's time goes to, and gemm wants them in f32.
 pub const BF16_MIN_WEIGHTS: usize = 1 << 18;
 
-/// A row-major `[rows, cols]` weight matrix (f32 or bf16).
+/// A row-major `[rows, cols]` weight matrix: f32, bf16, or GGML-quantized.
 #[derive(Debug, Clone)]
 pub struct Matrix {
     tensor: Tensor,
+    /// Set when quantized; `tensor` is then an empty placeholder.
+    quant: Option<(Arc<QMatMul>, GgmlDType)>,
     rows: usize,
     cols: usize,
 }
@@ -71,7 +86,35 @@ impl Matrix {
                 tensor.dtype()
             )));
         }
-        Ok(Self { tensor, rows, cols })
+        Ok(Self {
+            tensor,
+            quant: None,
+            rows,
+            cols,
+        })
+    }
+
+    /// [`Self::new`] then [`Self::set_precision`].
+    pub fn with_precision(t: &Tensor, precision: WeightPrecision) -> Result<Self> {
+        let mut m = Self::new(t)?;
+        m.set_precision(precision)?;
+        Ok(m)
+    }
+
+    /// Bytes the weights occupy (what one product reads).
+    pub fn size_in_bytes(&self) -> usize {
+        match &self.quant {
+            Some((_, q)) => self.rows * self.cols / q.block_size() * q.type_size(),
+            None => self.rows * self.cols * self.tensor.dtype().size_in_bytes(),
+        }
+    }
+
+    /// How the weights are held: "f32", "bf16", "q8_0", "q4k".
+    pub fn format(&self) -> String {
+        match &self.quant {
+            Some((_, q)) => format!("{q:?}").to_lowercase(),
+            None => format!("{:?}", self.tensor.dtype()).to_lowercase(),
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -86,11 +129,30 @@ impl Matrix {
         self.tensor.dtype()
     }
 
-    /// Applies `precision` to this matrix in place (see [`WeightPrecision`]).
+    /// Applies `precision` to this matrix in place (see [`WeightPrecision`]). A quantized
+    /// matrix stays as it is.
     pub fn set_precision(&mut self, precision: WeightPrecision) -> Result<()> {
-        let want = match precision {
-            WeightPrecision::Bf16 if self.rows * self.cols >= BF16_MIN_WEIGHTS => DType::BF16,
-            _ => DType::F32,
+        if self.quant.is_some() {
+            return Ok(());
+        }
+        let large = self.rows * self.cols >= BF16_MIN_WEIGHTS;
+        let ggml = match precision {
+            WeightPrecision::Q4 if large && self.cols % 256 == 0 => Some(GgmlDType::Q4K),
+            WeightPrecision::Q4 | WeightPrecision::Q8_0 if large && self.cols % 32 == 0 => {
+                Some(GgmlDType::Q8_0)
+            }
+            _ => None,
+        };
+        if let Some(q) = ggml {
+            let qt = QTensor::quantize(&self.tensor.to_dtype(DType::F32)?, q)?;
+            self.quant = Some((Arc::new(QMatMul::from_qtensor(qt)?), q));
+            self.tensor = Tensor::zeros(0, DType::F32, &Device::Cpu)?;
+            return Ok(());
+        }
+        let want = if precision != WeightPrecision::F32 && large {
+            DType::BF16
+        } else {
+            DType::F32
         };
         if self.tensor.dtype() != want {
             self.tensor = self.tensor.to_dtype(want)?;
@@ -106,9 +168,12 @@ impl Matrix {
         })
     }
 
-    /// The weights as a tensor (for gemm and for tests).
-    pub fn tensor(&self) -> &Tensor {
-        &self.tensor
+    /// The weights as an f32 tensor `[rows, cols]` (dequantized if need be).
+    pub fn to_f32(&self) -> Result<Tensor> {
+        match &self.quant {
+            Some((q, _)) => Ok(q.dequantize_f16()?.to_dtype(DType::F32)?),
+            None => Ok(self.tensor.to_dtype(DType::F32)?),
+        }
     }
 
     /// Adds row `i` (widened to f32) to `out`: an embedding lookup.
@@ -120,6 +185,11 @@ impl Matrix {
                 self.cols,
                 out.len()
             )));
+        }
+        if self.quant.is_some() {
+            return Err(Error::InvalidInput(
+                "rows of a quantized matrix cannot be read one by one".into(),
+            ));
         }
         let row: Vec<f32> = self.tensor.get(i)?.to_dtype(DType::F32)?.to_vec1()?;
         out.iter_mut().zip(&row).for_each(|(o, v)| *o += v);
@@ -138,6 +208,10 @@ impl Matrix {
         }
         if m == 0 {
             return Ok(vec![]);
+        }
+        if let Some((q, _)) = &self.quant {
+            let xt = Tensor::from_slice(x, (m, self.cols), &Device::Cpu)?;
+            return Ok(q.forward(&xt)?.flatten_all()?.to_vec1()?);
         }
         if m > STREAMING_MAX_ROWS {
             let w = self.tensor.to_dtype(DType::F32)?;
@@ -537,6 +611,35 @@ mod tests {
     }
 
     #[test]
+    fn quantized_products_stay_close_to_f32() {
+        let (rows, cols) = (600, 1024);
+        let mut seed = 11u32;
+        let mut rnd = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
+        let t = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu).expect("t");
+        for (precision, label, bytes, tol) in [
+            (WeightPrecision::Q8_0, "q8_0", rows * cols / 32 * 34, 0.01),
+            (WeightPrecision::Q4, "q4k", rows * cols / 256 * 144, 0.1),
+        ] {
+            let mat = Matrix::with_precision(&t, precision).expect("quantize");
+            assert_eq!(mat.format(), label);
+            assert_eq!(mat.size_in_bytes(), bytes);
+            for m in [1, 2, 5] {
+                let x: Vec<f32> = (0..m * cols).map(|_| rnd()).collect();
+                let got = mat.matmul_t(&x, m).expect("matmul");
+                let want = reference(&w, rows, cols, &x, m);
+                let err: f32 = got.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum();
+                let norm: f32 = want.iter().map(|b| b * b).sum();
+                let rel = (err / norm).sqrt();
+                assert!(rel < tol, "{label}, m {m}: relative error {rel}");
+            }
+        }
+    }
+
+    #[test]
     fn matches_a_plain_loop_on_awkward_sizes() {
         let mut seed = 3u32;
         let mut rnd = move || {
@@ -558,8 +661,7 @@ mod tests {
             let mat = Matrix::new(&t).expect("matrix");
             let bf = mat.to_bf16().expect("bf16");
             let w_bf: Vec<f32> = bf
-                .tensor()
-                .to_dtype(DType::F32)
+                .to_f32()
                 .expect("f32")
                 .flatten_all()
                 .expect("f")

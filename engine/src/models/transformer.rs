@@ -255,12 +255,14 @@ impl Layer {
         let per_step = |stacked: &[&str], split: &str, rows: usize| -> Result<Vec<Matrix>> {
             if attn.contains(&format!("{split}.0.weight")) {
                 (0..n)
-                    .map(|k| Matrix::new(&attn.get(&format!("{split}.{k}.weight"), &[rows, d])?))
+                    .map(|k| attn.matrix(&format!("{split}.{k}.weight"), &[rows, d]))
                     .collect()
             } else {
                 let all = attn.get_any(stacked, &[n * rows, d])?;
                 (0..n)
-                    .map(|k| Matrix::new(&all.narrow(0, k * rows, rows)?))
+                    .map(|k| {
+                        Matrix::with_precision(&all.narrow(0, k * rows, rows)?, lw.precision())
+                    })
                     .collect()
             }
         };
@@ -269,16 +271,16 @@ impl Layer {
         let ff_dim = spec.dim_feedforward;
         let ff = if spec.gating == "none" {
             vec![FeedForward::Mlp {
-                linear1: Matrix::new(&lw.get("linear1.weight", &[ff_dim, d])?)?,
-                linear2: Matrix::new(&lw.get("linear2.weight", &[d, ff_dim])?)?,
+                linear1: lw.matrix("linear1.weight", &[ff_dim, d])?,
+                linear2: lw.matrix("linear2.weight", &[d, ff_dim])?,
             }]
         } else {
             let hidden = gated_hidden(d, ff_dim);
             let silu = spec.gating == "silu";
             let gw = |g: Weights| -> Result<FeedForward> {
                 Ok(FeedForward::Gated {
-                    linear_in: Matrix::new(&g.get("linear_in.weight", &[2 * hidden, d])?)?,
-                    linear_out: Matrix::new(&g.get("linear_out.weight", &[d, hidden])?)?,
+                    linear_in: g.matrix("linear_in.weight", &[2 * hidden, d])?,
+                    linear_out: g.matrix("linear_out.weight", &[d, hidden])?,
                     silu,
                 })
             };
@@ -563,6 +565,33 @@ impl StreamingTransformer {
     pub fn reset(&mut self) {
         self.offset = 0;
         self.rings.iter_mut().for_each(RingKv::reset);
+    }
+
+    /// Bytes of all weight matrices (per-step ones included: a full pass reads them all).
+    pub fn weight_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                l.in_proj
+                    .iter()
+                    .chain(&l.out_proj)
+                    .map(Matrix::size_in_bytes)
+                    .sum::<usize>()
+                    + l.ff
+                        .iter()
+                        .map(|f| match f {
+                            FeedForward::Mlp { linear1, linear2 } => {
+                                linear1.size_in_bytes() + linear2.size_in_bytes()
+                            }
+                            FeedForward::Gated {
+                                linear_in,
+                                linear_out,
+                                ..
+                            } => linear_in.size_in_bytes() + linear_out.size_in_bytes(),
+                        })
+                        .sum::<usize>()
+            })
+            .sum()
     }
 
     pub fn state_bytes(&self) -> usize {

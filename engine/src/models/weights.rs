@@ -12,6 +12,8 @@ use std::rc::Rc;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::compute::cpu::{Matrix, WeightPrecision};
+
 use crate::{Error, Result};
 
 struct Inner {
@@ -22,6 +24,10 @@ struct Inner {
     random: Option<rand::rngs::StdRng>,
     /// Round drawn tensors to bf16 (as the published bf16 checkpoints are).
     random_bf16: bool,
+    /// Keep drawn tensors (so that [`Weights::save`] can write them).
+    random_keep: bool,
+    /// How [`Weights::matrix`] holds large matrices.
+    precision: WeightPrecision,
 }
 
 /// A loaded checkpoint, with a name prefix (cheap to clone, like candle-nn's VarBuilder).
@@ -64,6 +70,8 @@ impl Weights {
                 used: HashSet::new(),
                 random: None,
                 random_bf16: false,
+                random_keep: true,
+                precision: WeightPrecision::F32,
             })),
             prefix: String::new(),
         }
@@ -85,6 +93,29 @@ impl Weights {
         let w = Self::random(seed);
         w.inner.borrow_mut().random_bf16 = true;
         w
+    }
+
+    /// Sets how [`Self::matrix`] holds large matrices, so that a model is converted
+    /// tensor by tensor as it loads (a 7B model would not fit in memory as f32 first).
+    /// Random weights are then not kept for [`Self::save`].
+    pub fn with_precision(self, precision: WeightPrecision) -> Self {
+        {
+            let mut inner = self.inner.borrow_mut();
+            inner.precision = precision;
+            if precision != WeightPrecision::F32 {
+                inner.random_keep = false;
+            }
+        }
+        self
+    }
+
+    pub fn precision(&self) -> WeightPrecision {
+        self.inner.borrow().precision
+    }
+
+    /// The tensor `name` of `shape` as a weight matrix in this checkpoint's precision.
+    pub fn matrix(&self, name: &str, shape: &[usize]) -> Result<Matrix> {
+        Matrix::with_precision(&self.get(name, shape)?, self.precision())
     }
 
     pub fn path(&self) -> PathBuf {
@@ -136,7 +167,9 @@ impl Weights {
                 t = t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
             }
             inner.used.insert(full.clone());
-            inner.tensors.insert(full, t.clone());
+            if inner.random_keep {
+                inner.tensors.insert(full, t.clone());
+            }
             return Ok(t.to_dtype(dtype)?);
         }
         let Some(full) = names

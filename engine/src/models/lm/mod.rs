@@ -27,8 +27,13 @@ struct Embedding {
 
 impl Embedding {
     fn load(w: &Weights, rows: usize, dim: usize) -> Result<Self> {
+        // Tables are read a row at a time: bf16 at most, never quantized.
+        let precision = match w.precision() {
+            WeightPrecision::F32 => WeightPrecision::F32,
+            _ => WeightPrecision::Bf16,
+        };
         Ok(Self {
-            table: Matrix::new(&w.get("weight", &[rows, dim])?)?,
+            table: Matrix::with_precision(&w.get("weight", &[rows, dim])?, precision)?,
         })
     }
 
@@ -57,7 +62,7 @@ struct Linear {
 impl Linear {
     fn load(w: &Weights, out_dim: usize, in_dim: usize, bias: bool) -> Result<Self> {
         Ok(Self {
-            weight: Matrix::new(&w.get("weight", &[out_dim, in_dim])?)?,
+            weight: w.matrix("weight", &[out_dim, in_dim])?,
             bias: if bias {
                 Some(w.get("bias", &[out_dim])?.to_vec1()?)
             } else {
@@ -184,7 +189,7 @@ impl LmModel {
                 Some(Depformer {
                     inputs: slices
                         .iter()
-                        .map(|s| Matrix::new(&s.get("linear_in.weight", &[dd, d])?))
+                        .map(|s| s.matrix("linear_in.weight", &[dd, d]))
                         .collect::<Result<_>>()?,
                     text_emb: Embedding::load(&slices[0].pp("emb"), vocab(0), dd)?,
                     emb: (1..cfg.dep_q)
@@ -210,9 +215,7 @@ impl LmModel {
                 };
                 Some(Depformer {
                     inputs: (0..n_in)
-                        .map(|k| {
-                            Matrix::new(&w.get(&format!("depformer_in.{k}.weight"), &[dd, d])?)
-                        })
+                        .map(|k| w.matrix(&format!("depformer_in.{k}.weight"), &[dd, d]))
                         .collect::<Result<_>>()?,
                     text_emb: Embedding::load(&w.pp("depformer_text_emb"), cfg.text_card + 1, dd)?,
                     emb: (0..cfg.dep_q - 1)
@@ -243,10 +246,10 @@ impl LmModel {
             text_linear: Linear::load(&w.pp("text_linear"), text_out, d, cfg.bias_proj)?,
             extra_heads: (0..cfg.extra_heads_num_heads)
                 .map(|k| {
-                    Matrix::new(&w.get(
+                    w.matrix(
                         &format!("extra_heads.{k}.weight"),
                         &[cfg.extra_heads_dim, d],
-                    )?)
+                    )
                 })
                 .collect::<Result<_>>()?,
             depformer,
@@ -322,6 +325,27 @@ impl LmModel {
             prev = tok as i64;
         }
         Ok(out)
+    }
+
+    /// Bytes of weights one generation step reads: the temporal transformer, the text
+    /// head and the extra heads, and every depformer step (embedding rows aside).
+    pub fn weight_bytes_per_step(&self) -> usize {
+        let mut n = self.transformer.weight_bytes() + self.text_linear.weight.size_in_bytes();
+        n += self
+            .extra_heads
+            .iter()
+            .map(Matrix::size_in_bytes)
+            .sum::<usize>();
+        if let Some(d) = &self.depformer {
+            n += d.transformer.weight_bytes();
+            n += d.inputs.iter().map(Matrix::size_in_bytes).sum::<usize>();
+            n += d
+                .heads
+                .iter()
+                .map(|h| h.weight.size_in_bytes())
+                .sum::<usize>();
+        }
+        n
     }
 
     /// Clears the streaming state (attention rings and positions).

@@ -33,11 +33,7 @@ impl Codebook {
     /// Centroid rows and norms as the (possibly rounded) matrix holds them, so that the
     /// search and the decoding agree with each other.
     fn from_matrix(embedding: Matrix, dim: usize) -> Result<Self> {
-        let rows: Vec<f32> = embedding
-            .tensor()
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
+        let rows: Vec<f32> = embedding.to_f32()?.flatten_all()?.to_vec1()?;
         let norms = rows
             .chunks_exact(dim)
             .map(|r| r.iter().map(|v| v * v).sum())
