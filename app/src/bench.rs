@@ -14,6 +14,34 @@ use crate::mimi_cmd::MimiSource;
 pub enum BenchCommand {
     /// Time Mimi's streaming encode_step and decode_step, one 80 ms frame at a time.
     Mimi(MimiBench),
+    /// Time one step of a delayed-streams LM (depformer included), with the bytes of
+    /// weights it reads and the machine's measured memory bandwidth beside it.
+    Lm(LmBench),
+}
+
+#[derive(Debug, Args)]
+pub struct LmBench {
+    /// Architecture: stt-1b-en_fr or moshi-7b (with random weights).
+    #[arg(long)]
+    preset: Option<String>,
+    /// Random weights (the default with --preset).
+    #[arg(long)]
+    random_weights: bool,
+    /// A model directory instead of a preset.
+    #[arg(long, conflicts_with = "preset")]
+    model_dir: Option<std::path::PathBuf>,
+    /// Weight format: f32, bf16, q8_0 or q4.
+    #[arg(long, default_value = "bf16")]
+    dtype: parley_engine::compute::cpu::WeightPrecision,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Worker threads (default: all).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -40,7 +68,91 @@ pub struct MimiBench {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Mimi(b) => bench_mimi(b),
+        BenchCommand::Lm(b) => bench_lm(b),
     }
+}
+
+fn bench_lm(b: LmBench) -> Result<()> {
+    use parley_engine::compute::cpu::measure_read_bandwidth_gbs;
+    use parley_engine::models::kyutai_config::ModelDir;
+    use parley_engine::models::lm::generator::{GenConfig, LmGen};
+    use parley_engine::models::lm::{config::PRESETS, LmConfig, LmModel};
+
+    let threads = b
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // Safe in edition 2021; nothing has read the variable yet, no threads started.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let t_load = Instant::now();
+    let (model, what) = match (&b.preset, &b.model_dir) {
+        (Some(p), None) => {
+            let cfg = LmConfig::preset(p).ok_or_else(|| {
+                anyhow::anyhow!("unknown preset `{p}`; known: {}", PRESETS.join(", "))
+            })?;
+            let w = Weights::random(1).with_precision(b.dtype);
+            (
+                LmModel::from_weights(&w, cfg)?,
+                format!("{p}, random weights"),
+            )
+        }
+        (None, Some(dir)) => {
+            let d = ModelDir::open(dir)?;
+            let mut m = d.load_lm()?;
+            m.set_weight_precision(b.dtype)?;
+            (m, dir.display().to_string())
+        }
+        _ => anyhow::bail!("say which model: --preset NAME --random-weights, or --model-dir DIR"),
+    };
+    let _ = b.random_weights;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let bytes = model.weight_bytes_per_step();
+    let cfg = model.config().clone();
+    let mut gen = LmGen::new(model, GenConfig::default());
+    let n_in = gen.input_codebooks();
+    let mut seed = 7u32;
+    let mut ms = Vec::with_capacity(b.steps);
+    for i in 0..b.warmup + b.steps {
+        let codes: Vec<u32> = (0..n_in)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (seed >> 8) % cfg.card as u32
+            })
+            .collect();
+        let t0 = Instant::now();
+        std::hint::black_box(gen.step(&codes)?);
+        if i >= b.warmup {
+            ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let s = Stats::of(&ms);
+    let gbs = bytes as f64 / (s.p50 / 1e3) / 1e9;
+    let bw = measure_read_bandwidth_gbs(1 << 30);
+    if b.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "lm", "model": what, "dtype": format!("{:?}", b.dtype), "threads": threads,
+                "steps": b.steps, "step_ms": s.json(), "weight_bytes_per_step": bytes,
+                "effective_gbs": gbs, "measured_read_bandwidth_gbs": bw, "load_s": load_s,
+            })
+        );
+    } else {
+        println!(
+            "lm step, {what}, {:?} weights, {threads} thread(s), {} steps",
+            b.dtype, b.steps
+        );
+        println!(
+            "  ms per step: mean {:.1}  p50 {:.1}  p90 {:.1}  max {:.1}",
+            s.mean, s.p50, s.p90, s.max
+        );
+        println!(
+            "  weights read per step {:.3} GB -> {gbs:.1} GB/s effective (p50); measured read bandwidth {bw:.1} GB/s ({:.0}%)",
+            bytes as f64 / 1e9,
+            100.0 * gbs / bw
+        );
+        println!("  model built in {load_s:.1} s");
+    }
+    Ok(())
 }
 
 fn bench_mimi(b: MimiBench) -> Result<()> {

@@ -281,6 +281,48 @@ impl WithSimd for Lanes {
     }
 }
 
+/// Measures this machine's memory read bandwidth in GB/s: the best of five SIMD sums over
+/// a buffer of `bytes` (far larger than the caches), on rayon's threads.
+pub fn measure_read_bandwidth_gbs(bytes: usize) -> f64 {
+    let data = vec![1.0f32; bytes / 4];
+    let chunk = (data.len() / (rayon::current_num_threads() * 8)).max(1 << 16);
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t0 = std::time::Instant::now();
+        let total: f32 = data
+            .par_chunks(chunk)
+            .map(|c| Arch::new().dispatch(Sum(c)))
+            .sum();
+        std::hint::black_box(total);
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    (data.len() * 4) as f64 / best / 1e9
+}
+
+struct Sum<'a>(&'a [f32]);
+
+impl WithSimd for Sum<'_> {
+    type Output = f32;
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> f32 {
+        // Eight independent accumulators: the sum is bound by loads, not by add latency.
+        let (v, t) = S::as_simd_f32s(self.0);
+        let mut acc = [simd.splat_f32s(0.0); 8];
+        let mut chunks = v.chunks_exact(8);
+        for c in &mut chunks {
+            for (a, &x) in acc.iter_mut().zip(c) {
+                *a = simd.add_f32s(*a, x);
+            }
+        }
+        let mut total = simd.splat_f32s(0.0);
+        for a in acc.iter().chain(chunks.remainder()) {
+            total = simd.add_f32s(total, *a);
+        }
+        simd.reduce_sum_f32s(total) + t.iter().sum::<f32>()
+    }
+}
+
 /// `out_t[j * m + i] = w[j] . x[i]` over rows of `cols`, on the calling thread: the
 /// attention scores of `m` queries against a block of keys.
 pub fn dot_rows(w: &[f32], cols: usize, x: &[f32], m: usize, out_t: &mut [f32]) {

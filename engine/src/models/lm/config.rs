@@ -109,7 +109,64 @@ impl Default for LmConfig {
     }
 }
 
+/// Published models whose architecture Parley knows without their config.json (for
+/// benchmarks with random weights).
+pub const PRESETS: &[&str] = &["stt-1b-en_fr", "moshi-7b"];
+
 impl LmConfig {
+    /// The architecture of a published model: `stt-1b-en_fr` (kyutai/stt-1b-en_fr, sizes
+    /// as in Kyutai's published server config) or `moshi-7b` (kyutai/moshiko, the
+    /// reference loader's default `_lm_kwargs`).
+    pub fn preset(name: &str) -> Option<Self> {
+        let base = Self {
+            norm: "rms_norm_f32".into(),
+            gating: "silu".into(),
+            positional_embedding: "rope".into(),
+            card: 2048,
+            existing_text_padding_id: 3,
+            ..Self::default()
+        };
+        match name {
+            "stt-1b-en_fr" => Some(Self {
+                dim: 2048,
+                num_heads: 16,
+                num_layers: 16,
+                hidden_scale: 4.0,
+                context: Some(750),
+                max_period: 100_000.0,
+                text_card: 8000,
+                n_q: 32,
+                dep_q: 0,
+                delays: vec![0; 33],
+                extra_heads_num_heads: 4,
+                extra_heads_dim: 6,
+                ..base
+            }),
+            "moshi-7b" => Some(Self {
+                dim: 4096,
+                num_heads: 32,
+                num_layers: 32,
+                hidden_scale: 4.125,
+                context: Some(3000),
+                max_period: 10_000.0,
+                text_card: 32000,
+                n_q: 16,
+                dep_q: 8,
+                delays: vec![0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1],
+                depformer_dim: 1024,
+                depformer_dim_feedforward: Some(4224),
+                depformer_num_heads: Some(16),
+                depformer_num_layers: Some(6),
+                depformer_multi_linear: true,
+                depformer_weights_per_step: true,
+                depformer_pos_emb: "none".into(),
+                depformer_gating: Some("silu".into()),
+                ..base
+            }),
+            _ => None,
+        }
+    }
+
     /// Reads the LM part of a model's `config.json` and checks that it can run here.
     pub fn from_json_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
