@@ -1,7 +1,7 @@
 //! `parley stt` and `parley moshi`: the delayed-streams models over a recording.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -10,6 +10,8 @@ use parley_engine::audio::file::{read_audio_24k, write_wav_f32};
 use parley_engine::compute::cpu::WeightPrecision;
 use parley_engine::models::kyutai_config::ModelDir;
 use parley_engine::models::lm::generator::{GenConfig, LmGen, Sampling};
+use parley_engine::models::lm::LmModel;
+use parley_engine::models::mimi::Mimi;
 use parley_engine::models::stt::Transcriber;
 use parley_engine::npy;
 
@@ -35,13 +37,19 @@ pub struct SttArgs {
     precision: WeightPrecision,
 }
 
-pub fn stt(args: SttArgs) -> Result<()> {
-    let dir = ModelDir::open(&args.model_dir).context("opening the model directory")?;
-    let pcm = read_audio_24k(&args.input)?;
+/// The model directory, its Mimi and its language model, in `precision`.
+fn load_models(model_dir: &Path, precision: WeightPrecision) -> Result<(ModelDir, Mimi, LmModel)> {
+    let dir = ModelDir::open(model_dir).context("opening the model directory")?;
     let mut mimi = dir.load_mimi().context("loading Mimi")?;
     let mut lm = dir.load_lm().context("loading the language model")?;
-    mimi.set_weight_precision(args.precision)?;
-    lm.set_weight_precision(args.precision)?;
+    mimi.set_weight_precision(precision)?;
+    lm.set_weight_precision(precision)?;
+    Ok((dir, mimi, lm))
+}
+
+pub fn stt(args: SttArgs) -> Result<()> {
+    let pcm = read_audio_24k(&args.input)?;
+    let (dir, mimi, lm) = load_models(&args.model_dir, args.precision)?;
     if lm.config().dep_q != 0 {
         bail!(
             "{} holds a model that speaks (dep_q > 0): use `parley moshi`",
@@ -149,12 +157,8 @@ pub struct MoshiArgs {
 }
 
 pub fn moshi(args: MoshiArgs) -> Result<()> {
-    let dir = ModelDir::open(&args.model_dir).context("opening the model directory")?;
     let pcm = read_audio_24k(&args.input)?;
-    let mut mimi = dir.load_mimi().context("loading Mimi")?;
-    let mut lm = dir.load_lm().context("loading the language model")?;
-    mimi.set_weight_precision(args.precision)?;
-    lm.set_weight_precision(args.precision)?;
+    let (dir, mut mimi, lm) = load_models(&args.model_dir, args.precision)?;
     let tokenizer = dir.load_tokenizer().context("loading the text tokenizer")?;
     let dep_q = lm.config().dep_q;
     if dep_q == 0 {

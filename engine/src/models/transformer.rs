@@ -41,8 +41,9 @@ pub struct TransformerSpec {
     pub weights_per_step: usize,
 }
 
+/// LayerNorm or RMSNorm over the last dimension, as the reference's `create_norm_fn`.
 #[derive(Debug, Clone, PartialEq)]
-enum Norm {
+pub(crate) enum Norm {
     Layer {
         weight: Vec<f32>,
         bias: Vec<f32>,
@@ -55,7 +56,9 @@ enum Norm {
 }
 
 impl Norm {
-    fn load(w: &Weights, kind: &str, dim: usize) -> Result<Self> {
+    /// `kind`: `layer_norm` (eps 1e-5), `layer_norm_f32` (1e-8), `rms_norm` (1e-5) or
+    /// `rms_norm_f32` (1e-8); LayerNorm reads `weight` and `bias`, RMSNorm `alpha`.
+    pub(crate) fn load(w: &Weights, kind: &str, dim: usize) -> Result<Self> {
         Ok(match kind {
             "layer_norm" | "layer_norm_f32" => Norm::Layer {
                 weight: w.get("weight", &[dim])?.to_vec1()?,
@@ -70,7 +73,7 @@ impl Norm {
     }
 
     /// Normalises each row of `x` (`[T, dim]`, row-major).
-    fn forward(&self, x: &[f32], dim: usize) -> Vec<f32> {
+    pub(crate) fn forward(&self, x: &[f32], dim: usize) -> Vec<f32> {
         let mut out = vec![0f32; x.len()];
         for (row, o) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
             match self {

@@ -12,7 +12,7 @@ use std::path::Path;
 pub use config::LmConfig;
 
 use crate::compute::cpu::{Matrix, WeightPrecision};
-use crate::models::transformer::{StreamingTransformer, TransformerSpec};
+use crate::models::transformer::{Norm, StreamingTransformer, TransformerSpec};
 use crate::models::weights::Weights;
 use crate::{Error, Result};
 
@@ -80,55 +80,6 @@ impl Linear {
     }
 }
 
-/// The output norm: the main transformer's norm kind, applied to one row.
-#[derive(Debug, Clone)]
-enum OutNorm {
-    Layer {
-        weight: Vec<f32>,
-        bias: Vec<f32>,
-        eps: f32,
-    },
-    Rms {
-        alpha: Vec<f32>,
-        eps: f32,
-    },
-}
-
-impl OutNorm {
-    fn load(w: &Weights, kind: &str, dim: usize) -> Result<Self> {
-        Ok(match kind {
-            "layer_norm" | "layer_norm_f32" => OutNorm::Layer {
-                weight: w.get("weight", &[dim])?.to_vec1()?,
-                bias: w.get("bias", &[dim])?.to_vec1()?,
-                eps: if kind == "layer_norm" { 1e-5 } else { 1e-8 },
-            },
-            _ => OutNorm::Rms {
-                alpha: w.get("alpha", &[1, 1, dim])?.flatten_all()?.to_vec1()?,
-                eps: if kind == "rms_norm" { 1e-5 } else { 1e-8 },
-            },
-        })
-    }
-
-    fn forward(&self, x: &[f32]) -> Vec<f32> {
-        let n = x.len() as f32;
-        match self {
-            OutNorm::Layer { weight, bias, eps } => {
-                let mean = x.iter().sum::<f32>() / n;
-                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-                let inv = 1.0 / (var + eps).sqrt();
-                x.iter()
-                    .zip(weight.iter().zip(bias))
-                    .map(|(v, (w, b))| (v - mean) * inv * w + b)
-                    .collect()
-            }
-            OutNorm::Rms { alpha, eps } => {
-                let inv = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / n + eps).sqrt();
-                x.iter().zip(alpha).map(|(v, a)| v * a * inv).collect()
-            }
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 struct Depformer {
     /// One input projection per generated codebook (multi-linear), or one shared.
@@ -154,7 +105,7 @@ pub struct LmModel {
     text_emb: Embedding,
     emb: Vec<Embedding>,
     transformer: StreamingTransformer,
-    out_norm: OutNorm,
+    out_norm: Norm,
     text_linear: Linear,
     extra_heads: Vec<Matrix>,
     depformer: Option<Depformer>,
@@ -242,7 +193,7 @@ impl LmModel {
                 .map(|k| Embedding::load(&w.pp(format!("emb.{k}")), cfg.card + 1, d))
                 .collect::<Result<_>>()?,
             transformer: StreamingTransformer::load(&w.pp("transformer"), &cfg.transformer_spec())?,
-            out_norm: OutNorm::load(&w.pp("out_norm"), &cfg.norm, d)?,
+            out_norm: Norm::load(&w.pp("out_norm"), &cfg.norm, d)?,
             text_linear: Linear::load(&w.pp("text_linear"), text_out, d, cfg.bias_proj)?,
             extra_heads: (0..cfg.extra_heads_num_heads)
                 .map(|k| {
@@ -279,7 +230,7 @@ impl LmModel {
         }
         self.text_emb.add_to(tokens[0], &mut x)?;
         let y = self.transformer.step(&x, 1)?;
-        let hidden = self.out_norm.forward(&y);
+        let hidden = self.out_norm.forward(&y, self.cfg.dim);
         let text_logits = self.text_linear.forward(&hidden)?;
         Ok(TemporalOutput {
             hidden,
