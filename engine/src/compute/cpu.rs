@@ -245,7 +245,7 @@ impl Matrix {
                         run_rows(&wide, cols, cols, x, m, &mut out_t, |w, x, m, out| {
                             arch.dispatch(Dot::<F32Rows> { w, cols, x, m, out })
                         });
-                        return Ok(transpose(&out_t, self.rows, m));
+                        return Ok(transpose(out_t, self.rows, m));
                     }
                 };
                 let lanes = arch.dispatch(Lanes);
@@ -255,12 +255,15 @@ impl Matrix {
                 });
             }
         }
-        Ok(transpose(&out_t, self.rows, m))
+        Ok(transpose(out_t, self.rows, m))
     }
 }
 
 /// `[rows][m]` to `[m][rows]`.
-fn transpose(out_t: &[f32], rows: usize, m: usize) -> Vec<f32> {
+fn transpose(out_t: Vec<f32>, rows: usize, m: usize) -> Vec<f32> {
+    if m == 1 {
+        return out_t;
+    }
     let mut out = vec![0f32; m * rows];
     for (j, row) in out_t.chunks_exact(m).enumerate() {
         for (i, &v) in row.iter().enumerate() {

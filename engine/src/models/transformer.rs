@@ -182,12 +182,8 @@ impl FeedForward {
     fn forward(&self, h: &[f32], t: usize, device: &Device) -> Result<Vec<f32>> {
         match self {
             FeedForward::Mlp { linear1, linear2 } => {
-                let hidden = linear1.matmul_t(h, t)?;
-                let ff = hidden.len() / t;
-                let hidden: Vec<f32> = Tensor::from_vec(hidden, (t, ff), device)?
-                    .gelu_erf()?
-                    .flatten_all()?
-                    .to_vec1()?;
+                let mut hidden = linear1.matmul_t(h, t)?;
+                hidden.iter_mut().for_each(|v| *v = gelu_erf(*v));
                 linear2.matmul_t(&hidden, t)
             }
             FeedForward::Gated {
@@ -224,6 +220,11 @@ impl FeedForward {
             }
         }
     }
+}
+
+/// GELU with the exact erf (PyTorch's default), as candle computes it.
+fn gelu_erf(v: f32) -> f32 {
+    (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v
 }
 
 /// The reference's hidden size for gated feed-forwards.

@@ -144,6 +144,12 @@ impl StreamingConv1d {
             )));
         }
         let hist = self.history_len();
+        if hist == 0 && k == 1 {
+            // A pointwise convolution: the input rows are already the im2col matrix.
+            let mut out = self.weight.matmul_t(&x.data, t / stride)?;
+            add_bias(&mut out, self.bias.as_deref());
+            return Ok(Seq::new(self.spec.out_channels, out));
+        }
         let full: Vec<f32> = if hist == 0 {
             x.data.clone()
         } else {
