@@ -103,6 +103,7 @@ fn bench_lm(b: LmBench) -> Result<()> {
         }
         _ => anyhow::bail!("say which model: --preset NAME --random-weights, or --model-dir DIR"),
     };
+    // Accepted for the documented command line: presets always run on random weights.
     let _ = b.random_weights;
     let load_s = t_load.elapsed().as_secs_f64();
     let bytes = model.weight_bytes_per_step();

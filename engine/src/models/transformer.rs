@@ -13,8 +13,6 @@
 //! kept for token-exact parity; [`StreamingTransformer::set_window`] gives the offline
 //! semantics instead.
 
-use candle_core::{Device, Tensor};
-
 use crate::compute::cpu::{dot_rows, weighted_sum_rows, Matrix, WeightPrecision};
 use crate::models::weights::Weights;
 use crate::{Error, Result};
@@ -179,7 +177,7 @@ impl FeedForward {
         }
     }
 
-    fn forward(&self, h: &[f32], t: usize, device: &Device) -> Result<Vec<f32>> {
+    fn forward(&self, h: &[f32], t: usize) -> Result<Vec<f32>> {
         match self {
             FeedForward::Mlp { linear1, linear2 } => {
                 let mut hidden = linear1.matmul_t(h, t)?;
@@ -193,29 +191,20 @@ impl FeedForward {
             } => {
                 let both = linear_in.matmul_t(h, t)?;
                 let hidden = both.len() / t / 2;
-                let gated: Vec<f32> = if *silu {
-                    both.chunks_exact(2 * hidden)
-                        .flat_map(|row| {
-                            let (a, b) = row.split_at(hidden);
-                            a.iter().zip(b).map(|(&a, &b)| a / (1.0 + (-a).exp()) * b)
-                        })
-                        .collect()
-                } else {
-                    let (a, b): (Vec<f32>, Vec<f32>) = both
-                        .chunks_exact(2 * hidden)
-                        .flat_map(|row| {
-                            row[..hidden]
-                                .iter()
-                                .copied()
-                                .zip(row[hidden..].iter().copied())
-                        })
-                        .unzip();
-                    let a: Vec<f32> = Tensor::from_vec(a, (t, hidden), device)?
-                        .gelu_erf()?
-                        .flatten_all()?
-                        .to_vec1()?;
-                    a.iter().zip(&b).map(|(a, b)| a * b).collect()
+                let act = |a: f32| {
+                    if *silu {
+                        a / (1.0 + (-a).exp())
+                    } else {
+                        gelu_erf(a)
+                    }
                 };
+                let gated: Vec<f32> = both
+                    .chunks_exact(2 * hidden)
+                    .flat_map(|row| {
+                        let (a, b) = row.split_at(hidden);
+                        a.iter().zip(b).map(move |(&a, &b)| act(a) * b)
+                    })
+                    .collect();
                 linear_out.matmul_t(&gated, t)
             }
         }
@@ -363,7 +352,6 @@ pub struct StreamingTransformer {
     rings: Vec<RingKv>,
     /// Absolute position of the next step.
     offset: usize,
-    device: Device,
 }
 
 impl StreamingTransformer {
@@ -450,7 +438,6 @@ impl StreamingTransformer {
             layers,
             rings: vec![],
             offset: 0,
-            device: Device::Cpu,
         };
         t.set_window(false, 1);
         Ok(t)
@@ -531,21 +518,10 @@ impl StreamingTransformer {
                         1,
                         self.offset + i,
                         dims,
-                        &self.device,
                     )?;
                 }
             } else {
-                layer_step(
-                    layer,
-                    0,
-                    &rope,
-                    kv,
-                    &mut x,
-                    t,
-                    self.offset,
-                    dims,
-                    &self.device,
-                )?;
+                layer_step(layer, 0, &rope, kv, &mut x, t, self.offset, dims)?;
             }
         }
         self.offset += t;
@@ -651,7 +627,6 @@ fn layer_step(
     t: usize,
     offset: usize,
     dims: &Dims,
-    device: &Device,
 ) -> Result<()> {
     let d = dims.d_model;
     let hd = dims.head_dim;
@@ -722,7 +697,7 @@ fn layer_step(
     residual_add(x, &update, layer.scale1.as_deref(), d);
     // Feed-forward block.
     let h = layer.norm2.forward(x, d);
-    let update = layer.ff[weights_index.min(layer.ff.len() - 1)].forward(&h, t, device)?;
+    let update = layer.ff[weights_index.min(layer.ff.len() - 1)].forward(&h, t)?;
     residual_add(x, &update, layer.scale2.as_deref(), d);
     Ok(())
 }
