@@ -4,7 +4,9 @@
 set -euo pipefail
 
 need_apt=()
-for pkg in build-essential pkg-config; do
+# mesa-vulkan-drivers: Mesa's lavapipe, a software Vulkan GPU on which the wgpu kernels are
+# tested where no hardware GPU exists.
+for pkg in build-essential pkg-config mesa-vulkan-drivers; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

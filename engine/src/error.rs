@@ -49,6 +49,9 @@ pub enum Error {
     #[error("{path}: {reason}")]
     Npy { path: PathBuf, reason: String },
 
+    #[error("no GPU: {0}")]
+    NoGpu(String),
+
     #[error("invalid input: {0}")]
     InvalidInput(String),
 

@@ -2,3 +2,4 @@
 //! small-batch products (candle-core's gemm does the rest). The wgpu runtime comes next.
 
 pub mod cpu;
+pub mod gpu;
