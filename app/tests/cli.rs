@@ -10,6 +10,17 @@ fn parley(args: &[&str]) -> Output {
         .expect("run parley")
 }
 
+/// Runs parley and requires success, showing its stderr otherwise.
+fn parley_ok(args: &[&str]) -> Output {
+    let out = parley(args);
+    assert!(
+        out.status.success(),
+        "parley {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mimi-tiny")
 }
@@ -41,7 +52,7 @@ fn model_dir_encode_matches_reference_and_decodes() {
     let codes = tmp("tiny_codes.npy");
     let wav = tmp("tiny_out.wav");
     let dir = fixtures();
-    let out = parley(&[
+    parley_ok(&[
         "mimi",
         "encode",
         s(&dir.join("input.wav")),
@@ -50,11 +61,6 @@ fn model_dir_encode_matches_reference_and_decodes() {
         "--out",
         s(&codes),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let got = candle_core::Tensor::read_npy(&codes).expect("npy");
     let want = candle_core::Tensor::read_npy(dir.join("ref_codes_offline.npy")).expect("npy");
     // The reference ran on whole frames; the CLI pads the last partial frame with silence.
@@ -68,7 +74,7 @@ fn model_dir_encode_matches_reference_and_decodes() {
         assert_eq!(g[..w.len()], w[..]);
     }
 
-    let out = parley(&[
+    parley_ok(&[
         "mimi",
         "decode",
         s(&codes),
@@ -77,11 +83,6 @@ fn model_dir_encode_matches_reference_and_decodes() {
         "--out",
         s(&wav),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let reader = hound::WavReader::open(&wav).expect("wav");
     assert_eq!(reader.spec().sample_rate, 24_000);
     assert_eq!(reader.len() as usize, got[0].len() * 1920);
@@ -92,12 +93,7 @@ fn full_size_random_mimi_round_trips_a_recording() {
     let weights = tmp("mimi_full_bf16.safetensors");
     let codes = tmp("full_codes.npy");
     let wav = tmp("full_out.wav");
-    let out = parley(&["mimi", "random-weights", "--out", s(&weights)]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    parley_ok(&["mimi", "random-weights", "--out", s(&weights)]);
     // A 44.1 kHz stereo recording: exercises the downmix and the resampler too.
     let input = tmp("stereo44k.wav");
     let spec = hound::WavSpec {
@@ -114,7 +110,7 @@ fn full_size_random_mimi_round_trips_a_recording() {
     }
     w.finalize().expect("finalize");
 
-    let out = parley(&[
+    parley_ok(&[
         "mimi",
         "encode",
         s(&input),
@@ -125,14 +121,9 @@ fn full_size_random_mimi_round_trips_a_recording() {
         "--out",
         s(&codes),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let t = candle_core::Tensor::read_npy(&codes).expect("npy");
     assert_eq!(t.dims(), [32, 25], "2 s at 12.5 Hz, 32 codebooks");
-    let out = parley(&[
+    parley_ok(&[
         "mimi",
         "decode",
         s(&codes),
@@ -141,11 +132,6 @@ fn full_size_random_mimi_round_trips_a_recording() {
         "--out",
         s(&wav),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let samples: Vec<f32> = hound::WavReader::open(&wav)
         .expect("wav")
         .into_samples::<f32>()
@@ -256,7 +242,7 @@ fn stt_transcribes_a_recording_with_word_times() {
     let dir = fixture_dir("stt-tiny");
     let input = fixtures().join("input.wav");
     let tokens = tmp("stt_tokens.npy");
-    let out = parley(&[
+    let out = parley_ok(&[
         "stt",
         s(&input),
         "--model-dir",
@@ -266,11 +252,6 @@ fn stt_transcribes_a_recording_with_word_times() {
         "--dump-tokens",
         s(&tokens),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     // 1 s of silence prefix (13 frames), 59 frames of audio, 0.5 s of delay flush (7).
     let t = candle_core::Tensor::read_npy(&tokens).expect("npy");
     assert_eq!(t.dims(), [13 + 59 + 7]);
@@ -301,7 +282,7 @@ fn moshi_replies_with_audio_and_tokens() {
         tmp("moshi_tokens2.npy"),
     );
     for t in [&tokens, &tokens2] {
-        let out = parley(&[
+        parley_ok(&[
             "moshi",
             s(&input),
             "--model-dir",
@@ -317,11 +298,6 @@ fn moshi_replies_with_audio_and_tokens() {
             "--seed",
             "5",
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
     }
     let a = candle_core::Tensor::read_npy(&tokens).expect("npy");
     // 59 frames, the first max(delays) = 1 held back: [1 + dep_q, 58].
