@@ -80,8 +80,9 @@ fn matvec_matches_the_cpu_path_on_awkward_sizes() {
         let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
         let cpu = Matrix::new(&Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu).expect("t"))
             .expect("m");
-        let g = GpuMatrix::upload(&gpu, &w, rows, cols).expect("upload");
-        for m in [1, 2, 5] {
+        let mut g = GpuMatrix::upload(&gpu, &w, rows, cols).expect("upload");
+        // Repeated calls reuse the same buffers; sizes vary within a matrix.
+        for m in [1, 2, 5, 16, 3] {
             let x: Vec<f32> = (0..m * cols).map(|_| rnd()).collect();
             let want = cpu.matmul_t(&x, m).expect("cpu");
             let got = g.matmul_t(&x, m).expect("gpu");

@@ -150,16 +150,25 @@ impl Gpu {
     }
 }
 
-/// An f32 weight matrix resident on the GPU.
+/// An f32 weight matrix resident on the GPU, with its activation, output, readback and
+/// parameter buffers and its bind group made once at upload (for up to
+/// [`GpuMatrix::MAX_ROWS`] activation rows a call).
 #[derive(Debug)]
 pub struct GpuMatrix {
     gpu: Arc<Gpu>,
-    buffer: wgpu::Buffer,
+    x: wgpu::Buffer,
+    out: wgpu::Buffer,
+    read: wgpu::Buffer,
+    params: wgpu::Buffer,
+    bind: wgpu::BindGroup,
     rows: usize,
     cols: usize,
 }
 
 impl GpuMatrix {
+    /// Activation rows one call takes at most (a streaming step's batch).
+    pub const MAX_ROWS: usize = 16;
+
     /// Uploads row-major `[rows, cols]` weights once.
     pub fn upload(gpu: &Arc<Gpu>, w: &[f32], rows: usize, cols: usize) -> Result<Self> {
         let bytes = (w.len() * 4) as u64;
@@ -175,32 +184,87 @@ impl GpuMatrix {
                 gpu.limits.max_storage_buffer_binding_size
             )));
         }
-        let buffer = gpu
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("weights"),
-                contents: bytemuck::cast_slice(w),
-                usage: wgpu::BufferUsages::STORAGE,
-            });
+        let dev = &gpu.device;
+        let weights = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("weights"),
+            contents: bytemuck::cast_slice(w),
+            usage: wgpu::BufferUsages::STORAGE,
+        });
+        let buffer = |label: &str, size: usize, usage: wgpu::BufferUsages| {
+            dev.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: size as u64,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let x = buffer(
+            "x",
+            Self::MAX_ROWS * cols * 4,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        );
+        let out = buffer(
+            "out",
+            Self::MAX_ROWS * rows * 4,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        );
+        let read = buffer(
+            "readback",
+            Self::MAX_ROWS * rows * 4,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        );
+        let params = buffer(
+            "params",
+            16,
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        );
+        let bind = dev.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("matvec"),
+            layout: &gpu.matvec.get_bind_group_layout(0),
+            entries: &[
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: weights.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: x.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: out.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 3,
+                    resource: params.as_entire_binding(),
+                },
+            ],
+        });
         Ok(Self {
             gpu: gpu.clone(),
-            buffer,
+            x,
+            out,
+            read,
+            params,
+            bind,
             rows,
             cols,
         })
     }
 
-    /// `x @ self^T` for `m` rows of `cols`, read back (one submit, one readback).
-    pub fn matmul_t(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        if x.len() != m * self.cols || m == 0 {
+    /// `x @ self^T` for `m` rows of `cols` (at most [`Self::MAX_ROWS`]), read back: one
+    /// submit and one readback, for tests and tools (model steps keep activations on the
+    /// GPU and read back only sampled tokens).
+    pub fn matmul_t(&mut self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        if x.len() != m * self.cols || m == 0 || m > Self::MAX_ROWS {
             return Err(Error::InvalidInput(format!(
-                "matmul: {} values for {m} rows of {}",
+                "matmul: {} values for {m} rows of {} (1 to {} rows)",
                 x.len(),
-                self.cols
+                self.cols,
+                Self::MAX_ROWS
             )));
         }
         let gpu = &self.gpu;
-        let dev = &gpu.device;
         let rows_per_y = self
             .rows
             .min(gpu.limits.max_compute_workgroups_per_dimension as usize);
@@ -210,85 +274,48 @@ impl GpuMatrix {
             m as u32,
             rows_per_y as u32,
         ];
-        let xb = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("x"),
-            contents: bytemuck::cast_slice(x),
-            usage: wgpu::BufferUsages::STORAGE,
-        });
-        let pb = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("params"),
-            contents: bytemuck::cast_slice(&params),
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
+        gpu.queue.write_buffer(&self.x, 0, bytemuck::cast_slice(x));
+        gpu.queue
+            .write_buffer(&self.params, 0, bytemuck::cast_slice(&params));
         let out_bytes = (m * self.rows * 4) as u64;
-        let out = dev.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("out"),
-            size: out_bytes,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        let read = dev.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size: out_bytes,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let bind = dev.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("matvec"),
-            layout: &gpu.matvec.get_bind_group_layout(0),
-            entries: &[
-                wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: self.buffer.as_entire_binding(),
-                },
-                wgpu::BindGroupEntry {
-                    binding: 1,
-                    resource: xb.as_entire_binding(),
-                },
-                wgpu::BindGroupEntry {
-                    binding: 2,
-                    resource: out.as_entire_binding(),
-                },
-                wgpu::BindGroupEntry {
-                    binding: 3,
-                    resource: pb.as_entire_binding(),
-                },
-            ],
-        });
-        let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("step"),
-        });
+        let mut enc = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("matvec"),
+            });
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("matvec"),
                 timestamp_writes: None,
             });
             pass.set_pipeline(&gpu.matvec);
-            pass.set_bind_group(0, &bind, &[]);
+            pass.set_bind_group(0, &self.bind, &[]);
             pass.dispatch_workgroups(
                 rows_per_y as u32,
                 self.rows.div_ceil(rows_per_y) as u32,
                 m as u32,
             );
         }
-        enc.copy_buffer_to_buffer(&out, 0, &read, 0, out_bytes);
+        enc.copy_buffer_to_buffer(&self.out, 0, &self.read, 0, out_bytes);
         gpu.queue.submit([enc.finish()]);
+        let slice = self.read.slice(..out_bytes);
         let (tx, rx) = std::sync::mpsc::channel();
-        read.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+        slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        dev.poll(wgpu::PollType::wait_indefinitely())
+        gpu.device
+            .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::InvalidInput(format!("GPU poll failed: {e}")))?;
         rx.recv()
             .map_err(|_| Error::InvalidInput("GPU readback was dropped".into()))?
             .map_err(|e| Error::InvalidInput(format!("GPU readback failed: {e}")))?;
-        let data = read
-            .slice(..)
-            .get_mapped_range()
-            .map_err(|e| Error::InvalidInput(format!("GPU readback failed: {e}")))?;
-        let v: Vec<f32> = bytemuck::cast_slice(&data).to_vec();
-        drop(data);
-        read.unmap();
+        let v: Vec<f32> = {
+            let data = slice
+                .get_mapped_range()
+                .map_err(|e| Error::InvalidInput(format!("GPU readback failed: {e}")))?;
+            bytemuck::cast_slice(&data).to_vec()
+        };
+        self.read.unmap();
         Ok(v)
     }
 }
