@@ -160,8 +160,10 @@ impl Matrix {
         Ok(())
     }
 
-    /// The same matrix with its weights rounded to bf16.
-    pub fn to_bf16(&self) -> Result<Self> {
+    /// The same matrix with its weights rounded to bf16, whatever its size (tests; models
+    /// use [`Self::set_precision`]).
+    #[cfg(test)]
+    fn to_bf16(&self) -> Result<Self> {
         Ok(Self {
             tensor: self.tensor.to_dtype(DType::BF16)?,
             ..self.clone()

@@ -107,13 +107,31 @@ pub struct LmGen {
     cache: Vec<Vec<i64>>,
     offset: usize,
     max_delay: usize,
+    /// The stream facts a step needs, from the model's config (fixed for its life).
+    streams: Streams,
+}
+
+#[derive(Debug, Clone)]
+struct Streams {
+    delays: Vec<usize>,
+    dep_q: usize,
+    card: usize,
+    text_card: usize,
 }
 
 impl LmGen {
     pub fn new(model: LmModel, cfg: GenConfig) -> Self {
-        let k = model.config().num_codebooks();
-        let max_delay = model.config().delays.iter().copied().max().unwrap_or(0);
+        let c = model.config();
+        let k = c.num_codebooks();
+        let max_delay = c.delays.iter().copied().max().unwrap_or(0);
+        let streams = Streams {
+            delays: c.delays.clone(),
+            dep_q: c.dep_q,
+            card: c.card,
+            text_card: c.text_card,
+        };
         Self {
+            streams,
             model,
             rng: StdRng::seed_from_u64(cfg.seed),
             cfg,
@@ -149,7 +167,7 @@ impl LmGen {
     /// One step: `input` holds at least [`Self::input_codebooks`] codes of the user's audio
     /// for this frame (extra ones are ignored, as the reference does).
     pub fn step(&mut self, input: &[u32]) -> Result<GenStep> {
-        let cfg = self.model.config().clone();
+        let cfg = &self.streams;
         let needed = self.input_codebooks();
         if input.len() < needed {
             return Err(Error::InvalidInput(format!(
@@ -164,7 +182,7 @@ impl LmGen {
             )));
         }
         let ct = self.max_delay + 2;
-        let k_total = cfg.num_codebooks();
+        let k_total = cfg.delays.len();
         for k in cfg.dep_q + 1..k_total {
             self.cache[k][(self.offset + cfg.delays[k]) % ct] = input[k - cfg.dep_q - 1] as i64;
         }

@@ -164,19 +164,15 @@ impl StreamingConv1d {
             full
         };
         let t_out = t / stride;
-        let mut out = if k == 1 && stride == 1 {
-            self.weight.matmul_t(&full, t_out)?
-        } else {
-            let width = k * cin;
-            let mut cols = vec![0f32; t_out * width];
-            for (to, col) in cols.chunks_exact_mut(width).enumerate() {
-                for (kk, dst) in col.chunks_exact_mut(cin).enumerate() {
-                    let src = (to * stride + kk * dilation) * cin;
-                    dst.copy_from_slice(&full[src..src + cin]);
-                }
+        let width = k * cin;
+        let mut cols = vec![0f32; t_out * width];
+        for (to, col) in cols.chunks_exact_mut(width).enumerate() {
+            for (kk, dst) in col.chunks_exact_mut(cin).enumerate() {
+                let src = (to * stride + kk * dilation) * cin;
+                dst.copy_from_slice(&full[src..src + cin]);
             }
-            self.weight.matmul_t(&cols, t_out)?
-        };
+        }
+        let mut out = self.weight.matmul_t(&cols, t_out)?;
         add_bias(&mut out, self.bias.as_deref());
         if hist > 0 {
             let keep = full.len() - hist * cin;
