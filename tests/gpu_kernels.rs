@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use parley_engine::compute::cpu::Matrix;
-use parley_engine::compute::gpu::{select, Backend, DeviceChoice, Gpu, GpuMatrix, SHADERS};
+use parley_engine::compute::gpu::{
+    sample_once, select, Backend, DeviceChoice, Gpu, GpuFormat, GpuMatrix, SHADERS,
+};
 
 #[test]
 fn every_shader_validates_with_naga() {
@@ -93,6 +95,136 @@ fn matvec_matches_the_cpu_path_on_awkward_sizes() {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
             assert!(err < 1e-4, "{rows}x{cols}, m {m}: max abs error {err}");
+        }
+    }
+}
+
+fn rng(seed: u32) -> impl FnMut() -> f32 {
+    let mut s = seed;
+    move || {
+        s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+    }
+}
+
+/// Every weight format, split into chunks of a few rows, against the CPU's product over
+/// the very values the format holds (so any error is the kernel's, not the format's).
+#[test]
+fn matvec_formats_and_split_matrices_match_the_cpu_path() {
+    let Some(gpu) = any_gpu() else { return };
+    let mut rnd = rng(11);
+    for format in [
+        GpuFormat::F32,
+        GpuFormat::F16,
+        GpuFormat::Bf16,
+        GpuFormat::Q8_0,
+        GpuFormat::Q4,
+    ] {
+        // Odd rows, rows over a workgroup, columns not a multiple of 32 (quantized
+        // formats fall back), odd columns (half formats fall back).
+        for &(rows, cols, chunk) in &[(5, 64, 1 << 20), (67, 96, 1000), (300, 50, 777), (9, 33, 300), (1030, 256, 20_000)] {
+            let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
+            let mut g = GpuMatrix::upload_as(&gpu, &w, rows, cols, format, chunk).expect("upload");
+            let held = g.weight().format;
+            assert_eq!(held, format.for_cols(cols));
+            if (chunk as usize) < g.weight().size_in_bytes() {
+                assert!(g.weight().chunk_count() > 1, "{format} {rows}x{cols}: not split");
+            }
+            let exact = held.round_trip(&w);
+            let cpu = Matrix::new(&Tensor::from_vec(exact, (rows, cols), &Device::Cpu).expect("t"))
+                .expect("m");
+            for m in [1, 3] {
+                let x: Vec<f32> = (0..m * cols).map(|_| rnd()).collect();
+                let want = cpu.matmul_t(&x, m).expect("cpu");
+                let got = g.matmul_t(&x, m).expect("gpu");
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(err < 1e-4, "{format} as {held}, {rows}x{cols}, m {m}: max abs error {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn quantized_formats_round_trip_within_their_step() {
+    let mut rnd = rng(3);
+    let w: Vec<f32> = (0..32 * 64).map(|_| rnd()).collect();
+    // q8_0 rounds to the nearest of 255 symmetric levels: half a step. q4 (GGML's q4_0)
+    // maps the largest magnitude to -8 steps, so the other side ends at 7 steps and may
+    // clip by up to one step.
+    for (format, levels, steps) in [(GpuFormat::Q8_0, 127.0, 0.5), (GpuFormat::Q4, 8.0, 1.0)] {
+        let back = format.round_trip(&w);
+        for (block, got) in w.chunks(32).zip(back.chunks(32)) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = block.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            // Plus the f16 rounding of the scale (2^-11 relative) on the largest level.
+            let step = amax / levels;
+            let bound = step * steps + levels * step / 2048.0 + 1e-6;
+            assert!(err <= bound, "{format}: error {err} over {bound}, amax {amax}");
+        }
+    }
+}
+
+/// Greedy is the first maximum; with a temperature, the token is the one the inverse CDF
+/// over the top k (in index order) gives for the draw.
+#[test]
+fn sampling_kernel_matches_its_definition() {
+    let Some(gpu) = any_gpu() else { return };
+    let mut rnd = rng(21);
+    for n in [1usize, 7, 300, 2049] {
+        let mut logits: Vec<f32> = (0..n).map(|_| rnd() * 8.0).collect();
+        if n > 2 {
+            // A tie for the maximum: the first one wins.
+            let max = logits.iter().copied().fold(f32::MIN, f32::max) + 1.0;
+            logits[n / 2] = max;
+            logits[n - 1] = max;
+        }
+        let argmax = logits
+            .iter()
+            .enumerate()
+            .fold(0, |b, (i, &v)| if v > logits[b] { i } else { b });
+        assert_eq!(sample_once(&gpu, &logits, 0.0, 0, 0.5).expect("greedy") as usize, argmax);
+        for (temp, top_k) in [(1.0f32, 0usize), (0.7, 5), (1.5, 1), (1.0, n + 3)] {
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+            let keep: Vec<bool> = if top_k == 0 || top_k >= n {
+                vec![true; n]
+            } else {
+                let thr = logits[order[top_k - 1]];
+                logits.iter().map(|&v| v >= thr).collect()
+            };
+            let max = logits[argmax];
+            let weights: Vec<f64> = (0..n)
+                .map(|i| if keep[i] { (((logits[i] - max) / temp) as f64).exp() } else { 0.0 })
+                .collect();
+            let total: f64 = weights.iter().sum();
+            for draw in [0.01f32, 0.3, 0.55, 0.97] {
+                // The expected token, unless the draw falls within rounding of a boundary.
+                let mut r = draw as f64 * total;
+                let mut want = None;
+                let mut near_edge = false;
+                for (i, &wi) in weights.iter().enumerate() {
+                    if wi == 0.0 {
+                        continue;
+                    }
+                    if (r - wi).abs() < 1e-4 * total {
+                        near_edge = true;
+                    }
+                    if r < wi {
+                        want = Some(i);
+                        break;
+                    }
+                    r -= wi;
+                }
+                let got = sample_once(&gpu, &logits, temp, top_k, draw).expect("sample") as usize;
+                assert!(keep[got], "n {n}, top_k {top_k}: token {got} is outside the top k");
+                if !near_edge {
+                    assert_eq!(Some(got), want, "n {n}, temp {temp}, top_k {top_k}, draw {draw}");
+                }
+            }
         }
     }
 }

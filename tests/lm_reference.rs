@@ -47,7 +47,7 @@ fn run(gen: &mut LmGen, name: &str) -> Run {
         if let Some(tok) = step.tokens {
             out.tokens.push(tok);
         }
-        out.text_logits.push(step.text_logits);
+        out.text_logits.push(step.text_logits.expect("cpu logits"));
         out.extra.push(step.extra_heads);
     }
     out

@@ -30,9 +30,12 @@ pub struct LmBench {
     /// A model directory instead of a preset.
     #[arg(long, conflicts_with = "preset")]
     model_dir: Option<std::path::PathBuf>,
-    /// Weight format: f32, bf16, q8_0 or q4.
+    /// Weight format: f32, bf16, q8_0, q4, or f16 (GPU only).
     #[arg(long, default_value = "bf16")]
-    dtype: parley_engine::compute::cpu::WeightPrecision,
+    dtype: parley_engine::compute::Dtype,
+    /// auto (a hardware GPU, else the CPU), gpu (any adapter, software ones included) or cpu.
+    #[arg(long, default_value = "cpu")]
+    device: parley_engine::compute::gpu::DeviceChoice,
     #[arg(long, default_value_t = 20)]
     steps: usize,
     #[arg(long, default_value_t = 3)]
@@ -75,7 +78,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 fn bench_lm(b: LmBench) -> Result<()> {
     use parley_engine::compute::cpu::measure_read_bandwidth_gbs;
     use parley_engine::models::kyutai_config::ModelDir;
-    use parley_engine::models::lm::generator::{GenConfig, LmGen};
+    use parley_engine::models::lm::generator::{GenConfig, LmBackend, LmGen};
     use parley_engine::models::lm::{config::PRESETS, LmConfig, LmModel};
 
     let threads = b
@@ -83,32 +86,36 @@ fn bench_lm(b: LmBench) -> Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     // Safe in edition 2021; nothing has read the variable yet, no threads started.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let (device, line) = parley_engine::compute::gpu::select_device(b.device)?;
+    eprintln!("{line}");
     let t_load = Instant::now();
-    let (model, what) = match (&b.preset, &b.model_dir) {
+    let (backend, what) = match (&b.preset, &b.model_dir) {
         (Some(p), None) => {
             let cfg = LmConfig::preset(p).ok_or_else(|| {
                 anyhow::anyhow!("unknown preset `{p}`; known: {}", PRESETS.join(", "))
             })?;
-            let w = Weights::random(1).with_precision(b.dtype);
-            (
-                LmModel::from_weights(&w, cfg)?,
-                format!("{p}, random weights"),
-            )
+            let backend = LmBackend::open(&device, b.dtype, |precision| {
+                LmModel::from_weights(&Weights::random(1).with_precision(precision), cfg)
+            })?;
+            (backend, format!("{p}, random weights"))
         }
         (None, Some(dir)) => {
             let d = ModelDir::open(dir)?;
-            let mut m = d.load_lm()?;
-            m.set_weight_precision(b.dtype)?;
-            (m, dir.display().to_string())
+            let backend = LmBackend::open(&device, b.dtype, |p| d.load_lm_as(p))?;
+            (backend, dir.display().to_string())
         }
         _ => anyhow::bail!("say which model: --preset NAME --random-weights, or --model-dir DIR"),
     };
     // Accepted for the documented command line: presets always run on random weights.
     let _ = b.random_weights;
     let load_s = t_load.elapsed().as_secs_f64();
-    let bytes = model.weight_bytes_per_step();
-    let cfg = model.config().clone();
-    let mut gen = LmGen::new(model, GenConfig::default());
+    let bytes = backend.weight_bytes_per_step();
+    let cfg = backend.config().clone();
+    let (device_name, dispatches) = match &backend {
+        LmBackend::Cpu(_) => (format!("CPU, {threads} thread(s)"), 0),
+        LmBackend::Gpu(g) => (format!("GPU {}", g.adapter_name()), g.dispatches_per_step()),
+    };
+    let mut gen = LmGen::with_backend(backend, GenConfig::default());
     let n_in = gen.input_codebooks();
     let mut seed = 7u32;
     let mut ms = Vec::with_capacity(b.steps);
@@ -127,30 +134,44 @@ fn bench_lm(b: LmBench) -> Result<()> {
     }
     let s = Stats::of(&ms);
     let gbs = bytes as f64 / (s.p50 / 1e3) / 1e9;
-    let bw = measure_read_bandwidth_gbs(1 << 30);
+    // The bandwidth beside the figure: the CPU's read probe, or the GPU's buffer copy.
+    let (bw, bw_what) = match &device {
+        parley_engine::compute::gpu::Backend::Cpu => {
+            (measure_read_bandwidth_gbs(1 << 30), "CPU read bandwidth (SIMD probe)")
+        }
+        parley_engine::compute::gpu::Backend::Gpu(g) => (
+            g.measure_copy_bandwidth_gbs(1 << 28)?,
+            "GPU copy bandwidth (read + write, 256 MiB buffer copy)",
+        ),
+    };
     if b.json {
         println!(
             "{}",
             serde_json::json!({
-                "bench": "lm", "model": what, "dtype": format!("{:?}", b.dtype), "threads": threads,
-                "steps": b.steps, "step_ms": s.json(), "weight_bytes_per_step": bytes,
-                "effective_gbs": gbs, "measured_read_bandwidth_gbs": bw, "load_s": load_s,
+                "bench": "lm", "model": what, "dtype": b.dtype.to_string(), "device": device_name,
+                "threads": threads, "steps": b.steps, "step_ms": s.json(),
+                "weight_bytes_per_step": bytes, "effective_gbs": gbs,
+                "measured_bandwidth_gbs": bw, "bandwidth_probe": bw_what,
+                "dispatches_per_step": dispatches, "load_s": load_s,
             })
         );
     } else {
         println!(
-            "lm step, {what}, {:?} weights, {threads} thread(s), {} steps",
+            "lm step, {what}, {} weights, {device_name}, {} steps",
             b.dtype, b.steps
         );
         println!(
-            "  ms per step: mean {:.1}  p50 {:.1}  p90 {:.1}  max {:.1}",
+            "  ms per step: mean {:.2}  p50 {:.2}  p90 {:.2}  max {:.2}",
             s.mean, s.p50, s.p90, s.max
         );
         println!(
-            "  weights read per step {:.3} GB -> {gbs:.1} GB/s effective (p50); measured read bandwidth {bw:.1} GB/s ({:.0}%)",
+            "  weights read per step {:.3} GB -> {gbs:.1} GB/s effective (p50); {bw_what} {bw:.1} GB/s ({:.0}%)",
             bytes as f64 / 1e9,
             100.0 * gbs / bw
         );
+        if dispatches > 0 {
+            println!("  {dispatches} kernel dispatches in one submit per step");
+        }
         println!("  model built in {load_s:.1} s");
     }
     Ok(())

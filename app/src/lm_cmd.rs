@@ -9,8 +9,9 @@ use clap::Args;
 use parley_engine::audio::file::{read_audio_24k, write_wav_f32};
 use parley_engine::compute::cpu::WeightPrecision;
 use parley_engine::models::kyutai_config::ModelDir;
-use parley_engine::models::lm::generator::{GenConfig, LmGen, Sampling};
-use parley_engine::models::lm::LmModel;
+use parley_engine::compute::gpu::{select_device, DeviceChoice};
+use parley_engine::compute::Dtype;
+use parley_engine::models::lm::generator::{GenConfig, LmBackend, LmGen, Sampling};
 use parley_engine::models::mimi::Mimi;
 use parley_engine::models::stt::Transcriber;
 use parley_engine::npy;
@@ -32,24 +33,42 @@ pub struct SttArgs {
     /// Report end-of-turn (semantic voice activity) from the model's extra heads.
     #[arg(long)]
     vad: bool,
-    /// f32 or bf16 weights.
-    #[arg(long, default_value = "f32")]
-    precision: WeightPrecision,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
-/// The model directory, its Mimi and its language model, in `precision`.
-fn load_models(model_dir: &Path, precision: WeightPrecision) -> Result<(ModelDir, Mimi, LmModel)> {
+/// Where the language model runs and in which weight format.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// auto (a hardware GPU, else the CPU), gpu (any GPU adapter, software ones included)
+    /// or cpu. Mimi runs on the CPU either way.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Weights: auto (f32 on the CPU, bf16 on the GPU), f32, bf16, q8_0, q4, or f16 (GPU).
+    #[arg(long, alias = "dtype", default_value = "auto")]
+    pub precision: Dtype,
+}
+
+/// The model directory, its Mimi (on the CPU) and its language model on the device asked
+/// for; logs which device runs.
+fn load_models(model_dir: &Path, run: &RunArgs) -> Result<(ModelDir, Mimi, LmBackend)> {
     let dir = ModelDir::open(model_dir).context("opening the model directory")?;
     let mut mimi = dir.load_mimi().context("loading Mimi")?;
-    let mut lm = dir.load_lm().context("loading the language model")?;
-    mimi.set_weight_precision(precision)?;
-    lm.set_weight_precision(precision)?;
+    // Mimi's CPU path holds f32 or bf16 weights.
+    mimi.set_weight_precision(match run.precision {
+        Dtype::Auto | Dtype::F32 => WeightPrecision::F32,
+        _ => WeightPrecision::Bf16,
+    })?;
+    let (device, line) = select_device(run.device)?;
+    eprintln!("{line}");
+    let lm = LmBackend::open(&device, run.precision, |p| dir.load_lm_as(p))
+        .context("loading the language model")?;
     Ok((dir, mimi, lm))
 }
 
 pub fn stt(args: SttArgs) -> Result<()> {
     let pcm = read_audio_24k(&args.input)?;
-    let (dir, mimi, lm) = load_models(&args.model_dir, args.precision)?;
+    let (dir, mimi, lm) = load_models(&args.model_dir, &args.run)?;
     if lm.config().dep_q != 0 {
         bail!(
             "{} holds a model that speaks (dep_q > 0): use `parley moshi`",
@@ -58,7 +77,7 @@ pub fn stt(args: SttArgs) -> Result<()> {
     }
     let mut t = Transcriber {
         mimi,
-        gen: LmGen::new(lm, GenConfig::default()),
+        gen: LmGen::with_backend(lm, GenConfig::default()),
         tokenizer: dir.load_tokenizer().context("loading the text tokenizer")?,
         cfg: dir.stt_config()?,
         padding_id: dir.config.text_padding_token_id.unwrap_or(3),
@@ -151,14 +170,13 @@ pub struct MoshiArgs {
     /// Feed frames at the live clock's pace (one per 80 ms) instead of as fast as possible.
     #[arg(long)]
     realtime: bool,
-    /// f32 or bf16 weights.
-    #[arg(long, default_value = "f32")]
-    precision: WeightPrecision,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 pub fn moshi(args: MoshiArgs) -> Result<()> {
     let pcm = read_audio_24k(&args.input)?;
-    let (dir, mut mimi, lm) = load_models(&args.model_dir, args.precision)?;
+    let (dir, mut mimi, lm) = load_models(&args.model_dir, &args.run)?;
     let tokenizer = dir.load_tokenizer().context("loading the text tokenizer")?;
     let dep_q = lm.config().dep_q;
     if dep_q == 0 {
@@ -185,7 +203,7 @@ pub fn moshi(args: MoshiArgs) -> Result<()> {
         },
         seed: args.seed,
     };
-    let mut gen = LmGen::new(lm, cfg);
+    let mut gen = LmGen::with_backend(lm, cfg);
     let fs = mimi.frame_size();
     let mut audio = pcm.clone();
     audio.resize(pcm.len().div_ceil(fs) * fs, 0.0);

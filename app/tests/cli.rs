@@ -346,3 +346,80 @@ fn lm_commands_reject_bad_model_directories() {
     ]);
     assert_clean_failure(&out, "parley stt");
 }
+
+/// `--device gpu` runs the LM on wgpu (lavapipe in CI): the same transcript and tokens as
+/// `--device cpu` with f32 weights; greedy Moshi replies are identical too. Skips, saying
+/// why, where no GPU adapter exists.
+#[test]
+fn gpu_device_gives_the_cpu_transcript_and_reply() {
+    let input = fixtures().join("input.wav");
+    let stt = fixture_dir("stt-tiny");
+    let run = |device: &str, tokens: &Path| {
+        parley(&[
+            "stt",
+            s(&input),
+            "--model-dir",
+            s(&stt),
+            "--json",
+            "--vad",
+            "--device",
+            device,
+            "--precision",
+            "f32",
+            "--dump-tokens",
+            s(tokens),
+        ])
+    };
+    let (tc, tg) = (tmp("stt_cpu.npy"), tmp("stt_gpu.npy"));
+    let gpu = run("gpu", &tg);
+    let stderr = String::from_utf8_lossy(&gpu.stderr);
+    if !gpu.status.success() && stderr.contains("no GPU") {
+        eprintln!("skipping: {stderr}");
+        return;
+    }
+    assert!(gpu.status.success(), "{stderr}");
+    assert!(stderr.contains("device: GPU"), "no adapter line: {stderr}");
+    let cpu = run("cpu", &tc);
+    assert!(cpu.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&cpu.stdout),
+        String::from_utf8_lossy(&gpu.stdout)
+    );
+    let read = |p: &Path| {
+        candle_core::Tensor::read_npy(p)
+            .expect("npy")
+            .to_vec1::<i64>()
+            .expect("tokens")
+    };
+    assert_eq!(read(&tc), read(&tg));
+
+    let moshi = fixture_dir("moshi-tiny");
+    let reply = |device: &str, tokens: &Path| {
+        parley_ok(&[
+            "moshi",
+            s(&input),
+            "--model-dir",
+            s(&moshi),
+            "--out",
+            s(&tmp(&format!("reply_{device}.wav"))),
+            "--dump-tokens",
+            s(tokens),
+            "--temp",
+            "0",
+            "--temp-text",
+            "0",
+            "--device",
+            device,
+            "--precision",
+            "f32",
+        ]);
+        candle_core::Tensor::read_npy(tokens)
+            .expect("npy")
+            .to_vec2::<i64>()
+            .expect("tokens")
+    };
+    assert_eq!(
+        reply("cpu", &tmp("m_cpu.npy")),
+        reply("gpu", &tmp("m_gpu.npy"))
+    );
+}

@@ -6,6 +6,7 @@
 //! never touches wgpu. Either way one log line says what runs. The device is created with
 //! the adapter's own limits.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use wgpu::util::DeviceExt;
@@ -13,8 +14,32 @@ use wgpu::util::DeviceExt;
 use crate::{Error, Result};
 
 /// The WGSL sources, one kernel family per file.
-pub const SHADERS: &[(&str, &str)] =
-    &[("matvec.wgsl", include_str!("../../../shaders/matvec.wgsl"))];
+pub const SHADERS: &[(&str, &str)] = &[
+    ("matvec.wgsl", include_str!("../../../shaders/matvec.wgsl")),
+    ("norm.wgsl", include_str!("../../../shaders/norm.wgsl")),
+    ("attention.wgsl", include_str!("../../../shaders/attention.wgsl")),
+    ("elementwise.wgsl", include_str!("../../../shaders/elementwise.wgsl")),
+    ("sample.wgsl", include_str!("../../../shaders/sample.wgsl")),
+];
+
+/// Every entry point Parley dispatches, with its file: one pipeline each, built when the
+/// device opens.
+const ENTRY_POINTS: &[(&str, &str)] = &[
+    ("matvec.wgsl", "matvec_f32"),
+    ("matvec.wgsl", "matvec_f16"),
+    ("matvec.wgsl", "matvec_bf16"),
+    ("matvec.wgsl", "matvec_q8_0"),
+    ("matvec.wgsl", "matvec_q4"),
+    ("norm.wgsl", "rms_norm"),
+    ("norm.wgsl", "layer_norm"),
+    ("attention.wgsl", "rope_store"),
+    ("attention.wgsl", "attend"),
+    ("elementwise.wgsl", "gate_silu"),
+    ("elementwise.wgsl", "embed_sum"),
+    ("elementwise.wgsl", "embed_add"),
+    ("elementwise.wgsl", "softmax_small"),
+    ("sample.wgsl", "sample"),
+];
 
 /// What `--device` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -53,7 +78,11 @@ pub struct Gpu {
     pub queue: wgpu::Queue,
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
-    matvec: wgpu::ComputePipeline,
+    pipelines: HashMap<&'static str, wgpu::ComputePipeline>,
+    /// Errors wgpu reported outside any call that returns one (validation, memory):
+    /// collected here instead of wgpu's default panic, and turned into an `Error` by
+    /// [`Gpu::check`].
+    errors: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 fn rank(t: wgpu::DeviceType) -> u8 {
@@ -64,6 +93,12 @@ fn rank(t: wgpu::DeviceType) -> u8 {
         wgpu::DeviceType::Other => 1,
         wgpu::DeviceType::Cpu => 0,
     }
+}
+
+/// Picks and opens the device for `choice` among every backend wgpu has (Vulkan, Metal,
+/// DX12, GL). Returns the backend and the line to log.
+pub fn select_device(choice: DeviceChoice) -> Result<(Backend, String)> {
+    select(choice, wgpu::Backends::all())
 }
 
 /// Picks and opens the device for `choice` among the adapters of `backends`. Returns the
@@ -128,194 +163,855 @@ impl Gpu {
             trace: wgpu::Trace::Off,
         }))
         .map_err(|e| Error::NoGpu(format!("opening {}: {e}", info.name)))?;
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some("matvec.wgsl"),
-            source: wgpu::ShaderSource::Wgsl(SHADERS[0].1.into()),
-        });
-        let matvec = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some("matvec_f32"),
-            layout: None,
-            module: &module,
-            entry_point: Some("matvec_f32"),
-            compilation_options: Default::default(),
-            cache: None,
-        });
+        let errors: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut v) = sink.lock() {
+                v.push(e.to_string());
+            }
+        }));
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let modules: HashMap<&str, wgpu::ShaderModule> = SHADERS
+            .iter()
+            .map(|(name, src)| {
+                let m = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(name),
+                    source: wgpu::ShaderSource::Wgsl((*src).into()),
+                });
+                (*name, m)
+            })
+            .collect();
+        let pipelines = ENTRY_POINTS
+            .iter()
+            .map(|&(file, entry)| {
+                let p = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(entry),
+                    layout: None,
+                    module: &modules[file],
+                    entry_point: Some(entry),
+                    compilation_options: Default::default(),
+                    cache: None,
+                });
+                (entry, p)
+            })
+            .collect();
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::NoGpu(format!(
+                "{}: Parley's kernels do not build on this adapter: {e}",
+                info.name
+            )));
+        }
         Ok(Self {
             device,
             queue,
             info,
             limits,
-            matvec,
+            pipelines,
+            errors,
+        })
+    }
+
+    /// Fails with the errors wgpu reported since the last check, if any.
+    pub fn check(&self) -> Result<()> {
+        let mut v = self
+            .errors
+            .lock()
+            .map_err(|_| Error::InvalidInput("GPU error log poisoned".into()))?;
+        if v.is_empty() {
+            return Ok(());
+        }
+        let msg = v.join("; ");
+        v.clear();
+        Err(Error::InvalidInput(format!("GPU error on {}: {msg}", self.info.name)))
+    }
+
+    fn pipeline(&self, entry: &str) -> Result<&wgpu::ComputePipeline> {
+        self.pipelines
+            .get(entry)
+            .ok_or_else(|| Error::InvalidInput(format!("no GPU kernel `{entry}`")))
+    }
+
+    /// The largest storage binding this device allows (and so the largest chunk a
+    /// tensor is split into).
+    pub fn max_binding_bytes(&self) -> u64 {
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
+    }
+
+    /// A buffer of `bytes` (at least 4) zeroed by wgpu.
+    pub fn buffer(&self, label: &str, bytes: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(4).next_multiple_of(4),
+            usage,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// A storage buffer of `n` f32 activations.
+    pub fn activations(&self, label: &str, n: usize) -> wgpu::Buffer {
+        self.buffer(
+            label,
+            (n * 4) as u64,
+            wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+        )
+    }
+
+    /// A read-only storage buffer holding `words`.
+    pub fn upload_words(&self, label: &str, words: &[u32]) -> wgpu::Buffer {
+        let zero = [0u32];
+        let contents: &[u32] = if words.is_empty() { &zero } else { words };
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytemuck::cast_slice(contents),
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+            })
+    }
+
+    /// A read-only storage buffer of f32 values.
+    pub fn upload_f32(&self, label: &str, v: &[f32]) -> wgpu::Buffer {
+        self.upload_words(label, bytemuck::cast_slice(v))
+    }
+
+    /// Submits `enc` with copies of `(buffer, offset, bytes)` regions appended into one
+    /// readback buffer, waits, and returns the regions' bytes in order.
+    pub fn submit_and_read(
+        &self,
+        mut enc: wgpu::CommandEncoder,
+        regions: &[(&wgpu::Buffer, u64, u64)],
+        read: &wgpu::Buffer,
+    ) -> Result<Vec<Vec<u8>>> {
+        let mut at = 0u64;
+        let mut spans = Vec::with_capacity(regions.len());
+        for &(buf, off, bytes) in regions {
+            enc.copy_buffer_to_buffer(buf, off, read, at, bytes);
+            spans.push((at, bytes));
+            at += bytes.next_multiple_of(8);
+        }
+        if at > read.size() {
+            return Err(Error::InvalidInput(format!(
+                "GPU readback of {at} bytes into a buffer of {}",
+                read.size()
+            )));
+        }
+        self.queue.submit([enc.finish()]);
+        let slice = read.slice(..at.max(8));
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::InvalidInput(format!("GPU poll failed: {e}")))?;
+        rx.recv()
+            .map_err(|_| Error::InvalidInput("GPU readback was dropped".into()))?
+            .map_err(|e| Error::InvalidInput(format!("GPU readback failed: {e}")))?;
+        let out = {
+            let data = slice
+                .get_mapped_range()
+                .map_err(|e| Error::InvalidInput(format!("GPU readback failed: {e}")))?;
+            spans
+                .iter()
+                .map(|&(a, n)| data[a as usize..(a + n) as usize].to_vec())
+                .collect()
+        };
+        read.unmap();
+        self.check()?;
+        Ok(out)
+    }
+
+    /// Times copies of a `bytes` buffer on the device and returns (read + write) GB/s: the
+    /// probe printed beside the LM benchmark's figures (wgpu cannot ask a GPU for its
+    /// memory bandwidth).
+    pub fn measure_copy_bandwidth_gbs(&self, bytes: u64) -> Result<f64> {
+        let bytes = bytes.min(self.limits.max_buffer_size) / 4 * 4;
+        let usage = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+        let a = self.buffer("probe a", bytes, usage);
+        let b = self.buffer("probe b", bytes, usage);
+        let run = |n: usize| -> Result<f64> {
+            let t = std::time::Instant::now();
+            let mut enc = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("probe") });
+            for _ in 0..n {
+                enc.copy_buffer_to_buffer(&a, 0, &b, 0, bytes);
+            }
+            self.queue.submit([enc.finish()]);
+            self.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| Error::InvalidInput(format!("GPU poll failed: {e}")))?;
+            Ok(t.elapsed().as_secs_f64())
+        };
+        run(1)?;
+        let secs = run(8)?;
+        self.check()?;
+        Ok(8.0 * 2.0 * bytes as f64 / secs / 1e9)
+    }
+
+    /// A buffer the CPU maps to read results (`bytes` at most per submit).
+    pub fn readback_buffer(&self, bytes: u64) -> wgpu::Buffer {
+        self.buffer(
+            "readback",
+            bytes.next_multiple_of(8),
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        )
+    }
+}
+
+/// How a weight matrix is held on the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GpuFormat {
+    /// Exact: the parity reference.
+    #[default]
+    F32,
+    F16,
+    /// Published checkpoints are bf16: this holds them without rounding.
+    Bf16,
+    /// Blocks of 32 int8 sharing one f16 scale (GGML's q8_0 arithmetic, 8.5 bits a weight).
+    Q8_0,
+    /// Blocks of 32 4-bit values sharing one f16 scale, `w = (q - 8) * scale` (GGML's
+    /// q4_0 arithmetic, 4.5 bits a weight).
+    Q4,
+}
+
+impl std::str::FromStr for GpuFormat {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            "bf16" => Ok(Self::Bf16),
+            "q8_0" | "q8" => Ok(Self::Q8_0),
+            "q4" | "q4_0" => Ok(Self::Q4),
+            other => Err(format!(
+                "unknown GPU weight format `{other}` (f32, f16, bf16, q8_0 or q4)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for GpuFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+            Self::Q8_0 => "q8_0",
+            Self::Q4 => "q4",
         })
     }
 }
 
-/// An f32 weight matrix resident on the GPU, with its activation, output, readback and
-/// parameter buffers and its bind group made once at upload (for up to
-/// [`GpuMatrix::MAX_ROWS`] activation rows a call).
+const QBLOCK: usize = 32;
+
+impl GpuFormat {
+    /// The format a `[rows, cols]` matrix actually gets: quantized ones need whole blocks
+    /// of 32 per row (else f16), half-precision ones an even row (else f32).
+    pub fn for_cols(self, cols: usize) -> GpuFormat {
+        match self {
+            Self::Q8_0 | Self::Q4 if cols % QBLOCK != 0 => Self::F16.for_cols(cols),
+            Self::F16 | Self::Bf16 if cols % 2 != 0 => Self::F32,
+            f => f,
+        }
+    }
+
+    fn entry(self) -> &'static str {
+        match self {
+            Self::F32 => "matvec_f32",
+            Self::F16 => "matvec_f16",
+            Self::Bf16 => "matvec_bf16",
+            Self::Q8_0 => "matvec_q8_0",
+            Self::Q4 => "matvec_q4",
+        }
+    }
+
+    /// 32-bit words holding one row of `cols` values (scales of quantized rows aside).
+    fn row_words(self, cols: usize) -> usize {
+        match self {
+            Self::F32 => cols,
+            Self::F16 | Self::Bf16 => cols / 2,
+            Self::Q8_0 => cols / 4,
+            Self::Q4 => cols / 8,
+        }
+    }
+
+    /// Bytes per row, scales included.
+    fn row_bytes(self, cols: usize) -> usize {
+        let scales = match self {
+            Self::Q8_0 | Self::Q4 => cols / QBLOCK * 2,
+            _ => 0,
+        };
+        self.row_words(cols) * 4 + scales
+    }
+
+    /// Packs row-major `rows x cols` f32 weights (format already fitted with
+    /// [`Self::for_cols`]) into the words the kernels read: the rows, then (quantized)
+    /// the block scales. Returns the words and the index of the first scale word.
+    pub fn pack(self, w: &[f32], cols: usize) -> (Vec<u32>, usize) {
+        let rows = w.len() / cols.max(1);
+        let body = rows * self.row_words(cols);
+        match self {
+            Self::F32 => (w.iter().map(|v| v.to_bits()).collect(), body),
+            Self::F16 => (
+                w.chunks_exact(2)
+                    .map(|p| {
+                        u32::from(half::f16::from_f32(p[0]).to_bits())
+                            | (u32::from(half::f16::from_f32(p[1]).to_bits()) << 16)
+                    })
+                    .collect(),
+                body,
+            ),
+            Self::Bf16 => (
+                w.chunks_exact(2)
+                    .map(|p| {
+                        u32::from(half::bf16::from_f32(p[0]).to_bits())
+                            | (u32::from(half::bf16::from_f32(p[1]).to_bits()) << 16)
+                    })
+                    .collect(),
+                body,
+            ),
+            Self::Q8_0 | Self::Q4 => {
+                let mut words = Vec::with_capacity(body + rows * cols / QBLOCK / 2 + 1);
+                let mut scales = Vec::with_capacity(rows * cols / QBLOCK);
+                for block in w.chunks_exact(QBLOCK) {
+                    let (scale, q) = quantize_block(self, block);
+                    scales.push(scale);
+                    if self == Self::Q8_0 {
+                        words.extend(q.chunks_exact(4).map(|b| {
+                            b.iter()
+                                .enumerate()
+                                .fold(0u32, |acc, (i, &v)| acc | (u32::from(v as u8) << (8 * i)))
+                        }));
+                    } else {
+                        words.extend(q.chunks_exact(8).map(|b| {
+                            b.iter()
+                                .enumerate()
+                                .fold(0u32, |acc, (i, &v)| acc | (((v + 8) as u32) << (4 * i)))
+                        }));
+                    }
+                }
+                words.extend(scales.chunks(2).map(|p| {
+                    u32::from(p[0].to_bits())
+                        | (u32::from(p.get(1).copied().unwrap_or(half::f16::ZERO).to_bits())
+                            << 16)
+                }));
+                (words, body)
+            }
+        }
+    }
+
+    /// The values the GPU computes with for `w` in this format: what a kernel's output is
+    /// checked against.
+    pub fn round_trip(self, w: &[f32]) -> Vec<f32> {
+        match self {
+            Self::F32 => w.to_vec(),
+            Self::F16 => w
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_f32())
+                .collect(),
+            Self::Bf16 => w
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect(),
+            Self::Q8_0 | Self::Q4 => w
+                .chunks_exact(QBLOCK)
+                .flat_map(|block| {
+                    let (scale, q) = quantize_block(self, block);
+                    let s = scale.to_f32();
+                    q.into_iter().map(move |v| f32::from(v) * s)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One block's f16 scale and its values as signed integers (q8_0: -127..=127; q4: -8..=7).
+fn quantize_block(format: GpuFormat, block: &[f32]) -> (half::f16, Vec<i8>) {
+    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let levels = if format == GpuFormat::Q8_0 { 127.0 } else { 8.0 };
+    // q4 as GGML's q4_0: the largest magnitude maps to -8, keeping its sign.
+    let signed_max = block
+        .iter()
+        .copied()
+        .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+    let d = if format == GpuFormat::Q8_0 {
+        amax / levels
+    } else {
+        signed_max / -levels
+    };
+    let scale = half::f16::from_f32(d);
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let q = block
+        .iter()
+        .map(|&v| {
+            if format == GpuFormat::Q8_0 {
+                (v * id).round().clamp(-127.0, 127.0) as i8
+            } else {
+                ((v * id + 8.5).floor().clamp(0.0, 15.0) as i32 - 8) as i8
+            }
+        })
+        .collect();
+    (scale, q)
+}
+
+/// A weight matrix resident on the GPU: chunks of whole rows, each within one binding.
+#[derive(Debug, Clone)]
+pub struct GpuWeight {
+    pub format: GpuFormat,
+    pub rows: usize,
+    pub cols: usize,
+    chunks: Vec<WeightChunk>,
+}
+
+#[derive(Debug, Clone)]
+struct WeightChunk {
+    buffer: wgpu::Buffer,
+    row0: usize,
+    rows: usize,
+    scale_word0: usize,
+}
+
+impl GpuWeight {
+    /// Uploads row-major `[rows, cols]` weights in `format` (fitted to the row length),
+    /// split into chunks of at most `max_chunk_bytes`.
+    pub fn upload(
+        gpu: &Gpu,
+        label: &str,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        format: GpuFormat,
+        max_chunk_bytes: u64,
+    ) -> Result<Self> {
+        if w.len() != rows * cols || rows == 0 || cols == 0 {
+            return Err(Error::InvalidInput(format!(
+                "{label}: {} weights for a {rows}x{cols} matrix",
+                w.len()
+            )));
+        }
+        let format = format.for_cols(cols);
+        let row_bytes = format.row_bytes(cols) as u64;
+        if row_bytes + 4 > max_chunk_bytes {
+            return Err(Error::InvalidInput(format!(
+                "{label}: one row of {cols} {format} weights ({row_bytes} bytes) exceeds this GPU's largest binding ({max_chunk_bytes} bytes)"
+            )));
+        }
+        // Room for a padding word of scales.
+        let per_chunk = ((max_chunk_bytes - 4) / row_bytes).max(1) as usize;
+        let chunks = (0..rows)
+            .step_by(per_chunk)
+            .map(|row0| {
+                let n = per_chunk.min(rows - row0);
+                let (words, scale_word0) = format.pack(&w[row0 * cols..(row0 + n) * cols], cols);
+                WeightChunk {
+                    buffer: gpu.upload_words(label, &words),
+                    row0,
+                    rows: n,
+                    scale_word0,
+                }
+            })
+            .collect();
+        Ok(Self {
+            format,
+            rows,
+            cols,
+            chunks,
+        })
+    }
+
+    /// Bytes the kernels read for one product.
+    pub fn size_in_bytes(&self) -> usize {
+        self.rows * self.format.row_bytes(self.cols)
+    }
+
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// The chunks: buffer, first row, rows.
+    pub fn chunks(&self) -> impl Iterator<Item = (&wgpu::Buffer, usize, usize)> {
+        self.chunks.iter().map(|c| (&c.buffer, c.row0, c.rows))
+    }
+}
+
+/// A shader resource of a planned dispatch.
+#[derive(Debug, Clone)]
+pub enum Res {
+    Buffer(wgpu::Buffer),
+    /// A window of the parameter arena: offset and size in bytes.
+    Arena(u64, u64),
+}
+
+#[derive(Debug)]
+struct PlannedDispatch {
+    entry: &'static str,
+    resources: Vec<(u32, Res)>,
+    groups: [u32; 3],
+}
+
+/// What a matrix product adds after the dot products (see `shaders/matvec.wgsl`).
+#[derive(Debug, Clone, Default)]
+pub struct Epilogue {
+    /// Adds the product to what `out` holds (a residual connection).
+    pub accumulate: bool,
+    pub bias: Option<Vec<f32>>,
+    /// Multiplies by this vector first (a layer scale).
+    pub scale: Option<Vec<f32>>,
+}
+
+/// Builds a model's program: every dispatch of a step with its parameters, laid out in
+/// one uniform arena. Block 0 of the arena is the per-step block (written before each
+/// submit); the others are written once. Bind groups are made once in [`Plan::build`];
+/// since each dispatch has its own bind group, parameter offsets are fixed there rather
+/// than passed as dynamic offsets at dispatch time.
+#[derive(Debug)]
+pub struct Plan {
+    arena: Vec<u8>,
+    align: usize,
+    dispatches: Vec<PlannedDispatch>,
+    dummy: Option<wgpu::Buffer>,
+}
+
+impl Plan {
+    /// `step_block_bytes`: the size of block 0.
+    pub fn new(gpu: &Gpu, step_block_bytes: usize) -> Self {
+        let align = (gpu.limits.min_uniform_buffer_offset_alignment as usize).max(16);
+        Self {
+            arena: vec![0; step_block_bytes.next_multiple_of(align)],
+            align,
+            dispatches: vec![],
+            dummy: None,
+        }
+    }
+
+    /// The per-step block.
+    pub fn step_block(&self, bytes: usize) -> Res {
+        Res::Arena(0, bytes.next_multiple_of(16) as u64)
+    }
+
+    /// Appends a parameter block; returns its window.
+    pub fn params(&mut self, words: &[u32]) -> Res {
+        let off = self.arena.len();
+        let bytes: &[u8] = bytemuck::cast_slice(words);
+        let size = bytes.len().next_multiple_of(16);
+        self.arena.extend_from_slice(bytes);
+        self.arena.resize(off + size, 0);
+        self.arena.resize(self.arena.len().next_multiple_of(self.align), 0);
+        Res::Arena(off as u64, size as u64)
+    }
+
+    pub fn dispatch(&mut self, entry: &'static str, resources: Vec<(u32, Res)>, groups: [u32; 3]) {
+        self.dispatches.push(PlannedDispatch {
+            entry,
+            resources,
+            groups,
+        });
+    }
+
+    /// Plans `out (+)= epilogue(x @ w^T)` for `m` activation rows: one dispatch per chunk.
+    pub fn matvec(
+        &mut self,
+        gpu: &Gpu,
+        w: &GpuWeight,
+        x: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        m: usize,
+        epi: &Epilogue,
+    ) -> Result<()> {
+        for v in [&epi.bias, &epi.scale].into_iter().flatten() {
+            if v.len() != w.rows {
+                return Err(Error::InvalidInput(format!(
+                    "an epilogue vector of {} values for {} output rows",
+                    v.len(),
+                    w.rows
+                )));
+            }
+        }
+        let mut aux_words = vec![];
+        let mut flags = u32::from(epi.accumulate);
+        let mut aux_bias = 0;
+        let mut aux_scale = 0;
+        if let Some(b) = &epi.bias {
+            flags |= 2;
+            aux_bias = aux_words.len();
+            aux_words.extend_from_slice(b);
+        }
+        if let Some(s) = &epi.scale {
+            flags |= 4;
+            aux_scale = aux_words.len();
+            aux_words.extend_from_slice(s);
+        }
+        let aux = if aux_words.is_empty() {
+            self.dummy
+                .get_or_insert_with(|| gpu.upload_f32("no-aux", &[0.0; 4]))
+                .clone()
+        } else {
+            gpu.upload_f32("epilogue", &aux_words)
+        };
+        let max_x = gpu.limits.max_compute_workgroups_per_dimension as usize;
+        for c in &w.chunks {
+            let rows_per_y = c.rows.min(max_x);
+            let params = self.params(&[
+                c.rows as u32,
+                w.cols as u32,
+                m as u32,
+                rows_per_y as u32,
+                c.row0 as u32,
+                w.rows as u32,
+                w.format.row_words(w.cols) as u32,
+                c.scale_word0 as u32,
+                flags,
+                aux_bias as u32,
+                aux_scale as u32,
+                0,
+            ]);
+            self.dispatch(
+                w.format.entry(),
+                vec![
+                    (0, Res::Buffer(c.buffer.clone())),
+                    (1, Res::Buffer(x.clone())),
+                    (2, Res::Buffer(out.clone())),
+                    (3, params),
+                    (4, Res::Buffer(aux.clone())),
+                ],
+                [
+                    rows_per_y as u32,
+                    c.rows.div_ceil(rows_per_y) as u32,
+                    m as u32,
+                ],
+            );
+        }
+        Ok(())
+    }
+
+    /// Makes the arena and every bind group.
+    pub fn build(self, gpu: &Gpu) -> Result<Program> {
+        let arena = gpu
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("parameter arena"),
+                contents: &self.arena,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            });
+        let dispatches = self
+            .dispatches
+            .iter()
+            .map(|d| {
+                let pipeline = gpu.pipeline(d.entry)?.clone();
+                let entries: Vec<wgpu::BindGroupEntry> = d
+                    .resources
+                    .iter()
+                    .map(|(binding, r)| wgpu::BindGroupEntry {
+                        binding: *binding,
+                        resource: match r {
+                            Res::Buffer(b) => b.as_entire_binding(),
+                            Res::Arena(off, size) => {
+                                wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                    buffer: &arena,
+                                    offset: *off,
+                                    size: std::num::NonZeroU64::new(*size),
+                                })
+                            }
+                        },
+                    })
+                    .collect();
+                let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some(d.entry),
+                    layout: &pipeline.get_bind_group_layout(0),
+                    entries: &entries,
+                });
+                Ok((pipeline, bind, d.groups))
+            })
+            .collect::<Result<_>>()?;
+        gpu.check()?;
+        Ok(Program { arena, dispatches })
+    }
+}
+
+/// A model step's dispatches, ready to record: one compute pass.
+#[derive(Debug)]
+pub struct Program {
+    arena: wgpu::Buffer,
+    dispatches: Vec<(wgpu::ComputePipeline, wgpu::BindGroup, [u32; 3])>,
+}
+
+impl Program {
+    /// Queues the per-step block (it reaches the GPU with the next submit).
+    pub fn write_step_block(&self, gpu: &Gpu, words: &[u32]) {
+        gpu.queue
+            .write_buffer(&self.arena, 0, bytemuck::cast_slice(words));
+    }
+
+    /// Records every dispatch, in order, in one compute pass.
+    pub fn record(&self, enc: &mut wgpu::CommandEncoder) {
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("step"),
+            timestamp_writes: None,
+        });
+        for (pipeline, bind, g) in &self.dispatches {
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, bind, &[]);
+            pass.dispatch_workgroups(g[0], g[1], g[2]);
+        }
+    }
+
+    pub fn dispatch_count(&self) -> usize {
+        self.dispatches.len()
+    }
+}
+
+/// A weight matrix on the GPU with its own activation buffers: products one submit and
+/// one readback each, for tests and tools (model steps keep activations on the GPU and
+/// read back only sampled tokens).
 #[derive(Debug)]
 pub struct GpuMatrix {
     gpu: Arc<Gpu>,
+    weight: GpuWeight,
     x: wgpu::Buffer,
     out: wgpu::Buffer,
     read: wgpu::Buffer,
-    params: wgpu::Buffer,
-    bind: wgpu::BindGroup,
-    rows: usize,
-    cols: usize,
+    /// One program per batch size used so far.
+    programs: HashMap<usize, Program>,
 }
 
 impl GpuMatrix {
     /// Activation rows one call takes at most (a streaming step's batch).
     pub const MAX_ROWS: usize = 16;
 
-    /// Uploads row-major `[rows, cols]` weights once.
+    /// Uploads row-major `[rows, cols]` f32 weights once.
     pub fn upload(gpu: &Arc<Gpu>, w: &[f32], rows: usize, cols: usize) -> Result<Self> {
-        let bytes = (w.len() * 4) as u64;
-        if w.len() != rows * cols {
-            return Err(Error::InvalidInput(format!(
-                "{} weights for a {rows}x{cols} matrix",
-                w.len()
-            )));
-        }
-        if bytes > gpu.limits.max_storage_buffer_binding_size {
-            return Err(Error::InvalidInput(format!(
-                "a {rows}x{cols} f32 matrix ({bytes} bytes) exceeds this GPU's largest binding ({} bytes)",
-                gpu.limits.max_storage_buffer_binding_size
-            )));
-        }
-        let dev = &gpu.device;
-        let weights = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("weights"),
-            contents: bytemuck::cast_slice(w),
-            usage: wgpu::BufferUsages::STORAGE,
-        });
-        let buffer = |label: &str, size: usize, usage: wgpu::BufferUsages| {
-            dev.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: size as u64,
-                usage,
-                mapped_at_creation: false,
-            })
-        };
-        let x = buffer(
-            "x",
-            Self::MAX_ROWS * cols * 4,
-            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-        );
-        let out = buffer(
-            "out",
-            Self::MAX_ROWS * rows * 4,
-            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-        );
-        let read = buffer(
-            "readback",
-            Self::MAX_ROWS * rows * 4,
-            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        );
-        let params = buffer(
-            "params",
-            16,
-            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-        );
-        let bind = dev.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("matvec"),
-            layout: &gpu.matvec.get_bind_group_layout(0),
-            entries: &[
-                wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: weights.as_entire_binding(),
-                },
-                wgpu::BindGroupEntry {
-                    binding: 1,
-                    resource: x.as_entire_binding(),
-                },
-                wgpu::BindGroupEntry {
-                    binding: 2,
-                    resource: out.as_entire_binding(),
-                },
-                wgpu::BindGroupEntry {
-                    binding: 3,
-                    resource: params.as_entire_binding(),
-                },
-            ],
-        });
+        Self::upload_as(gpu, w, rows, cols, GpuFormat::F32, gpu.max_binding_bytes())
+    }
+
+    /// Uploads in `format`, split into chunks of at most `max_chunk_bytes`.
+    pub fn upload_as(
+        gpu: &Arc<Gpu>,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        format: GpuFormat,
+        max_chunk_bytes: u64,
+    ) -> Result<Self> {
+        let weight = GpuWeight::upload(gpu, "matrix", w, rows, cols, format, max_chunk_bytes)?;
         Ok(Self {
+            x: gpu.activations("x", Self::MAX_ROWS * cols),
+            out: gpu.activations("out", Self::MAX_ROWS * rows),
+            read: gpu.readback_buffer((Self::MAX_ROWS * rows * 4) as u64),
             gpu: gpu.clone(),
-            x,
-            out,
-            read,
-            params,
-            bind,
-            rows,
-            cols,
+            weight,
+            programs: HashMap::new(),
         })
     }
 
-    /// `x @ self^T` for `m` rows of `cols` (at most [`Self::MAX_ROWS`]), read back: one
-    /// submit and one readback, for tests and tools (model steps keep activations on the
-    /// GPU and read back only sampled tokens).
+    pub fn weight(&self) -> &GpuWeight {
+        &self.weight
+    }
+
+    /// `x @ self^T` for `m` rows of `cols` (1 to [`Self::MAX_ROWS`]), read back.
     pub fn matmul_t(&mut self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        if x.len() != m * self.cols || m == 0 || m > Self::MAX_ROWS {
+        let (rows, cols) = (self.weight.rows, self.weight.cols);
+        if x.len() != m * cols || m == 0 || m > Self::MAX_ROWS {
             return Err(Error::InvalidInput(format!(
-                "matmul: {} values for {m} rows of {} (1 to {} rows)",
+                "matmul: {} values for {m} rows of {cols} (1 to {} rows)",
                 x.len(),
-                self.cols,
                 Self::MAX_ROWS
             )));
         }
-        let gpu = &self.gpu;
-        let rows_per_y = self
-            .rows
-            .min(gpu.limits.max_compute_workgroups_per_dimension as usize);
-        let params: [u32; 4] = [
-            self.rows as u32,
-            self.cols as u32,
-            m as u32,
-            rows_per_y as u32,
-        ];
+        let gpu = self.gpu.clone();
+        if !self.programs.contains_key(&m) {
+            let mut plan = Plan::new(&gpu, 0);
+            plan.matvec(&gpu, &self.weight, &self.x, &self.out, m, &Epilogue::default())?;
+            self.programs.insert(m, plan.build(&gpu)?);
+        }
+        let program = &self.programs[&m];
         gpu.queue.write_buffer(&self.x, 0, bytemuck::cast_slice(x));
-        gpu.queue
-            .write_buffer(&self.params, 0, bytemuck::cast_slice(&params));
-        let out_bytes = (m * self.rows * 4) as u64;
         let mut enc = gpu
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("matvec"),
             });
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("matvec"),
-                timestamp_writes: None,
-            });
-            pass.set_pipeline(&gpu.matvec);
-            pass.set_bind_group(0, &self.bind, &[]);
-            pass.dispatch_workgroups(
-                rows_per_y as u32,
-                self.rows.div_ceil(rows_per_y) as u32,
-                m as u32,
-            );
+        program.record(&mut enc);
+        let bytes = gpu.submit_and_read(enc, &[(&self.out, 0, (m * rows * 4) as u64)], &self.read)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes[0]))
+    }
+}
+
+/// Draws one token from `logits` on the GPU as a model step does (`temp <= 0`: greedy;
+/// `top_k` 0: all), with the uniform `draw` in [0, 1). For tests and tools.
+pub fn sample_once(gpu: &Gpu, logits: &[f32], temp: f32, top_k: usize, draw: f32) -> Result<u32> {
+    let buf = gpu.upload_f32("logits", logits);
+    let tokens = gpu.activations("tokens", 4);
+    let mut plan = Plan::new(gpu, STEP_BLOCK_BYTES);
+    let params = plan.params(&[logits.len() as u32, 0, 0, 0]);
+    let step = plan.step_block(STEP_BLOCK_BYTES);
+    plan.dispatch(
+        "sample",
+        vec![
+            (0, Res::Buffer(buf)),
+            (1, Res::Buffer(tokens.clone())),
+            (2, params),
+            (3, step),
+        ],
+        [1, 1, 1],
+    );
+    let program = plan.build(gpu)?;
+    let mut block = StepBlock {
+        text_top_k: top_k as u32,
+        text_temp: temp,
+        ..Default::default()
+    };
+    block.draws[0] = draw;
+    program.write_step_block(gpu, &block.words());
+    let mut enc = gpu
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("sample") });
+    program.record(&mut enc);
+    let read = gpu.readback_buffer(8);
+    let bytes = gpu.submit_and_read(enc, &[(&tokens, 0, 4)], &read)?;
+    Ok(bytemuck::pod_read_unaligned(&bytes[0]))
+}
+
+/// Size of the per-step block (`struct Step` in the shaders).
+pub const STEP_BLOCK_BYTES: usize = 32 + 64 * 16 + 32 * 4;
+
+/// Most (cos, sin) pairs of a rotary table: head sizes up to 256.
+pub const MAX_ROPE_PAIRS: usize = 128;
+
+/// The per-step block: the stream position with its rotary table, the sampling settings
+/// and the uniform draws of this step (`struct Step` in the shaders).
+#[derive(Debug, Clone, Default)]
+pub struct StepBlock {
+    pub pos: u32,
+    pub text_top_k: u32,
+    pub audio_top_k: u32,
+    pub text_temp: f32,
+    pub audio_temp: f32,
+    /// (cos, sin) per rotary frequency.
+    pub rope: Vec<(f32, f32)>,
+    pub draws: [f32; 32],
+}
+
+impl StepBlock {
+    pub fn words(&self) -> Vec<u32> {
+        let mut w = vec![0u32; STEP_BLOCK_BYTES / 4];
+        w[0] = self.pos;
+        w[1] = self.text_top_k;
+        w[2] = self.audio_top_k;
+        w[3] = self.text_temp.to_bits();
+        w[4] = self.audio_temp.to_bits();
+        for (i, &(c, s)) in self.rope.iter().take(MAX_ROPE_PAIRS).enumerate() {
+            w[8 + 2 * i] = c.to_bits();
+            w[8 + 2 * i + 1] = s.to_bits();
         }
-        enc.copy_buffer_to_buffer(&self.out, 0, &self.read, 0, out_bytes);
-        gpu.queue.submit([enc.finish()]);
-        let slice = self.read.slice(..out_bytes);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        gpu.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::InvalidInput(format!("GPU poll failed: {e}")))?;
-        rx.recv()
-            .map_err(|_| Error::InvalidInput("GPU readback was dropped".into()))?
-            .map_err(|e| Error::InvalidInput(format!("GPU readback failed: {e}")))?;
-        let v: Vec<f32> = {
-            let data = slice
-                .get_mapped_range()
-                .map_err(|e| Error::InvalidInput(format!("GPU readback failed: {e}")))?;
-            bytemuck::cast_slice(&data).to_vec()
-        };
-        self.read.unmap();
-        Ok(v)
+        for (i, d) in self.draws.iter().enumerate() {
+            w[8 + 256 + i] = d.to_bits();
+        }
+        w
     }
 }

@@ -1,5 +1,79 @@
 //! Compute backends. `cpu`: the weight-streaming kernels that the CPU path runs for
-//! small-batch products (candle-core's gemm does the rest). The wgpu runtime comes next.
+//! small-batch products (candle-core's gemm does the rest). `gpu`: the wgpu runtime and
+//! its kernels. [`Dtype`]: the weight format asked for, mapped to either.
 
 pub mod cpu;
 pub mod gpu;
+
+/// The weight format asked for on the command line, for whichever device runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dtype {
+    /// As stored: f32 on the CPU (the reference's arithmetic), bf16 on the GPU (what
+    /// Kyutai publishes, so nothing is rounded).
+    #[default]
+    Auto,
+    F32,
+    /// GPU only.
+    F16,
+    Bf16,
+    Q8_0,
+    Q4,
+}
+
+impl std::str::FromStr for Dtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            "bf16" => Ok(Self::Bf16),
+            "q8_0" | "q8" => Ok(Self::Q8_0),
+            "q4" | "q4k" | "q4_0" => Ok(Self::Q4),
+            other => Err(format!(
+                "unknown weight format `{other}` (auto, f32, f16, bf16, q8_0 or q4)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+            Self::Q8_0 => "q8_0",
+            Self::Q4 => "q4",
+        })
+    }
+}
+
+impl Dtype {
+    /// The CPU's precision for this format (q4 is GGML's q4k there).
+    pub fn cpu(self) -> crate::Result<cpu::WeightPrecision> {
+        use cpu::WeightPrecision as P;
+        match self {
+            Self::Auto | Self::F32 => Ok(P::F32),
+            Self::Bf16 => Ok(P::Bf16),
+            Self::Q8_0 => Ok(P::Q8_0),
+            Self::Q4 => Ok(P::Q4),
+            Self::F16 => Err(crate::Error::InvalidInput(
+                "f16 weights are a GPU format; on the CPU use bf16".into(),
+            )),
+        }
+    }
+
+    /// The GPU's format for this choice.
+    pub fn gpu(self) -> gpu::GpuFormat {
+        use gpu::GpuFormat as G;
+        match self {
+            Self::Auto | Self::Bf16 => G::Bf16,
+            Self::F32 => G::F32,
+            Self::F16 => G::F16,
+            Self::Q8_0 => G::Q8_0,
+            Self::Q4 => G::Q4,
+        }
+    }
+}

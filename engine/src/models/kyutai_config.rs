@@ -12,6 +12,8 @@ use super::lm::{LmConfig, LmModel};
 use super::mimi::{Mimi, MimiConfig};
 use super::stt::SttConfig;
 use super::tokenizer::TextTokenizer;
+use super::weights::Weights;
+use crate::compute::cpu::WeightPrecision;
 use crate::{Error, Result};
 
 /// The reference's defaults for repositories that leave a name out (`loaders.py`).
@@ -121,16 +123,21 @@ impl ModelDir {
 
     /// The language model, loaded from `moshi_name`.
     pub fn load_lm(&self) -> Result<LmModel> {
+        self.load_lm_as(WeightPrecision::F32)
+    }
+
+    /// The language model with its matrices held in `precision` from the start (no f32
+    /// copy of a bf16 checkpoint in between).
+    pub fn load_lm_as(&self, precision: WeightPrecision) -> Result<LmModel> {
         let cfg = self.lm_config()?;
-        LmModel::load(
-            &self.file(
-                self.config
-                    .moshi_name
-                    .as_deref()
-                    .unwrap_or(DEFAULT_MOSHI_NAME),
-            )?,
-            cfg,
-        )
+        let path = self.file(
+            self.config
+                .moshi_name
+                .as_deref()
+                .unwrap_or(DEFAULT_MOSHI_NAME),
+        )?;
+        cfg.validate().map_err(|r| Error::config(&path, r))?;
+        LmModel::from_weights(&Weights::load(&path)?.with_precision(precision), cfg)
     }
 
     /// The text tokenizer named by `tokenizer_name`.

@@ -153,7 +153,7 @@ impl RingKv {
 }
 
 #[derive(Debug, Clone)]
-enum FeedForward {
+pub(crate) enum FeedForward {
     /// `linear2(gelu(linear1(x)))`.
     Mlp { linear1: Matrix, linear2: Matrix },
     /// `linear_out(act(a) * b)` where `[a, b] = linear_in(x)` (the reference's
@@ -217,7 +217,7 @@ fn gelu_erf(v: f32) -> f32 {
 }
 
 /// The reference's hidden size for gated feed-forwards.
-fn gated_hidden(d_model: usize, dim_feedforward: usize) -> usize {
+pub(crate) fn gated_hidden(d_model: usize, dim_feedforward: usize) -> usize {
     if dim_feedforward == 4 * d_model {
         21 * d_model / 8
     } else {
@@ -226,15 +226,15 @@ fn gated_hidden(d_model: usize, dim_feedforward: usize) -> usize {
 }
 
 #[derive(Debug, Clone)]
-struct Layer {
-    norm1: Norm,
-    norm2: Norm,
+pub(crate) struct Layer {
+    pub(crate) norm1: Norm,
+    pub(crate) norm2: Norm,
     /// One per step (or one): `[3 * d, d]`, rows q, k, v, each `(head, head_dim)`.
-    in_proj: Vec<Matrix>,
-    out_proj: Vec<Matrix>,
-    ff: Vec<FeedForward>,
-    scale1: Option<Vec<f32>>,
-    scale2: Option<Vec<f32>>,
+    pub(crate) in_proj: Vec<Matrix>,
+    pub(crate) out_proj: Vec<Matrix>,
+    pub(crate) ff: Vec<FeedForward>,
+    pub(crate) scale1: Option<Vec<f32>>,
+    pub(crate) scale2: Option<Vec<f32>>,
 }
 
 impl Layer {
@@ -333,14 +333,14 @@ impl Layer {
 
 /// Shared, read-only facts the layers need.
 #[derive(Debug, Clone)]
-struct Dims {
-    d_model: usize,
-    num_heads: usize,
-    head_dim: usize,
-    context: Option<usize>,
-    rope: bool,
-    max_period: f32,
-    weights_per_step: usize,
+pub(crate) struct Dims {
+    pub(crate) d_model: usize,
+    pub(crate) num_heads: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) context: Option<usize>,
+    pub(crate) rope: bool,
+    pub(crate) max_period: f32,
+    pub(crate) weights_per_step: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -441,6 +441,11 @@ impl StreamingTransformer {
         };
         t.set_window(false, 1);
         Ok(t)
+    }
+
+    /// The layers and shared facts, for other backends to upload.
+    pub(crate) fn parts(&self) -> (&Dims, Option<f32>, &[Layer]) {
+        (&self.dims, self.sin_embedding, &self.layers)
     }
 
     pub fn d_model(&self) -> usize {
@@ -582,7 +587,7 @@ impl StreamingTransformer {
     }
 }
 
-fn add_sin_embedding(x: &mut [f32], d: usize, offset: usize, max_period: f32, scale: f32) {
+pub(crate) fn add_sin_embedding(x: &mut [f32], d: usize, offset: usize, max_period: f32, scale: f32) {
     let half = d / 2;
     for (t, row) in x.chunks_exact_mut(d).enumerate() {
         let pos = (offset + t) as f32;
@@ -595,7 +600,7 @@ fn add_sin_embedding(x: &mut [f32], d: usize, offset: usize, max_period: f32, sc
 }
 
 /// `(cos, sin)` of each rotary frequency at `pos` (the reference's interleaved RoPE).
-fn rope_table(pos: usize, head_dim: usize, max_period: f32) -> Vec<(f32, f32)> {
+pub(crate) fn rope_table(pos: usize, head_dim: usize, max_period: f32) -> Vec<(f32, f32)> {
     let scale = -max_period.ln() * 2.0 / head_dim as f32;
     (0..head_dim / 2)
         .map(|i| {

@@ -9,7 +9,11 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{LmModel, TemporalOutput};
+use super::gpu::{GpuLm, GpuLmOptions};
+use crate::compute::cpu::WeightPrecision;
+use crate::compute::gpu::{Backend, GpuFormat};
+use crate::compute::Dtype;
+use super::{LmConfig, LmModel, TemporalOutput};
 use crate::{Error, Result};
 
 /// Token id of a stream position not generated yet (the reference's -2).
@@ -92,15 +96,71 @@ pub struct GenStep {
     pub tokens: Option<Vec<i64>>,
     /// This step's text token, before any delay is undone.
     pub text_token: u32,
-    /// This step's text logits.
-    pub text_logits: Vec<f32>,
+    /// This step's text logits: always on the CPU; on the GPU only when it was built to
+    /// read them back.
+    pub text_logits: Option<Vec<f32>>,
     /// This step's extra-head probabilities (end-of-turn heads), one vector per head.
     pub extra_heads: Vec<Vec<f32>>,
 }
 
-#[derive(Debug, Clone)]
+/// Where the model runs.
+#[derive(Debug)]
+pub enum LmBackend {
+    Cpu(LmModel),
+    Gpu(Box<GpuLm>),
+}
+
+impl LmBackend {
+    /// Loads the model for `device` in `dtype`. `load` reads the checkpoint with the CPU
+    /// matrices in the precision given (for the GPU: f32 for f32 and f16 weights, else
+    /// bf16, halving the host memory the upload needs).
+    pub fn open(
+        device: &Backend,
+        dtype: Dtype,
+        load: impl FnOnce(WeightPrecision) -> Result<LmModel>,
+    ) -> Result<Self> {
+        match device {
+            Backend::Cpu => {
+                let precision = dtype.cpu()?;
+                let mut m = load(precision)?;
+                m.set_weight_precision(precision)?;
+                Ok(Self::Cpu(m))
+            }
+            Backend::Gpu(gpu) => {
+                let format = dtype.gpu();
+                let host = match format {
+                    GpuFormat::F32 | GpuFormat::F16 => WeightPrecision::F32,
+                    _ => WeightPrecision::Bf16,
+                };
+                let m = load(host)?;
+                let opts = GpuLmOptions {
+                    format,
+                    ..Default::default()
+                };
+                Ok(Self::Gpu(Box::new(GpuLm::new(gpu, &m, opts)?)))
+            }
+        }
+    }
+
+    pub fn config(&self) -> &LmConfig {
+        match self {
+            Self::Cpu(m) => m.config(),
+            Self::Gpu(g) => g.config(),
+        }
+    }
+
+    /// Bytes of weights one step reads.
+    pub fn weight_bytes_per_step(&self) -> usize {
+        match self {
+            Self::Cpu(m) => m.weight_bytes_per_step(),
+            Self::Gpu(g) => g.weight_bytes_per_step(),
+        }
+    }
+}
+
+#[derive(Debug)]
 pub struct LmGen {
-    model: LmModel,
+    model: LmBackend,
     cfg: GenConfig,
     rng: StdRng,
     /// `[streams][max_delay + 2]`.
@@ -121,6 +181,10 @@ struct Streams {
 
 impl LmGen {
     pub fn new(model: LmModel, cfg: GenConfig) -> Self {
+        Self::with_backend(LmBackend::Cpu(model), cfg)
+    }
+
+    pub fn with_backend(model: LmBackend, cfg: GenConfig) -> Self {
         let c = model.config();
         let k = c.num_codebooks();
         let max_delay = c.delays.iter().copied().max().unwrap_or(0);
@@ -141,8 +205,12 @@ impl LmGen {
         }
     }
 
-    pub fn model(&self) -> &LmModel {
+    pub fn backend(&self) -> &LmBackend {
         &self.model
+    }
+
+    pub fn config(&self) -> &LmConfig {
+        self.model.config()
     }
 
     /// Steps with no output at the start of a stream.
@@ -158,7 +226,10 @@ impl LmGen {
 
     /// Starts a new stream.
     pub fn reset(&mut self) {
-        self.model.reset();
+        match &mut self.model {
+            LmBackend::Cpu(m) => m.reset(),
+            LmBackend::Gpu(g) => g.reset(),
+        }
         self.cache.iter_mut().for_each(|c| c.fill(UNGENERATED));
         self.offset = 0;
         self.rng = StdRng::seed_from_u64(self.cfg.seed);
@@ -199,21 +270,39 @@ impl LmGen {
                 }
             })
             .collect();
-        let TemporalOutput {
-            hidden,
-            text_logits,
-        } = self.model.temporal_step(&tokens_in)?;
-        let text_token = self.cfg.text.choose(&text_logits, &mut self.rng);
-        let audio = if cfg.dep_q > 0 {
-            let (sampling, rng) = (self.cfg.audio, &mut self.rng);
-            self.model
-                .depformer_step(text_token as i64, &hidden, |_, logits| {
-                    sampling.choose(logits, rng)
-                })?
-        } else {
-            vec![]
+        let (text_token, audio, text_logits, extra_heads) = match &mut self.model {
+            LmBackend::Cpu(model) => {
+                let TemporalOutput {
+                    hidden,
+                    text_logits,
+                } = model.temporal_step(&tokens_in)?;
+                let text_token = self.cfg.text.choose(&text_logits, &mut self.rng);
+                let audio = if cfg.dep_q > 0 {
+                    let (sampling, rng) = (self.cfg.audio, &mut self.rng);
+                    model.depformer_step(text_token as i64, &hidden, |_, logits| {
+                        sampling.choose(logits, rng)
+                    })?
+                } else {
+                    vec![]
+                };
+                let extra_heads = model.extra_heads(&hidden)?;
+                (text_token, audio, Some(text_logits), extra_heads)
+            }
+            LmBackend::Gpu(g) => {
+                // One uniform draw per stream that samples, in the CPU path's order.
+                let mut draws = vec![0f32; 1 + cfg.dep_q];
+                if self.cfg.text.temp > 0.0 {
+                    draws[0] = (self.rng.random::<f64>() as f32).min(0.999_999_9);
+                }
+                if self.cfg.audio.temp > 0.0 {
+                    for d in &mut draws[1..] {
+                        *d = (self.rng.random::<f64>() as f32).min(0.999_999_9);
+                    }
+                }
+                let out = g.step(&tokens_in, self.cfg.text, self.cfg.audio, &draws)?;
+                (out.text_token, out.audio, out.text_logits, out.extra_heads)
+            }
         };
-        let extra_heads = self.model.extra_heads(&hidden)?;
         self.offset += 1;
         let pos = self.offset % ct;
         self.cache[0][pos] = text_token as i64;

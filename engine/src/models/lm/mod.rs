@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod generator;
+pub mod gpu;
 
 use std::path::Path;
 
