@@ -122,13 +122,22 @@ fn matvec_formats_and_split_matrices_match_the_cpu_path() {
     ] {
         // Odd rows, rows over a workgroup, columns not a multiple of 32 (quantized
         // formats fall back), odd columns (half formats fall back).
-        for &(rows, cols, chunk) in &[(5, 64, 1 << 20), (67, 96, 1000), (300, 50, 777), (9, 33, 300), (1030, 256, 20_000)] {
+        for &(rows, cols, chunk) in &[
+            (5, 64, 1 << 20),
+            (67, 96, 1000),
+            (300, 50, 777),
+            (9, 33, 300),
+            (1030, 256, 20_000),
+        ] {
             let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
             let mut g = GpuMatrix::upload_as(&gpu, &w, rows, cols, format, chunk).expect("upload");
             let held = g.weight().format;
             assert_eq!(held, format.for_cols(cols));
             if (chunk as usize) < g.weight().size_in_bytes() {
-                assert!(g.weight().chunk_count() > 1, "{format} {rows}x{cols}: not split");
+                assert!(
+                    g.weight().chunk_count() > 1,
+                    "{format} {rows}x{cols}: not split"
+                );
             }
             let exact = held.round_trip(&w);
             let cpu = Matrix::new(&Tensor::from_vec(exact, (rows, cols), &Device::Cpu).expect("t"))
@@ -142,7 +151,10 @@ fn matvec_formats_and_split_matrices_match_the_cpu_path() {
                     .zip(&want)
                     .map(|(a, b)| (a - b).abs())
                     .fold(0f32, f32::max);
-                assert!(err < 1e-4, "{format} as {held}, {rows}x{cols}, m {m}: max abs error {err}");
+                assert!(
+                    err < 1e-4,
+                    "{format} as {held}, {rows}x{cols}, m {m}: max abs error {err}"
+                );
             }
         }
     }
@@ -159,11 +171,18 @@ fn quantized_formats_round_trip_within_their_step() {
         let back = format.round_trip(&w);
         for (block, got) in w.chunks(32).zip(back.chunks(32)) {
             let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let err = block.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let err = block
+                .iter()
+                .zip(got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             // Plus the f16 rounding of the scale (2^-11 relative) on the largest level.
             let step = amax / levels;
             let bound = step * steps + levels * step / 2048.0 + 1e-6;
-            assert!(err <= bound, "{format}: error {err} over {bound}, amax {amax}");
+            assert!(
+                err <= bound,
+                "{format}: error {err} over {bound}, amax {amax}"
+            );
         }
     }
 }
@@ -186,7 +205,10 @@ fn sampling_kernel_matches_its_definition() {
             .iter()
             .enumerate()
             .fold(0, |b, (i, &v)| if v > logits[b] { i } else { b });
-        assert_eq!(sample_once(&gpu, &logits, 0.0, 0, 0.5).expect("greedy") as usize, argmax);
+        assert_eq!(
+            sample_once(&gpu, &logits, 0.0, 0, 0.5).expect("greedy") as usize,
+            argmax
+        );
         for (temp, top_k) in [(1.0f32, 0usize), (0.7, 5), (1.5, 1), (1.0, n + 3)] {
             let mut order: Vec<usize> = (0..n).collect();
             order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
@@ -198,7 +220,13 @@ fn sampling_kernel_matches_its_definition() {
             };
             let max = logits[argmax];
             let weights: Vec<f64> = (0..n)
-                .map(|i| if keep[i] { (((logits[i] - max) / temp) as f64).exp() } else { 0.0 })
+                .map(|i| {
+                    if keep[i] {
+                        (((logits[i] - max) / temp) as f64).exp()
+                    } else {
+                        0.0
+                    }
+                })
                 .collect();
             let total: f64 = weights.iter().sum();
             for draw in [0.01f32, 0.3, 0.55, 0.97] {
@@ -220,9 +248,16 @@ fn sampling_kernel_matches_its_definition() {
                     r -= wi;
                 }
                 let got = sample_once(&gpu, &logits, temp, top_k, draw).expect("sample") as usize;
-                assert!(keep[got], "n {n}, top_k {top_k}: token {got} is outside the top k");
+                assert!(
+                    keep[got],
+                    "n {n}, top_k {top_k}: token {got} is outside the top k"
+                );
                 if !near_edge {
-                    assert_eq!(Some(got), want, "n {n}, temp {temp}, top_k {top_k}, draw {draw}");
+                    assert_eq!(
+                        Some(got),
+                        want,
+                        "n {n}, temp {temp}, top_k {top_k}, draw {draw}"
+                    );
                 }
             }
         }

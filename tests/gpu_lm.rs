@@ -48,12 +48,7 @@ fn inputs(name: &str) -> Vec<Vec<u32>> {
         .to_vec2()
         .expect("codes");
     (0..STEPS)
-        .map(|t| {
-            codes
-                .iter()
-                .map(|row| row[t % row.len()] as u32)
-                .collect()
-        })
+        .map(|t| codes.iter().map(|row| row[t % row.len()] as u32).collect())
         .collect()
 }
 
@@ -63,7 +58,10 @@ fn run(gen: &mut LmGen, inputs: &[Vec<u32>]) -> Vec<GenStep> {
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
 }
 
 fn gpu_gen(gpu: &Arc<Gpu>, name: &str, opts: GpuLmOptions) -> LmGen {
@@ -85,7 +83,11 @@ fn f32_parity(name: &str) {
     let gpu_steps = run(&mut gen, &inputs);
     // The fixture's outputs vary with the input, so agreement means something.
     let distinct: std::collections::HashSet<u32> = cpu.iter().map(|s| s.text_token).collect();
-    assert!(distinct.len() > 3, "{name}: {} distinct text tokens", distinct.len());
+    assert!(
+        distinct.len() > 3,
+        "{name}: {} distinct text tokens",
+        distinct.len()
+    );
     let mut worst = (0f32, 0f32);
     for (t, (c, g)) in cpu.iter().zip(&gpu_steps).enumerate() {
         assert_eq!(c.text_token, g.text_token, "{name} step {t}: text token");
@@ -158,14 +160,20 @@ fn reduced_precision_formats_stay_within_their_tolerance() {
                 let range = cl.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let e = max_abs(cl, g.text_logits.as_ref().expect("gpu")) / range;
                 worst = worst.max(e);
-                assert!(e < tol, "{name} {format}: step {agreed}: relative logit error {e}");
+                assert!(
+                    e < tol,
+                    "{name} {format}: step {agreed}: relative logit error {e}"
+                );
                 if c.text_token != g.text_token || c.tokens != g.tokens {
                     break;
                 }
                 agreed += 1;
             }
             eprintln!("{name} {format}: tokens agree for {agreed} steps; worst relative logit error {worst:.2e} (tolerance {tol})");
-            assert!(agreed >= min_agree, "{name} {format}: tokens agreed for {agreed} steps only");
+            assert!(
+                agreed >= min_agree,
+                "{name} {format}: tokens agreed for {agreed} steps only"
+            );
         }
     }
 }
@@ -213,5 +221,8 @@ fn sampling_on_the_gpu_is_seeded_and_stays_in_the_top_k() {
         );
         off_argmax += usize::from(x.text_token as usize != order[0]);
     }
-    assert!(off_argmax > 0, "temperature 0.8 never left the argmax in 40 steps");
+    assert!(
+        off_argmax > 0,
+        "temperature 0.8 never left the argmax in 40 steps"
+    );
 }

@@ -49,7 +49,7 @@ fn one_hour_session_runs_in_constant_memory() {
             distinct.insert(t[0]);
         }
         if i == 2 * context || i == steps - 1 {
-            state.push(match gen.backend() { LmBackend::Cpu(m) => m.state_bytes(), LmBackend::Gpu(_) => unreachable!() });
+            state.push(gen.backend().state_bytes());
             rss.push(rss_bytes());
         }
     }

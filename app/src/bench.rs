@@ -136,9 +136,10 @@ fn bench_lm(b: LmBench) -> Result<()> {
     let gbs = bytes as f64 / (s.p50 / 1e3) / 1e9;
     // The bandwidth beside the figure: the CPU's read probe, or the GPU's buffer copy.
     let (bw, bw_what) = match &device {
-        parley_engine::compute::gpu::Backend::Cpu => {
-            (measure_read_bandwidth_gbs(1 << 30), "CPU read bandwidth (SIMD probe)")
-        }
+        parley_engine::compute::gpu::Backend::Cpu => (
+            measure_read_bandwidth_gbs(1 << 30),
+            "CPU read bandwidth (SIMD probe)",
+        ),
         parley_engine::compute::gpu::Backend::Gpu(g) => (
             g.measure_copy_bandwidth_gbs(1 << 28)?,
             "GPU copy bandwidth (read + write, 256 MiB buffer copy)",

@@ -17,8 +17,14 @@ use crate::{Error, Result};
 pub const SHADERS: &[(&str, &str)] = &[
     ("matvec.wgsl", include_str!("../../../shaders/matvec.wgsl")),
     ("norm.wgsl", include_str!("../../../shaders/norm.wgsl")),
-    ("attention.wgsl", include_str!("../../../shaders/attention.wgsl")),
-    ("elementwise.wgsl", include_str!("../../../shaders/elementwise.wgsl")),
+    (
+        "attention.wgsl",
+        include_str!("../../../shaders/attention.wgsl"),
+    ),
+    (
+        "elementwise.wgsl",
+        include_str!("../../../shaders/elementwise.wgsl"),
+    ),
     ("sample.wgsl", include_str!("../../../shaders/sample.wgsl")),
 ];
 
@@ -222,7 +228,10 @@ impl Gpu {
         }
         let msg = v.join("; ");
         v.clear();
-        Err(Error::InvalidInput(format!("GPU error on {}: {msg}", self.info.name)))
+        Err(Error::InvalidInput(format!(
+            "GPU error on {}: {msg}",
+            self.info.name
+        )))
     }
 
     fn pipeline(&self, entry: &str) -> Result<&wgpu::ComputePipeline> {
@@ -338,7 +347,9 @@ impl Gpu {
             let t = std::time::Instant::now();
             let mut enc = self
                 .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("probe") });
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("probe"),
+                });
             for _ in 0..n {
                 enc.copy_buffer_to_buffer(&a, 0, &b, 0, bytes);
             }
@@ -498,8 +509,7 @@ impl GpuFormat {
                 }
                 words.extend(scales.chunks(2).map(|p| {
                     u32::from(p[0].to_bits())
-                        | (u32::from(p.get(1).copied().unwrap_or(half::f16::ZERO).to_bits())
-                            << 16)
+                        | (u32::from(p.get(1).copied().unwrap_or(half::f16::ZERO).to_bits()) << 16)
                 }));
                 (words, body)
             }
@@ -511,10 +521,7 @@ impl GpuFormat {
     pub fn round_trip(self, w: &[f32]) -> Vec<f32> {
         match self {
             Self::F32 => w.to_vec(),
-            Self::F16 => w
-                .iter()
-                .map(|&v| half::f16::from_f32(v).to_f32())
-                .collect(),
+            Self::F16 => w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
             Self::Bf16 => w
                 .iter()
                 .map(|&v| half::bf16::from_f32(v).to_f32())
@@ -534,7 +541,11 @@ impl GpuFormat {
 /// One block's f16 scale and its values as signed integers (q8_0: -127..=127; q4: -8..=7).
 fn quantize_block(format: GpuFormat, block: &[f32]) -> (half::f16, Vec<i8>) {
     let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let levels = if format == GpuFormat::Q8_0 { 127.0 } else { 8.0 };
+    let levels = if format == GpuFormat::Q8_0 {
+        127.0
+    } else {
+        8.0
+    };
     // q4 as GGML's q4_0: the largest magnitude maps to -8, keeping its sign.
     let signed_max = block
         .iter()
@@ -702,7 +713,8 @@ impl Plan {
         let size = bytes.len().next_multiple_of(16);
         self.arena.extend_from_slice(bytes);
         self.arena.resize(off + size, 0);
-        self.arena.resize(self.arena.len().next_multiple_of(self.align), 0);
+        self.arena
+            .resize(self.arena.len().next_multiple_of(self.align), 0);
         Res::Arena(off as u64, size as u64)
     }
 
@@ -926,7 +938,14 @@ impl GpuMatrix {
         let gpu = self.gpu.clone();
         if !self.programs.contains_key(&m) {
             let mut plan = Plan::new(&gpu, 0);
-            plan.matvec(&gpu, &self.weight, &self.x, &self.out, m, &Epilogue::default())?;
+            plan.matvec(
+                &gpu,
+                &self.weight,
+                &self.x,
+                &self.out,
+                m,
+                &Epilogue::default(),
+            )?;
             self.programs.insert(m, plan.build(&gpu)?);
         }
         let program = &self.programs[&m];
@@ -937,7 +956,8 @@ impl GpuMatrix {
                 label: Some("matvec"),
             });
         program.record(&mut enc);
-        let bytes = gpu.submit_and_read(enc, &[(&self.out, 0, (m * rows * 4) as u64)], &self.read)?;
+        let bytes =
+            gpu.submit_and_read(enc, &[(&self.out, 0, (m * rows * 4) as u64)], &self.read)?;
         Ok(bytemuck::pod_collect_to_vec(&bytes[0]))
     }
 }
@@ -970,7 +990,9 @@ pub fn sample_once(gpu: &Gpu, logits: &[f32], temp: f32, top_k: usize, draw: f32
     program.write_step_block(gpu, &block.words());
     let mut enc = gpu
         .device
-        .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("sample") });
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("sample"),
+        });
     program.record(&mut enc);
     let read = gpu.readback_buffer(8);
     let bytes = gpu.submit_and_read(enc, &[(&tokens, 0, 4)], &read)?;

@@ -587,7 +587,13 @@ impl StreamingTransformer {
     }
 }
 
-pub(crate) fn add_sin_embedding(x: &mut [f32], d: usize, offset: usize, max_period: f32, scale: f32) {
+pub(crate) fn add_sin_embedding(
+    x: &mut [f32],
+    d: usize,
+    offset: usize,
+    max_period: f32,
+    scale: f32,
+) {
     let half = d / 2;
     for (t, row) in x.chunks_exact_mut(d).enumerate() {
         let pos = (offset + t) as f32;

@@ -10,10 +10,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::gpu::{GpuLm, GpuLmOptions};
+use super::{LmConfig, LmModel, TemporalOutput};
 use crate::compute::cpu::WeightPrecision;
 use crate::compute::gpu::{Backend, GpuFormat};
 use crate::compute::Dtype;
-use super::{LmConfig, LmModel, TemporalOutput};
 use crate::{Error, Result};
 
 /// Token id of a stream position not generated yet (the reference's -2).
@@ -105,6 +105,7 @@ pub struct GenStep {
 
 /// Where the model runs.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // One per generator; the CPU model is not moved around.
 pub enum LmBackend {
     Cpu(LmModel),
     Gpu(Box<GpuLm>),
@@ -146,6 +147,14 @@ impl LmBackend {
         match self {
             Self::Cpu(m) => m.config(),
             Self::Gpu(g) => g.config(),
+        }
+    }
+
+    /// Bytes of streaming state; fixed whatever the session's length.
+    pub fn state_bytes(&self) -> usize {
+        match self {
+            Self::Cpu(m) => m.state_bytes(),
+            Self::Gpu(g) => g.state_bytes(),
         }
     }
 

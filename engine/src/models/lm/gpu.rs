@@ -68,6 +68,7 @@ pub struct GpuLm {
     rope: bool,
     max_period: f32,
     weight_bytes: usize,
+    state_bytes: usize,
 }
 
 /// Activation buffers of one transformer.
@@ -86,6 +87,7 @@ struct Builder<'a> {
     format: GpuFormat,
     limit: u64,
     bytes: usize,
+    state_bytes: usize,
 }
 
 impl Builder<'_> {
@@ -266,13 +268,18 @@ impl Builder<'_> {
             attn: self.gpu.activations(&format!("{label}.attn"), d),
             ff: self.gpu.activations(&format!("{label}.ff"), 2 * hidden),
             gate: self.gpu.activations(&format!("{label}.gate"), hidden),
-            scores: self
-                .gpu
-                .activations(&format!("{label}.scores"), dims.num_heads * ring_capacity(t)),
+            scores: self.gpu.activations(
+                &format!("{label}.scores"),
+                dims.num_heads * ring_capacity(t),
+            ),
         })
     }
 
-    fn rings(&self, label: &str, t: &StreamingTransformer) -> Result<Vec<(wgpu::Buffer, wgpu::Buffer)>> {
+    fn rings(
+        &mut self,
+        label: &str,
+        t: &StreamingTransformer,
+    ) -> Result<Vec<(wgpu::Buffer, wgpu::Buffer)>> {
         let (dims, _, layers) = t.parts();
         let n = dims.d_model * ring_capacity(t);
         if (n * 4) as u64 > self.gpu.max_binding_bytes() {
@@ -282,6 +289,7 @@ impl Builder<'_> {
                 self.gpu.max_binding_bytes()
             )));
         }
+        self.state_bytes += layers.len() * 2 * n * 4;
         Ok(layers
             .iter()
             .map(|_| {
@@ -339,6 +347,7 @@ impl GpuLm {
             format: opts.format,
             limit,
             bytes: 0,
+            state_bytes: 0,
         };
         let d = cfg.dim;
         let step = b.plan.step_block(STEP_BLOCK_BYTES);
@@ -382,7 +391,15 @@ impl GpuLm {
         // The temporal transformer.
         let scratch = b.scratch("transformer", &model.transformer)?;
         let rings = b.rings("transformer", &model.transformer)?;
-        b.layers("transformer", &model.transformer, &rings, &scratch, &x, 0, &step)?;
+        b.layers(
+            "transformer",
+            &model.transformer,
+            &rings,
+            &scratch,
+            &x,
+            0,
+            &step,
+        )?;
         let hidden = gpu.activations("hidden", d);
         b.norm(&model.out_norm, d, &x, &hidden);
 
@@ -422,7 +439,9 @@ impl GpuLm {
         for (k, m) in model.extra_heads.iter().enumerate() {
             let w = b.upload(&format!("extra_heads.{k}"), m)?;
             b.matvec(&w, &hidden, &extra_logits, &Epilogue::default())?;
-            let params = b.plan.params(&[edim as u32, 0, 0, 0, 0, (k * edim) as u32, 0, 0]);
+            let params = b
+                .plan
+                .params(&[edim as u32, 0, 0, 0, 0, (k * edim) as u32, 0, 0]);
             b.plan.dispatch(
                 "softmax_small",
                 vec![
@@ -504,7 +523,15 @@ impl GpuLm {
                     ..Default::default()
                 };
                 let pos = b.plan.params(&pos.words());
-                b.layers("depformer", &dep.transformer, &drings, &dscratch, &dx, k, &pos)?;
+                b.layers(
+                    "depformer",
+                    &dep.transformer,
+                    &drings,
+                    &dscratch,
+                    &dx,
+                    k,
+                    &pos,
+                )?;
                 let head = b.upload(&format!("linears.{k}"), &dep.heads[k].weight)?;
                 b.matvec(
                     &head,
@@ -519,10 +546,15 @@ impl GpuLm {
             }
         }
 
-        let bytes = b.bytes;
+        let (bytes, state_bytes) = (b.bytes, b.state_bytes);
         let program = b.plan.build(gpu)?;
         let read_bytes = 128 + 4 * (edim * model.extra_heads.len()) as u64;
-        let read_bytes = read_bytes + if opts.read_logits { 4 * vocab as u64 + 8 } else { 0 };
+        let read_bytes = read_bytes
+            + if opts.read_logits {
+                4 * vocab as u64 + 8
+            } else {
+                0
+            };
         let (tdims, _, _) = model.transformer.parts();
         Ok(Self {
             gpu: gpu.clone(),
@@ -542,6 +574,7 @@ impl GpuLm {
             rope: tdims.rope,
             max_period: tdims.max_period,
             weight_bytes: bytes,
+            state_bytes,
             cfg,
         })
     }
@@ -557,6 +590,11 @@ impl GpuLm {
     /// Bytes of weights one step reads (embedding rows aside).
     pub fn weight_bytes_per_step(&self) -> usize {
         self.weight_bytes
+    }
+
+    /// Bytes of streaming state (the KV rings); fixed whatever the session's length.
+    pub fn state_bytes(&self) -> usize {
+        self.state_bytes
     }
 
     /// Kernel dispatches in one step.
