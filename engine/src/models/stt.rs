@@ -53,79 +53,115 @@ pub fn timestamped_words(
     padding_id: u32,
     offset_s: f64,
 ) -> Result<Vec<Word>> {
-    let span = |a: f64, b: f64| {
-        (
-            (a / frame_rate_hz - offset_s).max(0.0),
-            (b / frame_rate_hz - offset_s).max(0.0),
-        )
-    };
+    let mut stream = WordStream::new(frame_rate_hz, padding_id, offset_s);
     let mut words = vec![];
-    let mut segment = |start: usize, end_slice: usize, end_time: f64| -> Result<()> {
-        let ids: Vec<u32> = tokens[start..end_slice.max(start)]
-            .iter()
-            .copied()
-            .filter(|&t| t > padding_id)
-            .collect();
+    for &t in tokens {
+        words.extend(stream.push(t, tokenizer)?);
+    }
+    words.extend(stream.finish(tokenizer)?);
+    Ok(words)
+}
+
+/// [`timestamped_words`] one token at a time, for live transcription: a segment's words
+/// come out when the end-of-padding token that closes it arrives, the last ones at
+/// [`WordStream::finish`]. Only the open segment is kept.
+#[derive(Debug, Clone)]
+pub struct WordStream {
+    frame_rate_hz: f64,
+    padding_id: u32,
+    offset_s: f64,
+    /// Tokens pushed so far.
+    count: usize,
+    /// Index of the first token of the open segment (after an end-of-padding token), and
+    /// the segment's tokens; None before the first end-of-padding token.
+    open: Option<(usize, Vec<u32>)>,
+}
+
+impl WordStream {
+    pub fn new(frame_rate_hz: f64, padding_id: u32, offset_s: f64) -> Self {
+        Self {
+            frame_rate_hz,
+            padding_id,
+            offset_s,
+            count: 0,
+            open: None,
+        }
+    }
+
+    /// Time in seconds of frame position `pos`.
+    pub fn time_s(&self, pos: f64) -> f64 {
+        (pos / self.frame_rate_hz - self.offset_s).max(0.0)
+    }
+
+    /// Adds the next token; returns the words it completes.
+    pub fn push(&mut self, token: u32, tokenizer: &TextTokenizer) -> Result<Vec<Word>> {
+        let i = self.count;
+        self.count += 1;
+        if token == END_OF_PADDING_ID {
+            let words = match self.open.take() {
+                Some((start, seg)) => self.segment(start, &seg, i as f64, tokenizer)?,
+                None => vec![],
+            };
+            self.open = Some((i + 1, vec![]));
+            return Ok(words);
+        }
+        if let Some((_, seg)) = &mut self.open {
+            seg.push(token);
+        }
+        Ok(vec![])
+    }
+
+    /// The words of the open segment at the end of the stream: the last word ends at the
+    /// end-of-stream token, else one second after the segment starts or at the end of
+    /// the stream, whichever is first.
+    pub fn finish(&mut self, tokenizer: &TextTokenizer) -> Result<Vec<Word>> {
+        let Some((start, seg)) = self.open.take() else {
+            return Ok(vec![]);
+        };
+        let eos = tokenizer
+            .eos_id()
+            .and_then(|eos| seg.iter().position(|&t| t == eos));
+        match eos {
+            Some(i) => self.segment(start, &seg[..i], (start + i) as f64, tokenizer),
+            None => {
+                let end = (self.count as f64).min(start as f64 + self.frame_rate_hz);
+                let keep = (end.floor() as usize).saturating_sub(start).min(seg.len());
+                self.segment(start, &seg[..keep], end, tokenizer)
+            }
+        }
+    }
+
+    fn segment(
+        &self,
+        start: usize,
+        seg: &[u32],
+        end_time: f64,
+        tokenizer: &TextTokenizer,
+    ) -> Result<Vec<Word>> {
+        let ids: Vec<u32> = seg.iter().copied().filter(|&t| t > self.padding_id).collect();
         let text = tokenizer.decode(&ids)?;
         let parts: Vec<&str> = text.split_whitespace().collect();
+        let mut words = vec![];
+        let word = |text: String, a: f64, b: f64| Word {
+            text,
+            start_s: self.time_s(a),
+            end_s: self.time_s(b),
+        };
         match parts.len() {
             0 => {}
-            1 => {
-                let (s, e) = span(start as f64, end_time);
-                words.push(Word {
-                    text: text.clone(),
-                    start_s: s,
-                    end_s: e,
-                });
-            }
+            1 => words.push(word(text.clone(), start as f64, end_time)),
             n => {
                 let mut at = start;
                 for w in &parts[..n - 1] {
                     let len = tokenizer.encode(w)?.len();
-                    let (s, e) = span(at as f64, (at + len) as f64);
-                    words.push(Word {
-                        text: w.to_string(),
-                        start_s: s,
-                        end_s: e,
-                    });
+                    words.push(word(w.to_string(), at as f64, (at + len) as f64));
                     at += len;
                 }
-                let (s, e) = span(at as f64, end_time);
-                words.push(Word {
-                    text: parts[n - 1].to_string(),
-                    start_s: s,
-                    end_s: e,
-                });
+                words.push(word(parts[n - 1].to_string(), at as f64, end_time));
             }
         }
-        Ok(())
-    };
-    let bounds: Vec<usize> = tokens
-        .iter()
-        .enumerate()
-        .filter(|(_, &t)| t == END_OF_PADDING_ID)
-        .map(|(i, _)| i)
-        .collect();
-    let Some(&last) = bounds.last() else {
-        return Ok(words);
-    };
-    for pair in bounds.windows(2) {
-        segment(pair[0] + 1, pair[1], pair[1] as f64)?;
+        Ok(words)
     }
-    let start = last + 1;
-    let eos = tokenizer.eos_id().and_then(|eos| {
-        tokens[start.min(tokens.len())..]
-            .iter()
-            .position(|&t| t == eos)
-    });
-    match eos {
-        Some(i) => segment(start, start + i, (start + i) as f64)?,
-        None => {
-            let end = (tokens.len() as f64).min(start as f64 + frame_rate_hz);
-            segment(start, end.floor() as usize, end)?
-        }
-    }
-    Ok(words)
 }
 
 /// What one frame of transcription gives.
