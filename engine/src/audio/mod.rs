@@ -8,9 +8,12 @@
 //! real-time pace or as fast as the models go ([`virtual_device::FileSource`],
 //! [`virtual_device::RecordingSink`]) are interchangeable.
 
+pub mod device;
 pub mod file;
 pub mod resample;
 pub mod virtual_device;
+
+pub use device::{AudioEvent, AudioStats, AudioStatsSnapshot};
 
 use crate::Result;
 
