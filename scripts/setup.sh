@@ -6,7 +6,12 @@ set -euo pipefail
 need_apt=()
 # mesa-vulkan-drivers: Mesa's lavapipe, a software Vulkan GPU on which the wgpu kernels are
 # tested where no hardware GPU exists.
-for pkg in build-essential pkg-config mesa-vulkan-drivers; do
+# libasound2-dev: ALSA's headers, to build cpal (alsa-sys). pulseaudio, pulseaudio-utils and
+# libasound2-plugins: a sound server with a null sink, and the ALSA plugin that makes it
+# ALSA's `default` device, so the audio tests run on machines without sound hardware
+# (scripts/start-audio.sh). alsa-utils: `aplay -L` / `arecord -L` to see what ALSA sees.
+for pkg in build-essential pkg-config mesa-vulkan-drivers \
+  libasound2-dev pulseaudio pulseaudio-utils libasound2-plugins alsa-utils; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

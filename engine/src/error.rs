@@ -49,6 +49,14 @@ pub enum Error {
     #[error("{path}: {reason}")]
     Npy { path: PathBuf, reason: String },
 
+    /// A live audio device could not be listed, opened or driven.
+    #[error("audio device `{device}`: {reason}")]
+    AudioDevice { device: String, reason: String },
+
+    /// A live audio stream stopped for good: the device disappeared, or its server went away.
+    #[error("audio device `{device}` was lost: {reason}")]
+    AudioDeviceLost { device: String, reason: String },
+
     #[error("no GPU: {0}")]
     NoGpu(String),
 
@@ -72,6 +80,13 @@ impl Error {
     pub(crate) fn config(path: impl Into<PathBuf>, reason: impl std::fmt::Display) -> Self {
         Self::Config {
             path: path.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    pub(crate) fn audio_device(device: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        Self::AudioDevice {
+            device: device.into(),
             reason: reason.to_string(),
         }
     }

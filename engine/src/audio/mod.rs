@@ -1,10 +1,60 @@
-//! Audio: files in and out, resampling to the model rate. Devices, rings and the virtual
-//! device come with the real-time pipeline.
+//! Audio: files in and out, resampling to the model rate, live devices and the virtual
+//! device that stands in for them.
+//!
+//! Every stage after the devices works in frames of 80 ms at 24 kHz mono
+//! ([`FRAME_LEN_SAMPLES`] samples at [`SAMPLE_RATE_HZ`]). A pipeline reads its input through
+//! [`FrameSource`] and writes its output through [`FrameSink`], so the microphone and the
+//! speakers ([`device::MicSource`], [`device::SpeakerSink`]) and a recording played at
+//! real-time pace or as fast as the models go ([`virtual_device::FileSource`],
+//! [`virtual_device::RecordingSink`]) are interchangeable.
 
+pub mod device;
 pub mod file;
 pub mod resample;
+pub mod virtual_device;
+
+pub use device::{AudioEvent, AudioStats, AudioStatsSnapshot};
+
+use crate::Result;
 
 /// The one sample rate every model stage works at.
 pub const SAMPLE_RATE_HZ: u32 = 24_000;
 /// One model frame: 80 ms at 24 kHz.
 pub const FRAME_LEN_SAMPLES: usize = 1920;
+/// The length of one frame in time.
+pub const FRAME_DURATION: std::time::Duration = std::time::Duration::from_millis(80);
+
+/// Where 80 ms frames of 24 kHz mono audio come from (a microphone or a file).
+pub trait FrameSource: Send {
+    /// Blocks until the next frame and writes it into `frame`. Returns `Ok(true)` for a
+    /// frame, `Ok(false)` once the input has ended (and on every later call). A live device
+    /// never blocks forever: a stream that stops delivering audio is an error within the
+    /// device's timeout.
+    fn next_frame(&mut self, frame: &mut [f32; FRAME_LEN_SAMPLES]) -> Result<bool>;
+}
+
+/// Where the pipeline's 80 ms output frames of 24 kHz mono audio go (speakers or a
+/// recording).
+pub trait FrameSink: Send {
+    /// Queues one frame of exactly [`FRAME_LEN_SAMPLES`] samples. A live device blocks while
+    /// its queue is full (that is the pipeline's back-pressure), never longer than its
+    /// timeout.
+    fn write_frame(&mut self, frame: &[f32]) -> Result<()>;
+
+    /// Ends the output: everything written is handed to the device (or the recording)
+    /// before this returns. Frames written afterwards start a new stretch of output.
+    fn finish(&mut self) -> Result<()>;
+}
+
+/// The error for a frame of the wrong length, shared by every [`FrameSink`].
+pub(crate) fn check_frame_len(frame: &[f32], sink: &dyn std::fmt::Display) -> Result<()> {
+    if frame.len() == FRAME_LEN_SAMPLES {
+        Ok(())
+    } else {
+        Err(crate::Error::InvalidInput(format!(
+            "{sink}: an output frame must hold {FRAME_LEN_SAMPLES} samples (80 ms at 24 kHz), \
+             got {}",
+            frame.len()
+        )))
+    }
+}

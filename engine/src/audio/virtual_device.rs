@@ -1,0 +1,223 @@
+//! The virtual device: a recording played into the pipeline as if it were the microphone
+//! ([`FileSource`]), and a sink that keeps what would have gone to the speakers, with when
+//! each frame was written ([`RecordingSink`]).
+//!
+//! Both run entirely on the caller's thread; [`FileSource`] in [`Pace::RealTime`] sleeps
+//! until each frame is due, nothing else blocks. They implement the same [`FrameSource`] and
+//! [`FrameSink`] traits as the live devices, so the latency harness runs the very pipeline
+//! code that the microphone and speakers do.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::file::{read_audio_24k, write_wav_f32};
+use super::{check_frame_len, FrameSink, FrameSource, FRAME_LEN_SAMPLES, SAMPLE_RATE_HZ};
+use crate::Result;
+
+/// How fast a [`FileSource`] hands out frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// As a microphone would: frame `k` (counting from 0) is returned no earlier than
+    /// `start + (k + 1) × 80 ms`, when its last sample would have been spoken. Deadlines
+    /// come from the start instant on the monotonic clock, so lateness never accumulates.
+    RealTime,
+    /// As fast as the caller asks.
+    Unpaced,
+}
+
+/// A 24 kHz mono recording played frame by frame as a [`FrameSource`].
+#[derive(Debug, Clone)]
+pub struct FileSource {
+    pcm_24k: Vec<f32>,
+    /// Next sample to hand out.
+    pos: usize,
+    pace: Pace,
+    /// The session start: set by [`starting_at`](Self::starting_at), or at the first
+    /// `next_frame`.
+    start: Option<Instant>,
+    frames_read: u64,
+}
+
+impl FileSource {
+    /// Reads any supported audio file (converted to 24 kHz mono) to play at `pace`.
+    pub fn open(path: &Path, pace: Pace) -> Result<Self> {
+        Ok(Self::from_pcm_24k(read_audio_24k(path)?, pace))
+    }
+
+    /// Plays `pcm_24k` (mono, 24 kHz) at `pace`.
+    pub fn from_pcm_24k(pcm_24k: Vec<f32>, pace: Pace) -> Self {
+        Self {
+            pcm_24k,
+            pos: 0,
+            pace,
+            start: None,
+            frames_read: 0,
+        }
+    }
+
+    /// Counts real-time deadlines from `start` instead of from the first `next_frame`; give
+    /// the same instant to [`RecordingSink::starting_at`] to put input and output on one
+    /// clock.
+    pub fn starting_at(mut self, start: Instant) -> Self {
+        self.start = Some(start);
+        self
+    }
+
+    /// Frames in the whole recording, the last one zero-padded.
+    pub fn frame_count(&self) -> usize {
+        self.pcm_24k.len().div_ceil(FRAME_LEN_SAMPLES)
+    }
+
+    /// Frames handed out so far.
+    pub fn frames_read(&self) -> u64 {
+        self.frames_read
+    }
+
+    /// When frame `index` is due in [`Pace::RealTime`], from the session start.
+    pub fn due_after_start(index: u64) -> Duration {
+        Duration::from_micros(80_000 * (index + 1))
+    }
+}
+
+impl FrameSource for FileSource {
+    fn next_frame(&mut self, frame: &mut [f32; FRAME_LEN_SAMPLES]) -> Result<bool> {
+        if self.pos >= self.pcm_24k.len() {
+            return Ok(false);
+        }
+        if self.pace == Pace::RealTime {
+            let start = *self.start.get_or_insert_with(Instant::now);
+            let due = start + Self::due_after_start(self.frames_read);
+            loop {
+                let now = Instant::now();
+                if now >= due {
+                    break;
+                }
+                thread::sleep(due - now);
+            }
+        }
+        let end = (self.pos + FRAME_LEN_SAMPLES).min(self.pcm_24k.len());
+        let n = end - self.pos;
+        frame[..n].copy_from_slice(&self.pcm_24k[self.pos..end]);
+        frame[n..].fill(0.0);
+        self.pos = end;
+        self.frames_read += 1;
+        Ok(true)
+    }
+}
+
+/// What a [`RecordingSink`] received.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Recording {
+    /// Every frame written, in order, 24 kHz mono.
+    pub pcm_24k: Vec<f32>,
+    /// When each frame was written, from the session start: frame `k` is
+    /// `pcm_24k[k * 1920..(k + 1) * 1920]`.
+    pub frame_times: Vec<Duration>,
+    /// When `finish` was last called, from the session start.
+    pub finished_at: Option<Duration>,
+}
+
+impl Recording {
+    /// Writes the audio as a 32-bit float WAV at 24 kHz.
+    pub fn write_wav(&self, path: &Path) -> Result<()> {
+        write_wav_f32(path, &self.pcm_24k, SAMPLE_RATE_HZ)
+    }
+}
+
+/// A [`FrameSink`] that records every frame and the instant it was written.
+///
+/// The recording is shared with [`RecordingHandle`]s, so it can be read while (or after)
+/// a pipeline thread owns the sink.
+#[derive(Debug)]
+pub struct RecordingSink {
+    start: Instant,
+    recording: Arc<Mutex<Recording>>,
+}
+
+/// Reads the recording of a [`RecordingSink`] from any thread.
+#[derive(Debug, Clone)]
+pub struct RecordingHandle {
+    recording: Arc<Mutex<Recording>>,
+}
+
+impl RecordingSink {
+    /// A sink whose session starts now.
+    pub fn new() -> Self {
+        Self::starting_at(Instant::now())
+    }
+
+    /// A sink whose frame times count from `start` (see [`FileSource::starting_at`]).
+    pub fn starting_at(start: Instant) -> Self {
+        Self {
+            start,
+            recording: Arc::default(),
+        }
+    }
+
+    /// A handle to read the recording with.
+    pub fn handle(&self) -> RecordingHandle {
+        RecordingHandle {
+            recording: self.recording.clone(),
+        }
+    }
+
+    /// A copy of what has been recorded so far.
+    pub fn recording(&self) -> Recording {
+        self.handle().recording()
+    }
+}
+
+impl Default for RecordingSink {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RecordingHandle {
+    /// A copy of what has been recorded so far.
+    pub fn recording(&self) -> Recording {
+        self.lock().clone()
+    }
+
+    /// Frames recorded so far.
+    pub fn frames_written(&self) -> usize {
+        self.lock().frame_times.len()
+    }
+
+    /// Writes what has been recorded so far as a 32-bit float WAV at 24 kHz.
+    pub fn write_wav(&self, path: &Path) -> Result<()> {
+        self.lock().write_wav(path)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recording> {
+        // A panic while holding the lock leaves whole frames behind; the data stays usable.
+        self.recording
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl FrameSink for RecordingSink {
+    fn write_frame(&mut self, frame: &[f32]) -> Result<()> {
+        check_frame_len(frame, &"recording sink")?;
+        let at = Instant::now().saturating_duration_since(self.start);
+        let mut rec = self
+            .recording
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        rec.pcm_24k.extend_from_slice(frame);
+        rec.frame_times.push(at);
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        let at = Instant::now().saturating_duration_since(self.start);
+        self.recording
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .finished_at = Some(at);
+        Ok(())
+    }
+}
