@@ -1,6 +1,7 @@
 //! `parley`: the command line (and, later, the desktop app).
 
 mod bench;
+mod headless;
 mod lm_cmd;
 mod mimi_cmd;
 
@@ -34,6 +35,9 @@ enum Command {
     Stt(lm_cmd::SttArgs),
     /// Run a full-duplex Moshi-style model over a recording of the user.
     Moshi(lm_cmd::MoshiArgs),
+    /// A live session without a window: JSON Lines (or raw PCM) on stdin and stdout, or
+    /// the microphone and speakers.
+    Headless(headless::HeadlessArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
         Some(Command::Bench(cmd)) => bench::run(cmd),
         Some(Command::Stt(args)) => lm_cmd::stt(args),
         Some(Command::Moshi(args)) => lm_cmd::moshi(args),
+        Some(Command::Headless(args)) => headless::run(args),
         None => {
             eprintln!("parley: the desktop window is not built yet; these commands work today:\n");
             use clap::CommandFactory;

@@ -5,5 +5,6 @@ pub mod compute;
 pub mod error;
 pub mod models;
 pub mod npy;
+pub mod pipeline;
 
 pub use error::{Error, Result};

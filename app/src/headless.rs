@@ -1,0 +1,291 @@
+//! `parley headless`: a session without a window, talking JSON Lines (or raw PCM) over
+//! stdin and stdout, or the real microphone and speakers with events on stdout. Every
+//! event is documented with an example in docs/headless.md.
+
+use std::io::{BufRead, Read, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use base64::Engine as _;
+use clap::Args;
+use crossbeam_channel::{bounded, Sender};
+use parley_engine::audio::device::{DeviceOptions, MicSource, SpeakerSink};
+use parley_engine::audio::{FrameSink, FrameSource, FRAME_LEN_SAMPLES};
+use parley_engine::compute::gpu::DeviceChoice;
+use parley_engine::compute::Dtype;
+use parley_engine::pipeline::{
+    Event, EventSink, Mode, Models, NullSink, PcmSource, Session, SessionOptions,
+};
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AudioIo {
+    /// The default (or named) microphone and speakers.
+    Mic,
+    /// Audio in and out through stdin and stdout.
+    Stdin,
+}
+
+#[derive(Debug, Args)]
+pub struct HeadlessArgs {
+    /// A model directory laid out like a Kyutai repository.
+    #[arg(long)]
+    model_dir: PathBuf,
+    /// duplex (a Moshi-style model) or listen (a speech-to-text model).
+    #[arg(long, default_value = "duplex")]
+    mode: Mode,
+    #[arg(long, value_enum, default_value = "stdin")]
+    audio: AudioIo,
+    /// With --audio stdin: raw PCM16 LE 24 kHz mono on stdin, the reply as raw PCM16 on
+    /// stdout, events as JSON Lines on stderr.
+    #[arg(long)]
+    raw: bool,
+    /// Capture device name (--audio mic); see `parley devices`.
+    #[arg(long)]
+    input_device: Option<String>,
+    /// Playback device name (--audio mic).
+    #[arg(long)]
+    output_device: Option<String>,
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    #[arg(long, alias = "dtype", default_value = "auto")]
+    precision: Dtype,
+}
+
+pub fn run(args: HeadlessArgs) -> Result<()> {
+    let models = Models::load(&args.model_dir, args.mode, args.device, args.precision, None)
+        .context("loading the models")?;
+    let (ev_tx, ev_rx) = bounded::<Event>(256);
+    let (source, sink): (Box<dyn FrameSource>, Box<dyn FrameSink>) = match args.audio {
+        AudioIo::Mic => (
+            Box::new(MicSource::open(args.input_device.as_deref(), DeviceOptions::default())?),
+            if args.mode == Mode::Duplex {
+                Box::new(SpeakerSink::open(
+                    args.output_device.as_deref(),
+                    DeviceOptions::default(),
+                )?)
+            } else {
+                Box::new(NullSink)
+            },
+        ),
+        AudioIo::Stdin => {
+            let (pcm_tx, pcm_rx) = bounded::<Vec<f32>>(64);
+            let events = ev_tx.clone();
+            let raw = args.raw;
+            std::thread::Builder::new()
+                .name("stdin".into())
+                .spawn(move || {
+                    if raw {
+                        read_raw(pcm_tx, events)
+                    } else {
+                        read_json_lines(pcm_tx, events)
+                    }
+                })
+                .context("starting the stdin reader")?;
+            let sink: Box<dyn FrameSink> = if raw {
+                Box::new(RawStdoutSink)
+            } else {
+                Box::new(EventSink::new(ev_tx.clone()))
+            };
+            (Box::new(PcmSource::new(pcm_rx)), sink)
+        }
+    };
+    let session = Session::start(models, source, sink, ev_tx, SessionOptions::default())?;
+    // Events go to stdout, or to stderr when stdout carries raw audio.
+    let mut out: Box<dyn Write> = if args.raw {
+        Box::new(std::io::stderr().lock())
+    } else {
+        Box::new(std::io::stdout().lock())
+    };
+    let mode = args.mode;
+    for e in ev_rx.iter() {
+        let ended = matches!(e, Event::Ended { .. });
+        writeln!(out, "{}", to_json(&e, mode))?;
+        out.flush()?;
+        if ended {
+            break;
+        }
+    }
+    session.join()?;
+    Ok(())
+}
+
+/// The JSON line of an event (OpenAI Realtime names where one fits).
+pub fn to_json(e: &Event, mode: Mode) -> Value {
+    let ms = |s: f64| (s * 1000.0).round() as i64;
+    match e {
+        Event::Started { mode, device } => {
+            json!({"type": "session.created", "session": {"mode": mode, "device": device}})
+        }
+        Event::TextDelta { text, frame } => json!({
+            "type": if mode == Mode::Listen {
+                "conversation.item.input_audio_transcription.delta"
+            } else {
+                "response.audio_transcript.delta"
+            },
+            "delta": text, "frame": frame,
+        }),
+        Event::Word {
+            text,
+            start_s,
+            end_s,
+            frame,
+        } => json!({"type": "transcript.word", "text": text, "start_ms": ms(*start_s), "end_ms": ms(*end_s), "frame": frame}),
+        Event::EndOfTurn {
+            time_s,
+            probability,
+            frame,
+        } => json!({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": ms(*time_s), "probability": probability, "frame": frame}),
+        Event::ResponseStarted { frame } => json!({"type": "response.created", "frame": frame}),
+        Event::Audio { frame, pcm } => {
+            json!({"type": "response.audio.delta", "delta": base64::engine::general_purpose::STANDARD.encode(pcm16(pcm)), "frame": frame})
+        }
+        Event::Metrics(m) => {
+            let mut v = serde_json::to_value(m).unwrap_or(Value::Null);
+            if let Some(o) = v.as_object_mut() {
+                o.insert("type".into(), "parley.metrics".into());
+            }
+            v
+        }
+        Event::Error { message, fatal } => json!({
+            "type": "error",
+            "error": {"type": if *fatal { "server_error" } else { "invalid_request_error" }, "message": message},
+        }),
+        Event::Ended {
+            frames_in,
+            frames_out,
+        } => json!({"type": "session.closed", "frames_in": frames_in, "frames_out": frames_out}),
+    }
+}
+
+fn pcm16(pcm: &[f32]) -> Vec<u8> {
+    pcm.iter()
+        .flat_map(|&v| ((v.clamp(-1.0, 1.0) * 32767.0).round() as i16).to_le_bytes())
+        .collect()
+}
+
+fn from_pcm16(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(2)
+        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
+        .collect()
+}
+
+fn client_error(events: &Sender<Event>, message: String) {
+    let _ = events.send(Event::Error {
+        message,
+        fatal: false,
+    });
+}
+
+/// JSON Lines on stdin: audio appends until `session.close` or the end of input. A line
+/// that cannot be used gets an `error` event and the session goes on.
+fn read_json_lines(pcm: Sender<Vec<f32>>, events: Sender<Event>) {
+    let stdin = std::io::stdin();
+    for (n, line) in stdin.lock().lines().enumerate() {
+        let line = match line {
+            Ok(l) => l,
+            Err(e) => {
+                client_error(&events, format!("stdin line {}: {e}", n + 1));
+                break;
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                client_error(&events, format!("stdin line {}: not JSON: {e}", n + 1));
+                continue;
+            }
+        };
+        match v.get("type").and_then(Value::as_str) {
+            Some("input_audio_buffer.append") => {
+                let Some(b64) = v.get("audio").and_then(Value::as_str) else {
+                    client_error(
+                        &events,
+                        format!("stdin line {}: input_audio_buffer.append without an `audio` string", n + 1),
+                    );
+                    continue;
+                };
+                match base64::engine::general_purpose::STANDARD.decode(b64) {
+                    Ok(bytes) if bytes.len() % 2 == 0 => {
+                        if pcm.send(from_pcm16(&bytes)).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(bytes) => client_error(
+                        &events,
+                        format!(
+                            "stdin line {}: {} bytes of audio is not whole PCM16 samples",
+                            n + 1,
+                            bytes.len()
+                        ),
+                    ),
+                    Err(e) => client_error(
+                        &events,
+                        format!("stdin line {}: `audio` is not base64: {e}", n + 1),
+                    ),
+                }
+            }
+            Some("session.close") => break,
+            Some(other) => client_error(
+                &events,
+                format!(
+                    "stdin line {}: unknown event type `{other}` (input_audio_buffer.append or session.close)",
+                    n + 1
+                ),
+            ),
+            None => client_error(&events, format!("stdin line {}: no `type`", n + 1)),
+        }
+    }
+    // Dropping `pcm` ends the input: the session flushes and closes.
+}
+
+/// Raw PCM16 LE on stdin until its end.
+fn read_raw(pcm: Sender<Vec<f32>>, events: Sender<Event>) {
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = vec![0u8; 2 * FRAME_LEN_SAMPLES];
+    let mut carry: Option<u8> = None;
+    loop {
+        match stdin.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                let mut bytes = Vec::with_capacity(n + 1);
+                bytes.extend(carry.take());
+                bytes.extend_from_slice(&buf[..n]);
+                if bytes.len() % 2 == 1 {
+                    carry = bytes.pop();
+                }
+                if pcm.send(from_pcm16(&bytes)).is_err() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                client_error(&events, format!("stdin: {e}"));
+                break;
+            }
+        }
+    }
+    if carry.is_some() {
+        client_error(&events, "stdin ended in the middle of a PCM16 sample (one byte dropped)".into());
+    }
+}
+
+/// The reply as raw PCM16 LE on stdout.
+struct RawStdoutSink;
+
+impl FrameSink for RawStdoutSink {
+    fn write_frame(&mut self, frame: &[f32]) -> parley_engine::Result<()> {
+        let mut out = std::io::stdout().lock();
+        out.write_all(&pcm16(frame))
+            .map_err(|e| parley_engine::Error::InvalidInput(format!("stdout: {e}")))
+    }
+    fn finish(&mut self) -> parley_engine::Result<()> {
+        std::io::stdout()
+            .flush()
+            .map_err(|e| parley_engine::Error::InvalidInput(format!("stdout: {e}")))
+    }
+}
