@@ -58,7 +58,8 @@ pub struct Models {
     pub mode: Mode,
     pub mimi: Mimi,
     pub gen: LmGen,
-    pub tokenizer: TextTokenizer,
+    /// None for random-weight models (text then shows as token ids).
+    pub tokenizer: Option<TextTokenizer>,
     pub stt: SttConfig,
     pub padding_id: u32,
     /// The line saying where the LM runs.
@@ -122,9 +123,52 @@ impl Models {
             mode,
             mimi,
             gen: LmGen::with_backend(lm, gen_cfg),
-            tokenizer: d.load_tokenizer()?,
+            tokenizer: Some(d.load_tokenizer()?),
             stt: d.stt_config()?,
             padding_id: d.config.text_padding_token_id.unwrap_or(3),
+            device,
+        })
+    }
+
+    /// A full-size architecture with random weights (published Mimi, `preset` LM), for
+    /// the latency harness's timings: speed does not depend on the values. No tokenizer.
+    pub fn random(mode: Mode, preset: &str, device: DeviceChoice, dtype: Dtype) -> Result<Self> {
+        use crate::models::lm::{LmConfig, LmModel};
+        use crate::models::mimi::MimiConfig;
+        use crate::models::weights::Weights;
+        let cfg = LmConfig::preset(preset).ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "unknown preset `{preset}`; known: {}",
+                crate::models::lm::config::PRESETS.join(", ")
+            ))
+        })?;
+        if (mode == Mode::Listen) != (cfg.dep_q == 0) {
+            return Err(Error::InvalidInput(format!(
+                "preset {preset} does not fit --mode {mode}"
+            )));
+        }
+        // The user's audio codebooks: what the LM reads per step.
+        let n_in = cfg.n_q - cfg.dep_q;
+        let mut mimi = Mimi::from_weights(&Weights::random(1), MimiConfig::default(), n_in.max(cfg.dep_q))?;
+        let cpu_precision = match dtype {
+            Dtype::Auto | Dtype::F32 => crate::compute::cpu::WeightPrecision::F32,
+            _ => crate::compute::cpu::WeightPrecision::Bf16,
+        };
+        mimi.set_weight_precision(cpu_precision)?;
+        let (backend, device) = select_device(device)?;
+        let lm = LmBackend::open(&backend, dtype, |p| {
+            LmModel::from_weights(&Weights::random(2).with_precision(p), cfg)
+        })?;
+        Ok(Self {
+            mode,
+            mimi,
+            gen: LmGen::with_backend(lm, GenConfig::default()),
+            tokenizer: None,
+            stt: SttConfig {
+                audio_silence_prefix_seconds: 1.0,
+                audio_delay_seconds: 0.5,
+            },
+            padding_id: 3,
             device,
         })
     }
@@ -402,7 +446,11 @@ fn run_model(
         )?;
     }
     let frame = frames + m.flush_frames() as u64;
-    for w in st.words.finish(&m.tokenizer)? {
+    let last = match &m.tokenizer {
+        Some(t) => st.words.finish(t)?,
+        None => vec![],
+    };
+    for w in last {
         ev.send(Event::Word {
             text: w.text,
             start_s: w.start_s,
@@ -442,15 +490,16 @@ fn step(
     if let Some(tokens) = &out.tokens {
         let text = tokens[0] as u32;
         if frame.is_some() && text != END_OF_PADDING_ID && text != m.padding_id {
-            if let Some(piece) = m.tokenizer.id_to_piece(text) {
-                ev.send(Event::TextDelta {
-                    text: piece.replace('\u{2581}', " "),
-                    frame: index,
-                });
+            let piece = match &m.tokenizer {
+                Some(t) => t.id_to_piece(text).map(|p| p.replace('\u{2581}', " ")),
+                None => Some(format!("<{text}>")),
+            };
+            if let Some(text) = piece {
+                ev.send(Event::TextDelta { text, frame: index });
             }
         }
-        if m.mode == Mode::Listen {
-            for w in st.words.push(text, &m.tokenizer)? {
+        if let (Mode::Listen, Some(tok)) = (m.mode, &m.tokenizer) {
+            for w in st.words.push(text, tok)? {
                 ev.send(Event::Word {
                     text: w.text,
                     start_s: w.start_s,
