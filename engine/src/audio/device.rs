@@ -18,7 +18,8 @@
 //!   [`MicSource`] pops the capture ring and resamples to 80 ms frames at 24 kHz; a
 //!   [`SpeakerSink`] resamples 24 kHz frames to the device rate and pushes them into the
 //!   playback ring. These block (polling the ring, never longer than
-//!   [`DeviceOptions::timeout`] without progress).
+//!   [`DeviceOptions::timeout`] without progress, [`DeviceOptions::start_timeout`] before the
+//!   stream's first audio).
 //! - **cpal's error callback** (same thread as the data callback on ALSA) reports a device
 //!   that went away: it marks the stream lost, so the next `next_frame` or `write_frame`
 //!   fails with [`Error::AudioDeviceLost`], and sends an [`AudioEvent`] on the bounded
@@ -284,8 +285,12 @@ pub struct DeviceOptions {
     /// get before `write_frame` blocks.
     pub ring_ms: u32,
     /// How long `next_frame`, `write_frame` and `finish` wait without the device moving any
-    /// audio before they give up with an error.
+    /// audio before they give up with an error, once the stream has started moving audio.
     pub timeout: Duration,
+    /// The same, before the stream's first audio: devices can be slow to start (a Bluetooth
+    /// headset switching profiles; PulseAudio's null sink renders in blocks of up to 2 s
+    /// while idle).
+    pub start_timeout: Duration,
     /// Where the callbacks count (shared when cloned).
     pub stats: AudioStats,
     /// Where device errors are reported; see [`event_channel`].
@@ -297,6 +302,7 @@ impl Default for DeviceOptions {
         Self {
             ring_ms: 500,
             timeout: Duration::from_secs(2),
+            start_timeout: Duration::from_secs(10),
             stats: AudioStats::new(),
             events: None,
         }
@@ -456,6 +462,8 @@ pub struct PlaybackProcessor {
 pub struct PlaybackFeed {
     producer: HeapProd<f32>,
     active: Arc<AtomicBool>,
+    /// Samples pushed over the feed's life.
+    pushed: u64,
 }
 
 impl PlaybackProcessor {
@@ -481,7 +489,12 @@ impl PlaybackProcessor {
             stats,
             active: active.clone(),
         };
-        Ok((processor, PlaybackFeed { producer, active }))
+        let feed = PlaybackFeed {
+            producer,
+            active,
+            pushed: 0,
+        };
+        Ok((processor, feed))
     }
 
     /// The body of the cpal callback: [`process`](Self::process) inside
@@ -530,7 +543,14 @@ impl PlaybackProcessor {
 impl PlaybackFeed {
     /// Pushes as many of `pcm` (mono, device rate) as fit; returns how many.
     pub fn push(&mut self, pcm: &[f32]) -> usize {
-        self.producer.push_slice(pcm)
+        let n = self.producer.push_slice(pcm);
+        self.pushed += n as u64;
+        n
+    }
+
+    /// Whether the callback has taken any sample from the ring yet.
+    pub fn has_moved(&self) -> bool {
+        self.pushed > self.queued_samples() as u64
     }
 
     /// Says whether output is expected from now on: while it is, a callback that finds the
@@ -827,6 +847,31 @@ fn poll_wait(samples: usize, rate_hz: u32) -> Duration {
     Duration::from_secs_f64(secs).clamp(Duration::from_millis(1), Duration::from_millis(10))
 }
 
+/// How long a blocked call may wait without progress.
+#[derive(Debug, Clone, Copy)]
+struct Patience {
+    timeout: Duration,
+    start_timeout: Duration,
+}
+
+impl Patience {
+    fn new(options: &DeviceOptions) -> Self {
+        Self {
+            timeout: options.timeout,
+            start_timeout: options.start_timeout.max(options.timeout),
+        }
+    }
+
+    /// The limit once the stream has moved audio (`moving`), or before.
+    fn limit(&self, moving: bool) -> Duration {
+        if moving {
+            self.timeout
+        } else {
+            self.start_timeout
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // The microphone
 
@@ -844,8 +889,11 @@ pub struct MicSource {
     scratch: Vec<f32>,
     health: Arc<StreamHealth>,
     stats: AudioStats,
-    timeout: Duration,
+    patience: Patience,
+    /// Whether `next_frame` has run (and dropped the audio captured before it).
     started: bool,
+    /// Whether any audio has come out of the ring yet.
+    moving: bool,
     _stream: StreamThread,
 }
 
@@ -898,9 +946,10 @@ impl MicSource {
             resampler,
             scratch,
             health,
+            patience: Patience::new(&options),
             stats: options.stats,
-            timeout: options.timeout,
             started: false,
+            moving: false,
             _stream: stream,
         })
     }
@@ -925,7 +974,7 @@ impl FrameSource for MicSource {
     fn next_frame(&mut self, frame: &mut [f32; FRAME_LEN_SAMPLES]) -> Result<bool> {
         if !self.started {
             self.started = true;
-            self.consumer.clear();
+            self.moving |= self.consumer.clear() > 0;
         }
         let mut last_progress = Instant::now();
         loop {
@@ -936,17 +985,19 @@ impl FrameSource for MicSource {
             if n > 0 {
                 self.resampler.push(&self.scratch[..n])?;
                 last_progress = Instant::now();
+                self.moving = true;
                 continue;
             }
             if let Some(err) = self.health.lost_error(&self.info.device_name) {
                 return Err(err);
             }
-            if last_progress.elapsed() >= self.timeout {
+            let limit = self.patience.limit(self.moving);
+            if last_progress.elapsed() >= limit {
                 return Err(Error::audio_device(
                     &self.info.device_name,
                     format!(
                         "no audio captured for {} ms; the input stream has stopped",
-                        self.timeout.as_millis()
+                        limit.as_millis()
                     ),
                 ));
             }
@@ -972,7 +1023,7 @@ pub struct SpeakerSink {
     resampler: OutputResampler,
     health: Arc<StreamHealth>,
     stats: AudioStats,
-    timeout: Duration,
+    patience: Patience,
     _stream: StreamThread,
 }
 
@@ -1024,8 +1075,8 @@ impl SpeakerSink {
             feed,
             resampler,
             health,
+            patience: Patience::new(&options),
             stats: options.stats,
-            timeout: options.timeout,
             _stream: stream,
         })
     }
@@ -1048,13 +1099,13 @@ impl SpeakerSink {
 }
 
 /// Pushes all of `pcm` into the playback ring, waiting for room; fails when the stream is
-/// lost or takes nothing for `timeout`.
+/// lost or takes nothing for the patience's limit.
 fn push_blocking(
     feed: &mut PlaybackFeed,
     mut pcm: &[f32],
     health: &StreamHealth,
     info: &StreamInfo,
-    timeout: Duration,
+    patience: Patience,
 ) -> Result<()> {
     let mut last_progress = Instant::now();
     loop {
@@ -1069,12 +1120,13 @@ fn push_blocking(
         if let Some(err) = health.lost_error(&info.device_name) {
             return Err(err);
         }
-        if last_progress.elapsed() >= timeout {
+        let limit = patience.limit(feed.has_moved());
+        if last_progress.elapsed() >= limit {
             return Err(Error::audio_device(
                 &info.device_name,
                 format!(
                     "the output stream took no audio for {} ms; it has stopped",
-                    timeout.as_millis()
+                    limit.as_millis()
                 ),
             ));
         }
@@ -1090,7 +1142,7 @@ impl FrameSink for SpeakerSink {
         }
         self.feed.set_active(true);
         let pcm = self.resampler.process(frame)?;
-        push_blocking(&mut self.feed, pcm, &self.health, &self.info, self.timeout)
+        push_blocking(&mut self.feed, pcm, &self.health, &self.info, self.patience)
     }
 
     fn finish(&mut self) -> Result<()> {
@@ -1098,7 +1150,13 @@ impl FrameSink for SpeakerSink {
             return Err(err);
         }
         let tail = self.resampler.flush()?;
-        push_blocking(&mut self.feed, tail, &self.health, &self.info, self.timeout)?;
+        push_blocking(
+            &mut self.feed,
+            tail,
+            &self.health,
+            &self.info,
+            self.patience,
+        )?;
         // Running dry from here on is the end of the output, not an underrun.
         self.feed.set_active(false);
         let mut last_progress = Instant::now();
@@ -1107,13 +1165,14 @@ impl FrameSink for SpeakerSink {
             if let Some(err) = self.health.lost_error(&self.info.device_name) {
                 return Err(err);
             }
-            if last_progress.elapsed() >= self.timeout {
+            let limit = self.patience.limit(self.feed.has_moved());
+            if last_progress.elapsed() >= limit {
                 return Err(Error::audio_device(
                     &self.info.device_name,
                     format!(
                         "{queued} samples still queued after {} ms without progress; \
                          the output stream has stopped",
-                        self.timeout.as_millis()
+                        limit.as_millis()
                     ),
                 ));
             }
