@@ -9,9 +9,16 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-// mimalloc keeps freed pages for reuse: a streaming step allocates the same large buffers
-// every 80 ms, and the system allocator hands them back to the kernel and faults them in
-// again (about 4% of a Mimi frame in profiles).
+// Debug builds check that the real-time audio callbacks never allocate: an allocation
+// inside `assert_no_alloc` aborts (AllocDisabler wraps the system allocator).
+#[cfg(debug_assertions)]
+#[global_allocator]
+static ALLOC: assert_no_alloc::AllocDisabler = assert_no_alloc::AllocDisabler;
+
+// Release builds: mimalloc keeps freed pages for reuse: a streaming step allocates the same
+// large buffers every 80 ms, and the system allocator hands them back to the kernel and
+// faults them in again (about 4% of a Mimi frame in profiles).
+#[cfg(not(debug_assertions))]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

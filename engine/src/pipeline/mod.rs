@@ -14,6 +14,7 @@
 //! has come out), so nothing already received is dropped.
 
 mod io;
+pub mod report;
 mod session;
 
 pub use io::{EventSink, NullSink, PcmSource};

@@ -1,0 +1,512 @@
+//! The latency harness's analysis: what a session's events and recording say about the
+//! delays a person would feel.
+//!
+//! Times are on the input's clock: input frame `f` is complete `(f + 1) * 80 ms` after the
+//! input starts. What the model emits at frame `f` is felt when that frame's processing
+//! is done: `(f + 1) * 80 ms` plus the frame's latency (at real-time pace: from the frame
+//! being available to its output being queued, queueing included) or, unpaced, its
+//! compute alone (frames are then available at once, so their wall-clock latency would
+//! count a backlog no live session has).
+
+use serde::{Deserialize, Serialize};
+
+use super::{Event, FrameMetrics, Mode};
+use crate::audio::{FRAME_LEN_SAMPLES, SAMPLE_RATE_HZ};
+use crate::{Error, Result};
+
+const FRAME_S: f64 = FRAME_LEN_SAMPLES as f64 / SAMPLE_RATE_HZ as f64;
+
+/// A word alignment of the input (assets/make_speech.py writes them).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Alignment {
+    pub turns: Vec<AlignedTurn>,
+    pub words: Vec<AlignedWord>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AlignedTurn {
+    pub start_s: f64,
+    pub end_s: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AlignedWord {
+    pub word: String,
+    pub start_s: f64,
+    pub end_s: f64,
+}
+
+impl Alignment {
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::config(path, format!("not an alignment: {e}")))
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+impl Percentiles {
+    pub fn of(v: &[f64]) -> Self {
+        if v.is_empty() {
+            return Self::default();
+        }
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        let at = |q: f64| s[((q * (s.len() - 1) as f64).round() as usize).min(s.len() - 1)];
+        Self {
+            p50: at(0.5),
+            p90: at(0.9),
+            p99: at(0.99),
+            max: s[s.len() - 1],
+            mean: s.iter().sum::<f64>() / s.len() as f64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Compute {
+    pub encode_ms: Percentiles,
+    pub lm_ms: Percentiles,
+    pub decode_ms: Percentiles,
+    pub total_ms: Percentiles,
+    /// Mean compute per frame over the 80 ms a frame lasts.
+    pub real_time_factor: f64,
+    pub deadline_misses: usize,
+    pub frames: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WordDelay {
+    pub word: String,
+    /// End of the word in the input.
+    pub end_s: f64,
+    /// The transcribed word it was matched to, and when that was felt.
+    pub emitted: String,
+    pub emitted_s: f64,
+    pub delay_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TurnDelay {
+    pub turn: usize,
+    pub end_s: f64,
+    /// When the event (end of turn detected, or the first audible reply) was felt.
+    pub at_s: Option<f64>,
+    pub delay_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyReport {
+    pub mode: Mode,
+    pub pace: String,
+    pub device: String,
+    pub input_s: f64,
+    pub compute: Compute,
+    /// Output frames written after they were due at a speaker that started one frame
+    /// after the first output (unpaced: frames whose compute exceeded the budget).
+    pub output_underruns: usize,
+    /// Listen mode with an alignment: each aligned word and when its transcription was
+    /// felt.
+    pub words: Vec<WordDelay>,
+    pub word_delay_ms: Option<Percentiles>,
+    /// Listen mode: end-of-turn detection per turn.
+    pub end_of_turn: Vec<TurnDelay>,
+    pub end_of_turn_delay_ms: Option<Percentiles>,
+    /// Duplex mode: from the end of each user turn to the first audible model output.
+    pub response: Vec<TurnDelay>,
+    pub response_latency_ms: Option<Percentiles>,
+    /// Where the turns came from: the alignment, or the input's energy.
+    pub turns_from: String,
+}
+
+/// What the harness collected.
+#[derive(Debug)]
+pub struct SessionRecord<'a> {
+    pub mode: Mode,
+    pub realtime: bool,
+    pub events: &'a [Event],
+    pub input_24k: &'a [f32],
+    pub output_24k: &'a [f32],
+    /// When each output frame was written, seconds from the session start.
+    pub output_times_s: &'a [f64],
+}
+
+impl SessionRecord<'_> {
+    fn metrics(&self) -> Vec<FrameMetrics> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Metrics(m) => Some(*m),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// When what frame `f` produced was felt (see the module's doc).
+    fn felt_s(&self, metrics: &[FrameMetrics], f: u64) -> f64 {
+        let extra_ms = metrics
+            .iter()
+            .find(|m| m.frame == f)
+            .map_or(0.0, |m| {
+                if self.realtime {
+                    m.latency_ms
+                } else {
+                    m.encode_ms + m.lm_ms + m.decode_ms
+                }
+            });
+        (f + 1) as f64 * FRAME_S + extra_ms / 1e3
+    }
+}
+
+/// Turns of `pcm` by energy: 80 ms frames louder than a tenth of the loudest one's RMS
+/// are speech; a turn ends before 0.8 s or more of non-speech.
+pub fn turns_by_energy(pcm: &[f32]) -> Vec<AlignedTurn> {
+    let rms: Vec<f32> = pcm
+        .chunks(FRAME_LEN_SAMPLES)
+        .map(|c| (c.iter().map(|v| v * v).sum::<f32>() / c.len() as f32).sqrt())
+        .collect();
+    let loud = rms.iter().copied().fold(0f32, f32::max) * 0.1;
+    let mut turns = vec![];
+    let mut cur: Option<(usize, usize)> = None;
+    for (i, &r) in rms.iter().enumerate() {
+        if r > loud && loud > 0.0 {
+            cur = Some(match cur {
+                Some((s, e)) if i - e <= 10 => (s, i),
+                Some((s, e)) => {
+                    turns.push((s, e));
+                    (i, i)
+                }
+                None => (i, i),
+            });
+        }
+    }
+    turns.extend(cur);
+    turns
+        .into_iter()
+        .map(|(s, e)| AlignedTurn {
+            start_s: s as f64 * FRAME_S,
+            end_s: (e + 1) as f64 * FRAME_S,
+        })
+        .collect()
+}
+
+fn normalise(w: &str) -> String {
+    w.chars()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+impl LatencyReport {
+    pub fn compute(
+        rec: &SessionRecord,
+        alignment: Option<&Alignment>,
+        device: &str,
+    ) -> Self {
+        let metrics = rec.metrics();
+        let col = |f: fn(&FrameMetrics) -> f64| metrics.iter().map(f).collect::<Vec<_>>();
+        let total = col(|m| m.encode_ms + m.lm_ms + m.decode_ms);
+        let compute = Compute {
+            encode_ms: Percentiles::of(&col(|m| m.encode_ms)),
+            lm_ms: Percentiles::of(&col(|m| m.lm_ms)),
+            decode_ms: Percentiles::of(&col(|m| m.decode_ms)),
+            total_ms: Percentiles::of(&total),
+            real_time_factor: Percentiles::of(&total).mean / (FRAME_S * 1e3),
+            deadline_misses: metrics.iter().filter(|m| m.deadline_missed).count(),
+            frames: metrics.len(),
+        };
+        let output_underruns = if rec.realtime {
+            let t0 = rec.output_times_s.first().copied().unwrap_or(0.0);
+            rec.output_times_s
+                .iter()
+                .enumerate()
+                .filter(|&(i, &t)| t > t0 + (i + 1) as f64 * FRAME_S)
+                .count()
+        } else if rec.mode == Mode::Duplex {
+            compute.deadline_misses
+        } else {
+            0
+        };
+        let (turns, turns_from) = match alignment {
+            Some(a) => (a.turns.clone(), "alignment".to_string()),
+            None => (turns_by_energy(rec.input_24k), "input energy".to_string()),
+        };
+
+        // Words (listen mode, with an alignment).
+        let mut words = vec![];
+        if let (Mode::Listen, Some(a)) = (rec.mode, alignment) {
+            let emitted: Vec<(String, f64, f64, u64)> = rec
+                .events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Word {
+                        text,
+                        start_s,
+                        end_s,
+                        frame,
+                    } => Some((text.clone(), *start_s, *end_s, *frame)),
+                    _ => None,
+                })
+                .collect();
+            for w in &a.words {
+                // The same text nearby, else the transcribed word overlapping it most.
+                let same = emitted.iter().find(|e| {
+                    normalise(&e.0) == normalise(&w.word) && (e.1 - w.start_s).abs() < 1.0
+                });
+                let overlap = |e: &&(String, f64, f64, u64)| {
+                    (e.2.min(w.end_s) - e.1.max(w.start_s)).max(0.0)
+                };
+                let best = same.or_else(|| {
+                    emitted
+                        .iter()
+                        .filter(|e| overlap(e) > 0.0)
+                        .max_by(|a, b| overlap(a).total_cmp(&overlap(b)))
+                });
+                if let Some(e) = best {
+                    let at = rec.felt_s(&metrics, e.3);
+                    words.push(WordDelay {
+                        word: w.word.clone(),
+                        end_s: w.end_s,
+                        emitted: e.0.clone(),
+                        emitted_s: at,
+                        delay_ms: (at - w.end_s) * 1e3,
+                    });
+                }
+            }
+        }
+        let word_delay_ms = (!words.is_empty())
+            .then(|| Percentiles::of(&words.iter().map(|w| w.delay_ms).collect::<Vec<_>>()));
+
+        // End of turn (listen mode): the first detection felt after the turn's last
+        // 0.5 s began, before the next turn starts.
+        let eot_frames: Vec<u64> = rec
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::EndOfTurn { frame, .. } => Some(*frame),
+                _ => None,
+            })
+            .collect();
+        let mut end_of_turn = vec![];
+        if rec.mode == Mode::Listen {
+            for (i, t) in turns.iter().enumerate() {
+                let next = turns.get(i + 1).map_or(f64::INFINITY, |n| n.start_s);
+                let at = eot_frames
+                    .iter()
+                    .map(|&f| rec.felt_s(&metrics, f))
+                    .find(|&s| s >= t.end_s - 0.5 && s < next);
+                end_of_turn.push(TurnDelay {
+                    turn: i,
+                    end_s: t.end_s,
+                    at_s: at,
+                    delay_ms: at.map(|s| (s - t.end_s) * 1e3),
+                });
+            }
+        }
+        let eot: Vec<f64> = end_of_turn.iter().filter_map(|t| t.delay_ms).collect();
+
+        // Response latency (duplex mode): the first audible output frame at or after the
+        // end of each turn.
+        let mut response = vec![];
+        if rec.mode == Mode::Duplex {
+            let audible: Vec<bool> = rec
+                .output_24k
+                .chunks(FRAME_LEN_SAMPLES)
+                .map(|c| (c.iter().map(|v| v * v).sum::<f32>() / c.len() as f32).sqrt() > 0.01)
+                .collect();
+            for (i, t) in turns.iter().enumerate() {
+                // Output frame k carries what input frame k produced.
+                let first = (0..audible.len())
+                    .find(|&k| audible[k] && (k + 1) as f64 * FRAME_S >= t.end_s);
+                let at = first.map(|k| rec.felt_s(&metrics, k as u64));
+                response.push(TurnDelay {
+                    turn: i,
+                    end_s: t.end_s,
+                    at_s: at,
+                    delay_ms: at.map(|s| ((s - t.end_s) * 1e3).max(0.0)),
+                });
+            }
+        }
+        let resp: Vec<f64> = response.iter().filter_map(|t| t.delay_ms).collect();
+        Self {
+            mode: rec.mode,
+            pace: if rec.realtime { "realtime" } else { "fast" }.into(),
+            device: device.into(),
+            input_s: rec.input_24k.len() as f64 / SAMPLE_RATE_HZ as f64,
+            compute,
+            output_underruns,
+            words,
+            word_delay_ms,
+            end_of_turn,
+            end_of_turn_delay_ms: (!eot.is_empty()).then(|| Percentiles::of(&eot)),
+            response,
+            response_latency_ms: (!resp.is_empty()).then(|| Percentiles::of(&resp)),
+            turns_from,
+        }
+    }
+
+    /// The short table for the terminal.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let p = |x: &Percentiles| format!("{:>8.1} {:>8.1} {:>8.1} {:>8.1}", x.p50, x.p90, x.p99, x.max);
+        s += &format!(
+            "latency harness: {} mode, {} pace, {}, {:.2} s of input, {} frames\n",
+            self.mode, self.pace, self.device, self.input_s, self.compute.frames
+        );
+        s += &format!("{:<28} {:>8} {:>8} {:>8} {:>8}\n", "per frame (ms)", "p50", "p90", "p99", "max");
+        s += &format!("{:<28} {}\n", "  encode (Mimi)", p(&self.compute.encode_ms));
+        s += &format!("{:<28} {}\n", "  LM step", p(&self.compute.lm_ms));
+        s += &format!("{:<28} {}\n", "  decode (Mimi)", p(&self.compute.decode_ms));
+        s += &format!("{:<28} {}\n", "  total", p(&self.compute.total_ms));
+        s += &format!(
+            "real-time factor {:.3}; deadline misses {} of {}; output underruns {}\n",
+            self.compute.real_time_factor, self.compute.deadline_misses, self.compute.frames, self.output_underruns
+        );
+        if let Some(w) = &self.word_delay_ms {
+            s += &format!(
+                "word emission delay (ms): p50 {:.0}, p90 {:.0} over {} aligned words\n",
+                w.p50,
+                w.p90,
+                self.words.len()
+            );
+        }
+        if let Some(e) = &self.end_of_turn_delay_ms {
+            s += &format!(
+                "end-of-turn detection delay (ms): p50 {:.0}, max {:.0} ({} of {} turns detected; turns from {})\n",
+                e.p50,
+                e.max,
+                self.end_of_turn.iter().filter(|t| t.at_s.is_some()).count(),
+                self.end_of_turn.len(),
+                self.turns_from
+            );
+        } else if self.mode == Mode::Listen {
+            s += &format!("end of turn: not detected in {} turns\n", self.end_of_turn.len());
+        }
+        if let Some(r) = &self.response_latency_ms {
+            s += &format!(
+                "response latency (ms, end of turn to first model audio): p50 {:.0}, max {:.0} over {} turns (turns from {})\n",
+                r.p50,
+                r.max,
+                self.response.iter().filter(|t| t.at_s.is_some()).count(),
+                self.turns_from
+            );
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics(frame: u64, lm_ms: f64) -> Event {
+        Event::Metrics(FrameMetrics {
+            frame,
+            encode_ms: 10.0,
+            lm_ms,
+            decode_ms: 0.0,
+            latency_ms: 500.0,
+            deadline_missed: 10.0 + lm_ms > 80.0,
+            done_at_s: 0.0,
+        })
+    }
+
+    #[test]
+    fn word_and_turn_delays_follow_the_frame_clock() {
+        // 20 frames of input; one word ending at 0.5 s emitted at frame 9; an end of turn
+        // detected at frame 14 for a turn ending at 0.8 s.
+        let mut events: Vec<Event> = (0..20).map(|f| metrics(f, if f == 3 { 90.0 } else { 20.0 })).collect();
+        events.push(Event::Word {
+            text: "Hello,".into(),
+            start_s: 0.1,
+            end_s: 0.6,
+            frame: 9,
+        });
+        events.push(Event::EndOfTurn {
+            time_s: 0.9,
+            probability: 0.8,
+            frame: 14,
+        });
+        let input = vec![0f32; 20 * FRAME_LEN_SAMPLES];
+        let rec = SessionRecord {
+            mode: Mode::Listen,
+            realtime: false,
+            events: &events,
+            input_24k: &input,
+            output_24k: &[],
+            output_times_s: &[],
+        };
+        let a = Alignment {
+            turns: vec![AlignedTurn {
+                start_s: 0.1,
+                end_s: 0.8,
+            }],
+            words: vec![AlignedWord {
+                word: "hello".into(),
+                start_s: 0.1,
+                end_s: 0.5,
+            }],
+        };
+        let r = LatencyReport::compute(&rec, Some(&a), "test");
+        assert_eq!(r.compute.frames, 20);
+        assert_eq!(r.compute.deadline_misses, 1);
+        // Frame 9 ends at 0.8 s; unpaced, its compute (30 ms) is added.
+        assert!((r.words[0].emitted_s - 0.83).abs() < 1e-9, "{:?}", r.words);
+        assert!((r.words[0].delay_ms - 330.0).abs() < 1e-6);
+        let eot = r.end_of_turn[0].delay_ms.expect("detected");
+        assert!((eot - (1.2 + 0.03 - 0.8) * 1e3).abs() < 1e-6, "{eot}");
+        // At real-time pace the frame's measured latency counts instead.
+        let rt = SessionRecord { realtime: true, ..rec };
+        let r = LatencyReport::compute(&rt, Some(&a), "test");
+        assert!((r.words[0].delay_ms - (0.8 + 0.5 - 0.5) * 1e3).abs() < 1e-6);
+    }
+
+    #[test]
+    fn energy_finds_turns_separated_by_pauses() {
+        let mut pcm = vec![0f32; 60 * FRAME_LEN_SAMPLES];
+        for (i, v) in pcm.iter_mut().enumerate() {
+            let f = i / FRAME_LEN_SAMPLES;
+            if (5..15).contains(&f) || (35..40).contains(&f) {
+                *v = 0.3 * ((i as f32) * 0.05).sin();
+            }
+        }
+        let t = turns_by_energy(&pcm);
+        assert_eq!(t.len(), 2, "{t:?}");
+        assert!((t[0].start_s - 0.4).abs() < 1e-9 && (t[0].end_s - 1.2).abs() < 1e-9);
+        assert!((t[1].end_s - 3.2).abs() < 1e-9);
+    }
+
+    #[test]
+    fn response_latency_is_the_first_audible_frame_after_the_turn() {
+        let events: Vec<Event> = (0..30).map(|f| metrics(f, 20.0)).collect();
+        let input = vec![0f32; 30 * FRAME_LEN_SAMPLES];
+        let mut out = vec![0f32; 30 * FRAME_LEN_SAMPLES];
+        // Audible from output frame 20 (ends at 1.68 s).
+        out[20 * FRAME_LEN_SAMPLES..].iter_mut().for_each(|v| *v = 0.1);
+        let rec = SessionRecord {
+            mode: Mode::Duplex,
+            realtime: false,
+            events: &events,
+            input_24k: &input,
+            output_24k: &out,
+            output_times_s: &[],
+        };
+        let a = Alignment {
+            turns: vec![AlignedTurn {
+                start_s: 0.0,
+                end_s: 1.0,
+            }],
+            words: vec![],
+        };
+        let r = LatencyReport::compute(&rec, Some(&a), "test");
+        let d = r.response[0].delay_ms.expect("reply");
+        assert!((d - (1.68 + 0.03 - 1.0) * 1e3).abs() < 1e-6, "{d}");
+    }
+}
