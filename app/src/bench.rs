@@ -17,6 +17,10 @@ pub enum BenchCommand {
     /// Time one step of a delayed-streams LM (depformer included), with the bytes of
     /// weights it reads and the machine's measured memory bandwidth beside it.
     Lm(LmBench),
+    /// Stream a recording through the real pipeline on the virtual audio device and
+    /// report what a person would feel (compute per frame, word emission, end of turn,
+    /// response latency), with a timeline plot.
+    Latency(crate::latency::LatencyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +76,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Mimi(b) => bench_mimi(b),
         BenchCommand::Lm(b) => bench_lm(b),
+        BenchCommand::Latency(a) => crate::latency::run(a),
     }
 }
 

@@ -53,12 +53,21 @@ pub struct HeadlessArgs {
 }
 
 pub fn run(args: HeadlessArgs) -> Result<()> {
-    let models = Models::load(&args.model_dir, args.mode, args.device, args.precision, None)
-        .context("loading the models")?;
+    let models = Models::load(
+        &args.model_dir,
+        args.mode,
+        args.device,
+        args.precision,
+        None,
+    )
+    .context("loading the models")?;
     let (ev_tx, ev_rx) = bounded::<Event>(256);
     let (source, sink): (Box<dyn FrameSource>, Box<dyn FrameSink>) = match args.audio {
         AudioIo::Mic => (
-            Box::new(MicSource::open(args.input_device.as_deref(), DeviceOptions::default())?),
+            Box::new(MicSource::open(
+                args.input_device.as_deref(),
+                DeviceOptions::default(),
+            )?),
             if args.mode == Mode::Duplex {
                 Box::new(SpeakerSink::open(
                     args.output_device.as_deref(),
@@ -130,12 +139,16 @@ pub fn to_json(e: &Event, mode: Mode) -> Value {
             start_s,
             end_s,
             frame,
-        } => json!({"type": "transcript.word", "text": text, "start_ms": ms(*start_s), "end_ms": ms(*end_s), "frame": frame}),
+        } => {
+            json!({"type": "transcript.word", "text": text, "start_ms": ms(*start_s), "end_ms": ms(*end_s), "frame": frame})
+        }
         Event::EndOfTurn {
             time_s,
             probability,
             frame,
-        } => json!({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": ms(*time_s), "probability": probability, "frame": frame}),
+        } => {
+            json!({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": ms(*time_s), "probability": probability, "frame": frame})
+        }
         Event::ResponseStarted { frame } => json!({"type": "response.created", "frame": frame}),
         Event::Audio { frame, pcm } => {
             json!({"type": "response.audio.delta", "delta": base64::engine::general_purpose::STANDARD.encode(pcm16(pcm)), "frame": frame})
@@ -270,7 +283,10 @@ fn read_raw(pcm: Sender<Vec<f32>>, events: Sender<Event>) {
         }
     }
     if carry.is_some() {
-        client_error(&events, "stdin ended in the middle of a PCM16 sample (one byte dropped)".into());
+        client_error(
+            &events,
+            "stdin ended in the middle of a PCM16 sample (one byte dropped)".into(),
+        );
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod bench;
 mod headless;
+mod latency;
 mod lm_cmd;
 mod mimi_cmd;
 

@@ -138,7 +138,11 @@ impl WordStream {
         end_time: f64,
         tokenizer: &TextTokenizer,
     ) -> Result<Vec<Word>> {
-        let ids: Vec<u32> = seg.iter().copied().filter(|&t| t > self.padding_id).collect();
+        let ids: Vec<u32> = seg
+            .iter()
+            .copied()
+            .filter(|&t| t > self.padding_id)
+            .collect();
         let text = tokenizer.decode(&ids)?;
         let parts: Vec<&str> = text.split_whitespace().collect();
         let mut words = vec![];

@@ -39,7 +39,8 @@ pub struct AlignedWord {
 impl Alignment {
     pub fn load(path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::config(path, format!("not an alignment: {e}")))
+        serde_json::from_str(&text)
+            .map_err(|e| Error::config(path, format!("not an alignment: {e}")))
     }
 }
 
@@ -151,16 +152,13 @@ impl SessionRecord<'_> {
 
     /// When what frame `f` produced was felt (see the module's doc).
     fn felt_s(&self, metrics: &[FrameMetrics], f: u64) -> f64 {
-        let extra_ms = metrics
-            .iter()
-            .find(|m| m.frame == f)
-            .map_or(0.0, |m| {
-                if self.realtime {
-                    m.latency_ms
-                } else {
-                    m.encode_ms + m.lm_ms + m.decode_ms
-                }
-            });
+        let extra_ms = metrics.iter().find(|m| m.frame == f).map_or(0.0, |m| {
+            if self.realtime {
+                m.latency_ms
+            } else {
+                m.encode_ms + m.lm_ms + m.decode_ms
+            }
+        });
         (f + 1) as f64 * FRAME_S + extra_ms / 1e3
     }
 }
@@ -205,11 +203,7 @@ fn normalise(w: &str) -> String {
 }
 
 impl LatencyReport {
-    pub fn compute(
-        rec: &SessionRecord,
-        alignment: Option<&Alignment>,
-        device: &str,
-    ) -> Self {
+    pub fn compute(rec: &SessionRecord, alignment: Option<&Alignment>, device: &str) -> Self {
         let metrics = rec.metrics();
         let col = |f: fn(&FrameMetrics) -> f64| metrics.iter().map(f).collect::<Vec<_>>();
         let total = col(|m| m.encode_ms + m.lm_ms + m.decode_ms);
@@ -260,9 +254,8 @@ impl LatencyReport {
                 let same = emitted.iter().find(|e| {
                     normalise(&e.0) == normalise(&w.word) && (e.1 - w.start_s).abs() < 1.0
                 });
-                let overlap = |e: &&(String, f64, f64, u64)| {
-                    (e.2.min(w.end_s) - e.1.max(w.start_s)).max(0.0)
-                };
+                let overlap =
+                    |e: &&(String, f64, f64, u64)| (e.2.min(w.end_s) - e.1.max(w.start_s)).max(0.0);
                 let best = same.or_else(|| {
                     emitted
                         .iter()
@@ -323,8 +316,8 @@ impl LatencyReport {
                 .collect();
             for (i, t) in turns.iter().enumerate() {
                 // Output frame k carries what input frame k produced.
-                let first = (0..audible.len())
-                    .find(|&k| audible[k] && (k + 1) as f64 * FRAME_S >= t.end_s);
+                let first =
+                    (0..audible.len()).find(|&k| audible[k] && (k + 1) as f64 * FRAME_S >= t.end_s);
                 let at = first.map(|k| rec.felt_s(&metrics, k as u64));
                 response.push(TurnDelay {
                     turn: i,
@@ -355,19 +348,30 @@ impl LatencyReport {
     /// The short table for the terminal.
     pub fn table(&self) -> String {
         let mut s = String::new();
-        let p = |x: &Percentiles| format!("{:>8.1} {:>8.1} {:>8.1} {:>8.1}", x.p50, x.p90, x.p99, x.max);
+        let p = |x: &Percentiles| {
+            format!(
+                "{:>8.1} {:>8.1} {:>8.1} {:>8.1}",
+                x.p50, x.p90, x.p99, x.max
+            )
+        };
         s += &format!(
             "latency harness: {} mode, {} pace, {}, {:.2} s of input, {} frames\n",
             self.mode, self.pace, self.device, self.input_s, self.compute.frames
         );
-        s += &format!("{:<28} {:>8} {:>8} {:>8} {:>8}\n", "per frame (ms)", "p50", "p90", "p99", "max");
+        s += &format!(
+            "{:<28} {:>8} {:>8} {:>8} {:>8}\n",
+            "per frame (ms)", "p50", "p90", "p99", "max"
+        );
         s += &format!("{:<28} {}\n", "  encode (Mimi)", p(&self.compute.encode_ms));
         s += &format!("{:<28} {}\n", "  LM step", p(&self.compute.lm_ms));
         s += &format!("{:<28} {}\n", "  decode (Mimi)", p(&self.compute.decode_ms));
         s += &format!("{:<28} {}\n", "  total", p(&self.compute.total_ms));
         s += &format!(
             "real-time factor {:.3}; deadline misses {} of {}; output underruns {}\n",
-            self.compute.real_time_factor, self.compute.deadline_misses, self.compute.frames, self.output_underruns
+            self.compute.real_time_factor,
+            self.compute.deadline_misses,
+            self.compute.frames,
+            self.output_underruns
         );
         if let Some(w) = &self.word_delay_ms {
             s += &format!(
@@ -387,7 +391,10 @@ impl LatencyReport {
                 self.turns_from
             );
         } else if self.mode == Mode::Listen {
-            s += &format!("end of turn: not detected in {} turns\n", self.end_of_turn.len());
+            s += &format!(
+                "end of turn: not detected in {} turns\n",
+                self.end_of_turn.len()
+            );
         }
         if let Some(r) = &self.response_latency_ms {
             s += &format!(
@@ -422,7 +429,9 @@ mod tests {
     fn word_and_turn_delays_follow_the_frame_clock() {
         // 20 frames of input; one word ending at 0.5 s emitted at frame 9; an end of turn
         // detected at frame 14 for a turn ending at 0.8 s.
-        let mut events: Vec<Event> = (0..20).map(|f| metrics(f, if f == 3 { 90.0 } else { 20.0 })).collect();
+        let mut events: Vec<Event> = (0..20)
+            .map(|f| metrics(f, if f == 3 { 90.0 } else { 20.0 }))
+            .collect();
         events.push(Event::Word {
             text: "Hello,".into(),
             start_s: 0.1,
@@ -463,7 +472,10 @@ mod tests {
         let eot = r.end_of_turn[0].delay_ms.expect("detected");
         assert!((eot - (1.2 + 0.03 - 0.8) * 1e3).abs() < 1e-6, "{eot}");
         // At real-time pace the frame's measured latency counts instead.
-        let rt = SessionRecord { realtime: true, ..rec };
+        let rt = SessionRecord {
+            realtime: true,
+            ..rec
+        };
         let r = LatencyReport::compute(&rt, Some(&a), "test");
         assert!((r.words[0].delay_ms - (0.8 + 0.5 - 0.5) * 1e3).abs() < 1e-6);
     }
@@ -489,7 +501,9 @@ mod tests {
         let input = vec![0f32; 30 * FRAME_LEN_SAMPLES];
         let mut out = vec![0f32; 30 * FRAME_LEN_SAMPLES];
         // Audible from output frame 20 (ends at 1.68 s).
-        out[20 * FRAME_LEN_SAMPLES..].iter_mut().for_each(|v| *v = 0.1);
+        out[20 * FRAME_LEN_SAMPLES..]
+            .iter_mut()
+            .for_each(|v| *v = 0.1);
         let rec = SessionRecord {
             mode: Mode::Duplex,
             realtime: false,

@@ -105,7 +105,8 @@ impl Models {
             (Mode::Listen, None) => GenConfig::default(),
             (Mode::Duplex, None) => {
                 let g = &d.config.lm_gen_config;
-                let get = |k: &str, def: f64| g.get(k).and_then(serde_json::Value::as_f64).unwrap_or(def);
+                let get =
+                    |k: &str, def: f64| g.get(k).and_then(serde_json::Value::as_f64).unwrap_or(def);
                 GenConfig {
                     text: Sampling {
                         temp: get("temp_text", 0.7) as f32,
@@ -149,7 +150,11 @@ impl Models {
         }
         // The user's audio codebooks: what the LM reads per step.
         let n_in = cfg.n_q - cfg.dep_q;
-        let mut mimi = Mimi::from_weights(&Weights::random(1), MimiConfig::default(), n_in.max(cfg.dep_q))?;
+        let mut mimi = Mimi::from_weights(
+            &Weights::random(1),
+            MimiConfig::default(),
+            n_in.max(cfg.dep_q),
+        )?;
         let cpu_precision = match dtype {
             Dtype::Auto | Dtype::F32 => crate::compute::cpu::WeightPrecision::F32,
             _ => crate::compute::cpu::WeightPrecision::Bf16,
@@ -252,7 +257,10 @@ struct InFrame {
 /// a little slack, and back-pressure beyond it.
 const QUEUE_FRAMES: usize = 8;
 
-fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<JoinHandle<T>> {
+fn spawn<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<T>> {
     std::thread::Builder::new()
         .name(name.into())
         .spawn(f)
@@ -431,7 +439,15 @@ fn run_model(
     }
     let mut frames = 0u64;
     for f in input.iter() {
-        step(m, &f.pcm, Some((frames, f.available)), &mut st, output, ev, start)?;
+        step(
+            m,
+            &f.pcm,
+            Some((frames, f.available)),
+            &mut st,
+            output,
+            ev,
+            start,
+        )?;
         frames += 1;
     }
     for i in 0..m.flush_frames() {
