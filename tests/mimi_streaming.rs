@@ -168,3 +168,48 @@ fn bf16_precision_matches_f32_on_bf16_weights() {
         "audio: max diff {err}, peak {peak}"
     );
 }
+
+/// The decoder adds no lookahead: frame n's 1920 samples come out of the step that
+/// receives frame n's codes and never change afterwards (changing frame n+1's codes
+/// leaves every earlier sample as it was), and they do depend on frame n's codes. So the
+/// only latency the codec adds is the one frame of buffering, 80 ms.
+#[test]
+fn decoder_output_is_final_at_its_own_frame() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mimi-tiny");
+    let cfg = MimiConfig::from_json_file(&dir.join("mimi_config.json")).expect("config");
+    let (n_q, bins) = (cfg.quantizer.n_q, cfg.quantizer.bins as u32);
+    let mut mimi = Mimi::load(&dir.join("mimi.safetensors"), cfg, n_q).expect("mimi");
+    let mut codes = vec![];
+    for frame in speech().chunks(1920).take(20) {
+        codes.push(mimi.encode_step(frame).expect("encode"));
+    }
+    let decode = |mimi: &mut Mimi, codes: &[Vec<u32>]| -> Vec<Vec<f32>> {
+        mimi.reset();
+        codes
+            .iter()
+            .map(|c| {
+                let out = mimi.decode_step(c).expect("decode");
+                assert_eq!(out.len(), 1920, "one frame in, one frame out");
+                out
+            })
+            .collect()
+    };
+    let base = decode(&mut mimi, &codes);
+    for n in [3usize, 11] {
+        let mut changed = codes.clone();
+        for c in changed[n].iter_mut() {
+            *c = (*c + 7) % bins;
+        }
+        let out = decode(&mut mimi, &changed);
+        for f in 0..n {
+            assert_eq!(
+                out[f], base[f],
+                "frame {f} changed when frame {n}'s codes did"
+            );
+        }
+        assert!(
+            max_abs_diff(&out[n], &base[n]) > 1e-4,
+            "frame {n}'s audio does not depend on frame {n}'s codes"
+        );
+    }
+}

@@ -423,3 +423,64 @@ fn gpu_device_gives_the_cpu_transcript_and_reply() {
         reply("gpu", &tmp("m_gpu.npy"))
     );
 }
+
+/// The latency harness streams the generated dialogue through the pipeline on the
+/// virtual device in both modes and writes its report and plot.
+#[test]
+fn latency_harness_reports_and_plots_both_modes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let wav = root.join("assets/speech/dialogue.wav");
+    let align = root.join("assets/speech/dialogue.json");
+    for (mode, model) in [("listen", "stt-tiny"), ("duplex", "moshi-tiny")] {
+        let (report, plot) = (
+            tmp(&format!("lat_{mode}.json")),
+            tmp(&format!("lat_{mode}.png")),
+        );
+        let out = parley_ok(&[
+            "bench",
+            "latency",
+            s(&wav),
+            "--model-dir",
+            s(&fixture_dir(model)),
+            "--mode",
+            mode,
+            "--alignment",
+            s(&align),
+            "--pace",
+            "fast",
+            "--device",
+            "cpu",
+            "--report",
+            s(&report),
+            "--plot",
+            s(&plot),
+        ]);
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            table.contains("LM step") && table.contains("real-time factor"),
+            "{table}"
+        );
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json");
+        // 11.16 s of input is 140 frames; the flush adds the model's delays.
+        let frames = r["compute"]["frames"].as_u64().expect("frames");
+        assert!(frames >= 140, "{frames} frames");
+        for k in ["encode_ms", "lm_ms", "total_ms"] {
+            let p = &r["compute"][k];
+            assert!(p["p50"].as_f64().expect("p50") > 0.0, "{k}: {p}");
+            assert!(p["max"].as_f64() >= p["p99"].as_f64(), "{k}: {p}");
+        }
+        assert_eq!(r["turns_from"], "alignment");
+        if mode == "duplex" {
+            assert_eq!(r["response"].as_array().expect("response").len(), 2);
+        } else {
+            assert_eq!(r["end_of_turn"].as_array().expect("eot").len(), 2);
+        }
+        let png = std::fs::read(&plot).expect("plot");
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 20_000,
+            "plot of {} bytes",
+            png.len()
+        );
+    }
+}
