@@ -40,7 +40,7 @@ pub struct HeadlessArgs {
     /// stdout, events as JSON Lines on stderr.
     #[arg(long)]
     raw: bool,
-    /// Capture device name (--audio mic); see `parley devices`.
+    /// Capture device name (--audio mic); `parley devices` lists them.
     #[arg(long)]
     input_device: Option<String>,
     /// Playback device name (--audio mic).
@@ -53,6 +53,9 @@ pub struct HeadlessArgs {
 }
 
 pub fn run(args: HeadlessArgs) -> Result<()> {
+    if args.raw && args.audio == AudioIo::Mic {
+        anyhow::bail!("--raw carries audio over stdin and stdout: it needs --audio stdin");
+    }
     let models = Models::load(
         &args.model_dir,
         args.mode,
@@ -100,6 +103,11 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
         }
     };
     let session = Session::start(models, source, sink, ev_tx, SessionOptions::default())?;
+    // Ctrl-C ends the input: the session flushes and closes as at the end of a file.
+    let stopper = session.stopper();
+    if let Err(e) = ctrlc::set_handler(move || stopper.stop()) {
+        eprintln!("warning: Ctrl-C will not flush the session: {e}");
+    }
     // Events go to stdout, or to stderr when stdout carries raw audio.
     let mut out: Box<dyn Write> = if args.raw {
         Box::new(std::io::stderr().lock())
@@ -107,8 +115,16 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
         Box::new(std::io::stdout().lock())
     };
     let mode = args.mode;
+    let mut fatal = None;
     for e in ev_rx.iter() {
         let ended = matches!(e, Event::Ended { .. });
+        if let Event::Error {
+            message,
+            fatal: true,
+        } = &e
+        {
+            fatal.get_or_insert_with(|| message.clone());
+        }
         writeln!(out, "{}", to_json(&e, mode))?;
         out.flush()?;
         if ended {
@@ -116,7 +132,11 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
         }
     }
     session.join()?;
-    Ok(())
+    // A session that had to stop early fails the process, after its events are out.
+    match fatal {
+        Some(m) => anyhow::bail!("the session stopped early: {m}"),
+        None => Ok(()),
+    }
 }
 
 /// The JSON line of an event (OpenAI Realtime names where one fits).

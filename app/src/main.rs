@@ -46,9 +46,39 @@ enum Command {
     /// A live session without a window: JSON Lines (or raw PCM) on stdin and stdout, or
     /// the microphone and speakers.
     Headless(headless::HeadlessArgs),
+    /// List the audio input and output devices (names for --input-device/--output-device)
+    /// and the GPU adapters.
+    Devices,
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+}
+
+fn devices() -> anyhow::Result<()> {
+    let list = parley_engine::audio::device::list_devices()?;
+    println!("audio ({}):", list.host);
+    for (what, devs) in [("input", &list.inputs), ("output", &list.outputs)] {
+        if devs.is_empty() {
+            println!("  no {what} devices");
+        }
+        for d in devs {
+            println!(
+                "  {what:<6} {}{}",
+                d.name,
+                if d.is_default { "  (default)" } else { "" }
+            );
+        }
+    }
+    for choice in [
+        parley_engine::compute::gpu::DeviceChoice::Auto,
+        parley_engine::compute::gpu::DeviceChoice::Gpu,
+    ] {
+        match parley_engine::compute::gpu::select_device(choice) {
+            Ok((_, line)) => println!("--device {}: {line}", format!("{choice:?}").to_lowercase()),
+            Err(e) => println!("--device {}: {e}", format!("{choice:?}").to_lowercase()),
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -59,6 +89,7 @@ fn main() -> ExitCode {
         Some(Command::Stt(args)) => lm_cmd::stt(args),
         Some(Command::Moshi(args)) => lm_cmd::moshi(args),
         Some(Command::Headless(args)) => headless::run(args),
+        Some(Command::Devices) => devices(),
         None => {
             eprintln!("parley: the desktop window is not built yet; these commands work today:\n");
             use clap::CommandFactory;

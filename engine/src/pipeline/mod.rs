@@ -19,7 +19,7 @@ mod session;
 
 pub use io::{EventSink, NullSink, PcmSource};
 
-pub use session::{Mode, Models, Session, SessionOptions};
+pub use session::{Mode, Models, Session, SessionOptions, Stopper};
 
 use serde::Serialize;
 
@@ -72,7 +72,7 @@ pub struct FrameMetrics {
     pub decode_ms: f64,
     /// From the moment the frame was available to the moment its output was queued.
     pub latency_ms: f64,
-    /// Compute over the 80 ms budget, or the frame waited so long that it was late.
+    /// Compute (encode + LM + decode) over the 80 ms a frame lasts.
     pub deadline_missed: bool,
     /// Seconds since the session started when the frame was done.
     pub done_at_s: f64,

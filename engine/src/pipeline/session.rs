@@ -229,6 +229,16 @@ pub struct Session {
     model: Option<JoinHandle<Option<Models>>>,
 }
 
+/// Stops a [`Session`] from any thread.
+#[derive(Debug, Clone)]
+pub struct Stopper(Arc<AtomicBool>);
+
+impl Stopper {
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 #[derive(Clone)]
 struct Events {
     tx: Sender<Event>,
@@ -394,6 +404,11 @@ impl Session {
         self.stop.store(true, Ordering::Relaxed);
     }
 
+    /// A handle that stops the session from elsewhere (a signal handler, the UI).
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.stop.clone())
+    }
+
     pub fn is_finished(&self) -> bool {
         self.model.as_ref().is_none_or(JoinHandle::is_finished)
     }
@@ -461,7 +476,8 @@ fn run_model(
             start,
         )?;
     }
-    let frame = frames + m.flush_frames() as u64;
+    // The last words come out with the last flush frame.
+    let frame = (frames + m.flush_frames() as u64).saturating_sub(1);
     let last = match &m.tokenizer {
         Some(t) => st.words.finish(t)?,
         None => vec![],
