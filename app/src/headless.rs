@@ -65,21 +65,20 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
     )
     .context("loading the models")?;
     let (ev_tx, ev_rx) = bounded::<Event>(256);
+    let mut opts = SessionOptions::default();
     let (source, sink): (Box<dyn FrameSource>, Box<dyn FrameSink>) = match args.audio {
-        AudioIo::Mic => (
-            Box::new(MicSource::open(
-                args.input_device.as_deref(),
-                DeviceOptions::default(),
-            )?),
-            if args.mode == Mode::Duplex {
-                Box::new(SpeakerSink::open(
-                    args.output_device.as_deref(),
-                    DeviceOptions::default(),
-                )?)
+        AudioIo::Mic => {
+            // One set of counters for both streams, reported with every frame's metrics.
+            let dev = DeviceOptions::default();
+            opts.audio_stats = Some(dev.stats.clone());
+            let source = MicSource::open(args.input_device.as_deref(), dev.clone())?;
+            let sink: Box<dyn FrameSink> = if args.mode == Mode::Duplex {
+                Box::new(SpeakerSink::open(args.output_device.as_deref(), dev)?)
             } else {
                 Box::new(NullSink)
-            },
-        ),
+            };
+            (Box::new(source), sink)
+        }
         AudioIo::Stdin => {
             let (pcm_tx, pcm_rx) = bounded::<Vec<f32>>(64);
             let events = ev_tx.clone();
@@ -102,7 +101,7 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
             (Box::new(PcmSource::new(pcm_rx)), sink)
         }
     };
-    let session = Session::start(models, source, sink, ev_tx, SessionOptions::default())?;
+    let session = Session::start(models, source, sink, ev_tx, opts)?;
     // Ctrl-C ends the input: the session flushes and closes as at the end of a file.
     let stopper = session.stopper();
     if let Err(e) = ctrlc::set_handler(move || stopper.stop()) {

@@ -76,4 +76,8 @@ pub struct FrameMetrics {
     pub deadline_missed: bool,
     /// Seconds since the session started when the frame was done.
     pub done_at_s: f64,
+    /// Live devices: capture callbacks that dropped samples (the reader fell behind) and
+    /// playback callbacks that ran dry (silence played), since the session started.
+    pub input_overruns: u64,
+    pub output_underruns: u64,
 }

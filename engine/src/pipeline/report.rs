@@ -422,6 +422,8 @@ mod tests {
             latency_ms: 500.0,
             deadline_missed: 10.0 + lm_ms > 80.0,
             done_at_s: 0.0,
+            input_overruns: 0,
+            output_underruns: 0,
         })
     }
 

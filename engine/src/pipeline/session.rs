@@ -212,8 +212,11 @@ impl Models {
 }
 
 /// How a session treats its event channel.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct SessionOptions {
+    /// The live devices' counters, reported with every frame's metrics (None for the
+    /// virtual device and stdin, which cannot underrun).
+    pub audio_stats: Option<crate::audio::AudioStats>,
     /// Drop events when the channel is full instead of waiting (a window that may be
     /// slow to read must never hold the model thread back). Headless and the harness
     /// wait instead, so nothing is lost.
@@ -243,6 +246,7 @@ impl Stopper {
 struct Events {
     tx: Sender<Event>,
     drop_when_full: bool,
+    audio_stats: Option<crate::audio::AudioStats>,
 }
 
 impl Events {
@@ -290,6 +294,7 @@ impl Session {
         let ev = Events {
             tx: events,
             drop_when_full: opts.drop_events_when_full,
+            audio_stats: opts.audio_stats.clone(),
         };
         ev.send(Event::Started {
             mode: models.mode,
@@ -589,7 +594,10 @@ fn step(
         let done = Instant::now();
         let encode_ms = (t1 - t0).as_secs_f64() * 1e3;
         let lm_ms = (t2 - t1).as_secs_f64() * 1e3;
+        let audio = ev.audio_stats.as_ref().map(|s| s.snapshot());
         ev.send(Event::Metrics(FrameMetrics {
+            input_overruns: audio.map_or(0, |a| a.overrun_events),
+            output_underruns: audio.map_or(0, |a| a.underrun_events),
             frame: i,
             encode_ms,
             lm_ms,
