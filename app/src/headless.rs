@@ -168,7 +168,15 @@ pub fn to_json(e: &Event, mode: Mode) -> Value {
         } => {
             json!({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": ms(*time_s), "probability": probability, "frame": frame})
         }
-        Event::ResponseStarted { frame } => json!({"type": "response.created", "frame": frame}),
+        Event::ResponseStarted {
+            frame,
+            after_user_ms,
+        } => json!({"type": "response.created", "frame": frame, "after_user_ms": after_user_ms}),
+        Event::Levels {
+            frame,
+            input,
+            output,
+        } => json!({"type": "parley.levels", "frame": frame, "input": input, "output": output}),
         Event::Audio { frame, pcm } => {
             json!({"type": "response.audio.delta", "delta": base64::engine::general_purpose::STANDARD.encode(pcm16(pcm)), "frame": frame})
         }

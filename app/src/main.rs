@@ -5,6 +5,7 @@ mod headless;
 mod latency;
 mod lm_cmd;
 mod mimi_cmd;
+mod ui;
 
 use std::process::ExitCode;
 
@@ -90,12 +91,7 @@ fn main() -> ExitCode {
         Some(Command::Moshi(args)) => lm_cmd::moshi(args),
         Some(Command::Headless(args)) => headless::run(args),
         Some(Command::Devices) => devices(),
-        None => {
-            eprintln!("parley: the desktop window is not built yet; these commands work today:\n");
-            use clap::CommandFactory;
-            let _ = Cli::command().print_help();
-            Ok(())
-        }
+        None => ui::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -48,8 +48,19 @@ pub enum Event {
         frame: u64,
     },
     /// The model started speaking after silence (duplex mode): the first audible output
-    /// frame of a reply.
-    ResponseStarted { frame: u64 },
+    /// frame of a reply. `after_user_ms`: from the end of the user's last loud input frame
+    /// to this frame being done, when the user spoke within the last 5 s.
+    ResponseStarted {
+        frame: u64,
+        after_user_ms: Option<f64>,
+    },
+    /// Peak levels of this frame's input and output, 40 values each (2 ms apiece), for
+    /// meters and scrolling waveforms. Only sent when the session was asked to.
+    Levels {
+        frame: u64,
+        input: Vec<f32>,
+        output: Vec<f32>,
+    },
     /// One output frame of audio (80 ms, 24 kHz), for sinks that are events (headless
     /// stdin mode). Only sent when the session was asked to.
     Audio { frame: u64, pcm: Vec<f32> },

@@ -214,6 +214,8 @@ impl Models {
 /// How a session treats its event channel.
 #[derive(Debug, Clone, Default)]
 pub struct SessionOptions {
+    /// Send [`Event::Levels`] every frame (a window's meters and waveforms).
+    pub levels: bool,
     /// The live devices' counters, reported with every frame's metrics (None for the
     /// virtual device and stdin, which cannot underrun).
     pub audio_stats: Option<crate::audio::AudioStats>,
@@ -247,6 +249,7 @@ struct Events {
     tx: Sender<Event>,
     drop_when_full: bool,
     audio_stats: Option<crate::audio::AudioStats>,
+    levels: bool,
 }
 
 impl Events {
@@ -295,6 +298,7 @@ impl Session {
             tx: events,
             drop_when_full: opts.drop_events_when_full,
             audio_stats: opts.audio_stats.clone(),
+            levels: opts.levels,
         };
         ev.send(Event::Started {
             mode: models.mode,
@@ -453,6 +457,7 @@ fn run_model(
         model_steps: 0,
         in_turn_end: false,
         quiet_frames: u64::MAX,
+        user_loud: None,
     };
     for _ in 0..m.prefix_frames() {
         step(m, &silence, None, &mut st, output, ev, start)?;
@@ -503,6 +508,19 @@ struct StepState {
     model_steps: u64,
     in_turn_end: bool,
     quiet_frames: u64,
+    /// The last input frame in which the user was loud.
+    user_loud: Option<u64>,
+}
+
+/// 40 peak values of a frame (2 ms apiece).
+fn peaks(pcm: &[f32]) -> Vec<f32> {
+    pcm.chunks(pcm.len().div_ceil(40).max(1))
+        .map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs())))
+        .collect()
+}
+
+fn rms(pcm: &[f32]) -> f32 {
+    (pcm.iter().map(|v| v * v).sum::<f32>() / pcm.len().max(1) as f32).sqrt()
 }
 
 /// One frame through the models. `frame`: the input frame's index and when it became
@@ -524,6 +542,10 @@ fn step(
     st.model_steps += 1;
     let index = frame.map_or(0, |(i, _)| i);
     let mut decode_ms = 0.0;
+    let mut out_pcm: Option<Vec<f32>> = None;
+    if frame.is_some() && rms(pcm) > 0.02 {
+        st.user_loud = Some(index);
+    }
     if let Some(tokens) = &out.tokens {
         let text = tokens[0] as u32;
         if frame.is_some() && text != END_OF_PADDING_ID && text != m.padding_id {
@@ -576,19 +598,37 @@ fn step(
             }
             None => vec![0f32; FRAME_LEN_SAMPLES],
         };
-        let rms = (pcm_out.iter().map(|v| v * v).sum::<f32>() / pcm_out.len() as f32).sqrt();
-        if rms > 0.01 {
+        if rms(&pcm_out) > 0.01 {
             // Audible after at least 0.4 s of quiet: a reply starts.
             if st.quiet_frames >= 5 {
-                ev.send(Event::ResponseStarted { frame: index });
+                let after_user_ms =
+                    st.user_loud
+                        .filter(|&u| u < index && index - u <= 62)
+                        .map(|u| {
+                            (index - u) as f64 * 80.0 + frame_info.1.elapsed().as_secs_f64() * 1e3
+                        });
+                ev.send(Event::ResponseStarted {
+                    frame: index,
+                    after_user_ms,
+                });
             }
             st.quiet_frames = 0;
         } else {
             st.quiet_frames = st.quiet_frames.saturating_add(1);
         }
+        if ev.levels {
+            out_pcm = Some(pcm_out.clone());
+        }
         if output.send((frame_info.0, pcm_out)).is_err() {
             return Err(Error::InvalidInput("the audio output has stopped".into()));
         }
+    }
+    if let (true, Some((i, _))) = (ev.levels, frame) {
+        ev.send(Event::Levels {
+            frame: i,
+            input: peaks(pcm),
+            output: out_pcm.as_deref().map_or_else(|| vec![0.0; 40], peaks),
+        });
     }
     if let Some((i, available)) = frame {
         let done = Instant::now();

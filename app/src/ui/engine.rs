@@ -1,0 +1,331 @@
+//! The engine behind the window: a controller thread that loads models, opens devices and
+//! runs sessions, so the UI thread never waits. The UI sends [`Command`]s and drains
+//! [`FromEngine`] messages each frame without blocking; the controller wakes the UI with
+//! `request_repaint` when something arrives.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use parley_engine::audio::device::{
+    event_channel, list_devices, DeviceList, DeviceOptions, MicSource, SpeakerSink,
+};
+use parley_engine::audio::virtual_device::{FileSource, Pace};
+use parley_engine::audio::{AudioEvent, FrameSink, FrameSource, FRAME_LEN_SAMPLES};
+use parley_engine::compute::gpu::{select_device, DeviceChoice};
+use parley_engine::compute::Dtype;
+use parley_engine::pipeline::{Event, Mode, Models, NullSink, Session, SessionOptions, Stopper};
+
+use super::settings::{Input, Settings};
+
+#[derive(Debug)]
+pub enum Command {
+    Start(Settings),
+    Stop,
+    /// List audio devices and GPU adapters.
+    Probe,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    Idle,
+    Loading(String),
+    Running {
+        mode: Mode,
+        device: String,
+    },
+    /// Stopped after a session (its events are all delivered).
+    Stopped,
+}
+
+#[derive(Debug)]
+pub enum FromEngine {
+    Status(Status),
+    Event(Event),
+    /// Something failed before or outside a session: what, and what to do about it.
+    Problem {
+        what: String,
+        hint: String,
+    },
+    Devices(Box<DeviceList>),
+    Adapters(Vec<String>),
+}
+
+/// The UI's side of the controller.
+pub struct Engine {
+    tx: Sender<Command>,
+    rx: Receiver<FromEngine>,
+    pub muted: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Engine")
+    }
+}
+
+impl Engine {
+    pub fn spawn(repaint: impl Fn() + Send + Sync + 'static) -> Self {
+        let (tx, cmd_rx) = unbounded();
+        let (out_tx, rx) = unbounded();
+        let muted = Arc::new(AtomicBool::new(false));
+        let m = muted.clone();
+        let spawned = std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || controller(cmd_rx, out_tx, m, repaint));
+        let engine = Self { tx, rx, muted };
+        if let Err(e) = spawned {
+            eprintln!("parley: cannot start the engine thread: {e}");
+        }
+        engine
+    }
+
+    pub fn send(&self, c: Command) {
+        let _ = self.tx.send(c);
+    }
+
+    /// Everything that arrived since the last call; never blocks.
+    pub fn drain(&self) -> Vec<FromEngine> {
+        self.rx.try_iter().collect()
+    }
+}
+
+/// Silences the input while muted.
+struct MuteSource {
+    inner: Box<dyn FrameSource>,
+    muted: Arc<AtomicBool>,
+}
+
+impl FrameSource for MuteSource {
+    fn next_frame(&mut self, frame: &mut [f32; FRAME_LEN_SAMPLES]) -> parley_engine::Result<bool> {
+        let more = self.inner.next_frame(frame)?;
+        if self.muted.load(Ordering::Relaxed) {
+            frame.fill(0.0);
+        }
+        Ok(more)
+    }
+}
+
+struct Running {
+    session: Session,
+    stopper: Stopper,
+    forward: std::thread::JoinHandle<()>,
+    key: Key,
+}
+
+/// What models were loaded for: directory, mode, device, precision.
+type Key = (String, Mode, String, String);
+
+/// Models kept between sessions, keyed by what they were loaded for.
+type Cache = Option<(Key, Models)>;
+
+fn controller(
+    commands: Receiver<Command>,
+    out: Sender<FromEngine>,
+    muted: Arc<AtomicBool>,
+    repaint: impl Fn() + Send + Sync + 'static,
+) {
+    let repaint: Arc<dyn Fn() + Send + Sync> = Arc::new(move || repaint());
+    let send = |m: FromEngine| {
+        let _ = out.send(m);
+        repaint();
+    };
+    let mut cache: Cache = None;
+    let mut running: Option<Running> = None;
+    for cmd in commands.iter() {
+        match cmd {
+            Command::Probe => {
+                match list_devices() {
+                    Ok(d) => send(FromEngine::Devices(Box::new(d))),
+                    Err(e) => send(FromEngine::Problem {
+                        what: format!("listing audio devices: {e}"),
+                        hint: "Is a sound server (PulseAudio, PipeWire) or ALSA device available?"
+                            .into(),
+                    }),
+                }
+                let mut lines = vec![];
+                for c in [DeviceChoice::Auto, DeviceChoice::Gpu] {
+                    lines.push(match select_device(c) {
+                        Ok((_, line)) => format!("{}: {line}", format!("{c:?}").to_lowercase()),
+                        Err(e) => format!("{}: {e}", format!("{c:?}").to_lowercase()),
+                    });
+                }
+                send(FromEngine::Adapters(lines));
+            }
+            Command::Stop => {
+                if let Some(r) = running.take() {
+                    cache = finish(r);
+                }
+                send(FromEngine::Status(Status::Stopped));
+            }
+            Command::Start(settings) => {
+                if let Some(r) = running.take() {
+                    cache = finish(r);
+                }
+                match start(&settings, &mut cache, &muted, &out, repaint.clone(), &send) {
+                    Ok(r) => running = Some(r),
+                    Err((what, hint)) => {
+                        send(FromEngine::Problem { what, hint });
+                        send(FromEngine::Status(Status::Idle));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(r) = running.take() {
+        let _ = finish(r);
+    }
+}
+
+/// Stops a session, waits for its last events, and keeps its models.
+fn finish(r: Running) -> Cache {
+    r.stopper.stop();
+    let models = r.session.join().ok();
+    let _ = r.forward.join();
+    models.map(|m| (r.key, m))
+}
+
+fn start(
+    s: &Settings,
+    cache: &mut Cache,
+    muted: &Arc<AtomicBool>,
+    out: &Sender<FromEngine>,
+    repaint: Arc<dyn Fn() + Send + Sync>,
+    send: &impl Fn(FromEngine),
+) -> Result<Running, (String, String)> {
+    let dir = s.model_dir().trim().to_string();
+    if dir.is_empty() {
+        return Err((
+            format!("no model directory for {} mode", s.mode),
+            "Choose one in Models (a directory laid out like the Kyutai repository), or pull a preset with `parley models pull`.".into(),
+        ));
+    }
+    let key = (dir.clone(), s.mode, s.device.clone(), s.precision.clone());
+    let models = match cache.take() {
+        Some((k, m)) if k == key => m,
+        _ => {
+            send(FromEngine::Status(Status::Loading(format!(
+                "loading {dir}"
+            ))));
+            let device: DeviceChoice = s
+                .device
+                .parse()
+                .map_err(|e: String| (e, "Pick auto, gpu or cpu.".into()))?;
+            let dtype: Dtype = s
+                .precision
+                .parse()
+                .map_err(|e: String| (e, "Pick a weight format in Settings.".into()))?;
+            Models::load(Path::new(&dir), s.mode, device, dtype, None).map_err(|e| {
+                (
+                    format!("the model failed to load: {e}"),
+                    format!("Check the {} model directory in Models: it needs config.json, the model and Mimi weights and the tokenizer, for a {} model.", s.mode, if s.mode == Mode::Duplex { "Moshi-style" } else { "speech-to-text" }),
+                )
+            })?
+        }
+    };
+    let (audio_tx, audio_rx) = event_channel();
+    let mut opts = SessionOptions {
+        drop_events_when_full: true,
+        levels: true,
+        audio_stats: None,
+    };
+    let source: Box<dyn FrameSource> = match &s.input {
+        Input::Device(name) => {
+            let dev = DeviceOptions {
+                events: Some(audio_tx.clone()),
+                ..DeviceOptions::default()
+            };
+            opts.audio_stats = Some(dev.stats.clone());
+            Box::new(MicSource::open(name.as_deref(), dev).map_err(|e| {
+                (
+                    format!("no microphone: {e}"),
+                    "Connect a microphone or pick another input device, then press Start.".into(),
+                )
+            })?)
+        }
+        Input::File { path, realtime } => Box::new(
+            FileSource::open(
+                Path::new(path),
+                if *realtime {
+                    Pace::RealTime
+                } else {
+                    Pace::Unpaced
+                },
+            )
+            .map_err(|e| {
+                (
+                    format!("the input recording: {e}"),
+                    "Pick another recording.".into(),
+                )
+            })?,
+        ),
+    };
+    let source = Box::new(MuteSource {
+        inner: source,
+        muted: muted.clone(),
+    });
+    let sink: Box<dyn FrameSink> = if s.mode == Mode::Duplex
+        && s.play_output
+        && matches!(s.input, Input::Device(_))
+    {
+        let dev = DeviceOptions {
+            events: Some(audio_tx),
+            stats: opts.audio_stats.clone().unwrap_or_default(),
+            ..DeviceOptions::default()
+        };
+        Box::new(SpeakerSink::open(s.output_device.as_deref(), dev).map_err(|e| {
+            (
+                format!("no speakers: {e}"),
+                "Connect headphones or speakers, pick another output device, or turn playback off.".into(),
+            )
+        })?)
+    } else {
+        Box::new(NullSink)
+    };
+    let (ev_tx, ev_rx) = bounded::<Event>(1024);
+    let device_line = models.device.clone();
+    let mode = s.mode;
+    let session = Session::start(models, source, sink, ev_tx, opts)
+        .map_err(|e| (format!("starting the session: {e}"), "Try again.".into()))?;
+    let stopper = session.stopper();
+    send(FromEngine::Status(Status::Running {
+        mode,
+        device: device_line,
+    }));
+    let out = out.clone();
+    let forward = std::thread::Builder::new()
+        .name("engine-events".into())
+        .spawn(move || {
+            loop {
+                crossbeam_channel::select! {
+                    recv(ev_rx) -> e => match e {
+                        Ok(e) => {
+                            let ended = matches!(e, Event::Ended { .. });
+                            let _ = out.send(FromEngine::Event(e));
+                            repaint();
+                            if ended { break; }
+                        }
+                        Err(_) => break,
+                    },
+                    recv(audio_rx) -> a => if let Ok(a) = a {
+                        let what = match a {
+                            AudioEvent::DeviceLost { name, reason, .. } => format!("audio device lost: {name}: {reason}"),
+                            other => format!("audio: {other:?}"),
+                        };
+                        let _ = out.send(FromEngine::Problem { what, hint: "Reconnect the device (or pick another) and press Start.".into() });
+                        repaint();
+                    },
+                }
+            }
+            let _ = out.send(FromEngine::Status(Status::Stopped));
+            repaint();
+        })
+        .map_err(|e| (format!("starting the event thread: {e}"), "Try again.".into()))?;
+    Ok(Running {
+        session,
+        stopper,
+        forward,
+        key,
+    })
+}

@@ -1,0 +1,585 @@
+//! The desktop window (eframe + egui): the conversation, live levels and waveforms, mode
+//! and device choices, the latency panel, and errors with what to do about them. The
+//! engine runs on its own threads ([`engine`]); `ui` only drains what has arrived and
+//! never blocks.
+
+pub mod engine;
+pub mod settings;
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use eframe::egui;
+use parley_engine::audio::device::DeviceList;
+use parley_engine::pipeline::{Event, FrameMetrics, Mode};
+
+use engine::{Command, Engine, FromEngine, Status};
+use settings::{Input, Settings};
+
+/// Seconds of waveform shown.
+const WAVE_S: usize = 6;
+/// Peak values per 80 ms frame in [`Event::Levels`].
+const PEAKS_PER_FRAME: usize = 40;
+
+/// One entry of the conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Item {
+    /// The user's speech (listen mode): final words with their times, then the text not
+    /// yet confirmed.
+    User {
+        words: Vec<(String, f64, f64)>,
+        partial: Vec<(u64, String)>,
+    },
+    /// What the model said (duplex mode), and how long after the user it started.
+    Model {
+        text: String,
+        after_user_ms: Option<f64>,
+    },
+    /// A turn marker.
+    Marker(String),
+}
+
+#[derive(Debug)]
+pub struct ParleyApp {
+    pub settings: Settings,
+    engine: Engine,
+    pub status: Status,
+    pub conversation: Vec<Item>,
+    /// What went wrong, and what to do.
+    pub problems: Vec<(String, String)>,
+    wave_in: VecDeque<f32>,
+    wave_out: VecDeque<f32>,
+    metrics: VecDeque<FrameMetrics>,
+    responses_ms: Vec<f64>,
+    underruns: u64,
+    deadline_misses: u64,
+    devices: Option<DeviceList>,
+    adapters: Vec<String>,
+    started: Instant,
+    first_frame_reported: bool,
+    last_output_peak: f32,
+}
+
+impl ParleyApp {
+    /// The app with the settings stored by the last run (or the defaults).
+    pub fn new(cc: &eframe::CreationContext<'_>) -> Self {
+        let settings = cc
+            .storage
+            .and_then(|s| eframe::get_value::<Settings>(s, Settings::KEY))
+            .unwrap_or_default();
+        Self::with_settings(cc, settings)
+    }
+
+    pub fn with_settings(cc: &eframe::CreationContext<'_>, settings: Settings) -> Self {
+        let ctx = cc.egui_ctx.clone();
+        let engine = Engine::spawn(move || ctx.request_repaint());
+        engine
+            .muted
+            .store(settings.muted, std::sync::atomic::Ordering::Relaxed);
+        engine.send(Command::Probe);
+        Self {
+            settings,
+            engine,
+            status: Status::Idle,
+            conversation: vec![],
+            problems: vec![],
+            wave_in: VecDeque::new(),
+            wave_out: VecDeque::new(),
+            metrics: VecDeque::new(),
+            responses_ms: vec![],
+            underruns: 0,
+            deadline_misses: 0,
+            devices: None,
+            adapters: vec![],
+            started: Instant::now(),
+            first_frame_reported: false,
+            last_output_peak: 0.0,
+        }
+    }
+
+    fn start(&mut self) {
+        self.problems.clear();
+        self.engine.send(Command::Start(self.settings.clone()));
+    }
+
+    fn reset(&mut self) {
+        self.conversation.clear();
+        self.metrics.clear();
+        self.responses_ms.clear();
+        self.wave_in.clear();
+        self.wave_out.clear();
+        self.underruns = 0;
+        self.deadline_misses = 0;
+    }
+
+    pub fn is_running(&self) -> bool {
+        matches!(self.status, Status::Running { .. } | Status::Loading(_))
+    }
+
+    fn handle(&mut self, m: FromEngine) {
+        match m {
+            FromEngine::Status(s) => self.status = s,
+            FromEngine::Problem { what, hint } => self.problems.push((what, hint)),
+            FromEngine::Devices(d) => self.devices = Some(*d),
+            FromEngine::Adapters(a) => self.adapters = a,
+            FromEngine::Event(e) => self.event(e),
+        }
+    }
+
+    fn user_item(&mut self) -> &mut Item {
+        if !matches!(self.conversation.last(), Some(Item::User { .. })) {
+            self.conversation.push(Item::User {
+                words: vec![],
+                partial: vec![],
+            });
+        }
+        let n = self.conversation.len() - 1;
+        &mut self.conversation[n]
+    }
+
+    fn event(&mut self, e: Event) {
+        match e {
+            Event::Started { .. } => {}
+            Event::TextDelta { text, frame } => match self.settings.mode {
+                Mode::Listen => {
+                    if let Item::User { partial, .. } = self.user_item() {
+                        partial.push((frame, text));
+                    }
+                }
+                Mode::Duplex => match self.conversation.last_mut() {
+                    Some(Item::Model { text: t, .. }) => t.push_str(&text),
+                    _ => self.conversation.push(Item::Model {
+                        text,
+                        after_user_ms: None,
+                    }),
+                },
+            },
+            Event::Word {
+                text,
+                start_s,
+                end_s,
+                frame,
+            } => {
+                if let Item::User { words, partial } = self.user_item() {
+                    words.push((text, start_s, end_s));
+                    // The text these words confirm is no longer partial.
+                    partial.retain(|(f, _)| *f > frame);
+                }
+            }
+            Event::EndOfTurn { probability, .. } => self
+                .conversation
+                .push(Item::Marker(format!("end of turn (p = {probability:.2})"))),
+            Event::ResponseStarted { after_user_ms, .. } => {
+                if let Some(ms) = after_user_ms {
+                    self.responses_ms.push(ms);
+                }
+                self.conversation.push(Item::Model {
+                    text: String::new(),
+                    after_user_ms,
+                });
+            }
+            Event::Levels { input, output, .. } => {
+                self.last_output_peak = output.iter().copied().fold(0.0, f32::max);
+                for (w, v) in [(&mut self.wave_in, input), (&mut self.wave_out, output)] {
+                    w.extend(v);
+                    while w.len() > WAVE_S * 12 * PEAKS_PER_FRAME + PEAKS_PER_FRAME {
+                        w.pop_front();
+                    }
+                }
+            }
+            Event::Audio { .. } => {}
+            Event::Metrics(m) => {
+                self.underruns = m.output_underruns;
+                self.deadline_misses += u64::from(m.deadline_missed);
+                self.metrics.push_back(m);
+                while self.metrics.len() > 150 {
+                    self.metrics.pop_front();
+                }
+            }
+            Event::Error { message, fatal } => self.problems.push((
+                message,
+                if fatal {
+                    "The session stopped. Fix the cause and press Start.".into()
+                } else {
+                    "The session goes on.".into()
+                },
+            )),
+            Event::Ended { .. } => {}
+        }
+    }
+
+    fn top_bar(&mut self, ui: &mut egui::Ui) {
+        ui.horizontal(|ui| {
+            ui.heading("Parley");
+            ui.separator();
+            let before = self.settings.mode;
+            ui.selectable_value(&mut self.settings.mode, Mode::Duplex, "Duplex")
+                .on_hover_text("Mimi + a Moshi-style model: it listens and speaks at once");
+            ui.selectable_value(&mut self.settings.mode, Mode::Listen, "Listen")
+                .on_hover_text("Mimi + a speech-to-text model: live transcript");
+            if self.settings.mode != before && self.is_running() {
+                // Switching mode restarts the session with the other model.
+                self.start();
+            }
+            ui.separator();
+            if self.is_running() {
+                if ui.button("Stop").clicked() {
+                    self.engine.send(Command::Stop);
+                }
+            } else if ui.button("Start").clicked() {
+                self.start();
+            }
+            if ui
+                .button("Reset")
+                .on_hover_text("Clear the conversation and start afresh")
+                .clicked()
+            {
+                self.reset();
+                if self.is_running() {
+                    self.start();
+                }
+            }
+            let mut muted = self.settings.muted;
+            if ui.toggle_value(&mut muted, "Mute").changed() {
+                self.settings.muted = muted;
+                self.engine
+                    .muted
+                    .store(muted, std::sync::atomic::Ordering::Relaxed);
+            }
+            ui.separator();
+            let (text, color) = match &self.status {
+                Status::Idle => ("Stopped".to_string(), egui::Color32::GRAY),
+                Status::Stopped => ("Stopped".to_string(), egui::Color32::GRAY),
+                Status::Loading(what) => (format!("Loading: {what}"), egui::Color32::YELLOW),
+                Status::Running { mode, .. } => {
+                    if *mode == Mode::Duplex && self.last_output_peak > 0.05 {
+                        (
+                            "Speaking".to_string(),
+                            egui::Color32::from_rgb(80, 160, 255),
+                        )
+                    } else {
+                        (
+                            "Listening".to_string(),
+                            egui::Color32::from_rgb(90, 200, 90),
+                        )
+                    }
+                }
+            };
+            let (dot, _) = ui.allocate_exact_size(egui::vec2(12.0, 12.0), egui::Sense::hover());
+            ui.painter().circle_filled(dot.center(), 5.0, color);
+            ui.colored_label(color, text);
+            if let Status::Running { device, .. } = &self.status {
+                ui.weak(device.trim_start_matches("device: "));
+            }
+        });
+    }
+
+    fn settings_panel(&mut self, ui: &mut egui::Ui) {
+        ui.heading("Models");
+        for (mode, label) in [
+            (Mode::Duplex, "Duplex model"),
+            (Mode::Listen, "Listen model"),
+        ] {
+            ui.label(label);
+            let dir = match mode {
+                Mode::Duplex => &mut self.settings.duplex_model_dir,
+                Mode::Listen => &mut self.settings.listen_model_dir,
+            };
+            ui.add(
+                egui::TextEdit::singleline(dir)
+                    .hint_text("model directory")
+                    .desired_width(f32::INFINITY),
+            );
+        }
+        ui.weak("A directory laid out like the Kyutai repository; `parley models pull PRESET` fetches one.");
+        ui.separator();
+        ui.heading("Compute");
+        egui::ComboBox::from_label("Device")
+            .selected_text(self.settings.device.clone())
+            .show_ui(ui, |ui| {
+                for d in ["auto", "gpu", "cpu"] {
+                    ui.selectable_value(&mut self.settings.device, d.to_string(), d);
+                }
+            });
+        egui::ComboBox::from_label("Weights")
+            .selected_text(self.settings.precision.clone())
+            .show_ui(ui, |ui| {
+                for d in ["auto", "f32", "bf16", "f16", "q8_0", "q4"] {
+                    ui.selectable_value(&mut self.settings.precision, d.to_string(), d);
+                }
+            });
+        for a in &self.adapters {
+            ui.weak(a);
+        }
+        ui.separator();
+        ui.heading("Audio");
+        let current = match &self.settings.input {
+            Input::Device(None) => "default microphone".to_string(),
+            Input::Device(Some(n)) => n.clone(),
+            Input::File { path, .. } => format!("file: {path}"),
+        };
+        let inputs: Vec<String> = self
+            .devices
+            .as_ref()
+            .map(|d| d.inputs.iter().map(|i| i.name.clone()).collect())
+            .unwrap_or_default();
+        egui::ComboBox::from_label("Input")
+            .selected_text(current)
+            .show_ui(ui, |ui| {
+                ui.selectable_value(
+                    &mut self.settings.input,
+                    Input::Device(None),
+                    "default microphone",
+                );
+                for n in &inputs {
+                    ui.selectable_value(
+                        &mut self.settings.input,
+                        Input::Device(Some(n.clone())),
+                        n,
+                    );
+                }
+            });
+        let outputs: Vec<String> = self
+            .devices
+            .as_ref()
+            .map(|d| d.outputs.iter().map(|i| i.name.clone()).collect())
+            .unwrap_or_default();
+        egui::ComboBox::from_label("Output")
+            .selected_text(
+                self.settings
+                    .output_device
+                    .clone()
+                    .unwrap_or_else(|| "default speakers".into()),
+            )
+            .show_ui(ui, |ui| {
+                ui.selectable_value(&mut self.settings.output_device, None, "default speakers");
+                for n in &outputs {
+                    ui.selectable_value(&mut self.settings.output_device, Some(n.clone()), n);
+                }
+            });
+        ui.checkbox(&mut self.settings.play_output, "Play the model's voice");
+        if ui.button("Refresh devices").clicked() {
+            self.engine.send(Command::Probe);
+        }
+        ui.weak("Changes apply at the next Start.");
+    }
+
+    fn latency_panel(&mut self, ui: &mut egui::Ui) {
+        use egui_plot::{Bar, BarChart, HLine, Plot};
+        ui.horizontal(|ui| {
+            ui.strong("Latency");
+            let last = self.metrics.back();
+            if let Some(m) = last {
+                ui.label(format!(
+                    "last frame: encode {:.1} ms, LM {:.1} ms, decode {:.1} ms",
+                    m.encode_ms, m.lm_ms, m.decode_ms
+                ));
+            }
+            ui.separator();
+            ui.label(format!("deadline misses: {}", self.deadline_misses));
+            ui.separator();
+            ui.label(format!("underruns: {}", self.underruns));
+            ui.separator();
+            match self.responses_ms.last() {
+                Some(ms) => ui.label(format!(
+                    "response latency: last {ms:.0} ms over {} turns",
+                    self.responses_ms.len()
+                )),
+                None => ui.label("response latency: no reply yet"),
+            };
+        });
+        let bars: Vec<Bar> = self
+            .metrics
+            .iter()
+            .map(|m| {
+                let total = m.encode_ms + m.lm_ms + m.decode_ms;
+                let color = if total > 80.0 {
+                    egui::Color32::from_rgb(230, 80, 80)
+                } else {
+                    egui::Color32::from_rgb(90, 160, 230)
+                };
+                Bar::new(m.frame as f64, total).fill(color).width(0.9)
+            })
+            .collect();
+        Plot::new("compute per frame")
+            .height(110.0)
+            .include_y(0.0)
+            .include_y(100.0)
+            .allow_scroll(false)
+            .allow_drag(false)
+            .y_axis_label("ms / frame")
+            .show(ui, |p| {
+                p.bar_chart(BarChart::new("compute (encode + LM + decode)", bars));
+                p.hline(HLine::new("80 ms budget", 80.0).color(egui::Color32::RED));
+            });
+    }
+
+    fn waveform(ui: &mut egui::Ui, label: &str, w: &VecDeque<f32>, color: egui::Color32) {
+        ui.horizontal(|ui| {
+            ui.label(label);
+            let level = w
+                .iter()
+                .rev()
+                .take(PEAKS_PER_FRAME)
+                .copied()
+                .fold(0.0, f32::max);
+            ui.add(egui::ProgressBar::new(level.clamp(0.0, 1.0)).desired_width(80.0))
+                .on_hover_text("peak level of the last 80 ms");
+            let (rect, _) = ui
+                .allocate_exact_size(egui::vec2(ui.available_width(), 40.0), egui::Sense::hover());
+            let p = ui.painter_at(rect);
+            p.rect_filled(rect, 2.0, ui.visuals().extreme_bg_color);
+            let n = WAVE_S * 12 * PEAKS_PER_FRAME;
+            let skip = w.len().saturating_sub(n);
+            for (i, v) in w.iter().skip(skip).enumerate() {
+                let x = rect.left() + rect.width() * (i as f32 / n as f32);
+                let h = v.clamp(0.0, 1.0) * rect.height() * 0.5;
+                p.line_segment(
+                    [
+                        egui::pos2(x, rect.center().y - h),
+                        egui::pos2(x, rect.center().y + h),
+                    ],
+                    egui::Stroke::new(1.0, color),
+                );
+            }
+        });
+    }
+
+    fn conversation_view(&mut self, ui: &mut egui::Ui) {
+        egui::ScrollArea::vertical()
+            .stick_to_bottom(true)
+            .auto_shrink([false, false])
+            .show(ui, |ui| {
+                if self.conversation.is_empty() {
+                    ui.weak(match (&self.status, self.settings.mode) {
+                        (Status::Running { .. }, Mode::Listen) => {
+                            "Listening: speak and your words appear here."
+                        }
+                        (Status::Running { .. }, Mode::Duplex) => {
+                            "Listening: speak, and Parley answers."
+                        }
+                        _ => "Press Start to talk.",
+                    });
+                }
+                for item in &self.conversation {
+                    match item {
+                        Item::User { words, partial } => {
+                            ui.horizontal_wrapped(|ui| {
+                                ui.strong("You:");
+                                for (w, a, b) in words {
+                                    ui.label(w.as_str())
+                                        .on_hover_text(format!("{a:.2} s to {b:.2} s"));
+                                }
+                                let pending: String =
+                                    partial.iter().map(|(_, t)| t.as_str()).collect();
+                                if !pending.trim().is_empty() {
+                                    ui.label(egui::RichText::new(pending.trim()).italics().weak())
+                                        .on_hover_text("not final yet");
+                                }
+                            });
+                        }
+                        Item::Model {
+                            text,
+                            after_user_ms,
+                        } => {
+                            ui.horizontal_wrapped(|ui| {
+                                ui.strong("Parley:");
+                                let r = ui.label(text.trim());
+                                if let Some(ms) = after_user_ms {
+                                    r.on_hover_text(format!(
+                                        "started {ms:.0} ms after you stopped"
+                                    ));
+                                }
+                            });
+                        }
+                        Item::Marker(m) => {
+                            ui.vertical_centered(|ui| ui.weak(format!("-- {m} --")));
+                        }
+                    }
+                }
+            });
+    }
+}
+
+impl eframe::App for ParleyApp {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        for m in self.engine.drain() {
+            self.handle(m);
+        }
+        if !self.first_frame_reported {
+            self.first_frame_reported = true;
+            eprintln!(
+                "parley: window ready {} ms after start-up",
+                self.started.elapsed().as_millis()
+            );
+        }
+        egui::Panel::top("top").show(ui, |ui| self.top_bar(ui));
+        egui::Panel::left("settings")
+            .resizable(true)
+            .default_size(260.0)
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical().show(ui, |ui| self.settings_panel(ui));
+            });
+        egui::Panel::bottom("latency").show(ui, |ui| self.latency_panel(ui));
+        egui::CentralPanel::default().show(ui, |ui| {
+            let mut dismiss = None;
+            for (i, (what, hint)) in self.problems.iter().enumerate() {
+                egui::Frame::group(ui.style())
+                    .fill(egui::Color32::from_rgb(90, 30, 30))
+                    .show(ui, |ui| {
+                        ui.set_width(ui.available_width());
+                        ui.colored_label(egui::Color32::from_rgb(255, 200, 200), what);
+                        ui.label(hint);
+                        if ui.small_button("Dismiss").clicked() {
+                            dismiss = Some(i);
+                        }
+                    });
+            }
+            if let Some(i) = dismiss {
+                self.problems.remove(i);
+            }
+            Self::waveform(
+                ui,
+                "In ",
+                &self.wave_in,
+                egui::Color32::from_rgb(90, 160, 230),
+            );
+            Self::waveform(
+                ui,
+                "Out",
+                &self.wave_out,
+                egui::Color32::from_rgb(90, 200, 90),
+            );
+            ui.separator();
+            self.conversation_view(ui);
+        });
+        if self.is_running() {
+            // Levels move even when no event arrives (a stalled device shows as flat).
+            ui.ctx()
+                .request_repaint_after(std::time::Duration::from_millis(100));
+        }
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        eframe::set_value(storage, Settings::KEY, &self.settings);
+    }
+}
+
+/// Opens the window.
+pub fn run() -> anyhow::Result<()> {
+    let options = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_title("Parley")
+            .with_inner_size([1100.0, 720.0]),
+        ..Default::default()
+    };
+    eframe::run_native(
+        "Parley",
+        options,
+        Box::new(|cc| Ok(Box::new(ParleyApp::new(cc)))),
+    )
+    .map_err(|e| anyhow::anyhow!("opening the window: {e}"))
+}
+
+#[cfg(test)]
+mod tests;

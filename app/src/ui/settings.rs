@@ -1,0 +1,61 @@
+//! What the window remembers between runs (eframe storage).
+
+use serde::{Deserialize, Serialize};
+
+use parley_engine::pipeline::Mode;
+
+/// Where the audio comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Input {
+    /// A capture device by name; None: the default.
+    Device(Option<String>),
+    /// The virtual device: a recording played at real-time pace (or as fast as the models
+    /// go, for tests).
+    File { path: String, realtime: bool },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub mode: Mode,
+    /// Model directories for each mode (laid out like the Hub repository).
+    pub duplex_model_dir: String,
+    pub listen_model_dir: String,
+    /// auto, gpu or cpu.
+    pub device: String,
+    /// auto, f32, f16, bf16, q8_0 or q4.
+    pub precision: String,
+    pub input: Input,
+    /// Playback device by name; None: the default.
+    pub output_device: Option<String>,
+    /// Play the model's voice (duplex); off: the reply is computed but not played.
+    pub play_output: bool,
+    pub muted: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Duplex,
+            duplex_model_dir: String::new(),
+            listen_model_dir: String::new(),
+            device: "auto".into(),
+            precision: "auto".into(),
+            input: Input::Device(None),
+            output_device: None,
+            play_output: true,
+            muted: false,
+        }
+    }
+}
+
+impl Settings {
+    pub const KEY: &'static str = "parley.settings";
+
+    pub fn model_dir(&self) -> &str {
+        match self.mode {
+            Mode::Duplex => &self.duplex_model_dir,
+            Mode::Listen => &self.listen_model_dir,
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The window driven for real through egui_kittest (accesskit queries and clicks), with
+//! the fixture models and the virtual audio device playing the generated dialogue.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use egui_kittest::kittest::Queryable;
+use egui_kittest::Harness;
+use parley_engine::pipeline::Mode;
+
+use super::engine::Status;
+use super::settings::{Input, Settings};
+use super::{Item, ParleyApp};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn settings(mode: Mode) -> Settings {
+    let fx = root().join("tests/fixtures");
+    Settings {
+        mode,
+        duplex_model_dir: fx.join("moshi-tiny").display().to_string(),
+        listen_model_dir: fx.join("stt-tiny").display().to_string(),
+        device: "cpu".into(),
+        precision: "auto".into(),
+        input: Input::File {
+            path: root()
+                .join("assets/speech/dialogue.wav")
+                .display()
+                .to_string(),
+            realtime: false,
+        },
+        output_device: None,
+        play_output: false,
+        muted: false,
+    }
+}
+
+fn harness(s: Settings) -> Harness<'static, ParleyApp> {
+    Harness::builder()
+        .with_size([1100.0, 720.0])
+        .build_eframe(move |cc| ParleyApp::with_settings(cc, s))
+}
+
+/// Steps the window until `done` holds (the engine works on its own threads).
+fn run_until(h: &mut Harness<'_, ParleyApp>, what: &str, done: impl Fn(&ParleyApp) -> bool) {
+    let t = Instant::now();
+    while !done(h.state()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}; problems: {:?}, status: {:?}",
+            h.state().problems,
+            h.state().status
+        );
+        h.step();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    h.step();
+}
+
+#[test]
+fn the_transcript_appears_and_switching_mode_works() {
+    let mut h = harness(settings(Mode::Listen));
+    h.step();
+    h.get_by_label("Start").click();
+    run_until(&mut h, "final words", |a| {
+        a.conversation
+            .iter()
+            .any(|i| matches!(i, Item::User { words, .. } if !words.is_empty()))
+    });
+    // The words are on screen, with their times on hover.
+    let first = h
+        .state()
+        .conversation
+        .iter()
+        .find_map(|i| match i {
+            Item::User { words, .. } => words.first().cloned(),
+            _ => None,
+        })
+        .expect("a word");
+    assert!(
+        h.query_all_by_label(&first.0).next().is_some(),
+        "{} is not shown",
+        first.0
+    );
+    assert!(h.state().problems.is_empty(), "{:?}", h.state().problems);
+
+    // Duplex: the session restarts with the Moshi-style model, which answers.
+    h.get_by_label("Duplex").click();
+    h.step();
+    if !h.state().is_running() {
+        h.get_by_label("Start").click();
+    }
+    run_until(&mut h, "the model's reply", |a| {
+        matches!(
+            a.status,
+            Status::Running {
+                mode: Mode::Duplex,
+                ..
+            } | Status::Stopped
+        ) && a
+            .conversation
+            .iter()
+            .any(|i| matches!(i, Item::Model { text, .. } if !text.trim().is_empty()))
+    });
+    assert_eq!(h.state().settings.mode, Mode::Duplex);
+    let reply = h
+        .state()
+        .conversation
+        .iter()
+        .find_map(|i| match i {
+            Item::Model { text, .. } if !text.trim().is_empty() => Some(text.trim().to_string()),
+            _ => None,
+        })
+        .expect("reply");
+    assert!(
+        h.query_all_by_label(&reply).next().is_some(),
+        "{reply} is not shown"
+    );
+}
+
+#[test]
+fn a_broken_model_directory_is_shown_with_what_to_do() {
+    let mut s = settings(Mode::Listen);
+    s.listen_model_dir = root()
+        .join("tests/fixtures/mimi-tiny")
+        .display()
+        .to_string();
+    let mut h = harness(s);
+    h.step();
+    h.get_by_label("Start").click();
+    run_until(&mut h, "an error", |a| !a.problems.is_empty());
+    h.get_by_label_contains("the model failed to load");
+    h.get_by_label_contains("Check the listen model directory");
+    assert!(!h.state().is_running());
+    // Dismissed, it goes away.
+    let n = h.state().problems.len();
+    h.get_all_by_label("Dismiss")
+        .next()
+        .expect("dismiss")
+        .click();
+    h.run_steps(2);
+    assert_eq!(h.state().problems.len(), n - 1, "{:?}", h.state().problems);
+}
+
+#[test]
+fn settings_survive_a_restart() {
+    #[derive(Default)]
+    struct Store(std::collections::HashMap<String, String>);
+    impl eframe::Storage for Store {
+        fn get_string(&self, key: &str) -> Option<String> {
+            self.0.get(key).cloned()
+        }
+        fn set_string(&mut self, key: &str, value: String) {
+            self.0.insert(key.into(), value);
+        }
+        fn remove_string(&mut self, key: &str) {
+            self.0.remove(key);
+        }
+        fn flush(&mut self) {}
+    }
+    let mut store = Store::default();
+    let mut s = settings(Mode::Listen);
+    s.device = "gpu".into();
+    s.muted = true;
+    {
+        let mut h = harness(s.clone());
+        h.step();
+        eframe::App::save(h.state_mut(), &mut store);
+    }
+    let store = store;
+    let h = Harness::builder().build_eframe(|cc| {
+        cc.storage = Some(&store);
+        ParleyApp::new(cc)
+    });
+    assert_eq!(h.state().settings, s);
+}
