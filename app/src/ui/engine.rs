@@ -126,7 +126,7 @@ fn controller(
     muted: Arc<AtomicBool>,
     repaint: impl Fn() + Send + Sync + 'static,
 ) {
-    let repaint: Arc<dyn Fn() + Send + Sync> = Arc::new(move || repaint());
+    let repaint: Arc<dyn Fn() + Send + Sync> = Arc::new(repaint);
     let send = |m: FromEngine| {
         let _ = out.send(m);
         repaint();

@@ -137,8 +137,8 @@ impl Matrix {
         }
         let large = self.rows * self.cols >= BF16_MIN_WEIGHTS;
         let ggml = match precision {
-            WeightPrecision::Q4 if large && self.cols % 256 == 0 => Some(GgmlDType::Q4K),
-            WeightPrecision::Q4 | WeightPrecision::Q8_0 if large && self.cols % 32 == 0 => {
+            WeightPrecision::Q4 if large && self.cols.is_multiple_of(256) => Some(GgmlDType::Q4K),
+            WeightPrecision::Q4 | WeightPrecision::Q8_0 if large && self.cols.is_multiple_of(32) => {
                 Some(GgmlDType::Q8_0)
             }
             _ => None,
@@ -240,7 +240,7 @@ impl Matrix {
             _ => {
                 let w = &cpu.as_slice::<half::bf16>()?[start..start + n];
                 let pairs: &[u32] = match bytemuck::try_cast_slice(w) {
-                    Ok(p) if cols % 2 == 0 => p,
+                    Ok(p) if cols.is_multiple_of(2) => p,
                     _ => {
                         // Odd rows or a misaligned buffer: widen once, then as f32.
                         let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
@@ -464,7 +464,7 @@ impl Rows for Bf16Rows {
     #[inline(always)]
     fn scalar(row: &[u32], k: usize) -> f32 {
         let w = row[k / 2];
-        f32::from_bits(if k % 2 == 0 { w << 16 } else { w & 0xFFFF_0000 })
+        f32::from_bits(if k.is_multiple_of(2) { w << 16 } else { w & 0xFFFF_0000 })
     }
 }
 

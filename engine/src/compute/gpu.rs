@@ -426,8 +426,8 @@ impl GpuFormat {
     /// of 32 per row (else f16), half-precision ones an even row (else f32).
     pub fn for_cols(self, cols: usize) -> GpuFormat {
         match self {
-            Self::Q8_0 | Self::Q4 if cols % QBLOCK != 0 => Self::F16.for_cols(cols),
-            Self::F16 | Self::Bf16 if cols % 2 != 0 => Self::F32,
+            Self::Q8_0 | Self::Q4 if !cols.is_multiple_of(QBLOCK) => Self::F16.for_cols(cols),
+            Self::F16 | Self::Bf16 if !cols.is_multiple_of(2) => Self::F32,
             f => f,
         }
     }

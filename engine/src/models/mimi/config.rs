@@ -319,7 +319,7 @@ impl MimiConfig {
             "sample_rate / frame_rate must be a whole number of samples",
         )?;
         check(
-            self.frame_size() % self.hop_length() == 0,
+            self.frame_size().is_multiple_of(self.hop_length()),
             "the frame size must be a multiple of the product of seanet.ratios",
         )?;
         check(
@@ -337,11 +337,11 @@ impl MimiConfig {
         )?;
         check(t.causal, "transformer.causal must be true")?;
         check(
-            t.d_model > 0 && t.num_heads > 0 && t.d_model % t.num_heads == 0,
+            t.d_model > 0 && t.num_heads > 0 && t.d_model.is_multiple_of(t.num_heads),
             "transformer.d_model must be a positive multiple of num_heads",
         )?;
         check(
-            (t.d_model / t.num_heads) % 2 == 0,
+            (t.d_model / t.num_heads).is_multiple_of(2),
             "transformer head dimension must be even",
         )?;
         check(

@@ -25,7 +25,7 @@ pub struct Seq {
 
 impl Seq {
     pub fn new(c: usize, data: Vec<f32>) -> Self {
-        debug_assert!(c > 0 && data.len() % c == 0);
+        debug_assert!(c > 0 && data.len().is_multiple_of(c));
         Self { c, data }
     }
 
@@ -137,7 +137,7 @@ impl StreamingConv1d {
             ..
         } = self.spec;
         let t = x.t();
-        if x.c != cin || t == 0 || t % stride != 0 {
+        if x.c != cin || t == 0 || !t.is_multiple_of(stride) {
             return Err(Error::InvalidInput(format!(
                 "convolution input of {t} steps x {} channels; expected {cin} channels and a positive multiple of {stride} steps",
                 x.c

@@ -293,7 +293,7 @@ impl Mimi {
     /// latents `[1, dimension, frames]`. Uses and then clears the encoder's state.
     pub fn encode_latent(&mut self, pcm: &[f32]) -> Result<Tensor> {
         let fs = self.frame_size();
-        if pcm.is_empty() || pcm.len() % fs != 0 {
+        if pcm.is_empty() || !pcm.len().is_multiple_of(fs) {
             return Err(Error::InvalidInput(format!(
                 "encode_latent takes whole frames of {fs} samples, got {}",
                 pcm.len()
