@@ -138,7 +138,9 @@ impl Matrix {
         let large = self.rows * self.cols >= BF16_MIN_WEIGHTS;
         let ggml = match precision {
             WeightPrecision::Q4 if large && self.cols.is_multiple_of(256) => Some(GgmlDType::Q4K),
-            WeightPrecision::Q4 | WeightPrecision::Q8_0 if large && self.cols.is_multiple_of(32) => {
+            WeightPrecision::Q4 | WeightPrecision::Q8_0
+                if large && self.cols.is_multiple_of(32) =>
+            {
                 Some(GgmlDType::Q8_0)
             }
             _ => None,
@@ -464,7 +466,11 @@ impl Rows for Bf16Rows {
     #[inline(always)]
     fn scalar(row: &[u32], k: usize) -> f32 {
         let w = row[k / 2];
-        f32::from_bits(if k.is_multiple_of(2) { w << 16 } else { w & 0xFFFF_0000 })
+        f32::from_bits(if k.is_multiple_of(2) {
+            w << 16
+        } else {
+            w & 0xFFFF_0000
+        })
     }
 }
 

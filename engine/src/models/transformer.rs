@@ -371,7 +371,10 @@ impl StreamingTransformer {
 
     fn load_from(w: &Weights, slices: &[Weights], spec: &TransformerSpec) -> Result<Self> {
         let d = spec.d_model;
-        if spec.num_heads == 0 || !d.is_multiple_of(spec.num_heads) || !(d / spec.num_heads).is_multiple_of(2) {
+        if spec.num_heads == 0
+            || !d.is_multiple_of(spec.num_heads)
+            || !(d / spec.num_heads).is_multiple_of(2)
+        {
             return Err(Error::config(
                 w.path(),
                 format!(
