@@ -5,6 +5,7 @@ mod headless;
 mod latency;
 mod lm_cmd;
 mod mimi_cmd;
+mod models_cmd;
 
 use std::process::ExitCode;
 
@@ -52,6 +53,9 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Model presets: list them, download one from the Hugging Face Hub, print its directory.
+    #[command(subcommand)]
+    Models(models_cmd::ModelsCommand),
 }
 
 fn devices() -> anyhow::Result<()> {
@@ -90,6 +94,7 @@ fn main() -> ExitCode {
         Some(Command::Moshi(args)) => lm_cmd::moshi(args),
         Some(Command::Headless(args)) => headless::run(args),
         Some(Command::Devices) => devices(),
+        Some(Command::Models(cmd)) => models_cmd::run(cmd),
         None => {
             eprintln!("parley: the desktop window is not built yet; these commands work today:\n");
             use clap::CommandFactory;
