@@ -1,10 +1,11 @@
 //! A stand-in for the Hugging Face Hub on 127.0.0.1, for download tests without a network.
 //!
 //! It answers what a client of the Hub asks: `HEAD`/`GET /{owner}/{name}/resolve/{rev}/{file}`.
-//! As the Hub does, small ("git") files are served directly with `ETag` = their git blob
-//! id; LFS files answer with a `302` to a CDN path (`/cdn/{sha256}`, on the same server)
-//! carrying `X-Linked-Etag` (the sha256) and `X-Linked-Size`; every answer from the Hub
-//! proper carries `X-Repo-Commit`, and errors carry `X-Error-Code`. Bodies honour
+//! As the Hub does, small ("git") files answer with a relative `307` to
+//! `/api/resolve-cache/...`, which serves them with `ETag` = their git blob id; LFS files
+//! answer with a `302` to a CDN path (`/cdn/{sha256}`, on the same server) carrying
+//! `X-Linked-Etag` (the sha256) and `X-Linked-Size`; every answer from `resolve` carries
+//! `X-Repo-Commit`, and errors carry `X-Error-Code`. Bodies honour
 //! `Range: bytes=N-`. Faults on request: close a transfer after N bytes, flip a byte,
 //! ignore `Range`, refuse a repository with a status. Every request is logged.
 //!
@@ -265,6 +266,21 @@ fn route(st: &mut State, req: &Request, base: &str) -> Reply {
             None => Reply::new(404),
         };
     }
+    // Where the Hub redirects git files: /api/resolve-cache/models/{owner}/{name}/{commit}/{file}.
+    // Its answer carries the ETag but (here) no X-Repo-Commit: the client keeps the one the
+    // redirect gave.
+    if let Some(rest) = req.path.strip_prefix("/api/resolve-cache/models/") {
+        let segs: Vec<&str> = rest.splitn(4, '/').collect();
+        let file = (segs.len() == 4)
+            .then(|| st.repos.get(&format!("{}/{}", segs[0], segs[1])))
+            .flatten()
+            .filter(|r| r.commit == segs[2])
+            .and_then(|r| r.files.iter().find(|f| f.name == segs[3]).cloned());
+        return match file {
+            Some(f) => body_reply(st, &f, req).header("ETag", format!("\"{}\"", f.git_sha1())),
+            None => Reply::error(404, "EntryNotFound"),
+        };
+    }
     // /{owner}/{name}/resolve/{rev}/{file...}
     let segs: Vec<&str> = req.path.trim_start_matches('/').splitn(5, '/').collect();
     if segs.len() != 5 || segs[2] != "resolve" {
@@ -294,9 +310,13 @@ fn route(st: &mut State, req: &Request, base: &str) -> Reply {
             .header("X-Linked-Size", file.bytes.len().to_string())
             .header("ETag", format!("\"{}\"", file.git_sha1()))
     } else {
-        body_reply(st, &file, req)
+        // Git files: a relative redirect, as the Hub answers with its resolve cache.
+        Reply::new(307)
+            .header(
+                "Location",
+                format!("/api/resolve-cache/models/{id}/{commit}/{}", file.name),
+            )
             .header("X-Repo-Commit", commit)
-            .header("ETag", format!("\"{}\"", file.git_sha1()))
     }
 }
 
@@ -341,6 +361,7 @@ fn send(mut stream: TcpStream, method: &str, reply: Reply) {
         200 => "OK",
         206 => "Partial Content",
         302 => "Found",
+        307 => "Temporary Redirect",
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",

@@ -126,11 +126,19 @@ impl Client {
     /// Hub's headers.
     pub fn metadata(&self, target: Target<'_>, revision: &str) -> Result<Remote> {
         let mut url = self.url(target.repo, revision, target.file);
+        // The commit as the first answer of the chain gave it, should a later one lack it.
+        let mut commit_seen: Option<String> = None;
         for _ in 0..8 {
             let resp = self
                 .request(&self.head, "HEAD", &url)
                 .call()
                 .map_err(|e| self.error(target, &url, e))?;
+            if commit_seen.is_none() {
+                commit_seen = resp
+                    .header("X-Repo-Commit")
+                    .map(|c| c.trim().to_string())
+                    .filter(|c| !c.is_empty());
+            }
             let location = resp.header("Location").map(str::to_string);
             if (300..400).contains(&resp.status()) {
                 if let Some(loc) = location.filter(|l| l.starts_with('/')) {
@@ -138,7 +146,8 @@ impl Client {
                     continue;
                 }
             }
-            return remote_from(&resp, revision).map_err(|reason| Error::Download {
+            let fallback = commit_seen.as_deref().unwrap_or(revision);
+            return remote_from(&resp, fallback).map_err(|reason| Error::Download {
                 file: target.label(),
                 reason: format!("{url}: {reason}"),
             });
@@ -281,7 +290,9 @@ fn unquote(etag: &str) -> String {
         .to_string()
 }
 
-fn remote_from(resp: &ureq::Response, revision: &str) -> std::result::Result<Remote, String> {
+/// The metadata in a HEAD answer; `fallback` is the commit to use when the answer names
+/// none (a commit-hash revision, or one an earlier answer of the redirect chain gave).
+fn remote_from(resp: &ureq::Response, fallback: &str) -> std::result::Result<Remote, String> {
     let etag = resp
         .header("X-Linked-Etag")
         .or_else(|| resp.header("ETag"))
@@ -293,7 +304,7 @@ fn remote_from(resp: &ureq::Response, revision: &str) -> std::result::Result<Rem
         .ok_or("the Hub's answer has no size (X-Linked-Size or Content-Length)")?;
     let commit = match resp.header("X-Repo-Commit") {
         Some(c) if !c.trim().is_empty() => c.trim().to_string(),
-        _ if super::cache::is_commit_hash(revision) => revision.to_string(),
+        _ if super::cache::is_commit_hash(fallback) => fallback.to_string(),
         _ => return Err("the Hub's answer has no X-Repo-Commit".into()),
     };
     if commit.contains('/') || commit.contains("..") {
