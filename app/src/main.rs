@@ -5,6 +5,7 @@ mod headless;
 mod latency;
 mod lm_cmd;
 mod mimi_cmd;
+mod models_cmd;
 mod ui;
 
 use std::process::ExitCode;
@@ -53,6 +54,9 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Model presets: list them, download one from the Hugging Face Hub, print its directory.
+    #[command(subcommand)]
+    Models(models_cmd::ModelsCommand),
 }
 
 fn devices() -> anyhow::Result<()> {
@@ -91,6 +95,7 @@ fn main() -> ExitCode {
         Some(Command::Moshi(args)) => lm_cmd::moshi(args),
         Some(Command::Headless(args)) => headless::run(args),
         Some(Command::Devices) => devices(),
+        Some(Command::Models(cmd)) => models_cmd::run(cmd),
         None => ui::run(),
     };
     match result {

@@ -63,6 +63,77 @@ pub enum Error {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
+    /// No preset of that name in `models/presets.json`.
+    #[error("unknown model preset `{name}`; the presets are: {known}")]
+    UnknownPreset { name: String, known: String },
+
+    /// Some of a preset's files are not in the local Hugging Face cache.
+    #[error(
+        "model preset `{preset}` is not downloaded (missing: {missing}); pull it ({}) with `parley models pull {preset}`",
+        crate::hub::format_bytes(*bytes_to_fetch)
+    )]
+    NotDownloaded {
+        preset: String,
+        missing: String,
+        bytes_to_fetch: u64,
+    },
+
+    /// The Hub cannot be reached at all: no network, a name that does not resolve, a
+    /// refused connection, or `HF_HUB_OFFLINE`.
+    #[error(
+        "{repo}: cannot download `{file}`: this machine cannot reach the Hugging Face Hub at {endpoint} ({reason}). \
+         Connect to the network (or set HF_ENDPOINT to a reachable mirror), or copy the repository's files \
+         from another machine into a directory and pass it with --model-dir"
+    )]
+    HubUnreachable {
+        repo: String,
+        file: String,
+        endpoint: String,
+        reason: String,
+    },
+
+    /// The Hub answered a request for a file with an HTTP error.
+    #[error("{repo}: cannot download `{file}`: HTTP {status}: {reason} ({url})")]
+    HubHttp {
+        repo: String,
+        file: String,
+        url: String,
+        status: u16,
+        reason: String,
+    },
+
+    /// A download failed on the way (a broken transfer, an unexpected answer); the
+    /// bytes received so far are kept and the next pull resumes after them.
+    #[error("{file}: download failed: {reason}")]
+    Download { file: String, reason: String },
+
+    /// Downloaded bytes that do not hash to the Hub's ETag; they have been deleted.
+    #[error(
+        "{file}: the downloaded file is corrupt: its {algorithm} is {found}, the Hub says {expected}; \
+         it was deleted, pull again"
+    )]
+    CorruptDownload {
+        file: String,
+        algorithm: String,
+        expected: String,
+        found: String,
+    },
+
+    /// A pull was cancelled; the partial file stays for the next pull.
+    #[error("{file}: download cancelled; pull again to resume")]
+    Cancelled { file: String },
+
+    #[error(
+        "not enough disk space in {path}: the download needs {}, {} is free",
+        crate::hub::format_bytes(*needed),
+        crate::hub::format_bytes(*available)
+    )]
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+    },
+
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }

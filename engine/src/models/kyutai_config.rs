@@ -51,11 +51,21 @@ pub struct ModelDir {
 }
 
 impl ModelDir {
+    /// Reads `root/config.json`. A directory without one that holds the default
+    /// `model.safetensors` is taken, as the reference loader takes such a repository
+    /// (kyutai/moshiko-pytorch-bf16 has no config.json), for a Moshi 7B with the default
+    /// file names.
     pub fn open(root: &Path) -> Result<Self> {
         if !root.is_dir() {
             return Err(Error::config(root, "not a directory"));
         }
         let path = root.join("config.json");
+        if !path.exists() && root.join(DEFAULT_MOSHI_NAME).is_file() {
+            return Ok(Self {
+                root: root.to_path_buf(),
+                config: KyutaiConfig::default(),
+            });
+        }
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         let config = serde_json::from_str(&text).map_err(|e| Error::config(&path, e))?;
         Ok(Self {
@@ -116,8 +126,18 @@ impl ModelDir {
         self.root.join("config.json")
     }
 
-    /// The language model's config (the LM keyword arguments of config.json).
+    /// Whether this is a repository without config.json (see [`Self::open`]).
+    pub fn is_legacy_moshi(&self) -> bool {
+        !self.config_path().exists()
+    }
+
+    /// The language model's config (the LM keyword arguments of config.json; the
+    /// reference loader's Moshi 7B defaults without one).
     pub fn lm_config(&self) -> Result<LmConfig> {
+        if self.is_legacy_moshi() {
+            return LmConfig::preset("moshi-7b")
+                .ok_or_else(|| Error::config(self.config_path(), "no moshi-7b preset"));
+        }
         LmConfig::from_json_file(&self.config_path())
     }
 
@@ -208,5 +228,26 @@ mod tests {
         std::fs::write(tmp.join("config.json"), "{not json").expect("write");
         let err = ModelDir::open(&tmp).expect_err("bad json").to_string();
         assert!(err.contains("config.json"), "{err}");
+        std::fs::remove_file(tmp.join("config.json")).expect("rm");
+        let err = ModelDir::open(&tmp).expect_err("no config").to_string();
+        assert!(err.contains("config.json"), "{err}");
+    }
+
+    #[test]
+    fn a_repository_without_config_json_is_a_moshi_7b() {
+        let tmp = std::env::temp_dir().join(format!("parley-legacy-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).expect("dir");
+        std::fs::write(tmp.join(DEFAULT_MOSHI_NAME), b"").expect("write");
+        let dir = ModelDir::open(&tmp).expect("legacy");
+        assert!(dir.is_legacy_moshi());
+        assert_eq!(dir.mimi_num_codebooks(), 8);
+        let cfg = dir.lm_config().expect("lm config");
+        assert_eq!(
+            (cfg.dim, cfg.num_layers, cfg.n_q, cfg.dep_q),
+            (4096, 32, 16, 8)
+        );
+        let err = dir.load_tokenizer().expect_err("no tokenizer").to_string();
+        assert!(err.contains(DEFAULT_TOKENIZER_NAME), "{err}");
+        let _ = std::fs::remove_dir_all(&tmp);
     }
 }
