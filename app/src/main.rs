@@ -87,6 +87,7 @@ fn devices() -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    ui::mark_process_start();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Mimi(cmd)) => mimi_cmd::run(cmd),

@@ -4,9 +4,11 @@
 //! never blocks.
 
 pub mod engine;
+pub mod models;
 pub mod settings;
 
 use std::collections::VecDeque;
+use std::path::Path;
 use std::time::Instant;
 
 use eframe::egui;
@@ -49,7 +51,7 @@ pub struct ParleyApp {
     pub problems: Vec<(String, String)>,
     wave_in: VecDeque<f32>,
     wave_out: VecDeque<f32>,
-    metrics: VecDeque<FrameMetrics>,
+    pub metrics: VecDeque<FrameMetrics>,
     responses_ms: Vec<f64>,
     underruns: u64,
     deadline_misses: u64,
@@ -58,6 +60,15 @@ pub struct ParleyApp {
     started: Instant,
     first_frame_reported: bool,
     last_output_peak: f32,
+    models: models::Manager,
+}
+
+/// When the process started, for the start-up time the window reports.
+static PROCESS_START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// Records the process's start (call first thing in `main`).
+pub fn mark_process_start() {
+    let _ = PROCESS_START.set(Instant::now());
 }
 
 impl ParleyApp {
@@ -91,9 +102,10 @@ impl ParleyApp {
             deadline_misses: 0,
             devices: None,
             adapters: vec![],
-            started: Instant::now(),
+            started: PROCESS_START.get().copied().unwrap_or_else(Instant::now),
             first_frame_reported: false,
             last_output_peak: 0.0,
+            models: models::Manager::new(),
         }
     }
 
@@ -280,7 +292,13 @@ impl ParleyApp {
             (Mode::Duplex, "Duplex model"),
             (Mode::Listen, "Listen model"),
         ] {
-            ui.label(label);
+            ui.strong(label);
+            if let Some(e) = self.models.ui(ui, &mut self.settings, mode) {
+                self.problems.push((
+                    format!("download: {e}"),
+                    "Check the network, or enter a local model directory.".into(),
+                ));
+            }
             let dir = match mode {
                 Mode::Duplex => &mut self.settings.duplex_model_dir,
                 Mode::Listen => &mut self.settings.listen_model_dir,
@@ -291,7 +309,7 @@ impl ParleyApp {
                     .desired_width(f32::INFINITY),
             );
         }
-        ui.weak("A directory laid out like the Kyutai repository; `parley models pull PRESET` fetches one.");
+        ui.weak("Or a local directory laid out like the Kyutai repository.");
         ui.separator();
         ui.heading("Compute");
         egui::ComboBox::from_label("Device")
@@ -316,7 +334,12 @@ impl ParleyApp {
         let current = match &self.settings.input {
             Input::Device(None) => "default microphone".to_string(),
             Input::Device(Some(n)) => n.clone(),
-            Input::File { path, .. } => format!("file: {path}"),
+            Input::File { path, .. } => format!(
+                "file: {}",
+                Path::new(path)
+                    .file_name()
+                    .map_or_else(|| path.clone(), |n| n.to_string_lossy().into_owned())
+            ),
         };
         let inputs: Vec<String> = self
             .devices
@@ -324,6 +347,7 @@ impl ParleyApp {
             .map(|d| d.inputs.iter().map(|i| i.name.clone()).collect())
             .unwrap_or_default();
         egui::ComboBox::from_label("Input")
+            .width(170.0)
             .selected_text(current)
             .show_ui(ui, |ui| {
                 ui.selectable_value(
@@ -345,6 +369,7 @@ impl ParleyApp {
             .map(|d| d.outputs.iter().map(|i| i.name.clone()).collect())
             .unwrap_or_default();
         egui::ComboBox::from_label("Output")
+            .width(170.0)
             .selected_text(
                 self.settings
                     .output_device
@@ -423,8 +448,20 @@ impl ParleyApp {
                 .take(PEAKS_PER_FRAME)
                 .copied()
                 .fold(0.0, f32::max);
-            ui.add(egui::ProgressBar::new(level.clamp(0.0, 1.0)).desired_width(80.0))
-                .on_hover_text("peak level of the last 80 ms");
+            // The level meter: the last 80 ms's peak, green to red.
+            let (meter, resp) =
+                ui.allocate_exact_size(egui::vec2(80.0, 14.0), egui::Sense::hover());
+            let p = ui.painter_at(meter);
+            p.rect_filled(meter, 3.0, ui.visuals().extreme_bg_color);
+            let mut fill = meter;
+            fill.set_width(meter.width() * level.clamp(0.0, 1.0));
+            let c = if level > 0.9 {
+                egui::Color32::from_rgb(230, 80, 80)
+            } else {
+                color
+            };
+            p.rect_filled(fill, 3.0, c);
+            resp.on_hover_text("peak level of the last 80 ms");
             let (rect, _) = ui
                 .allocate_exact_size(egui::vec2(ui.available_width(), 40.0), egui::Sense::hover());
             let p = ui.painter_at(rect);
@@ -506,6 +543,36 @@ impl eframe::App for ParleyApp {
         for m in self.engine.drain() {
             self.handle(m);
         }
+        self.models.tick();
+        for (name, r) in std::mem::take(&mut self.models.finished) {
+            match r {
+                Ok(dir) => {
+                    let preset_mode = parley_engine::hub::preset(&name).map(|p| p.mode);
+                    let slot = match preset_mode {
+                        Ok(parley_engine::hub::PresetMode::Duplex) => {
+                            Some(&mut self.settings.duplex_model_dir)
+                        }
+                        Ok(parley_engine::hub::PresetMode::Listen) => {
+                            Some(&mut self.settings.listen_model_dir)
+                        }
+                        _ => None,
+                    };
+                    if let Some(slot) = slot {
+                        if slot.trim().is_empty() {
+                            *slot = dir;
+                        }
+                    }
+                }
+                Err(e) => self.problems.push((
+                    format!("downloading {name}: {e}"),
+                    "Check the network and press Resume: what was fetched is kept.".into(),
+                )),
+            }
+        }
+        if self.models.busy() {
+            ui.ctx()
+                .request_repaint_after(std::time::Duration::from_millis(200));
+        }
         if !self.first_frame_reported {
             self.first_frame_reported = true;
             eprintln!(
@@ -537,6 +604,13 @@ impl eframe::App for ParleyApp {
             }
             if let Some(i) = dismiss {
                 self.problems.remove(i);
+            }
+            if self.settings.model_dir().trim().is_empty() && !self.is_running() {
+                egui::Frame::group(ui.style()).show(ui, |ui| {
+                    ui.set_width(ui.available_width());
+                    ui.heading("Welcome to Parley");
+                    ui.label(self.models.first_run_text(self.settings.mode));
+                });
             }
             Self::waveform(
                 ui,

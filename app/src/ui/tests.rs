@@ -176,3 +176,59 @@ fn settings_survive_a_restart() {
     });
     assert_eq!(h.state().settings, s);
 }
+
+#[test]
+fn the_first_run_screen_says_what_to_fetch() {
+    let mut s = settings(Mode::Duplex);
+    s.duplex_model_dir.clear();
+    let mut h = harness(s);
+    h.run_steps(2);
+    h.get_by_label_contains("Welcome to Parley");
+    let text = h.state().models.first_run_text(Mode::Duplex);
+    // Shown as it is.
+    h.get_by_label(&text);
+    assert!(text.contains("moshiko-bf16"), "{text}");
+    assert!(
+        text.contains("GB") || text.contains("is downloaded"),
+        "says neither the size nor that it is there: {text}"
+    );
+    // Every duplex preset of the registry is listed with its state.
+    h.get_by_label("moshiko-bf16");
+    h.get_by_label("moshika-bf16");
+}
+
+/// Renders the window mid-conversation (wgpu: lavapipe in CI); with PARLEY_SCREENSHOT set,
+/// writes it to docs/screenshot.png for the README.
+#[test]
+fn the_window_renders_mid_conversation() {
+    let mut h = Harness::builder()
+        .with_size([1100.0, 720.0])
+        .wgpu()
+        .build_eframe(|cc| ParleyApp::with_settings(cc, settings(Mode::Duplex)));
+    h.step();
+    h.get_by_label("Start").click();
+    run_until(&mut h, "a reply", |a| {
+        a.conversation
+            .iter()
+            .filter(|i| matches!(i, Item::Model { text, .. } if text.len() > 20))
+            .count()
+            > 0
+            && a.metrics.len() > 60
+    });
+    let image = match h.render() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("skipping the render: {e}");
+            return;
+        }
+    };
+    assert_eq!((image.width(), image.height()), (1100, 720));
+    // Not blank: many distinct colours.
+    let distinct: std::collections::HashSet<[u8; 4]> = image.pixels().map(|p| p.0).collect();
+    assert!(distinct.len() > 50, "{} colours", distinct.len());
+    if std::env::var_os("PARLEY_SCREENSHOT").is_some() {
+        image
+            .save(root().join("docs/screenshot.png"))
+            .expect("save the screenshot");
+    }
+}
