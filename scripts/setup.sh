@@ -10,8 +10,12 @@ need_apt=()
 # libasound2-plugins: a sound server with a null sink, and the ALSA plugin that makes it
 # ALSA's `default` device, so the audio tests run on machines without sound hardware
 # (scripts/start-audio.sh). alsa-utils: `aplay -L` / `arecord -L` to see what ALSA sees.
+# libxkbcommon-x11-0, libxcursor1, libxrandr2, libxi6, libx11-xcb1: what the window (winit on
+# X11) loads at run time. xvfb: a virtual X server, so the window opens (and is tested) on
+# machines without a display.
 for pkg in build-essential pkg-config mesa-vulkan-drivers \
-  libasound2-dev pulseaudio pulseaudio-utils libasound2-plugins alsa-utils; do
+  libasound2-dev pulseaudio pulseaudio-utils libasound2-plugins alsa-utils \
+  libxkbcommon-x11-0 libxcursor1 libxrandr2 libxi6 libx11-xcb1 xvfb; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

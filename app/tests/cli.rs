@@ -484,3 +484,62 @@ fn latency_harness_reports_and_plots_both_modes() {
         );
     }
 }
+
+/// `parley` with no command opens the real window: under a virtual X server (Xvfb) it
+/// draws its first frame. Skips, saying why, where Xvfb is not installed.
+#[test]
+fn the_window_opens_under_xvfb() {
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+    let display = format!(":{}", 90 + std::process::id() % 500);
+    let xvfb = Command::new("Xvfb")
+        .args([
+            display.as_str(),
+            "-screen",
+            "0",
+            "1280x800x24",
+            "-nolisten",
+            "tcp",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let Ok(mut xvfb) = xvfb else {
+        eprintln!("skipping: Xvfb is not installed (scripts/setup.sh installs it)");
+        return;
+    };
+    std::thread::sleep(Duration::from_millis(800));
+    let config = tmp("xdg-config");
+    let mut app = Command::new(env!("CARGO_BIN_EXE_parley"))
+        .env("DISPLAY", &display)
+        .env("XDG_DATA_HOME", &config)
+        .env("XDG_CONFIG_HOME", &config)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run parley");
+    let stderr = app.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let start = Instant::now();
+    let mut seen = vec![];
+    let mut ready = false;
+    while start.elapsed() < Duration::from_secs(60) && !ready {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            ready = line.contains("window ready");
+            seen.push(line);
+        }
+        if let Ok(Some(status)) = app.try_wait() {
+            panic!("parley exited with {status}: {seen:?}");
+        }
+    }
+    let _ = app.kill();
+    let _ = app.wait();
+    let _ = xvfb.kill();
+    let _ = xvfb.wait();
+    assert!(ready, "no first frame within 60 s: {seen:?}");
+}
