@@ -2,12 +2,14 @@
 //! clear message, when no adapter exists; kernels agree with the CPU path. Kernel tests run
 //! on any adapter (Mesa's lavapipe in CI) and skip, saying why, where there is none.
 
-use std::sync::Arc;
+#[path = "common/gpu.rs"]
+mod common_gpu;
+use common_gpu::any_gpu;
 
 use candle_core::{Device, Tensor};
 use parley_engine::compute::cpu::Matrix;
 use parley_engine::compute::gpu::{
-    sample_once, select, Backend, DeviceChoice, Gpu, GpuFormat, GpuMatrix, SHADERS,
+    sample_once, select, Backend, DeviceChoice, GpuFormat, GpuMatrix, SHADERS,
 };
 
 #[test]
@@ -54,20 +56,6 @@ fn without_adapters_auto_falls_back_to_the_cpu_and_gpu_says_why() {
         matches!(backend, Backend::Cpu) && line.contains("CPU"),
         "{line}"
     );
-}
-
-fn any_gpu() -> Option<Arc<Gpu>> {
-    match select(DeviceChoice::Gpu, wgpu::Backends::all()) {
-        Ok((Backend::Gpu(g), line)) => {
-            eprintln!("{line}");
-            Some(g)
-        }
-        Ok((Backend::Cpu, _)) => None,
-        Err(e) => {
-            eprintln!("skipping GPU kernel test: {e}");
-            None
-        }
-    }
 }
 
 #[test]
@@ -262,4 +250,30 @@ fn sampling_kernel_matches_its_definition() {
             }
         }
     }
+}
+
+/// WGSL has no includes: the per-step block is declared in every file that reads it, and
+/// those declarations must be the same (and match `StepBlock::words`).
+#[test]
+fn every_copy_of_the_step_block_is_the_same() {
+    let decl = |src: &str| -> Option<String> {
+        let a = src.find("struct Step {")?;
+        let b = a + src[a..].find('}')?;
+        Some(src[a..=b].split_whitespace().collect::<Vec<_>>().join(" "))
+    };
+    let copies: Vec<(&str, String)> = SHADERS
+        .iter()
+        .filter_map(|(n, s)| decl(s).map(|d| (*n, d)))
+        .collect();
+    assert!(copies.len() >= 2, "{copies:?}");
+    for (n, d) in &copies {
+        assert_eq!(
+            d, &copies[0].1,
+            "{n} declares another Step than {}",
+            copies[0].0
+        );
+    }
+    assert!(copies[0]
+        .1
+        .contains("cs: array<vec4<f32>, 64>, draws: array<vec4<f32>, 8>,"));
 }

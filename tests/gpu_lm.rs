@@ -5,30 +5,20 @@
 //! and q4 weights, logits within the tolerances stated below while the token streams
 //! agree. Skips, saying why, where no GPU adapter exists.
 
+#[path = "common/gpu.rs"]
+mod common_gpu;
+use common_gpu::any_gpu;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use parley_engine::compute::gpu::{select, Backend, DeviceChoice, Gpu, GpuFormat};
+use parley_engine::compute::gpu::{Gpu, GpuFormat};
 use parley_engine::models::lm::generator::{GenConfig, GenStep, LmBackend, LmGen};
 use parley_engine::models::lm::gpu::{GpuLm, GpuLmOptions};
 use parley_engine::models::lm::{LmConfig, LmModel};
 
 const STEPS: usize = 100;
-
-fn any_gpu() -> Option<Arc<Gpu>> {
-    match select(DeviceChoice::Gpu, wgpu::Backends::all()) {
-        Ok((Backend::Gpu(g), line)) => {
-            eprintln!("{line}");
-            Some(g)
-        }
-        Ok((Backend::Cpu, _)) => None,
-        Err(e) => {
-            eprintln!("skipping GPU LM test: {e}");
-            None
-        }
-    }
-}
 
 fn dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
