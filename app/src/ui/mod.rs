@@ -405,13 +405,24 @@ impl ParleyApp {
             ui.separator();
             ui.label(format!("underruns: {}", self.underruns));
             ui.separator();
-            match self.responses_ms.last() {
-                Some(ms) => ui.label(format!(
-                    "response latency: last {ms:.0} ms over {} turns",
-                    self.responses_ms.len()
-                )),
-                None => ui.label("response latency: no reply yet"),
-            };
+            if self.responses_ms.is_empty() {
+                ui.label("response latency: no reply yet");
+            } else {
+                // Each turn's, the latest last (the last eight).
+                let turns: Vec<String> = self
+                    .responses_ms
+                    .iter()
+                    .rev()
+                    .take(8)
+                    .rev()
+                    .map(|ms| format!("{ms:.0}"))
+                    .collect();
+                ui.label(format!(
+                    "response latency per turn (ms): {}",
+                    turns.join(", ")
+                ))
+                .on_hover_text(format!("{} turns so far", self.responses_ms.len()));
+            }
         });
         let bars: Vec<Bar> = self
             .metrics

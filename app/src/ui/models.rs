@@ -45,8 +45,13 @@ impl std::fmt::Debug for Manager {
 
 impl Manager {
     pub fn new() -> Self {
+        Self::with_hub(Hub::from_env().map_err(|e| e.to_string()))
+    }
+
+    /// A manager over a given cache and endpoint (tests point it at a local server).
+    pub fn with_hub(hub: Result<Hub, String>) -> Self {
         Self {
-            hub: Hub::from_env().map_err(|e| e.to_string()),
+            hub,
             statuses: HashMap::new(),
             refreshed: None,
             pulls: HashMap::new(),

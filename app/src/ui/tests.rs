@@ -8,6 +8,10 @@ use egui_kittest::kittest::Queryable;
 use egui_kittest::Harness;
 use parley_engine::pipeline::Mode;
 
+#[path = "../../../tests/common/fake_hub.rs"]
+#[allow(dead_code)]
+mod fake_hub;
+
 use super::engine::Status;
 use super::settings::{Input, Settings};
 use super::{Item, ParleyApp};
@@ -231,4 +235,83 @@ fn the_window_renders_mid_conversation() {
             .save(root().join("docs/screenshot.png"))
             .expect("save the screenshot");
     }
+}
+
+/// The first-run path: a preset downloaded from the window (a local stand-in for the Hub
+/// serving the tiny STT fixture under kyutai/stt-1b-en_fr's file names), with progress,
+/// then chosen as the listen model.
+#[test]
+fn a_preset_downloads_from_the_window_and_is_used() {
+    use fake_hub::{FakeFile, FakeHub};
+    use parley_engine::hub::{Hub, HubConfig};
+    let fixture =
+        |n: &str| std::fs::read(root().join("tests/fixtures/stt-tiny").join(n)).expect("fixture");
+    let server = FakeHub::start();
+    server.add_repo(
+        "kyutai/stt-1b-en_fr",
+        "0123456789abcdef0123456789abcdef01234567",
+        vec![
+            FakeFile::new("config.json", fixture("config.json")),
+            FakeFile::new("model.safetensors", fixture("model.safetensors")),
+            FakeFile::new(
+                "mimi-pytorch-e351c8d8@125.safetensors",
+                fixture("mimi.safetensors"),
+            ),
+            FakeFile::new(
+                "tokenizer_en_fr_audio_8000.model",
+                fixture("tokenizer.model"),
+            ),
+        ],
+    );
+    // Interrupted once, part way through the model: the window's pull resumes it.
+    server.truncate_next("model.safetensors", 5000);
+    let home = std::env::temp_dir().join(format!("parley-ui-hub-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    let mut cfg = HubConfig::new(home.join("hub"), server.url.clone());
+    cfg.connect_timeout = Duration::from_secs(5);
+    cfg.read_timeout = Duration::from_secs(10);
+    let hub = Hub::new(cfg).expect("hub");
+
+    let mut s = settings(Mode::Listen);
+    s.listen_model_dir.clear();
+    let mut h = Harness::builder()
+        .with_size([1100.0, 900.0])
+        .build_eframe(move |cc| {
+            let mut app = ParleyApp::with_settings(cc, s);
+            app.models = super::models::Manager::with_hub(Ok(hub));
+            app
+        });
+    h.run_steps(2);
+    h.get_by_label_contains("No listen model yet. Fetch stt-1b-en_fr");
+    // The listen presets come after the duplex ones: stt-1b-en_fr's is the third button.
+    h.get_all_by_label("Download")
+        .nth(2)
+        .expect("stt-1b-en_fr's button")
+        .click();
+    run_until(&mut h, "the download", |a| {
+        !a.settings.listen_model_dir.is_empty() || !a.problems.is_empty()
+    });
+    assert!(h.state().problems.is_empty(), "{:?}", h.state().problems);
+    let dir = PathBuf::from(&h.state().settings.listen_model_dir);
+    assert!(dir.join("model.safetensors").is_file(), "{}", dir.display());
+    assert_eq!(
+        std::fs::read(dir.join("model.safetensors")).expect("model"),
+        fixture("model.safetensors")
+    );
+    // Resumed with a Range request after the cut.
+    assert!(
+        server.log().iter().any(|r| r
+            .range
+            .as_deref()
+            .is_some_and(|x| x.starts_with("bytes=5000-"))),
+        "{:?}",
+        server.log()
+    );
+    run_until(&mut h, "the downloaded state", |a| {
+        a.models
+            .first_run_text(Mode::Listen)
+            .contains("is downloaded")
+    });
+    h.get_by_label("(in use)");
+    let _ = std::fs::remove_dir_all(&home);
 }
