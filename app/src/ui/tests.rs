@@ -9,7 +9,6 @@ use egui_kittest::Harness;
 use parley_engine::pipeline::Mode;
 
 #[path = "../../../tests/common/fake_hub.rs"]
-#[allow(dead_code)]
 mod fake_hub;
 
 use super::engine::Status;
