@@ -148,14 +148,7 @@ fn draw(
         epaint_default_fonts::UBUNTU_LIGHT,
     );
     let frame_s = FRAME_LEN_SAMPLES as f64 / 24_000.0;
-    let metrics: Vec<_> = rec
-        .events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Metrics(m) => Some(*m),
-            _ => None,
-        })
-        .collect();
+    let metrics = rec.metrics();
     let t_max = (metrics.len().max(1) as f64 * frame_s).max(rec.input_24k.len() as f64 / 24_000.0);
     let root = BitMapBackend::new(path, (1600, 1000)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -264,17 +257,7 @@ fn draw(
         }
         {
             // Every emitted text piece at its felt time, faintly.
-            let felt = |f: u64| {
-                let m = metrics.iter().find(|m| m.frame == f);
-                (f + 1) as f64 * frame_s
-                    + m.map_or(0.0, |m| {
-                        if report.pace == "realtime" {
-                            m.latency_ms
-                        } else {
-                            m.encode_ms + m.lm_ms + m.decode_ms
-                        }
-                    }) / 1e3
-            };
+            let felt = |f: u64| rec.felt_s(&metrics, f);
             for (i, e) in rec.events.iter().enumerate() {
                 if let Event::TextDelta { text, frame } = e {
                     let y = 0.3 + 0.3 * (i % 3) as f64;

@@ -7,11 +7,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use parley_engine::audio::file::{read_audio_24k, write_wav_f32};
-use parley_engine::compute::cpu::WeightPrecision;
 use parley_engine::compute::gpu::{select_device, DeviceChoice};
 use parley_engine::compute::Dtype;
 use parley_engine::models::kyutai_config::ModelDir;
-use parley_engine::models::lm::generator::{GenConfig, LmBackend, LmGen, Sampling};
+use parley_engine::models::lm::generator::{GenConfig, LmBackend, LmGen};
 use parley_engine::models::mimi::Mimi;
 use parley_engine::models::stt::Transcriber;
 use parley_engine::npy;
@@ -55,10 +54,7 @@ fn load_models(model_dir: &Path, run: &RunArgs) -> Result<(ModelDir, Mimi, LmBac
     let dir = ModelDir::open(model_dir).context("opening the model directory")?;
     let mut mimi = dir.load_mimi().context("loading Mimi")?;
     // Mimi's CPU path holds f32 or bf16 weights.
-    mimi.set_weight_precision(match run.precision {
-        Dtype::Auto | Dtype::F32 => WeightPrecision::F32,
-        _ => WeightPrecision::Bf16,
-    })?;
+    mimi.set_weight_precision(run.precision.mimi_precision())?;
     let (device, line) = select_device(run.device)?;
     eprintln!("{line}");
     let lm = LmBackend::open(&device, run.precision, |p| dir.load_lm_as(p))
@@ -185,24 +181,13 @@ pub fn moshi(args: MoshiArgs) -> Result<()> {
             args.model_dir.display()
         );
     }
-    let gen_cfg = &dir.config.lm_gen_config;
-    let get = |k: &str, d: f64| {
-        gen_cfg
-            .get(k)
-            .and_then(serde_json::Value::as_f64)
-            .unwrap_or(d)
-    };
-    let cfg = GenConfig {
-        text: Sampling {
-            temp: args.temp_text.unwrap_or(get("temp_text", 0.7) as f32),
-            top_k: get("top_k_text", 25.0) as usize,
-        },
-        audio: Sampling {
-            temp: args.temp.unwrap_or(get("temp", 0.8) as f32),
-            top_k: get("top_k", 250.0) as usize,
-        },
-        seed: args.seed,
-    };
+    let mut cfg = dir.gen_config(args.seed);
+    if let Some(t) = args.temp_text {
+        cfg.text.temp = t;
+    }
+    if let Some(t) = args.temp {
+        cfg.audio.temp = t;
+    }
     let mut gen = LmGen::with_backend(lm, cfg);
     let fs = mimi.frame_size();
     let mut audio = pcm.clone();

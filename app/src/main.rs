@@ -74,14 +74,8 @@ fn devices() -> anyhow::Result<()> {
             );
         }
     }
-    for choice in [
-        parley_engine::compute::gpu::DeviceChoice::Auto,
-        parley_engine::compute::gpu::DeviceChoice::Gpu,
-    ] {
-        match parley_engine::compute::gpu::select_device(choice) {
-            Ok((_, line)) => println!("--device {}: {line}", format!("{choice:?}").to_lowercase()),
-            Err(e) => println!("--device {}: {e}", format!("{choice:?}").to_lowercase()),
-        }
+    for line in parley_engine::compute::gpu::describe_choices() {
+        println!("--device {line}");
     }
     Ok(())
 }

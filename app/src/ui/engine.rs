@@ -13,7 +13,7 @@ use parley_engine::audio::device::{
 };
 use parley_engine::audio::virtual_device::{FileSource, Pace};
 use parley_engine::audio::{AudioEvent, FrameSink, FrameSource, FRAME_LEN_SAMPLES};
-use parley_engine::compute::gpu::{select_device, DeviceChoice};
+use parley_engine::compute::gpu::DeviceChoice;
 use parley_engine::compute::Dtype;
 use parley_engine::pipeline::{Event, Mode, Models, NullSink, Session, SessionOptions, Stopper};
 
@@ -144,13 +144,7 @@ fn controller(
                             .into(),
                     }),
                 }
-                let mut lines = vec![];
-                for c in [DeviceChoice::Auto, DeviceChoice::Gpu] {
-                    lines.push(match select_device(c) {
-                        Ok((_, line)) => format!("{}: {line}", format!("{c:?}").to_lowercase()),
-                        Err(e) => format!("{}: {e}", format!("{c:?}").to_lowercase()),
-                    });
-                }
+                let lines = parley_engine::compute::gpu::describe_choices();
                 send(FromEngine::Adapters(lines));
             }
             Command::Stop => {

@@ -107,6 +107,21 @@ pub fn select_device(choice: DeviceChoice) -> Result<(Backend, String)> {
     select(choice, wgpu::Backends::all())
 }
 
+/// What `--device auto` and `--device gpu` would each run on, one line apiece (for
+/// `parley devices` and the window's compute panel).
+pub fn describe_choices() -> Vec<String> {
+    [DeviceChoice::Auto, DeviceChoice::Gpu]
+        .into_iter()
+        .map(|c| {
+            let name = format!("{c:?}").to_lowercase();
+            match select_device(c) {
+                Ok((_, line)) => format!("{name}: {line}"),
+                Err(e) => format!("{name}: {e}"),
+            }
+        })
+        .collect()
+}
+
 /// Picks and opens the device for `choice` among the adapters of `backends`. Returns the
 /// backend and the line to log.
 pub fn select(choice: DeviceChoice, backends: wgpu::Backends) -> Result<(Backend, String)> {

@@ -65,6 +65,15 @@ impl Dtype {
         }
     }
 
+    /// Mimi's precision for this choice: Mimi runs on the CPU, in f32 (the reference's
+    /// arithmetic) or bf16 for every reduced format.
+    pub fn mimi_precision(self) -> cpu::WeightPrecision {
+        match self {
+            Self::Auto | Self::F32 => cpu::WeightPrecision::F32,
+            _ => cpu::WeightPrecision::Bf16,
+        }
+    }
+
     /// The GPU's format for this choice.
     pub fn gpu(self) -> gpu::GpuFormat {
         use gpu::GpuFormat as G;

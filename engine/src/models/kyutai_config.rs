@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::lm::generator::{GenConfig, Sampling};
 use super::lm::{LmConfig, LmModel};
 use super::mimi::{Mimi, MimiConfig};
 use super::stt::SttConfig;
@@ -142,6 +143,24 @@ impl ModelDir {
     }
 
     /// The language model, loaded from `moshi_name`.
+    /// Sampling as the model's `lm_gen_config` says (the reference's defaults for the
+    /// keys it leaves out: text temperature 0.7, top 25; audio 0.8, top 250).
+    pub fn gen_config(&self, seed: u64) -> GenConfig {
+        let g = &self.config.lm_gen_config;
+        let get = |k: &str, def: f64| g.get(k).and_then(serde_json::Value::as_f64).unwrap_or(def);
+        GenConfig {
+            text: Sampling {
+                temp: get("temp_text", 0.7) as f32,
+                top_k: get("top_k_text", 25.0) as usize,
+            },
+            audio: Sampling {
+                temp: get("temp", 0.8) as f32,
+                top_k: get("top_k", 250.0) as usize,
+            },
+            seed,
+        }
+    }
+
     pub fn load_lm(&self) -> Result<LmModel> {
         self.load_lm_as(WeightPrecision::F32)
     }

@@ -140,7 +140,7 @@ pub struct SessionRecord<'a> {
 }
 
 impl SessionRecord<'_> {
-    fn metrics(&self) -> Vec<FrameMetrics> {
+    pub fn metrics(&self) -> Vec<FrameMetrics> {
         self.events
             .iter()
             .filter_map(|e| match e {
@@ -151,7 +151,7 @@ impl SessionRecord<'_> {
     }
 
     /// When what frame `f` produced was felt (see the module's doc).
-    fn felt_s(&self, metrics: &[FrameMetrics], f: u64) -> f64 {
+    pub fn felt_s(&self, metrics: &[FrameMetrics], f: u64) -> f64 {
         let extra_ms = metrics.iter().find(|m| m.frame == f).map_or(0.0, |m| {
             if self.realtime {
                 m.latency_ms

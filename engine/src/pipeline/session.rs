@@ -14,7 +14,7 @@ use crate::audio::{FrameSink, FrameSource, FRAME_LEN_SAMPLES};
 use crate::compute::gpu::{select_device, DeviceChoice};
 use crate::compute::Dtype;
 use crate::models::kyutai_config::ModelDir;
-use crate::models::lm::generator::{GenConfig, LmBackend, LmGen, Sampling};
+use crate::models::lm::generator::{GenConfig, LmBackend, LmGen};
 use crate::models::mimi::Mimi;
 use crate::models::stt::{SttConfig, WordStream, END_OF_PADDING_ID};
 use crate::models::tokenizer::TextTokenizer;
@@ -94,31 +94,13 @@ impl Models {
             _ => {}
         }
         let mut mimi = d.load_mimi()?;
-        mimi.set_weight_precision(match dtype {
-            Dtype::Auto | Dtype::F32 => crate::compute::cpu::WeightPrecision::F32,
-            _ => crate::compute::cpu::WeightPrecision::Bf16,
-        })?;
+        mimi.set_weight_precision(dtype.mimi_precision())?;
         let (backend, device) = select_device(device)?;
         let lm = LmBackend::open(&backend, dtype, |p| d.load_lm_as(p))?;
         let gen_cfg = match (mode, sampling) {
             (_, Some(s)) => s,
             (Mode::Listen, None) => GenConfig::default(),
-            (Mode::Duplex, None) => {
-                let g = &d.config.lm_gen_config;
-                let get =
-                    |k: &str, def: f64| g.get(k).and_then(serde_json::Value::as_f64).unwrap_or(def);
-                GenConfig {
-                    text: Sampling {
-                        temp: get("temp_text", 0.7) as f32,
-                        top_k: get("top_k_text", 25.0) as usize,
-                    },
-                    audio: Sampling {
-                        temp: get("temp", 0.8) as f32,
-                        top_k: get("top_k", 250.0) as usize,
-                    },
-                    seed: 0,
-                }
-            }
+            (Mode::Duplex, None) => d.gen_config(0),
         };
         Ok(Self {
             mode,
@@ -155,11 +137,7 @@ impl Models {
             MimiConfig::default(),
             n_in.max(cfg.dep_q),
         )?;
-        let cpu_precision = match dtype {
-            Dtype::Auto | Dtype::F32 => crate::compute::cpu::WeightPrecision::F32,
-            _ => crate::compute::cpu::WeightPrecision::Bf16,
-        };
-        mimi.set_weight_precision(cpu_precision)?;
+        mimi.set_weight_precision(dtype.mimi_precision())?;
         let (backend, device) = select_device(device)?;
         let lm = LmBackend::open(&backend, dtype, |p| {
             LmModel::from_weights(&Weights::random(2).with_precision(p), cfg)
