@@ -4,6 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+#[path = "common/candle_layout.rs"]
+mod candle_layout;
+
 use candle_core::Tensor;
 use parley_engine::models::lm::generator::{GenConfig, LmGen};
 use parley_engine::models::lm::{LmConfig, LmModel};
@@ -144,65 +147,13 @@ fn bad_model_files_give_clear_errors() {
 fn candle_layout_checkpoint_matches_reference() {
     use candle_core::Device;
     use parley_engine::models::weights::Weights;
-    use std::collections::HashMap;
 
     let d = dir("moshi-tiny");
     let cfg = LmConfig::from_json_file(&d.join("config.json")).expect("config");
     let (dep_q, dd) = (cfg.dep_q, cfg.depformer_dim);
     let orig =
         candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).expect("load");
-    let mut out: HashMap<String, Tensor> = HashMap::new();
-    for (name, t) in orig {
-        let parts: Vec<&str> = name.split('.').collect();
-        match parts.as_slice() {
-            ["depformer_in", k, "weight"] => {
-                out.insert(format!("depformer.{k}.linear_in.weight"), t);
-            }
-            ["depformer_text_emb", "weight"] => {
-                out.insert("depformer.0.emb.weight".into(), t);
-            }
-            ["depformer_emb", k, "weight"] => {
-                let k: usize = k.parse().expect("k");
-                out.insert(format!("depformer.{}.emb.weight", k + 1), t);
-            }
-            ["linears", k, "weight"] => {
-                out.insert(format!("depformer.{k}.linear_out.weight"), t);
-            }
-            ["depformer", "layers", i, "self_attn", rest @ ..] => {
-                let rows = t.dim(0).expect("rows") / dep_q;
-                for k in 0..dep_q {
-                    let part = t.narrow(0, k * rows, rows).expect("narrow");
-                    out.insert(
-                        format!(
-                            "depformer.{k}.transformer.layers.{i}.self_attn.{}",
-                            rest.join(".")
-                        ),
-                        part,
-                    );
-                }
-            }
-            ["depformer", "layers", i, "gating", k, rest @ ..] => {
-                out.insert(
-                    format!(
-                        "depformer.{k}.transformer.layers.{i}.gating.{}",
-                        rest.join(".")
-                    ),
-                    t,
-                );
-            }
-            ["depformer", "layers", i, rest @ ..] => {
-                for k in 0..dep_q {
-                    out.insert(
-                        format!("depformer.{k}.transformer.layers.{i}.{}", rest.join(".")),
-                        t.clone(),
-                    );
-                }
-            }
-            _ => {
-                out.insert(name, t);
-            }
-        }
-    }
+    let out = candle_layout::to_candle_names(orig, dep_q);
     assert!(out.contains_key(&format!(
         "depformer.{}.transformer.layers.0.gating.linear_in.weight",
         dep_q - 1

@@ -21,6 +21,25 @@ pub enum BenchCommand {
     /// report what a person would feel (compute per frame, word emission, end of turn,
     /// response latency), with a timeline plot.
     Latency(crate::latency::LatencyArgs),
+    /// Load a model directory's language model in one precision and report the time and
+    /// the peak resident memory it took (Linux: /proc/self/status). With --write-layout,
+    /// first write random weights in a published layout
+    /// (tests/fixtures/published/NAME.json) into the directory.
+    Load(LoadBench),
+}
+
+#[derive(Debug, Args)]
+pub struct LoadBench {
+    #[arg(long)]
+    model_dir: std::path::PathBuf,
+    /// f32, bf16, q8_0 or q4 (the CPU's formats).
+    #[arg(long, default_value = "bf16")]
+    precision: parley_engine::compute::cpu::WeightPrecision,
+    /// A published layout to write (random weights) into --model-dir first.
+    #[arg(long)]
+    write_layout: Option<std::path::PathBuf>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -77,7 +96,84 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Mimi(b) => bench_mimi(b),
         BenchCommand::Lm(b) => bench_lm(b),
         BenchCommand::Latency(a) => crate::latency::run(a),
+        BenchCommand::Load(b) => bench_load(b),
     }
+}
+
+/// A field of /proc/self/status in KiB (VmRSS, VmHWM), where there is one.
+fn proc_status_kib(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The CPU's model name, for benchmark reports (CPUs differ between machines).
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+fn bench_load(b: LoadBench) -> Result<()> {
+    use parley_engine::models::checkpoint::PublishedLayout;
+    use parley_engine::models::kyutai_config::ModelDir;
+    if let Some(path) = &b.write_layout {
+        let layout = PublishedLayout::load(path)?;
+        let t = Instant::now();
+        let bytes = layout.write_random_dir(&b.model_dir, None, 1)?;
+        eprintln!(
+            "wrote {} ({:.2} GB, {} tensors) in {:.1} s",
+            b.model_dir.join(&layout.weights_file).display(),
+            bytes as f64 / 1e9,
+            layout.tensors.len(),
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let dir = ModelDir::open(&b.model_dir)?;
+    let base = proc_status_kib("VmRSS").unwrap_or(0);
+    // Resets the peak (VmHWM) to the current size, so the peak below is the load's.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let t = Instant::now();
+    let model = dir.load_lm_as(b.precision)?;
+    let secs = t.elapsed().as_secs_f64();
+    let after = proc_status_kib("VmRSS").unwrap_or(0);
+    let peak = proc_status_kib("VmHWM").unwrap_or(0);
+    let gb = |kib: u64| kib as f64 * 1024.0 / 1e9;
+    let own = after.saturating_sub(base);
+    let grew = peak.saturating_sub(base);
+    let report = serde_json::json!({
+        "cpu": cpu_model(),
+        "model_dir": b.model_dir.display().to_string(),
+        "precision": b.precision.to_string(),
+        "load_s": secs,
+        "rss_before_gb": gb(base),
+        "rss_after_gb": gb(after),
+        "peak_rss_gb": gb(peak),
+        "peak_over_model": grew as f64 / own.max(1) as f64,
+        "weights_per_step_gb": model.weight_bytes_per_step() as f64 / 1e9,
+    });
+    if b.json {
+        println!("{report}");
+    } else {
+        println!(
+            "{} in {}: loaded in {secs:.1} s; resident {:.2} GB after (from {:.2} GB), peak {:.2} GB ({:.3}x the model's own growth); {:.2} GB of weights per step; CPU {}",
+            b.model_dir.display(),
+            b.precision,
+            gb(after),
+            gb(base),
+            gb(peak),
+            grew as f64 / own.max(1) as f64,
+            model.weight_bytes_per_step() as f64 / 1e9,
+            cpu_model()
+        );
+    }
+    Ok(())
 }
 
 fn bench_lm(b: LmBench) -> Result<()> {
@@ -99,14 +195,19 @@ fn bench_lm(b: LmBench) -> Result<()> {
             let cfg = LmConfig::preset(p).ok_or_else(|| {
                 anyhow::anyhow!("unknown preset `{p}`; known: {}", PRESETS.join(", "))
             })?;
-            let backend = LmBackend::open(&device, b.dtype, |precision| {
+            let (backend, weights) = LmBackend::open(&device, b.dtype, None, |precision| {
                 LmModel::from_weights(&Weights::random(1).with_precision(precision), cfg)
             })?;
+            eprintln!("{weights}");
             (backend, format!("{p}, random weights"))
         }
         (None, Some(dir)) => {
             let d = ModelDir::open(dir)?;
-            let backend = LmBackend::open(&device, b.dtype, |p| d.load_lm_as(p))?;
+            let (backend, weights) =
+                LmBackend::open(&device, b.dtype, Some(d.lm_param_count()?), |p| {
+                    d.load_lm_as(p)
+                })?;
+            eprintln!("{weights}");
             (backend, dir.display().to_string())
         }
         _ => anyhow::bail!("say which model: --preset NAME --random-weights, or --model-dir DIR"),

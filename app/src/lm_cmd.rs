@@ -43,7 +43,9 @@ pub struct RunArgs {
     /// or cpu. Mimi runs on the CPU either way.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
-    /// Weights: auto (f32 on the CPU, bf16 on the GPU), f32, bf16, q8_0, q4, or f16 (GPU).
+    /// Weights: auto (on the CPU f32 where it fits in the memory available, else the
+    /// first of bf16, q8_0, q4 that does; bf16 on the GPU), f32, bf16, q8_0, q4, or f16
+    /// (GPU).
     #[arg(long, alias = "dtype", default_value = "auto")]
     pub precision: Dtype,
 }
@@ -57,8 +59,13 @@ fn load_models(model_dir: &Path, run: &RunArgs) -> Result<(ModelDir, Mimi, LmBac
     mimi.set_weight_precision(run.precision.mimi_precision())?;
     let (device, line) = select_device(run.device)?;
     eprintln!("{line}");
-    let lm = LmBackend::open(&device, run.precision, |p| dir.load_lm_as(p))
-        .context("loading the language model")?;
+    let params = dir
+        .lm_param_count()
+        .context("reading the language model's header")?;
+    let (lm, weights) =
+        LmBackend::open(&device, run.precision, Some(params), |p| dir.load_lm_as(p))
+            .context("loading the language model")?;
+    eprintln!("{weights}");
     Ok((dir, mimi, lm))
 }
 

@@ -10,7 +10,8 @@ use std::process::{Command, Output};
 use fake_hub::{FakeFile, FakeHub};
 use parley_engine::models::kyutai_config::ModelDir;
 
-const COMMIT: &str = "89abcdef0123456789abcdef0123456789abcdef";
+/// The revision the registry pins stt-1b-en_fr to (the fake Hub answers for it).
+const COMMIT: &str = "095e38f6242006a93c2541149b181988397f5c7c";
 
 fn tmp_home(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("parley-models-cli-{name}-{}", std::process::id()));
@@ -48,7 +49,7 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(dir.join(name)).expect("fixture")
 }
 
-/// A fake `kyutai/stt-1b-en_fr`: the tiny STT fixture under the real preset's file names
+/// A fake `kyutai/stt-1b-en_fr-candle`: the tiny STT fixture under the real preset's file names
 /// (so its sizes are nothing like the registry's: the pull must go by the Hub's).
 fn fake_stt_1b() -> FakeHub {
     let mut config: serde_json::Value =
@@ -57,7 +58,7 @@ fn fake_stt_1b() -> FakeHub {
     config["tokenizer_name"] = "tokenizer_en_fr_audio_8000.model".into();
     let hub = FakeHub::start();
     hub.add_repo(
-        "kyutai/stt-1b-en_fr",
+        "kyutai/stt-1b-en_fr-candle",
         COMMIT,
         vec![
             FakeFile::new(
@@ -102,7 +103,7 @@ fn list_shows_every_preset_and_nothing_downloaded() {
             .find(|l| l.starts_with(&format!("{name} ")))
             .unwrap_or_else(|| panic!("{name} not listed: {stdout}"));
         assert!(line.contains("not downloaded"), "{line}");
-        let supported = !name.contains("q8") && !name.starts_with("tts");
+        let supported = !name.starts_with("tts");
         assert!(
             line.contains(if supported { " yes " } else { " no " }),
             "{line}"
@@ -177,7 +178,7 @@ fn pull_then_path_from_a_local_hub() {
     let dir = PathBuf::from(text(&out.stdout).trim());
     assert_eq!(
         dir,
-        home.join("hub/models--kyutai--stt-1b-en_fr/snapshots")
+        home.join("hub/models--kyutai--stt-1b-en_fr-candle/snapshots")
             .join(COMMIT)
     );
     assert_eq!(
@@ -207,7 +208,7 @@ fn pull_then_path_from_a_local_hub() {
 #[test]
 fn pull_refuses_unsupported_presets_and_reports_an_unreachable_hub() {
     let home = tmp_home("refuse");
-    let out = parley(&home, None, &["models", "pull", "moshiko-q8"]);
+    let out = parley(&home, None, &["models", "pull", "moshiko-q8-bnb"]);
     let stderr = text(&out.stderr);
     assert!(!out.status.success());
     assert!(

@@ -145,6 +145,17 @@ impl Manager {
             ui.horizontal_wrapped(|ui| {
                 ui.label(&p.name)
                     .on_hover_text(format!("{} ({})", p.title, p.repo));
+                if p.mode == PresetMode::Listen {
+                    if p.end_of_turn {
+                        ui.weak("end of turn").on_hover_text(
+                            "its semantic end-of-turn head says when you have finished",
+                        );
+                    } else {
+                        ui.weak("no end of turn").on_hover_text(
+                            "transcripts only: this checkpoint has no end-of-turn head",
+                        );
+                    }
+                }
                 if !p.supported {
                     ui.weak("not supported")
                         .on_hover_text(p.unsupported_reason.clone().unwrap_or_default());

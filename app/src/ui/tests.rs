@@ -247,8 +247,8 @@ fn a_preset_downloads_from_the_window_and_is_used() {
         |n: &str| std::fs::read(root().join("tests/fixtures/stt-tiny").join(n)).expect("fixture");
     let server = FakeHub::start();
     server.add_repo(
-        "kyutai/stt-1b-en_fr",
-        "0123456789abcdef0123456789abcdef01234567",
+        "kyutai/stt-1b-en_fr-candle",
+        "095e38f6242006a93c2541149b181988397f5c7c",
         vec![
             FakeFile::new("config.json", fixture("config.json")),
             FakeFile::new("model.safetensors", fixture("model.safetensors")),
@@ -282,9 +282,9 @@ fn a_preset_downloads_from_the_window_and_is_used() {
         });
     h.run_steps(2);
     h.get_by_label_contains("No listen model yet. Fetch stt-1b-en_fr");
-    // The listen presets come after the duplex ones: stt-1b-en_fr's is the third button.
+    // The listen presets come after the four duplex ones: stt-1b-en_fr's is the fifth.
     h.get_all_by_label("Download")
-        .nth(2)
+        .nth(4)
         .expect("stt-1b-en_fr's button")
         .click();
     run_until(&mut h, "the download", |a| {

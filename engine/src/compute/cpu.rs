@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
@@ -57,6 +57,99 @@ impl std::str::FromStr for WeightPrecision {
             )),
         }
     }
+}
+
+impl std::fmt::Display for WeightPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::Q8_0 => "q8_0",
+            Self::Q4 => "q4",
+        })
+    }
+}
+
+impl WeightPrecision {
+    /// Bytes per weight this precision holds a model's matrices in (q8_0: 34 bytes per
+    /// block of 32; q4k: 144 per 256), for sizing; embeddings and small matrices are a
+    /// few percent of a model and are not counted apart.
+    pub fn bytes_per_weight(self) -> f64 {
+        match self {
+            Self::F32 => 4.0,
+            Self::Bf16 => 2.0,
+            Self::Q8_0 => 34.0 / 32.0,
+            Self::Q4 => 144.0 / 256.0,
+        }
+    }
+
+    /// `--precision auto` on the CPU: the most exact format whose copy of a model of
+    /// `params` weights fits in `available` bytes with [`AUTO_HEADROOM`] to spare (f32,
+    /// the reference's arithmetic, where it fits; a 7B model in f32 fits almost
+    /// nowhere). Returns it and why.
+    pub fn auto_for(params: u64, available: Option<u64>) -> (Self, String) {
+        let gb = |b: f64| b / 1e9;
+        let Some(avail) = available else {
+            return (
+                Self::F32,
+                "available memory unknown, f32 as the reference computes".into(),
+            );
+        };
+        let need = |p: Self| params as f64 * p.bytes_per_weight() * AUTO_HEADROOM;
+        for p in [Self::F32, Self::Bf16, Self::Q8_0, Self::Q4] {
+            if need(p) <= avail as f64 {
+                let why = if p == Self::F32 {
+                    format!(
+                        "f32 as the reference computes: {:.1} GB of {:.1} GB available",
+                        gb(need(p)),
+                        gb(avail as f64)
+                    )
+                } else {
+                    format!(
+                        "f32 would need {:.1} GB, {:.1} GB available; {p} needs {:.1} GB",
+                        gb(need(Self::F32)),
+                        gb(avail as f64),
+                        gb(need(p))
+                    )
+                };
+                return (p, why);
+            }
+        }
+        (
+            Self::Q4,
+            format!(
+                "even q4 needs {:.1} GB and {:.1} GB are available: loading may fail",
+                gb(need(Self::Q4)),
+                gb(avail as f64)
+            ),
+        )
+    }
+}
+
+/// What `--precision auto` leaves spare beyond a model's own size (the streaming state,
+/// Mimi, the rest of the process and of the machine).
+pub const AUTO_HEADROOM: f64 = 1.25;
+
+/// Whether `t` is the whole of its (CPU) storage, in order: not a view into a larger
+/// tensor, so that code reading the raw storage (candle's quantizer) reads `t` alone.
+fn owns_its_storage(t: &Tensor) -> bool {
+    let (storage, layout) = t.storage_and_layout();
+    let len = match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => v.len(),
+        Storage::Cpu(CpuStorage::BF16(v)) => v.len(),
+        Storage::Cpu(CpuStorage::F16(v)) => v.len(),
+        _ => return false,
+    };
+    layout.start_offset() == 0 && layout.is_contiguous() && len == t.elem_count()
+}
+
+/// Memory the system can give without swapping (`MemAvailable` of /proc/meminfo), where
+/// known.
+pub fn available_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Matrices smaller than this stay f32 under [`WeightPrecision::Bf16`]: they are not
@@ -136,17 +229,18 @@ impl Matrix {
             return Ok(());
         }
         let large = self.rows * self.cols >= BF16_MIN_WEIGHTS;
-        let ggml = match precision {
-            WeightPrecision::Q4 if large && self.cols.is_multiple_of(256) => Some(GgmlDType::Q4K),
-            WeightPrecision::Q4 | WeightPrecision::Q8_0
-                if large && self.cols.is_multiple_of(32) =>
-            {
-                Some(GgmlDType::Q8_0)
-            }
-            _ => None,
-        };
-        if let Some(q) = ggml {
-            let qt = QTensor::quantize(&self.tensor.to_dtype(DType::F32)?, q)?;
+        if let Some(q) = Self::ggml_format(self.rows, self.cols, precision) {
+            // `QTensor::quantize` reads the tensor's whole storage from its start, ignoring
+            // a view's offset and extent (candle 0.11): quantize a compact copy, or a
+            // slice of a stacked tensor (the depformer's per-step projections) would be
+            // quantized from the wrong rows.
+            let f32 = self.tensor.to_dtype(DType::F32)?;
+            let compact = if owns_its_storage(&f32) {
+                f32
+            } else {
+                f32.force_contiguous()?
+            };
+            let qt = QTensor::quantize(&compact, q)?;
             self.quant = Some((Arc::new(QMatMul::from_qtensor(qt)?), q));
             self.tensor = Tensor::zeros(0, DType::F32, &Device::Cpu)?;
             return Ok(());
@@ -160,6 +254,39 @@ impl Matrix {
             self.tensor = self.tensor.to_dtype(want)?;
         }
         Ok(())
+    }
+
+    /// A matrix stored quantized (a GGUF checkpoint's tensor). Kept as it is when
+    /// [`Self::set_precision`] would have chosen its format for it (a q8_0 file run at
+    /// q8_0 is never dequantized); otherwise dequantized and converted to `precision`.
+    pub fn from_quantized(q: QTensor, precision: WeightPrecision) -> Result<Self> {
+        let dims = q.shape().dims().to_vec();
+        let rows = dims.first().copied().unwrap_or(1);
+        let cols = dims.iter().skip(1).product::<usize>();
+        let want = Self::ggml_format(rows, cols, precision);
+        if want == Some(q.dtype()) {
+            let dtype = q.dtype();
+            return Ok(Self {
+                tensor: Tensor::zeros(0, DType::F32, &Device::Cpu)?,
+                quant: Some((Arc::new(QMatMul::from_qtensor(q)?), dtype)),
+                rows,
+                cols,
+            });
+        }
+        let t = q.dequantize(&Device::Cpu)?.reshape((rows, cols))?;
+        Self::with_precision(&t, precision)
+    }
+
+    /// The GGML format [`WeightPrecision`] gives a `rows` x `cols` matrix, if any.
+    fn ggml_format(rows: usize, cols: usize, precision: WeightPrecision) -> Option<GgmlDType> {
+        let large = rows * cols >= BF16_MIN_WEIGHTS;
+        match precision {
+            WeightPrecision::Q4 if large && cols.is_multiple_of(256) => Some(GgmlDType::Q4K),
+            WeightPrecision::Q4 | WeightPrecision::Q8_0 if large && cols.is_multiple_of(32) => {
+                Some(GgmlDType::Q8_0)
+            }
+            _ => None,
+        }
     }
 
     /// The same matrix with its weights rounded to bf16, whatever its size (tests; models
@@ -649,6 +776,98 @@ fn rows_pass<S: Simd, W: Rows, const R: usize>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn quantized_matrices_stay_quantized_when_their_format_is_asked_for() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (rows, cols) = (512, 512);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).expect("t");
+        let q = || QTensor::quantize(&t, GgmlDType::Q8_0).expect("q8");
+        let kept = Matrix::from_quantized(q(), WeightPrecision::Q8_0).expect("kept");
+        assert_eq!(kept.format(), "q8_0");
+        assert_eq!(kept.size_in_bytes(), rows * cols / 32 * 34);
+        // The same product as quantizing the dequantized weights again.
+        let deq = q().dequantize(&Device::Cpu).expect("deq");
+        let again = Matrix::with_precision(&deq, WeightPrecision::Q8_0).expect("again");
+        let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        assert_eq!(
+            kept.matmul_t(&x, 1).expect("a"),
+            again.matmul_t(&x, 1).expect("b")
+        );
+        // Other precisions convert it as it loads.
+        let bf16 = Matrix::from_quantized(q(), WeightPrecision::Bf16).expect("bf16");
+        assert_eq!(bf16.format(), "bf16");
+        let t_small = Tensor::ones((4, 64), DType::F32, &Device::Cpu).expect("small");
+        let small = QTensor::quantize(&t_small, GgmlDType::Q8_0).expect("s");
+        assert_eq!(
+            Matrix::from_quantized(small, WeightPrecision::Q8_0)
+                .expect("small")
+                .format(),
+            "f32"
+        );
+    }
+
+    #[test]
+    fn a_slice_of_a_stacked_tensor_is_quantized_from_its_own_rows() {
+        // Two per-step matrices stacked on the rows, as the published depformer holds them.
+        let (rows, cols) = (512, 512);
+        let wave = |offset: f32| {
+            let v: Vec<f32> = (0..rows * cols)
+                .map(|i| offset + 0.5 * (i as f32 * 0.1).sin())
+                .collect();
+            Tensor::from_vec(v, (rows, cols), &Device::Cpu).expect("wave")
+        };
+        let (top, bottom) = (wave(1.0), wave(-3.0));
+        let stacked = Tensor::cat(&[&top, &bottom], 0).expect("cat");
+        for precision in [
+            WeightPrecision::Q8_0,
+            WeightPrecision::Q4,
+            WeightPrecision::Bf16,
+        ] {
+            let m =
+                Matrix::with_precision(&stacked.narrow(0, rows, rows).expect("view"), precision)
+                    .expect("matrix");
+            let back: Vec<f32> = m
+                .to_f32()
+                .expect("f32")
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .expect("values");
+            let mean = back.iter().sum::<f32>() / back.len() as f32;
+            assert!(
+                back.iter().all(|&v| v < -2.0) && (mean + 3.0).abs() < 0.05,
+                "{precision}: {:?}, mean {mean}",
+                &back[..4]
+            );
+        }
+    }
+
+    #[test]
+    fn auto_precision_fits_the_memory_available() {
+        let gb = 1_000_000_000u64;
+        // STT 1B (about 1 billion weights) with 24 GB free: f32, as the reference.
+        assert_eq!(
+            WeightPrecision::auto_for(gb, Some(24 * gb)).0,
+            WeightPrecision::F32
+        );
+        // Moshi 7B (7.7 billion): f32 needs 38 GB, bf16 19 GB.
+        let (p, why) = WeightPrecision::auto_for(7_700_000_000, Some(24 * gb));
+        assert_eq!(p, WeightPrecision::Bf16, "{why}");
+        assert!(why.contains("f32 would need"), "{why}");
+        assert_eq!(
+            WeightPrecision::auto_for(7_700_000_000, Some(12 * gb)).0,
+            WeightPrecision::Q8_0
+        );
+        assert_eq!(
+            WeightPrecision::auto_for(7_700_000_000, Some(6 * gb)).0,
+            WeightPrecision::Q4
+        );
+        assert_eq!(WeightPrecision::auto_for(gb, None).0, WeightPrecision::F32);
+    }
+
     use super::*;
 
     fn reference(w: &[f32], rows: usize, cols: usize, x: &[f32], m: usize) -> Vec<f32> {

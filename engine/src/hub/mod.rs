@@ -880,7 +880,8 @@ mod tests {
     fn status_of_an_empty_cache_uses_registry_sizes() {
         let dir = std::env::temp_dir().join(format!("parley-empty-{}", std::process::id()));
         let hub = Hub::new(HubConfig::new(&dir, "http://127.0.0.1:1")).expect("hub");
-        let p = preset("stt-1b-en_fr").expect("preset");
+        // Its LM's size is computed, not published: an estimate.
+        let p = preset("stt-1b-en_fr-pytorch").expect("preset");
         let s = hub.status(p);
         assert!(!s.is_complete());
         assert_eq!(s.bytes_to_fetch, p.total_bytes());
@@ -888,6 +889,12 @@ mod tests {
         assert!(s.files.iter().all(|f| f.state == FileState::Missing));
         let err = hub.local_dir(p).expect_err("not downloaded").to_string();
         assert!(err.contains("pull it (2.4 GB)"), "{err}");
-        assert!(err.contains("parley models pull stt-1b-en_fr"), "{err}");
+        assert!(
+            err.contains("parley models pull stt-1b-en_fr-pytorch"),
+            "{err}"
+        );
+        // The listen preset's sizes are all published.
+        let s = hub.status(preset("stt-1b-en_fr").expect("preset"));
+        assert!(!s.bytes_to_fetch_is_estimate);
     }
 }

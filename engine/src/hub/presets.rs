@@ -46,6 +46,8 @@ pub enum FileRole {
     MimiConfig,
     /// The SentencePiece text tokenizer (`tokenizer_name`).
     Tokenizer,
+    /// A TTS voice (`speaker_wavs` latents, kyutai/tts-voices).
+    Voice,
 }
 
 /// One file of a preset, named by its path in the Hub repository.
@@ -87,6 +89,10 @@ pub struct Preset {
     pub unsupported_reason: Option<String>,
     #[serde(default)]
     pub notes: Option<String>,
+    /// Whether the model detects the end of the user's turn itself (the STT's semantic
+    /// end-of-turn head), which the model manager says.
+    #[serde(default)]
+    pub end_of_turn: bool,
     pub files: Vec<PresetFile>,
 }
 
@@ -210,10 +216,11 @@ mod tests {
             "moshiko-q8",
             "moshika-q8",
             "tts-1.6b-en_fr",
+            "tts-voices",
         ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
-        for p in &all {
+        for p in all.iter().filter(|p| p.name != "tts-voices") {
             assert!(p.files.iter().any(|f| f.role == FileRole::Lm), "{}", p.name);
             assert!(
                 p.files.iter().any(|f| f.role == FileRole::Mimi),
@@ -229,10 +236,18 @@ mod tests {
         }
         let tts = preset("tts-1.6b-en_fr").expect("tts");
         assert!(!tts.supported && tts.mode == PresetMode::Tts);
-        assert!(!preset("moshiko-q8").expect("q8").supported);
+        assert!(!preset("moshiko-q8-bnb").expect("bnb").supported);
+        assert!(preset("moshiko-q8").expect("q8").supported);
+        // The listen preset is the -candle repository, pinned: it has the end-of-turn head.
         let stt = preset("stt-1b-en_fr").expect("stt");
-        assert!(stt.supported && stt.mode == PresetMode::Listen);
-        assert_eq!(stt.repo, "kyutai/stt-1b-en_fr");
+        assert!(stt.supported && stt.mode == PresetMode::Listen && stt.end_of_turn);
+        assert_eq!(stt.repo, "kyutai/stt-1b-en_fr-candle");
+        assert_eq!(stt.revision, "095e38f6242006a93c2541149b181988397f5c7c");
+        assert!(!preset("stt-1b-en_fr-pytorch").expect("plain").end_of_turn);
+        assert_eq!(
+            preset("moshika-bf16").expect("moshika").revision,
+            "a49141e28b3d9c947cf9aa5314431e1b11cbd2f5"
+        );
     }
 
     #[test]
@@ -261,6 +276,16 @@ mod tests {
             mimi.map(|f| f.name.as_str()),
             Some(crate::models::kyutai_config::DEFAULT_MIMI_NAME)
         );
+        // The -candle-q8 repositories: the GGUF that ModelDir takes for Moshi 7B.
+        for name in ["moshiko-q8", "moshika-q8"] {
+            let q8 = preset(name).expect("q8");
+            let lm = q8.files.iter().find(|f| f.role == FileRole::Lm);
+            assert_eq!(
+                lm.map(|f| f.name.as_str()),
+                Some(crate::models::kyutai_config::CANDLE_Q8_MOSHI_NAME)
+            );
+            assert!(q8.repo.ends_with("-candle-q8"), "{}", q8.repo);
+        }
     }
 
     #[test]

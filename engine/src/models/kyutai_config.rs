@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::checkpoint::Checkpoint;
 use super::lm::generator::{GenConfig, Sampling};
 use super::lm::{LmConfig, LmModel};
 use super::mimi::{Mimi, MimiConfig};
@@ -20,6 +21,9 @@ use crate::{Error, Result};
 /// The reference's defaults for repositories that leave a name out (`loaders.py`).
 pub const DEFAULT_MIMI_NAME: &str = "tokenizer-e351c8d8-checkpoint125.safetensors";
 pub const DEFAULT_MOSHI_NAME: &str = "model.safetensors";
+/// The LM file of Kyutai's `-candle-q8` Moshi repositories (GGUF, q8_0), which have no
+/// config.json either.
+pub const CANDLE_Q8_MOSHI_NAME: &str = "model.q8.gguf";
 pub const DEFAULT_TOKENIZER_NAME: &str = "tokenizer_spm_32k_3.model";
 
 /// The file-naming part of `config.json`; the language model's own fields are read by the
@@ -55,17 +59,32 @@ impl ModelDir {
     /// Reads `root/config.json`. A directory without one that holds the default
     /// `model.safetensors` is taken, as the reference loader takes such a repository
     /// (kyutai/moshiko-pytorch-bf16 has no config.json), for a Moshi 7B with the default
-    /// file names.
+    /// file names; one that holds `model.q8.gguf` (kyutai/moshiko-candle-q8) likewise,
+    /// with that file as the LM.
     pub fn open(root: &Path) -> Result<Self> {
         if !root.is_dir() {
             return Err(Error::config(root, "not a directory"));
         }
         let path = root.join("config.json");
-        if !path.exists() && root.join(DEFAULT_MOSHI_NAME).is_file() {
-            return Ok(Self {
-                root: root.to_path_buf(),
-                config: KyutaiConfig::default(),
-            });
+        if !path.exists() {
+            for name in [DEFAULT_MOSHI_NAME, CANDLE_Q8_MOSHI_NAME] {
+                if root.join(name).is_file() {
+                    return Ok(Self {
+                        root: root.to_path_buf(),
+                        config: KyutaiConfig {
+                            moshi_name: Some(name.to_string()),
+                            ..KyutaiConfig::default()
+                        },
+                    });
+                }
+            }
+            return Err(Error::config(
+                &path,
+                format!(
+                    "missing: a Kyutai model directory has a config.json (or, for Moshi 7B, \
+                     {DEFAULT_MOSHI_NAME} or {CANDLE_Q8_MOSHI_NAME} without one)"
+                ),
+            ));
         }
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         let config = serde_json::from_str(&text).map_err(|e| Error::config(&path, e))?;
@@ -165,16 +184,27 @@ impl ModelDir {
         self.load_lm_as(WeightPrecision::F32)
     }
 
-    /// The language model with its matrices held in `precision` from the start (no f32
-    /// copy of a bf16 checkpoint in between).
-    pub fn load_lm_as(&self, precision: WeightPrecision) -> Result<LmModel> {
-        let cfg = self.lm_config()?;
-        let path = self.file(
+    /// The language model's checkpoint (`moshi_name`: safetensors or GGUF).
+    pub fn lm_weights(&self) -> Result<PathBuf> {
+        self.file(
             self.config
                 .moshi_name
                 .as_deref()
                 .unwrap_or(DEFAULT_MOSHI_NAME),
-        )?;
+        )
+    }
+
+    /// Weights in the language model's checkpoint, from its header alone.
+    pub fn lm_param_count(&self) -> Result<u64> {
+        Ok(Checkpoint::open(&self.lm_weights()?)?.param_count())
+    }
+
+    /// The language model with its matrices held in `precision` from the start: each
+    /// tensor is read from disk and converted on its own (no f32 copy of a bf16
+    /// checkpoint, no copy of the file in memory).
+    pub fn load_lm_as(&self, precision: WeightPrecision) -> Result<LmModel> {
+        let cfg = self.lm_config()?;
+        let path = self.lm_weights()?;
         cfg.validate().map_err(|r| Error::config(&path, r))?;
         LmModel::from_weights(&Weights::load(&path)?.with_precision(precision), cfg)
     }

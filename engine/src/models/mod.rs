@@ -1,5 +1,7 @@
-//! Models: Mimi today; the delayed-streams language models next.
+//! Models: Mimi, the delayed-streams language models, their tokenizer, and the checkpoint
+//! files they load from.
 
+pub mod checkpoint;
 pub mod kyutai_config;
 pub mod lm;
 pub mod mimi;

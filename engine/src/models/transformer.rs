@@ -250,6 +250,8 @@ impl Layer {
                 (0..n)
                     .map(|k| attn.matrix(&format!("{split}.{k}.weight"), &[rows, d]))
                     .collect()
+            } else if n == 1 {
+                Ok(vec![attn.matrix_any(stacked, &[rows, d])?])
             } else {
                 let all = attn.get_any(stacked, &[n * rows, d])?;
                 (0..n)

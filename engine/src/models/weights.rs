@@ -1,4 +1,6 @@
-//! Strict loading of safetensors checkpoints as published (f32, f16 or bf16 on disk).
+//! Strict loading of checkpoints as published: safetensors (f32, f16 or bf16 on disk) and
+//! GGUF (Kyutai's `-candle-q8` files), read one tensor at a time
+//! ([`super::checkpoint::Checkpoint`]) and converted to the run-time format as read.
 //!
 //! Every tensor is looked up by the reference implementation's parameter name, checked
 //! against the shape the config implies, and marked as used; [`Weights::finish`] then
@@ -12,13 +14,55 @@ use std::rc::Rc;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::checkpoint::{Checkpoint, Raw, StoredDType};
 use crate::compute::cpu::{Matrix, WeightPrecision};
 
 use crate::{Error, Result};
 
+/// Where the tensors come from.
+enum Store {
+    /// Tensors in memory (tests, random weights kept for saving).
+    Memory(HashMap<String, Tensor>),
+    /// A checkpoint file, read tensor by tensor.
+    File(Checkpoint),
+}
+
+impl Store {
+    fn contains(&self, name: &str) -> bool {
+        match self {
+            Store::Memory(m) => m.contains_key(name),
+            Store::File(c) => c.entry(name).is_some(),
+        }
+    }
+
+    fn names(&self) -> Vec<&String> {
+        match self {
+            Store::Memory(m) => m.keys().collect(),
+            Store::File(c) => c.entries().keys().collect(),
+        }
+    }
+
+    /// The stored dtype and shape of `name`, without reading it.
+    fn describe(&self, name: &str) -> Option<(StoredDType, Vec<usize>)> {
+        match self {
+            Store::Memory(m) => m
+                .get(name)
+                .map(|t| (StoredDType::Dense(t.dtype()), t.dims().to_vec())),
+            Store::File(c) => c.entry(name).map(|e| (e.dtype.clone(), e.shape.clone())),
+        }
+    }
+
+    fn read(&mut self, name: &str) -> Result<Raw> {
+        match self {
+            Store::Memory(m) => Ok(Raw::Dense(m[name].clone())),
+            Store::File(c) => c.read(name),
+        }
+    }
+}
+
 struct Inner {
     path: PathBuf,
-    tensors: HashMap<String, Tensor>,
+    store: Store,
     used: HashSet<String>,
     /// Set for [`Weights::random`]: missing tensors are drawn instead of failing.
     random: Option<rand::rngs::StdRng>,
@@ -49,24 +93,22 @@ impl std::fmt::Debug for Weights {
 }
 
 impl Weights {
-    /// Reads a whole safetensors file. A truncated or corrupt file is an error naming it.
+    /// Opens a safetensors or GGUF checkpoint and reads its header; tensors are read when
+    /// asked for. A truncated or corrupt file is an error naming it.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
-            Error::Safetensors {
-                path: path.to_path_buf(),
-                reason: describe_safetensors_error(&e),
-            }
-        })?;
-        Ok(Self::from_tensors(path, tensors))
+        Ok(Self::with_store(path, Store::File(Checkpoint::open(path)?)))
     }
 
     /// Wraps tensors already in memory (`path` is only used in messages).
     pub fn from_tensors(path: &Path, tensors: HashMap<String, Tensor>) -> Self {
+        Self::with_store(path, Store::Memory(tensors))
+    }
+
+    fn with_store(path: &Path, store: Store) -> Self {
         Self {
             inner: Rc::new(RefCell::new(Inner {
                 path: path.to_path_buf(),
-                tensors,
+                store,
                 used: HashSet::new(),
                 random: None,
                 random_bf16: false,
@@ -113,9 +155,23 @@ impl Weights {
         self.inner.borrow().precision
     }
 
-    /// The tensor `name` of `shape` as a weight matrix in this checkpoint's precision.
+    /// The tensor `name` of `shape` as a weight matrix in this checkpoint's precision,
+    /// converted straight from its stored format (a bf16 matrix kept in bf16 is never
+    /// widened; a q8_0 one kept in q8_0 is never dequantized).
     pub fn matrix(&self, name: &str, shape: &[usize]) -> Result<Matrix> {
-        Matrix::with_precision(&self.get(name, shape)?, self.precision())
+        self.matrix_any(&[name], shape)
+    }
+
+    /// Like [`Self::matrix`], for the first of `names` present.
+    pub fn matrix_any(&self, names: &[&str], shape: &[usize]) -> Result<Matrix> {
+        let precision = self.precision();
+        match self.read_checked(names, shape)? {
+            Raw::Quantized(q) => Matrix::from_quantized(q, precision),
+            Raw::Dense(t) if t.dtype() == DType::F16 => {
+                Matrix::with_precision(&t.to_dtype(DType::F32)?, precision)
+            }
+            Raw::Dense(t) => Matrix::with_precision(&t, precision),
+        }
     }
 
     pub fn path(&self) -> PathBuf {
@@ -144,7 +200,7 @@ impl Weights {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.inner.borrow().tensors.contains_key(&self.full(name))
+        self.inner.borrow().store.contains(&self.full(name))
     }
 
     /// The tensor `name` as f32, which must have exactly `shape`.
@@ -159,6 +215,12 @@ impl Weights {
 
     /// Like [`Self::get_any`], converted to `dtype`.
     pub fn get_any_dtype(&self, names: &[&str], shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.read_checked(names, shape)?.into_dense(dtype)
+    }
+
+    /// The first of `names` present, checked against `shape` before its bytes are read,
+    /// and marked as used; random weights are drawn instead.
+    fn read_checked(&self, names: &[&str], shape: &[usize]) -> Result<Raw> {
         let mut inner = self.inner.borrow_mut();
         if let Some(rng) = inner.random.as_mut() {
             let full = self.full(names[0]);
@@ -168,46 +230,54 @@ impl Weights {
             }
             inner.used.insert(full.clone());
             if inner.random_keep {
-                inner.tensors.insert(full, t.clone());
+                if let Store::Memory(m) = &mut inner.store {
+                    m.insert(full, t.clone());
+                }
             }
-            return Ok(t.to_dtype(dtype)?);
+            return Ok(Raw::Dense(t));
         }
         let Some(full) = names
             .iter()
             .map(|n| self.full(n))
-            .find(|n| inner.tensors.contains_key(n))
+            .find(|n| inner.store.contains(n))
         else {
             return Err(Error::MissingTensor {
                 path: inner.path.clone(),
                 name: self.full(names[0]),
             });
         };
-        let t = &inner.tensors[&full];
-        if !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+        let (stored, dims) = inner
+            .store
+            .describe(&full)
+            .ok_or_else(|| Error::MissingTensor {
+                path: inner.path.clone(),
+                name: full.clone(),
+            })?;
+        if let StoredDType::Other(found) = stored {
             return Err(Error::BadDType {
                 path: inner.path.clone(),
                 name: full,
-                found: format!("{:?}", t.dtype()),
+                found,
             });
         }
-        if t.dims() != shape {
+        if dims != shape {
             return Err(Error::ShapeMismatch {
                 path: inner.path.clone(),
                 name: full,
                 expected: shape.to_vec(),
-                found: t.dims().to_vec(),
+                found: dims,
             });
         }
-        let t = t.to_dtype(dtype)?;
+        let raw = inner.store.read(&full)?;
         inner.used.insert(full);
-        Ok(t)
+        Ok(raw)
     }
 
     /// Marks `name` as known but unneeded at inference (training-only buffers).
     pub fn skip(&self, name: &str) {
         let full = self.full(name);
         let mut inner = self.inner.borrow_mut();
-        if inner.tensors.contains_key(&full) {
+        if inner.store.contains(&full) {
             inner.used.insert(full);
         }
     }
@@ -215,8 +285,12 @@ impl Weights {
     /// Writes every tensor (for [`Self::random`]: every one made so far) as safetensors.
     pub fn save(&self, path: &Path, dtype: DType) -> Result<()> {
         let inner = self.inner.borrow();
-        let tensors = inner
-            .tensors
+        let Store::Memory(tensors) = &inner.store else {
+            return Err(Error::InvalidInput(
+                "only weights made in memory can be saved".into(),
+            ));
+        };
+        let tensors = tensors
             .iter()
             .map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?)))
             .collect::<Result<HashMap<_, _>>>()?;
@@ -230,8 +304,9 @@ impl Weights {
     pub fn finish(&self) -> Result<()> {
         let inner = self.inner.borrow();
         let mut unused: Vec<&String> = inner
-            .tensors
-            .keys()
+            .store
+            .names()
+            .into_iter()
             .filter(|k| !inner.used.contains(*k))
             .collect();
         unused.sort();
@@ -258,15 +333,6 @@ fn random_tensor(rng: &mut rand::rngs::StdRng, shape: &[usize]) -> Result<Tensor
     };
     let data: Vec<f32> = (0..n).map(|_| rng.random_range(lo..hi)).collect();
     Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
-}
-
-fn describe_safetensors_error(e: &candle_core::Error) -> String {
-    let msg = e.to_string();
-    if msg.contains("MetadataIncompleteBuffer") || msg.contains("incomplete") {
-        format!("the file is truncated or its header is inconsistent ({msg})")
-    } else {
-        msg
-    }
 }
 
 #[cfg(test)]

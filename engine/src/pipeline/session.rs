@@ -96,7 +96,10 @@ impl Models {
         let mut mimi = d.load_mimi()?;
         mimi.set_weight_precision(dtype.mimi_precision())?;
         let (backend, device) = select_device(device)?;
-        let lm = LmBackend::open(&backend, dtype, |p| d.load_lm_as(p))?;
+        let (lm, weights) = LmBackend::open(&backend, dtype, Some(d.lm_param_count()?), |p| {
+            d.load_lm_as(p)
+        })?;
+        let device = format!("{device}; {weights}");
         let gen_cfg = match (mode, sampling) {
             (_, Some(s)) => s,
             (Mode::Listen, None) => GenConfig::default(),
@@ -139,9 +142,10 @@ impl Models {
         )?;
         mimi.set_weight_precision(dtype.mimi_precision())?;
         let (backend, device) = select_device(device)?;
-        let lm = LmBackend::open(&backend, dtype, |p| {
+        let (lm, weights) = LmBackend::open(&backend, dtype, None, |p| {
             LmModel::from_weights(&Weights::random(2).with_precision(p), cfg)
         })?;
+        let device = format!("{device}; {weights}");
         Ok(Self {
             mode,
             mimi,

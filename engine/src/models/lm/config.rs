@@ -3,9 +3,11 @@
 //! default; keys for the depformer are prefixed `depformer_` and otherwise inherit the
 //! main transformer's.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::models::transformer::TransformerSpec;
 use crate::{Error, Result};
@@ -23,6 +25,8 @@ pub struct LmConfig {
     pub card: usize,
     pub text_card: usize,
     pub text_card_out: Option<usize>,
+    /// Published as `demux_second_stream` (the TTS); the reference renames it on load.
+    #[serde(alias = "demux_second_stream")]
     pub demux_second_text_stream: bool,
     pub dim: usize,
     pub num_heads: usize,
@@ -58,6 +62,50 @@ pub struct LmConfig {
     pub depformer_max_period: Option<f64>,
     pub conditioners: Option<serde_json::Value>,
     pub fuser: Option<serde_json::Value>,
+    /// Every other key of config.json: the file names and per-use sections that
+    /// `ModelDir` reads, and whatever [`Self::validate`] must judge.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+/// Keys of config.json that name files or describe how the model is used; the reference's
+/// `CheckpointInfo` takes them out before building the model, and so does Parley.
+const METADATA_KEYS: &[&str] = &[
+    "moshi_name",
+    "mimi_name",
+    "mimi_config_name",
+    "tokenizer_name",
+    "lora_name",
+    "model_type",
+    "model_id",
+    "lm_gen_config",
+    "stt_config",
+    "tts_config",
+    "text_padding_token_id",
+];
+
+/// Reference arguments that never change what inference computes: training switches and
+/// deprecated keys (`depformer_causal` is dropped by the loader, `depformer_context` is
+/// overridden by it).
+const HARMLESS_KEYS: &[&str] = &[
+    "gradient_checkpointing",
+    "depformer_causal",
+    "depformer_context",
+    "betas",
+    "depformer_betas",
+    "lora_rank",
+    "lora_scaling",
+];
+
+/// Reference arguments that change the architecture and that Parley does not implement:
+/// accepted at the value that leaves it unchanged, an error otherwise.
+fn neutral_value(key: &str) -> Option<Value> {
+    Some(match key.strip_prefix("depformer_").unwrap_or(key) {
+        "quantize" | "lora" | "skip_self_attn" => Value::Bool(false),
+        "positional_scale" => Value::from(1.0),
+        "kv_repeat" => Value::from(1),
+        _ => return None,
+    })
 }
 
 impl Default for LmConfig {
@@ -105,18 +153,21 @@ impl Default for LmConfig {
             depformer_max_period: None,
             conditioners: None,
             fuser: None,
+            other: BTreeMap::new(),
         }
     }
 }
 
 /// Published models whose architecture Parley knows without their config.json (for
 /// benchmarks with random weights).
-pub const PRESETS: &[&str] = &["stt-1b-en_fr", "moshi-7b"];
+pub const PRESETS: &[&str] = &["stt-1b-en_fr", "stt-2.6b-en", "moshi-7b"];
 
 impl LmConfig {
-    /// The architecture of a published model: `stt-1b-en_fr` (kyutai/stt-1b-en_fr, sizes
-    /// as in Kyutai's published server config) or `moshi-7b` (kyutai/moshiko, the
-    /// reference loader's default `_lm_kwargs`).
+    /// The architecture of a published model, as its config.json gives it:
+    /// `stt-1b-en_fr` (kyutai/stt-1b-en_fr-candle: the extra heads included),
+    /// `stt-2.6b-en` (kyutai/stt-2.6b-en) or `moshi-7b` (kyutai/moshiko, the reference
+    /// loader's default `_lm_kwargs`). `tests/published_layouts.rs` holds each to the
+    /// published config and tensor layout.
     pub fn preset(name: &str) -> Option<Self> {
         let base = Self {
             norm: "rms_norm_f32".into(),
@@ -127,11 +178,13 @@ impl LmConfig {
             ..Self::default()
         };
         match name {
+            // hidden_scale 4.125: a gated width of 2 * 4.125 * 2048 / 3 = 5632 (the
+            // reference's rule, see `gated_hidden`).
             "stt-1b-en_fr" => Some(Self {
                 dim: 2048,
                 num_heads: 16,
                 num_layers: 16,
-                hidden_scale: 4.0,
+                hidden_scale: 4.125,
                 context: Some(750),
                 max_period: 100_000.0,
                 text_card: 8000,
@@ -140,6 +193,19 @@ impl LmConfig {
                 delays: vec![0; 33],
                 extra_heads_num_heads: 4,
                 extra_heads_dim: 6,
+                ..base
+            }),
+            "stt-2.6b-en" => Some(Self {
+                dim: 2048,
+                num_heads: 32,
+                num_layers: 48,
+                hidden_scale: 4.125,
+                context: Some(375),
+                max_period: 100_000.0,
+                text_card: 4000,
+                n_q: 32,
+                dep_q: 0,
+                delays: vec![0; 33],
                 ..base
             }),
             "moshi-7b" => Some(Self {
@@ -210,29 +276,65 @@ impl LmConfig {
         )?;
         check(
             !self.demux_second_text_stream,
-            "demux_second_text_stream is not supported yet",
+            "demux_second_stream (the TTS's two text streams) is not supported yet",
         )?;
         check(!self.norm_emb, "norm_emb is not supported")?;
-        check(
-            self.depformer_weights_per_step_schedule.is_none(),
-            "depformer_weights_per_step_schedule is not supported yet",
-        )?;
-        check(
-            self.depformer_low_rank_embeddings.is_none(),
-            "depformer_low_rank_embeddings is not supported yet",
-        )?;
-        check(
-            self.depformer_norm.is_none(),
-            "depformer_norm is not supported yet",
-        )?;
         check(
             self.context.is_some(),
             "context must be set: streaming needs a bounded attention window",
         )?;
-        check(
-            self.dep_q == 0 || self.depformer_num_heads.is_some(),
-            "depformer_num_heads must be set when dep_q > 0",
-        )?;
+        // Without a depformer (dep_q 0, the STT models) the reference builds none, so
+        // its keys describe nothing and are not judged.
+        if self.dep_q > 0 {
+            check(
+                self.depformer_weights_per_step_schedule.is_none(),
+                "depformer_weights_per_step_schedule is not supported yet",
+            )?;
+            check(
+                self.depformer_low_rank_embeddings.is_none(),
+                "depformer_low_rank_embeddings is not supported yet",
+            )?;
+            check(
+                self.depformer_norm.is_none(),
+                "depformer_norm is not supported yet",
+            )?;
+            check(
+                self.depformer_num_heads.is_some(),
+                "depformer_num_heads must be set when dep_q > 0",
+            )?;
+        }
+        self.check_other_keys()
+    }
+
+    /// Keys that are not fields: metadata and training switches pass; a reference
+    /// argument Parley does not implement passes only at its neutral value; anything else
+    /// is an error naming it, as the reference (which hands unknown keys to its
+    /// transformer's constructor) would fail on it too.
+    fn check_other_keys(&self) -> std::result::Result<(), String> {
+        for (key, value) in &self.other {
+            if METADATA_KEYS.contains(&key.as_str()) || HARMLESS_KEYS.contains(&key.as_str()) {
+                continue;
+            }
+            if self.dep_q == 0 && key.starts_with("depformer_") {
+                continue;
+            }
+            match neutral_value(key) {
+                Some(neutral) if numbers_equal(value, &neutral) || value.is_null() => {}
+                Some(neutral) => {
+                    return Err(format!(
+                        "`{key}`: {value} changes the architecture in a way Parley does not \
+                         implement (supported: {neutral})"
+                    ))
+                }
+                None => {
+                    return Err(format!(
+                        "unknown key `{key}` (value {value}): not an argument of the \
+                         reference's LMModel that Parley knows, so it may change the \
+                         architecture"
+                    ))
+                }
+            }
+        }
         Ok(())
     }
 
@@ -279,5 +381,60 @@ impl LmConfig {
                 0
             },
         }
+    }
+}
+
+/// JSON values equal as numbers where both are numbers (`1` and `1.0`), else equal.
+fn numbers_equal(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> std::result::Result<LmConfig, String> {
+        let cfg: LmConfig = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    const BASE: &str = r#""num_layers": 1, "n_q": 1, "dep_q": 0, "delays": [0, 0], "context": 4"#;
+
+    #[test]
+    fn published_key_names_and_unknown_keys() {
+        // The TTS's published name for the second text stream is read.
+        let err = parse(&format!(r#"{{{BASE}, "demux_second_stream": true}}"#)).expect_err("tts");
+        assert!(err.contains("demux_second_stream"), "{err}");
+        // Metadata, training switches and neutral values pass.
+        let cfg = parse(&format!(
+            r#"{{{BASE}, "model_id": {{"sig": "x"}}, "mimi_name": "m", "gradient_checkpointing": true,
+                "quantize": false, "positional_scale": 1, "stt_config": {{}}}}"#
+        ))
+        .expect("harmless keys");
+        assert_eq!(cfg.num_layers, 1);
+        // An architecture change Parley lacks, and an unknown key, are named.
+        let err = parse(&format!(r#"{{{BASE}, "skip_self_attn": true}}"#)).expect_err("skip");
+        assert!(err.contains("skip_self_attn"), "{err}");
+        let err = parse(&format!(r#"{{{BASE}, "qk_norm": true}}"#)).expect_err("unknown");
+        assert!(err.contains("unknown key `qk_norm`"), "{err}");
+    }
+
+    #[test]
+    fn depformer_keys_are_ignored_without_a_depformer() {
+        let with = |dep_q: usize| {
+            let delays = vec!["0"; 3].join(", ");
+            parse(&format!(
+                r#"{{"num_layers": 1, "n_q": 2, "dep_q": {dep_q}, "delays": [{delays}], "context": 4,
+                    "depformer_num_heads": 2, "depformer_low_rank_embeddings": 8,
+                    "depformer_weights_per_step_schedule": [0, 0], "depformer_new_thing": 3}}"#
+            ))
+        };
+        with(0).expect("no depformer: its keys describe nothing");
+        let err = with(1).expect_err("depformer");
+        assert!(err.contains("depformer_"), "{err}");
     }
 }

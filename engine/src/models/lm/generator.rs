@@ -114,18 +114,31 @@ pub enum LmBackend {
 impl LmBackend {
     /// Loads the model for `device` in `dtype`. `load` reads the checkpoint with the CPU
     /// matrices in the precision given (for the GPU: f32 for f32 and f16 weights, else
-    /// bf16, halving the host memory the upload needs).
+    /// bf16, halving the host memory the upload needs). `params`, the checkpoint's weight
+    /// count where known, lets `--precision auto` on the CPU pick a format that fits in
+    /// the memory available. Returns the backend and a line saying which format runs.
     pub fn open(
         device: &Backend,
         dtype: Dtype,
+        params: Option<u64>,
         load: impl FnOnce(WeightPrecision) -> Result<LmModel>,
-    ) -> Result<Self> {
+    ) -> Result<(Self, String)> {
         match device {
             Backend::Cpu => {
-                let precision = dtype.cpu()?;
+                let (precision, line) = match (dtype, params) {
+                    (Dtype::Auto, Some(n)) => {
+                        let available = crate::compute::cpu::available_memory_bytes();
+                        let (p, why) = WeightPrecision::auto_for(n, available);
+                        (p, format!("weights: {p} (--precision auto: {why})"))
+                    }
+                    _ => {
+                        let p = dtype.cpu()?;
+                        (p, format!("weights: {p} (--precision {dtype})"))
+                    }
+                };
                 let mut m = load(precision)?;
                 m.set_weight_precision(precision)?;
-                Ok(Self::Cpu(m))
+                Ok((Self::Cpu(m), line))
             }
             Backend::Gpu(gpu) => {
                 let format = dtype.gpu();
@@ -138,7 +151,8 @@ impl LmBackend {
                     format,
                     ..Default::default()
                 };
-                Ok(Self::Gpu(Box::new(GpuLm::new(gpu, &m, opts)?)))
+                let line = format!("weights: {format:?} on the GPU (--precision {dtype})");
+                Ok((Self::Gpu(Box::new(GpuLm::new(gpu, &m, opts)?)), line))
             }
         }
     }
