@@ -50,7 +50,7 @@ fn gguf_dir(tag: &str, q8: bool) -> PathBuf {
         .iter()
         .map(|n| {
             let t = &renamed[*n];
-            let quantize = q8 && t.rank() == 2 && t.dim(1).expect("dim") % 32 == 0;
+            let quantize = q8 && t.rank() == 2 && t.dim(1).expect("dim").is_multiple_of(32);
             let dtype = if quantize {
                 GgmlDType::Q8_0
             } else {

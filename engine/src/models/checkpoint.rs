@@ -528,7 +528,7 @@ fn safetensors_header(layout: &[&(String, DType, Vec<usize>)]) -> Vec<u8> {
         off += n;
     }
     let mut h = serde_json::to_vec(&map).unwrap_or_default();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     h

@@ -426,7 +426,7 @@ mod tests {
     #[test]
     fn depformer_keys_are_ignored_without_a_depformer() {
         let with = |dep_q: usize| {
-            let delays = vec!["0"; 3].join(", ");
+            let delays = ["0"; 3].join(", ");
             parse(&format!(
                 r#"{{"num_layers": 1, "n_q": 2, "dep_q": {dep_q}, "delays": [{delays}], "context": 4,
                     "depformer_num_heads": 2, "depformer_low_rank_embeddings": 8,
