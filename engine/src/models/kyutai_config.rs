@@ -194,8 +194,10 @@ impl ModelDir {
         )
     }
 
-    /// Weights in the language model's checkpoint, from its header alone.
+    /// Weights in the language model's checkpoint, from its header alone (after the
+    /// config is checked, so a config that describes no model says so first).
     pub fn lm_param_count(&self) -> Result<u64> {
+        self.lm_config()?;
         Ok(Checkpoint::open(&self.lm_weights()?)?.param_count())
     }
 
