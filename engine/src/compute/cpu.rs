@@ -19,13 +19,12 @@ use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
-use super::q8::Q8Matrix;
 use crate::{Error, Result};
 
 /// Batches up to this many rows use the streaming kernel; larger ones use gemm.
 pub const STREAMING_MAX_ROWS: usize = 16;
 /// Below this many weights a product runs on the calling thread alone.
-pub(crate) const PARALLEL_MIN_WEIGHTS: usize = 1 << 18;
+const PARALLEL_MIN_WEIGHTS: usize = 1 << 18;
 
 /// How large weight matrices are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -37,8 +36,8 @@ pub enum WeightPrecision {
     /// per streaming step; the arithmetic stays f32). Published bf16 checkpoints lose
     /// nothing; f32 ones are rounded.
     Bf16,
-    /// Large matrices in GGML's q8_0 arithmetic (8-bit blocks of 32 with one scale each),
-    /// multiplied by Parley's integer kernel (`compute::q8`); others as for `Bf16`.
+    /// Large matrices in GGML's q8_0 (8-bit blocks of 32, 8.5 bits a weight), multiplied
+    /// by candle's quantized kernels; others as for `Bf16`.
     Q8_0,
     /// Large matrices in GGML's q4k (4-bit super-blocks of 256, 4.5 bits a weight); rows
     /// not a multiple of 256 fall back to q8_0.
@@ -72,14 +71,14 @@ impl std::fmt::Display for WeightPrecision {
 }
 
 impl WeightPrecision {
-    /// Bytes per weight this precision holds a model's matrices in (q8_0: 36 bytes per
+    /// Bytes per weight this precision holds a model's matrices in (q8_0: 34 bytes per
     /// block of 32; q4k: 144 per 256), for sizing; embeddings and small matrices are a
     /// few percent of a model and are not counted apart.
     pub fn bytes_per_weight(self) -> f64 {
         match self {
             Self::F32 => 4.0,
             Self::Bf16 => 2.0,
-            Self::Q8_0 => 36.0 / 32.0,
+            Self::Q8_0 => 34.0 / 32.0,
             Self::Q4 => 144.0 / 256.0,
         }
     }
@@ -157,21 +156,12 @@ pub fn available_memory_bytes() -> Option<u64> {
 /// what a step's time goes to, and gemm wants them in f32.
 pub const BF16_MIN_WEIGHTS: usize = 1 << 18;
 
-/// How a quantized matrix is held and multiplied.
-#[derive(Debug, Clone)]
-enum Quant {
-    /// q8_0 through Parley's integer kernel (`compute::q8`).
-    Q8(Arc<Q8Matrix>),
-    /// Other GGML formats (q4k) through candle's kernels.
-    Ggml(Arc<QMatMul>, GgmlDType),
-}
-
 /// A row-major `[rows, cols]` weight matrix: f32, bf16, or GGML-quantized.
 #[derive(Debug, Clone)]
 pub struct Matrix {
     tensor: Tensor,
     /// Set when quantized; `tensor` is then an empty placeholder.
-    quant: Option<Quant>,
+    quant: Option<(Arc<QMatMul>, GgmlDType)>,
     rows: usize,
     cols: usize,
 }
@@ -207,8 +197,7 @@ impl Matrix {
     /// Bytes the weights occupy (what one product reads).
     pub fn size_in_bytes(&self) -> usize {
         match &self.quant {
-            Some(Quant::Q8(q)) => q.size_in_bytes(),
-            Some(Quant::Ggml(_, q)) => self.rows * self.cols / q.block_size() * q.type_size(),
+            Some((_, q)) => self.rows * self.cols / q.block_size() * q.type_size(),
             None => self.rows * self.cols * self.tensor.dtype().size_in_bytes(),
         }
     }
@@ -216,8 +205,7 @@ impl Matrix {
     /// How the weights are held: "f32", "bf16", "q8_0", "q4k".
     pub fn format(&self) -> String {
         match &self.quant {
-            Some(Quant::Q8(_)) => "q8_0".into(),
-            Some(Quant::Ggml(_, q)) => format!("{q:?}").to_lowercase(),
+            Some((_, q)) => format!("{q:?}").to_lowercase(),
             None => format!("{:?}", self.tensor.dtype()).to_lowercase(),
         }
     }
@@ -252,16 +240,8 @@ impl Matrix {
             } else {
                 f32.force_contiguous()?
             };
-            self.quant = Some(if q == GgmlDType::Q8_0 {
-                let (storage, _) = compact.storage_and_layout();
-                let Storage::Cpu(CpuStorage::F32(w)) = &*storage else {
-                    return Err(Error::InvalidInput("weights are not on the CPU".into()));
-                };
-                Quant::Q8(Arc::new(Q8Matrix::quantize(w, self.rows, self.cols)?))
-            } else {
-                let qt = QTensor::quantize(&compact, q)?;
-                Quant::Ggml(Arc::new(QMatMul::from_qtensor(qt)?), q)
-            });
+            let qt = QTensor::quantize(&compact, q)?;
+            self.quant = Some((Arc::new(QMatMul::from_qtensor(qt)?), q));
             self.tensor = Tensor::zeros(0, DType::F32, &Device::Cpu)?;
             return Ok(());
         }
@@ -286,14 +266,9 @@ impl Matrix {
         let want = Self::ggml_format(rows, cols, precision);
         if want == Some(q.dtype()) {
             let dtype = q.dtype();
-            let quant = if dtype == GgmlDType::Q8_0 {
-                Quant::Q8(Arc::new(Q8Matrix::from_ggml(&q.data()?, rows, cols)?))
-            } else {
-                Quant::Ggml(Arc::new(QMatMul::from_qtensor(q)?), dtype)
-            };
             return Ok(Self {
                 tensor: Tensor::zeros(0, DType::F32, &Device::Cpu)?,
-                quant: Some(quant),
+                quant: Some((Arc::new(QMatMul::from_qtensor(q)?), dtype)),
                 rows,
                 cols,
             });
@@ -327,12 +302,7 @@ impl Matrix {
     /// The weights as an f32 tensor `[rows, cols]` (dequantized if need be).
     pub fn to_f32(&self) -> Result<Tensor> {
         match &self.quant {
-            Some(Quant::Q8(q)) => Ok(Tensor::from_vec(
-                q.dequantize(),
-                (self.rows, self.cols),
-                &Device::Cpu,
-            )?),
-            Some(Quant::Ggml(q, _)) => Ok(q.dequantize_f16()?.to_dtype(DType::F32)?),
+            Some((q, _)) => Ok(q.dequantize_f16()?.to_dtype(DType::F32)?),
             None => Ok(self.tensor.to_dtype(DType::F32)?),
         }
     }
@@ -370,13 +340,9 @@ impl Matrix {
         if m == 0 {
             return Ok(vec![]);
         }
-        match &self.quant {
-            Some(Quant::Q8(q)) => return q.matmul_t(x, m),
-            Some(Quant::Ggml(q, _)) => {
-                let xt = Tensor::from_slice(x, (m, self.cols), &Device::Cpu)?;
-                return Ok(q.forward(&xt)?.flatten_all()?.to_vec1()?);
-            }
-            None => {}
+        if let Some((q, _)) = &self.quant {
+            let xt = Tensor::from_slice(x, (m, self.cols), &Device::Cpu)?;
+            return Ok(q.forward(&xt)?.flatten_all()?.to_vec1()?);
         }
         if m > STREAMING_MAX_ROWS {
             let w = self.tensor.to_dtype(DType::F32)?;
@@ -822,7 +788,7 @@ mod tests {
         let q = || QTensor::quantize(&t, GgmlDType::Q8_0).expect("q8");
         let kept = Matrix::from_quantized(q(), WeightPrecision::Q8_0).expect("kept");
         assert_eq!(kept.format(), "q8_0");
-        assert_eq!(kept.size_in_bytes(), rows * cols / 32 * 36);
+        assert_eq!(kept.size_in_bytes(), rows * cols / 32 * 34);
         // The same product as quantizing the dequantized weights again.
         let deq = q().dequantize(&Device::Cpu).expect("deq");
         let again = Matrix::with_precision(&deq, WeightPrecision::Q8_0).expect("again");
@@ -927,7 +893,7 @@ mod tests {
         let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
         let t = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu).expect("t");
         for (precision, label, bytes, tol) in [
-            (WeightPrecision::Q8_0, "q8_0", rows * cols / 32 * 36, 0.01),
+            (WeightPrecision::Q8_0, "q8_0", rows * cols / 32 * 34, 0.01),
             (WeightPrecision::Q4, "q4k", rows * cols / 256 * 144, 0.1),
         ] {
             let mat = Matrix::with_precision(&t, precision).expect("quantize");

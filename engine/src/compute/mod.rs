@@ -4,7 +4,6 @@
 
 pub mod cpu;
 pub mod gpu;
-pub mod q8;
 
 /// The weight format asked for on the command line, for whichever device runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
