@@ -54,7 +54,9 @@ impl Store {
 
     fn read(&mut self, name: &str) -> Result<Raw> {
         match self {
-            Store::Memory(m) => Ok(Raw::Dense(m[name].clone())),
+            Store::Memory(m) => m.get(name).cloned().map(Raw::Dense).ok_or_else(|| {
+                Error::InvalidInput(format!("tensor `{name}` is not in memory"))
+            }),
             Store::File(c) => c.read(name),
         }
     }
