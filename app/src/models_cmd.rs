@@ -50,8 +50,10 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
 fn list() -> Result<()> {
     let hub = Hub::from_env()?;
     println!("cache: {}", hub.config().cache_dir.display());
+    // The name column as wide as the longest preset name.
+    let w = presets().iter().map(|p| p.name.len()).max().unwrap_or(6);
     println!(
-        "{:<16} {:<7} {:>9}  {:<9}  LOCAL",
+        "{:<w$} {:<7} {:>9}  {:<9}  LOCAL",
         "PRESET", "MODE", "SIZE", "SUPPORTED"
     );
     let mut estimated = false;
@@ -78,7 +80,7 @@ fn list() -> Result<()> {
             "not downloaded".to_string()
         };
         println!(
-            "{:<16} {:<7} {:>9}  {:<9}  {}",
+            "{:<w$} {:<7} {:>9}  {:<9}  {}",
             p.name,
             p.mode.as_str(),
             size,

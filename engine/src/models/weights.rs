@@ -54,9 +54,11 @@ impl Store {
 
     fn read(&mut self, name: &str) -> Result<Raw> {
         match self {
-            Store::Memory(m) => m.get(name).cloned().map(Raw::Dense).ok_or_else(|| {
-                Error::InvalidInput(format!("tensor `{name}` is not in memory"))
-            }),
+            Store::Memory(m) => m
+                .get(name)
+                .cloned()
+                .map(Raw::Dense)
+                .ok_or_else(|| Error::InvalidInput(format!("tensor `{name}` is not in memory"))),
             Store::File(c) => c.read(name),
         }
     }
