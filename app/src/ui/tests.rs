@@ -198,6 +198,21 @@ fn the_first_run_screen_says_what_to_fetch() {
     // Every duplex preset of the registry is listed with its state.
     h.get_by_label("moshiko-bf16");
     h.get_by_label("moshika-bf16");
+    h.get_by_label("moshiko-q8");
+}
+
+/// The listen presets say which model detects the end of a turn.
+#[test]
+fn the_model_manager_says_which_listen_model_detects_the_end_of_a_turn() {
+    let mut s = settings(Mode::Listen);
+    s.listen_model_dir.clear();
+    let mut h = harness(s);
+    h.run_steps(2);
+    h.get_by_label("stt-1b-en_fr");
+    h.get_by_label("stt-1b-en_fr-pytorch");
+    // stt-1b-en_fr (the -candle repository) has the head; the plain one and the 2.6B do not.
+    assert_eq!(h.get_all_by_label("end of turn").count(), 1);
+    assert_eq!(h.get_all_by_label("no end of turn").count(), 2);
 }
 
 /// Renders the window mid-conversation (wgpu: lavapipe in CI); with PARLEY_SCREENSHOT set,
