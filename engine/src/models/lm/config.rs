@@ -68,6 +68,16 @@ pub struct LmConfig {
     pub other: BTreeMap<String, Value>,
 }
 
+/// Upper bounds on a config's sizes (see `LmConfig::check_ranges`).
+const MAX_DIM: usize = 1 << 16;
+const MAX_LAYERS: usize = 1024;
+const MAX_CODEBOOKS: usize = 256;
+const MAX_VOCAB: usize = 1 << 20;
+/// Steps of attention context: about 3.6 hours at 12.5 Hz.
+const MAX_CONTEXT: usize = 1 << 17;
+/// Stream delays: 10 minutes at 12.5 Hz.
+const MAX_DELAY_STEPS: usize = 7500;
+
 /// Keys of config.json that name files or describe how the model is used; the reference's
 /// `CheckpointInfo` takes them out before building the model, and so does Parley.
 const METADATA_KEYS: &[&str] = &[
@@ -258,6 +268,7 @@ impl LmConfig {
             ),
         )?;
         check(self.dep_q <= self.n_q, "dep_q must not exceed n_q")?;
+        self.check_ranges()?;
         check(self.causal, "causal must be true")?;
         check(
             self.kv_repeat == 1,
@@ -304,6 +315,59 @@ impl LmConfig {
             )?;
         }
         self.check_other_keys()
+    }
+
+    /// Sizes within sense before anything is allocated from them: a config that claims a
+    /// context of 2^40 steps or a million layers is an error naming the field, not an
+    /// allocation failure. The bounds are far above every published model (the largest:
+    /// Moshi 7B, dim 4096, 32 layers, context 3000, text_card 32000, delays of 2).
+    fn check_ranges(&self) -> std::result::Result<(), String> {
+        let within = |name: &str, v: usize, lo: usize, hi: usize| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("{name} is {v}; expected {lo} to {hi}"))
+            }
+        };
+        within("dim", self.dim, 1, MAX_DIM)?;
+        within("num_heads", self.num_heads, 1, self.dim)?;
+        if !self.dim.is_multiple_of(self.num_heads) {
+            return Err(format!(
+                "dim {} is not a multiple of num_heads {}",
+                self.dim, self.num_heads
+            ));
+        }
+        within("num_layers", self.num_layers, 1, MAX_LAYERS)?;
+        within("n_q", self.n_q, 0, MAX_CODEBOOKS)?;
+        within("card", self.card, 1, MAX_VOCAB)?;
+        within("text_card", self.text_card, 1, MAX_VOCAB)?;
+        within("context", self.context.unwrap_or(1), 1, MAX_CONTEXT)?;
+        for (k, &d) in self.delays.iter().enumerate() {
+            within(&format!("delays[{k}]"), d, 0, MAX_DELAY_STEPS)?;
+        }
+        if !(self.hidden_scale.is_finite() && self.hidden_scale > 0.0 && self.hidden_scale <= 64.0)
+        {
+            return Err(format!(
+                "hidden_scale is {}; expected a number above 0 and at most 64",
+                self.hidden_scale
+            ));
+        }
+        if !(self.max_period.is_finite() && self.max_period >= 1.0) {
+            return Err(format!(
+                "max_period is {}; expected a number of at least 1",
+                self.max_period
+            ));
+        }
+        if self.dep_q > 0 {
+            within("depformer_dim", self.depformer_dim, 1, MAX_DIM)?;
+            within(
+                "depformer_num_layers",
+                self.depformer_num_layers.unwrap_or(self.num_layers),
+                1,
+                MAX_LAYERS,
+            )?;
+        }
+        Ok(())
     }
 
     /// Keys that are not fields: metadata and training switches pass; a reference
@@ -421,6 +485,32 @@ mod tests {
         assert!(err.contains("skip_self_attn"), "{err}");
         let err = parse(&format!(r#"{{{BASE}, "qk_norm": true}}"#)).expect_err("unknown");
         assert!(err.contains("unknown key `qk_norm`"), "{err}");
+    }
+
+    #[test]
+    fn sizes_out_of_sense_are_named_before_anything_is_allocated() {
+        for (key, value) in [
+            ("context", "1099511627776"),
+            ("context", "0"),
+            ("num_layers", "1000000"),
+            ("max_period", "0"),
+            ("hidden_scale", "-1"),
+            ("dim", "0"),
+        ] {
+            let mut json: serde_json::Value =
+                serde_json::from_str(&format!("{{{BASE}}}")).expect("base");
+            json[key] = serde_json::from_str(value).expect("value");
+            let err = match serde_json::from_value::<LmConfig>(json) {
+                Ok(cfg) => cfg.validate().expect_err(key),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.contains(key), "{key} = {value}: {err}");
+        }
+        let err = parse(
+            r#"{"num_layers": 1, "n_q": 1, "dep_q": 0, "delays": [0, 100000], "context": 4}"#,
+        )
+        .expect_err("delay");
+        assert!(err.contains("delays[1]"), "{err}");
     }
 
     #[test]
