@@ -53,8 +53,9 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Elements in the tensor (saturating: a hostile header cannot overflow it).
     pub fn elem_count(&self) -> usize {
-        self.shape.iter().product()
+        self.shape.iter().fold(1usize, |n, &d| n.saturating_mul(d))
     }
 }
 
@@ -124,10 +125,11 @@ impl Checkpoint {
             let mut entries = BTreeMap::new();
             for (name, info) in &content.tensor_infos {
                 let shape = info.shape.dims().to_vec();
-                let n: usize = shape.iter().product();
+                let n = shape.iter().fold(1u64, |n, &d| n.saturating_mul(d as u64));
                 let dtype = info.ggml_dtype;
-                let bytes = (n / dtype.block_size()) as u64 * dtype.type_size() as u64;
-                let start = content.tensor_data_offset + info.offset;
+                let bytes =
+                    (n / dtype.block_size() as u64).saturating_mul(dtype.type_size() as u64);
+                let start = content.tensor_data_offset.saturating_add(info.offset);
                 if start.checked_add(bytes).is_none_or(|end| end > len) {
                     return Err(bad(format!(
                         "tensor `{name}` lies past the end of the file (truncated download?)"
@@ -178,7 +180,9 @@ impl Checkpoint {
 
     /// Weights in the file (elements, all tensors).
     pub fn param_count(&self) -> u64 {
-        self.entries.values().map(|e| e.elem_count() as u64).sum()
+        self.entries
+            .values()
+            .fold(0u64, |n, e| n.saturating_add(e.elem_count() as u64))
     }
 
     /// Reads tensor `name` from disk.
@@ -632,6 +636,16 @@ mod tests {
         std::fs::write(&path, u64::MAX.to_le_bytes()).expect("write");
         let err = Checkpoint::open(&path).expect_err("huge").to_string();
         assert!(err.contains("header claims"), "{err}");
+        // A dtype Parley does not read is not size-checked; its claimed shape must still
+        // not overflow anything.
+        write(
+            r#"{"x":{"dtype":"I8","shape":[4611686018427387904,8],"data_offsets":[0,4]}}"#,
+            4,
+        );
+        assert_eq!(
+            Checkpoint::open(&path).expect("opens").param_count(),
+            u64::MAX
+        );
         write(
             r#"{"x":{"dtype":"I8","shape":[4],"data_offsets":[0,4]}}"#,
             4,
