@@ -14,17 +14,18 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Storage, Tensor};
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
+use super::quant::{QFormat, QMatrix};
 use crate::{Error, Result};
 
 /// Batches up to this many rows use the streaming kernel; larger ones use gemm.
 pub const STREAMING_MAX_ROWS: usize = 16;
 /// Below this many weights a product runs on the calling thread alone.
-const PARALLEL_MIN_WEIGHTS: usize = 1 << 18;
+pub(crate) const PARALLEL_MIN_WEIGHTS: usize = 1 << 18;
 
 /// How large weight matrices are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -37,10 +38,10 @@ pub enum WeightPrecision {
     /// nothing; f32 ones are rounded.
     Bf16,
     /// Large matrices in GGML's q8_0 (8-bit blocks of 32, 8.5 bits a weight), multiplied
-    /// by candle's quantized kernels; others as for `Bf16`.
+    /// by Parley's integer kernels ([`super::quant`]); others as for `Bf16`.
     Q8_0,
-    /// Large matrices in GGML's q4k (4-bit super-blocks of 256, 4.5 bits a weight); rows
-    /// not a multiple of 256 fall back to q8_0.
+    /// Large matrices in GGML's q4_0 (4-bit blocks of 32, 4.5 bits a weight), the same
+    /// kernels; others as for `Bf16`.
     Q4,
 }
 
@@ -51,7 +52,7 @@ impl std::str::FromStr for WeightPrecision {
             "f32" => Ok(Self::F32),
             "bf16" => Ok(Self::Bf16),
             "q8_0" | "q8" => Ok(Self::Q8_0),
-            "q4" | "q4k" => Ok(Self::Q4),
+            "q4" | "q4_0" => Ok(Self::Q4),
             other => Err(format!(
                 "unknown weight precision `{other}` (f32, bf16, q8_0 or q4)"
             )),
@@ -72,14 +73,14 @@ impl std::fmt::Display for WeightPrecision {
 
 impl WeightPrecision {
     /// Bytes per weight this precision holds a model's matrices in (q8_0: 34 bytes per
-    /// block of 32; q4k: 144 per 256), for sizing; embeddings and small matrices are a
+    /// block of 32; q4_0: 18), for sizing; embeddings and small matrices are a
     /// few percent of a model and are not counted apart.
     pub fn bytes_per_weight(self) -> f64 {
         match self {
             Self::F32 => 4.0,
             Self::Bf16 => 2.0,
             Self::Q8_0 => 34.0 / 32.0,
-            Self::Q4 => 144.0 / 256.0,
+            Self::Q4 => 18.0 / 32.0,
         }
     }
 
@@ -130,19 +131,6 @@ impl WeightPrecision {
 /// Mimi, the rest of the process and of the machine).
 pub const AUTO_HEADROOM: f64 = 1.25;
 
-/// Whether `t` is the whole of its (CPU) storage, in order: not a view into a larger
-/// tensor, so that code reading the raw storage (candle's quantizer) reads `t` alone.
-fn owns_its_storage(t: &Tensor) -> bool {
-    let (storage, layout) = t.storage_and_layout();
-    let len = match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => v.len(),
-        Storage::Cpu(CpuStorage::BF16(v)) => v.len(),
-        Storage::Cpu(CpuStorage::F16(v)) => v.len(),
-        _ => return false,
-    };
-    layout.start_offset() == 0 && layout.is_contiguous() && len == t.elem_count()
-}
-
 /// Memory the system can give without swapping (`MemAvailable` of /proc/meminfo), where
 /// known.
 pub fn available_memory_bytes() -> Option<u64> {
@@ -156,12 +144,12 @@ pub fn available_memory_bytes() -> Option<u64> {
 /// what a step's time goes to, and gemm wants them in f32.
 pub const BF16_MIN_WEIGHTS: usize = 1 << 18;
 
-/// A row-major `[rows, cols]` weight matrix: f32, bf16, or GGML-quantized.
+/// A row-major `[rows, cols]` weight matrix: f32, bf16, or quantized (q8_0, q4_0).
 #[derive(Debug, Clone)]
 pub struct Matrix {
     tensor: Tensor,
     /// Set when quantized; `tensor` is then an empty placeholder.
-    quant: Option<(Arc<QMatMul>, GgmlDType)>,
+    quant: Option<Arc<QMatrix>>,
     rows: usize,
     cols: usize,
 }
@@ -197,15 +185,15 @@ impl Matrix {
     /// Bytes the weights occupy (what one product reads).
     pub fn size_in_bytes(&self) -> usize {
         match &self.quant {
-            Some((_, q)) => self.rows * self.cols / q.block_size() * q.type_size(),
+            Some(q) => q.size_in_bytes(),
             None => self.rows * self.cols * self.tensor.dtype().size_in_bytes(),
         }
     }
 
-    /// How the weights are held: "f32", "bf16", "q8_0", "q4k".
+    /// How the weights are held: "f32", "bf16", "q8_0", "q4_0".
     pub fn format(&self) -> String {
         match &self.quant {
-            Some((_, q)) => format!("{q:?}").to_lowercase(),
+            Some(q) => q.format().name().to_string(),
             None => format!("{:?}", self.tensor.dtype()).to_lowercase(),
         }
     }
@@ -229,19 +217,31 @@ impl Matrix {
             return Ok(());
         }
         let large = self.rows * self.cols >= BF16_MIN_WEIGHTS;
-        if let Some(q) = Self::ggml_format(self.rows, self.cols, precision) {
-            // `QTensor::quantize` reads the tensor's whole storage from its start, ignoring
-            // a view's offset and extent (candle 0.11): quantize a compact copy, or a
-            // slice of a stacked tensor (the depformer's per-step projections) would be
-            // quantized from the wrong rows.
-            let f32 = self.tensor.to_dtype(DType::F32)?;
-            let compact = if owns_its_storage(&f32) {
-                f32
-            } else {
-                f32.force_contiguous()?
+        if let Some(q) = Self::quant_format(self.rows, self.cols, precision) {
+            // Row by row from the tensor's own storage (a view's offset respected): no
+            // widened copy of the whole matrix, so loading peaks near the model's size.
+            let (rows, cols) = (self.rows, self.cols);
+            let (storage, layout) = self.tensor.storage_and_layout();
+            let (Storage::Cpu(cpu), true) = (&*storage, layout.is_contiguous()) else {
+                return Err(Error::InvalidInput("weights are not on the CPU".into()));
             };
-            let qt = QTensor::quantize(&compact, q)?;
-            self.quant = Some((Arc::new(QMatMul::from_qtensor(qt)?), q));
+            let start = layout.start_offset();
+            let quant = match self.tensor.dtype() {
+                DType::F32 => {
+                    let w = &cpu.as_slice::<f32>()?[start..start + rows * cols];
+                    QMatrix::quantize(w, rows, cols, q)?
+                }
+                _ => {
+                    let w = &cpu.as_slice::<half::bf16>()?[start..start + rows * cols];
+                    QMatrix::quantize_rows(rows, cols, q, |r, out| {
+                        for (o, v) in out.iter_mut().zip(&w[r * cols..(r + 1) * cols]) {
+                            *o = v.to_f32();
+                        }
+                    })?
+                }
+            };
+            drop(storage);
+            self.quant = Some(Arc::new(quant));
             self.tensor = Tensor::zeros(0, DType::F32, &Device::Cpu)?;
             return Ok(());
         }
@@ -263,12 +263,18 @@ impl Matrix {
         let dims = q.shape().dims().to_vec();
         let rows = dims.first().copied().unwrap_or(1);
         let cols = dims.iter().skip(1).product::<usize>();
-        let want = Self::ggml_format(rows, cols, precision);
-        if want == Some(q.dtype()) {
-            let dtype = q.dtype();
+        let stored = match q.dtype() {
+            GgmlDType::Q8_0 => Some(QFormat::Q8_0),
+            GgmlDType::Q4_0 => Some(QFormat::Q4_0),
+            _ => None,
+        };
+        if let Some(format) =
+            stored.filter(|&f| Self::quant_format(rows, cols, precision) == Some(f))
+        {
+            let blocks = QMatrix::from_ggml(&q.data()?, rows, cols, format)?;
             return Ok(Self {
                 tensor: Tensor::zeros(0, DType::F32, &Device::Cpu)?,
-                quant: Some((Arc::new(QMatMul::from_qtensor(q)?), dtype)),
+                quant: Some(Arc::new(blocks)),
                 rows,
                 cols,
             });
@@ -277,14 +283,12 @@ impl Matrix {
         Self::with_precision(&t, precision)
     }
 
-    /// The GGML format [`WeightPrecision`] gives a `rows` x `cols` matrix, if any.
-    fn ggml_format(rows: usize, cols: usize, precision: WeightPrecision) -> Option<GgmlDType> {
+    /// The quantized format [`WeightPrecision`] gives a `rows` x `cols` matrix, if any.
+    fn quant_format(rows: usize, cols: usize, precision: WeightPrecision) -> Option<QFormat> {
         let large = rows * cols >= BF16_MIN_WEIGHTS;
         match precision {
-            WeightPrecision::Q4 if large && cols.is_multiple_of(256) => Some(GgmlDType::Q4K),
-            WeightPrecision::Q4 | WeightPrecision::Q8_0 if large && cols.is_multiple_of(32) => {
-                Some(GgmlDType::Q8_0)
-            }
+            WeightPrecision::Q4 if large && cols.is_multiple_of(32) => Some(QFormat::Q4_0),
+            WeightPrecision::Q8_0 if large && cols.is_multiple_of(32) => Some(QFormat::Q8_0),
             _ => None,
         }
     }
@@ -302,7 +306,11 @@ impl Matrix {
     /// The weights as an f32 tensor `[rows, cols]` (dequantized if need be).
     pub fn to_f32(&self) -> Result<Tensor> {
         match &self.quant {
-            Some((q, _)) => Ok(q.dequantize_f16()?.to_dtype(DType::F32)?),
+            Some(q) => Ok(Tensor::from_vec(
+                q.dequantize(),
+                (self.rows, self.cols),
+                &Device::Cpu,
+            )?),
             None => Ok(self.tensor.to_dtype(DType::F32)?),
         }
     }
@@ -340,9 +348,8 @@ impl Matrix {
         if m == 0 {
             return Ok(vec![]);
         }
-        if let Some((q, _)) = &self.quant {
-            let xt = Tensor::from_slice(x, (m, self.cols), &Device::Cpu)?;
-            return Ok(q.forward(&xt)?.flatten_all()?.to_vec1()?);
+        if let Some(q) = &self.quant {
+            return q.matmul_t(x, m);
         }
         if m > STREAMING_MAX_ROWS {
             let w = self.tensor.to_dtype(DType::F32)?;
@@ -391,7 +398,7 @@ impl Matrix {
 }
 
 /// `[rows][m]` to `[m][rows]`.
-fn transpose(out_t: Vec<f32>, rows: usize, m: usize) -> Vec<f32> {
+pub(crate) fn transpose(out_t: Vec<f32>, rows: usize, m: usize) -> Vec<f32> {
     if m == 1 {
         return out_t;
     }
@@ -457,9 +464,51 @@ impl WithSimd for Sum<'_> {
     }
 }
 
+/// Rows of f32 or bf16 values: the attention cache.
+#[derive(Debug, Clone, Copy)]
+pub enum RowsRef<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
 /// `out_t[j * m + i] = w[j] . x[i]` over rows of `cols`, on the calling thread: the
 /// attention scores of `m` queries against a block of keys.
-pub fn dot_rows(w: &[f32], cols: usize, x: &[f32], m: usize, out_t: &mut [f32]) {
+pub fn dot_rows(w: RowsRef, cols: usize, x: &[f32], m: usize, out_t: &mut [f32]) {
+    match w {
+        RowsRef::F32(w) => dot_rows_f32(w, cols, x, m, out_t),
+        RowsRef::Bf16(w) => {
+            out_t.iter_mut().for_each(|v| *v = 0.0);
+            let arch = Arch::new();
+            match bf16_pairs(w, cols) {
+                Some(pairs) => {
+                    let xi = interleave_for_bf16(x, cols, arch.dispatch(Lanes));
+                    arch.dispatch(Dot::<Bf16Rows> {
+                        w: pairs,
+                        cols,
+                        x: &xi,
+                        m,
+                        out: out_t,
+                    })
+                }
+                None => {
+                    let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+                    dot_rows_f32(&wide, cols, x, m, out_t)
+                }
+            }
+        }
+    }
+}
+
+/// bf16 values as the u32 pairs [`Bf16Rows`] reads, where rows have an even length and
+/// the slice is 4-byte aligned.
+fn bf16_pairs(w: &[half::bf16], cols: usize) -> Option<&[u32]> {
+    if !cols.is_multiple_of(2) {
+        return None;
+    }
+    bytemuck::try_cast_slice(w).ok()
+}
+
+fn dot_rows_f32(w: &[f32], cols: usize, x: &[f32], m: usize, out_t: &mut [f32]) {
     out_t.iter_mut().for_each(|v| *v = 0.0);
     Arch::new().dispatch(Dot::<F32Rows> {
         w,
@@ -471,8 +520,77 @@ pub fn dot_rows(w: &[f32], cols: usize, x: &[f32], m: usize, out_t: &mut [f32]) 
 }
 
 /// `out[c] += sum_j p[j] * v[j * cols + c]`: attention's weighted sum of values.
-pub fn weighted_sum_rows(v: &[f32], cols: usize, p: &[f32], out: &mut [f32]) {
-    Arch::new().dispatch(WeightedSum { v, cols, p, out });
+pub fn weighted_sum_rows(v: RowsRef, cols: usize, p: &[f32], out: &mut [f32]) {
+    let arch = Arch::new();
+    match v {
+        RowsRef::F32(v) => arch.dispatch(WeightedSum { v, cols, p, out }),
+        RowsRef::Bf16(v) => {
+            let Some(pairs) = bf16_pairs(v, cols) else {
+                let wide: Vec<f32> = v.iter().map(|v| v.to_f32()).collect();
+                return arch.dispatch(WeightedSum {
+                    v: &wide,
+                    cols,
+                    p,
+                    out,
+                });
+            };
+            // Sums in [`Bf16Rows`]'s order (each block's even columns, then its odd ones),
+            // put back in order at the end; the columns past the last block, one by one.
+            let block = 2 * arch.dispatch(Lanes);
+            let full = cols / block * block;
+            let mut sums = vec![0f32; full];
+            arch.dispatch(WeightedSumBf16 {
+                v: pairs,
+                cols,
+                p,
+                out: &mut sums,
+            });
+            for (b, s) in sums.chunks_exact(block).enumerate() {
+                let o = &mut out[b * block..(b + 1) * block];
+                for (k, &e) in s[..block / 2].iter().enumerate() {
+                    o[2 * k] += e;
+                }
+                for (k, &od) in s[block / 2..].iter().enumerate() {
+                    o[2 * k + 1] += od;
+                }
+            }
+            for (row, &pj) in pairs.chunks_exact(cols / 2).zip(p) {
+                for (k, o) in out.iter_mut().enumerate().skip(full) {
+                    *o += pj * Bf16Rows::scalar(row, k);
+                }
+            }
+        }
+    }
+}
+
+/// [`WeightedSum`] over bf16 rows read as u32 pairs, into the whole blocks' sums in
+/// [`Bf16Rows`]'s order.
+struct WeightedSumBf16<'a> {
+    v: &'a [u32],
+    cols: usize,
+    p: &'a [f32],
+    out: &'a mut [f32],
+}
+
+impl WithSimd for WeightedSumBf16<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> Self::Output {
+        let WeightedSumBf16 { v, cols, p, out } = self;
+        let ov: &mut [[S::f32s; 2]] = bytemuck::cast_slice_mut(S::as_mut_simd_f32s(out).0);
+        for (row, &pj) in v.chunks_exact(cols / 2).zip(p) {
+            if pj == 0.0 {
+                continue;
+            }
+            let pv = simd.splat_f32s(pj);
+            for (o, &u) in ov.iter_mut().zip(Bf16Rows::units::<S>(row)) {
+                let [e, od] = Bf16Rows::widen(simd, u);
+                o[0] = simd.mul_add_e_f32s(pv, e, o[0]);
+                o[1] = simd.mul_add_e_f32s(pv, od, o[1]);
+            }
+        }
+    }
 }
 
 struct WeightedSum<'a> {
@@ -894,7 +1012,7 @@ mod tests {
         let t = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu).expect("t");
         for (precision, label, bytes, tol) in [
             (WeightPrecision::Q8_0, "q8_0", rows * cols / 32 * 34, 0.01),
-            (WeightPrecision::Q4, "q4k", rows * cols / 256 * 144, 0.1),
+            (WeightPrecision::Q4, "q4_0", rows * cols / 32 * 18, 0.1),
         ] {
             let mat = Matrix::with_precision(&t, precision).expect("quantize");
             assert_eq!(mat.format(), label);

@@ -4,6 +4,7 @@
 
 pub mod cpu;
 pub mod gpu;
+pub mod quant;
 
 /// The weight format asked for on the command line, for whichever device runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -51,7 +52,7 @@ impl std::fmt::Display for Dtype {
 }
 
 impl Dtype {
-    /// The CPU's precision for this format (q4 is GGML's q4k there).
+    /// The CPU's precision for this format.
     pub fn cpu(self) -> crate::Result<cpu::WeightPrecision> {
         use cpu::WeightPrecision as P;
         match self {

@@ -13,7 +13,9 @@
 //! kept for token-exact parity; [`StreamingTransformer::set_window`] gives the offline
 //! semantics instead.
 
-use crate::compute::cpu::{dot_rows, weighted_sum_rows, Matrix, WeightPrecision};
+use rayon::prelude::*;
+
+use crate::compute::cpu::{dot_rows, weighted_sum_rows, Matrix, RowsRef, WeightPrecision};
 use crate::models::weights::Weights;
 use crate::{Error, Result};
 
@@ -103,11 +105,52 @@ struct RingKv {
     capacity: usize,
     heads: usize,
     head_dim: usize,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: KvStore,
+    v: KvStore,
     /// Absolute position held by each slot; -1 when empty.
     pos: Vec<i64>,
     written: usize,
+}
+
+/// The cache's values: f32 (the reference's arithmetic), or bf16 under a reduced weight
+/// precision (what the reference holds when it runs in bf16; half the bytes, which at
+/// full context are a sixth of a quantized model's step).
+#[derive(Debug, Clone)]
+enum KvStore {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
+}
+
+impl KvStore {
+    fn rows(&self, start: usize, len: usize) -> RowsRef<'_> {
+        match self {
+            KvStore::F32(v) => RowsRef::F32(&v[start..start + len]),
+            KvStore::Bf16(v) => RowsRef::Bf16(&v[start..start + len]),
+        }
+    }
+
+    fn write(&mut self, at: usize, src: &[f32]) {
+        match self {
+            KvStore::F32(v) => v[at..at + src.len()].copy_from_slice(src),
+            KvStore::Bf16(v) => v[at..at + src.len()]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(o, &x)| *o = half::bf16::from_f32(x)),
+        }
+    }
+
+    fn make_bf16(&mut self) {
+        if let KvStore::F32(v) = self {
+            *self = KvStore::Bf16(v.iter().map(|&x| half::bf16::from_f32(x)).collect());
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            KvStore::F32(v) => v.len() * 4,
+            KvStore::Bf16(v) => v.len() * 2,
+        }
+    }
 }
 
 impl RingKv {
@@ -116,8 +159,8 @@ impl RingKv {
             capacity,
             heads,
             head_dim,
-            k: vec![0.0; heads * capacity * head_dim],
-            v: vec![0.0; heads * capacity * head_dim],
+            k: KvStore::F32(vec![0.0; heads * capacity * head_dim]),
+            v: KvStore::F32(vec![0.0; heads * capacity * head_dim]),
             pos: vec![-1; capacity],
             written: 0,
         }
@@ -129,21 +172,21 @@ impl RingKv {
         let hd = self.head_dim;
         for h in 0..self.heads {
             let dst = (h * self.capacity + slot) * hd;
-            self.k[dst..dst + hd].copy_from_slice(&k[h * hd..(h + 1) * hd]);
-            self.v[dst..dst + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
+            self.k.write(dst, &k[h * hd..(h + 1) * hd]);
+            self.v.write(dst, &v[h * hd..(h + 1) * hd]);
         }
         self.pos[slot] = pos;
         self.written += 1;
     }
 
-    fn head_keys(&self, h: usize) -> &[f32] {
+    fn head_keys(&self, h: usize) -> RowsRef<'_> {
         let n = self.capacity * self.head_dim;
-        &self.k[h * n..(h + 1) * n]
+        self.k.rows(h * n, n)
     }
 
-    fn head_values(&self, h: usize) -> &[f32] {
+    fn head_values(&self, h: usize) -> RowsRef<'_> {
         let n = self.capacity * self.head_dim;
-        &self.v[h * n..(h + 1) * n]
+        self.v.rows(h * n, n)
     }
 
     fn reset(&mut self) {
@@ -539,6 +582,12 @@ impl StreamingTransformer {
     }
 
     pub fn set_precision(&mut self, precision: WeightPrecision) -> Result<()> {
+        if precision != WeightPrecision::F32 {
+            for r in &mut self.rings {
+                r.k.make_bf16();
+                r.v.make_bf16();
+            }
+        }
         for l in &mut self.layers {
             for m in l.in_proj.iter_mut().chain(l.out_proj.iter_mut()) {
                 m.set_precision(precision)?;
@@ -587,7 +636,7 @@ impl StreamingTransformer {
     pub fn state_bytes(&self) -> usize {
         self.rings
             .iter()
-            .map(|r| (r.k.len() + r.v.len()) * 4 + r.pos.len() * 8)
+            .map(|r| r.k.bytes() + r.v.bytes() + r.pos.len() * 8)
             .sum()
     }
 }
@@ -673,40 +722,57 @@ fn layer_step(
     }
     let cap = kv.capacity;
     let context = dims.context.map_or(i64::MAX, |c| c as i64);
+    // Heads in parallel (each reads its own keys and values: a sixth of a quantized
+    // model's step at full context), `[heads][t][head_dim]`, then into `[t][d]`.
+    let kv = &*kv;
+    let mut per_head = vec![0f32; t * d];
+    per_head
+        .par_chunks_mut(t * hd)
+        .enumerate()
+        .for_each(|(h, out)| {
+            let mut scores = vec![0f32; cap * t];
+            let mut probs = vec![0f32; cap];
+            // scores[j * t + i]: key slot j against query i.
+            dot_rows(
+                kv.head_keys(h),
+                hd,
+                &q[h * t * hd..(h + 1) * t * hd],
+                t,
+                &mut scores,
+            );
+            for i in 0..t {
+                let pos_q = (offset + i) as i64;
+                let mut max = f32::NEG_INFINITY;
+                for (j, p) in probs.iter_mut().enumerate() {
+                    let pk = kv.pos[j];
+                    let delta = pos_q - pk;
+                    *p = if pk >= 0 && delta >= 0 && delta < context {
+                        scores[j * t + i]
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                    max = max.max(*p);
+                }
+                let mut sum = 0f32;
+                for p in probs.iter_mut() {
+                    *p = if p.is_finite() { (*p - max).exp() } else { 0.0 };
+                    sum += *p;
+                }
+                let inv = 1.0 / sum;
+                probs.iter_mut().for_each(|p| *p *= inv);
+                weighted_sum_rows(
+                    kv.head_values(h),
+                    hd,
+                    &probs,
+                    &mut out[i * hd..(i + 1) * hd],
+                );
+            }
+        });
     let mut attn = vec![0f32; t * d];
-    let mut scores = vec![0f32; cap * t];
-    let mut probs = vec![0f32; cap];
     for h in 0..dims.num_heads {
-        // scores[j * t + i]: key slot j against query i.
-        dot_rows(
-            kv.head_keys(h),
-            hd,
-            &q[h * t * hd..(h + 1) * t * hd],
-            t,
-            &mut scores,
-        );
         for i in 0..t {
-            let pos_q = (offset + i) as i64;
-            let mut max = f32::NEG_INFINITY;
-            for (j, p) in probs.iter_mut().enumerate() {
-                let pk = kv.pos[j];
-                let delta = pos_q - pk;
-                *p = if pk >= 0 && delta >= 0 && delta < context {
-                    scores[j * t + i]
-                } else {
-                    f32::NEG_INFINITY
-                };
-                max = max.max(*p);
-            }
-            let mut sum = 0f32;
-            for p in probs.iter_mut() {
-                *p = if p.is_finite() { (*p - max).exp() } else { 0.0 };
-                sum += *p;
-            }
-            let inv = 1.0 / sum;
-            probs.iter_mut().for_each(|p| *p *= inv);
-            let out = &mut attn[i * d + h * hd..i * d + (h + 1) * hd];
-            weighted_sum_rows(kv.head_values(h), hd, &probs, out);
+            attn[i * d + h * hd..i * d + (h + 1) * hd]
+                .copy_from_slice(&per_head[(h * t + i) * hd..(h * t + i + 1) * hd]);
         }
     }
     let update = layer.out_proj[widx].matmul_t(&attn, t)?;

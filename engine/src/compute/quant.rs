@@ -1,0 +1,945 @@
+//! Quantized weight matrices and the integer kernels that stream them.
+//!
+//! Two formats with GGML's arithmetic: q8_0 (blocks of 32 weights, one f16 scale, 8-bit
+//! values: 8.5 bits a weight) and q4_0 (the same blocks with 4-bit values: 4.5 bits a
+//! weight, the format the GPU path calls q4). A product quantizes each activation row
+//! once to 8-bit blocks, takes every block's dot product in integers and scales it by
+//! both scales, as llama.cpp's CPU kernels do. Written here rather than through candle's
+//! `QMatMul` because candle's kernels are compute-bound at batch 1 (q4k barely beats q8_0
+//! though it reads half the bytes): these read each weight row once for up to sixteen
+//! activation rows, four weight rows at a time.
+//!
+//! Instruction sets, chosen at run time ([`Isa::detect`]; `PARLEY_CPU_ISA=portable|avx2`
+//! forces a lower one): AVX-512 VNNI (`vpdpbusd`, 64 weights per instruction), AVX2
+//! (`vpmaddubsw` + `vpmaddwd`), and a portable path that is also the definition the others
+//! are tested against. ARM runs the portable path (no dotprod kernel yet).
+//!
+//! Storage, repacked for the kernels (as llama.cpp repacks for its CPU kernels): rows in
+//! groups of four (padded with zero rows), each group a run of super-blocks of 16 blocks
+//! per row: the four rows' 16 f16 scales (128 bytes, what four 512-bit conversions take),
+//! then the eight pairs of blocks, each pair's four rows side by side. A product then
+//! reads one sequential stream, which the hardware prefetchers follow at full rate (four
+//! separate row streams of a few KB each reached about 70% of it). Values are unsigned,
+//! `q + 128` for q8_0 and `q + 8` for q4_0 (a q4_0 pair shares 32 bytes: the first block
+//! in the low nibbles, the second in the high ones), so `vpdpbusd` multiplies them
+//! directly; the offset times the activations' sum is subtracted through a per-lane bias
+//! computed with the activations. Blocks past a row's end are zero.
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::{Error, Result};
+
+/// Weights per block (GGML's QK8_0 and QK4_0).
+pub const BLOCK: usize = 32;
+/// Blocks per row in a super-block.
+const SUPER: usize = 16;
+/// Rows stored together.
+const GROUP: usize = 4;
+/// Bytes of the scales at the head of a super-block.
+const SCALE_BYTES: usize = GROUP * SUPER * 2;
+/// 32-bit lanes per block in the kernels: each lane sums four products.
+const LANES: usize = BLOCK / 4;
+
+/// A quantized format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QFormat {
+    Q8_0,
+    Q4_0,
+}
+
+impl QFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+        }
+    }
+
+    /// What is added to a value to store it unsigned.
+    fn offset(self) -> i32 {
+        match self {
+            Self::Q8_0 => 128,
+            Self::Q4_0 => 8,
+        }
+    }
+
+    /// Bytes a pair of blocks takes.
+    fn pair_bytes(self) -> usize {
+        match self {
+            Self::Q8_0 => 2 * BLOCK,
+            Self::Q4_0 => BLOCK,
+        }
+    }
+
+    /// Bytes per block as GGML stores it (values and an f16 scale), for sizing.
+    pub fn ggml_block_bytes(self) -> usize {
+        self.pair_bytes() / 2 + 2
+    }
+}
+
+/// The instruction set a product runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Plain Rust: the definition, and the path of CPUs without the others.
+    Portable,
+    /// AVX2, FMA and F16C.
+    Avx2,
+    /// AVX-512 (F, BW, VL) with VNNI, plus the AVX2 set.
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The best this CPU offers, or a lower one forced by `PARLEY_CPU_ISA` (`portable`,
+    /// `avx2`), never a higher one.
+    pub fn detect() -> Self {
+        static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            let best = Self::available()
+                .into_iter()
+                .last()
+                .unwrap_or(Self::Portable);
+            match std::env::var("PARLEY_CPU_ISA").ok().as_deref() {
+                Some("portable") => Self::Portable,
+                Some("avx2") if best.supported() && Self::Avx2.supported() => Self::Avx2,
+                _ => best,
+            }
+        })
+    }
+
+    /// Every set this CPU can run, lowest first.
+    pub fn available() -> Vec<Self> {
+        [Self::Portable, Self::Avx2, Self::Avx512Vnni]
+            .into_iter()
+            .filter(|i| i.supported())
+            .collect()
+    }
+
+    /// Whether this CPU has the instructions.
+    pub fn supported(self) -> bool {
+        match self {
+            Self::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512Vnni => {
+                Self::Avx2.supported()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Portable => "portable",
+            Self::Avx2 => "avx2",
+            Self::Avx512Vnni => "avx512-vnni",
+        }
+    }
+}
+
+/// A `[rows, cols]` matrix in q8_0 or q4_0 blocks (see the module's notes on the layout).
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    format: QFormat,
+    rows: usize,
+    cols: usize,
+    /// Super-blocks per row.
+    supers: usize,
+    q: Vec<u8>,
+}
+
+/// GGML's q8_0 rounding of one block: scale `max|x| / 127`, values rounded to nearest.
+/// Returns the scale; `q` gets the signed values.
+fn quantize_block_q8(x: &[f32], q: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+    }
+    d
+}
+
+/// GGML's q4_0 rounding of one block: the value of largest magnitude maps to -8, the rest
+/// round half up into 0..=15 (stored `q + 8`). Returns the scale.
+fn quantize_block_q4(x: &[f32], q: &mut [u8]) -> f32 {
+    let max = x
+        .iter()
+        .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    let d = max / -8.0;
+    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = ((v * inv + 8.5).clamp(0.0, 15.0)) as u8;
+    }
+    d
+}
+
+impl QMatrix {
+    fn empty(format: QFormat, rows: usize, cols: usize) -> Result<Self> {
+        if rows == 0 || cols == 0 || !cols.is_multiple_of(BLOCK) {
+            return Err(Error::InvalidInput(format!(
+                "{} needs rows of whole 32-weight blocks, not {rows} x {cols}",
+                format.name()
+            )));
+        }
+        let supers = (cols / BLOCK).div_ceil(SUPER);
+        let mut m = Self {
+            format,
+            rows,
+            cols,
+            supers,
+            q: vec![],
+        };
+        // Zero values (the offset) everywhere, zero scales.
+        let pad = (format.offset() as u8) * if format == QFormat::Q4_0 { 17 } else { 1 };
+        m.q = vec![pad; rows.div_ceil(GROUP) * m.group_bytes()];
+        for g in 0..rows.div_ceil(GROUP) {
+            for sb in 0..supers {
+                let at = m.super_at(g, sb);
+                m.q[at..at + SCALE_BYTES].fill(0);
+            }
+        }
+        Ok(m)
+    }
+
+    fn super_bytes(&self) -> usize {
+        SCALE_BYTES + SUPER / 2 * GROUP * self.format.pair_bytes()
+    }
+
+    fn group_bytes(&self) -> usize {
+        self.supers * self.super_bytes()
+    }
+
+    /// Where super-block `sb` of row group `g` starts.
+    fn super_at(&self, g: usize, sb: usize) -> usize {
+        g * self.group_bytes() + sb * self.super_bytes()
+    }
+
+    /// Where the scale of block `b` of row `r` is.
+    fn scale_at(&self, r: usize, b: usize) -> usize {
+        self.super_at(r / GROUP, b / SUPER) + (r % GROUP * SUPER + b % SUPER) * 2
+    }
+
+    /// Where the pair holding block `b` of row `r` starts.
+    fn pair_at(&self, r: usize, b: usize) -> usize {
+        let k = b % SUPER / 2;
+        self.super_at(r / GROUP, b / SUPER)
+            + SCALE_BYTES
+            + (k * GROUP + r % GROUP) * self.format.pair_bytes()
+    }
+
+    fn scale(&self, r: usize, b: usize) -> f16 {
+        let at = self.scale_at(r, b);
+        f16::from_le_bytes([self.q[at], self.q[at + 1]])
+    }
+
+    fn set_scale(&mut self, r: usize, b: usize, d: f16) {
+        let at = self.scale_at(r, b);
+        self.q[at..at + 2].copy_from_slice(&d.to_le_bytes());
+    }
+
+    /// Stores block `b` of row `r` from its unsigned values (0..=255 for q8_0, 0..=15 for
+    /// q4_0).
+    fn set_block(&mut self, r: usize, b: usize, vals: &[u8; BLOCK]) {
+        let at = self.pair_at(r, b);
+        match self.format {
+            QFormat::Q8_0 => {
+                let at = at + b % 2 * BLOCK;
+                self.q[at..at + BLOCK].copy_from_slice(vals);
+            }
+            QFormat::Q4_0 => {
+                let high = b % 2 == 1;
+                for (o, &v) in self.q[at..at + BLOCK].iter_mut().zip(vals) {
+                    *o = if high {
+                        (*o & 0x0F) | (v << 4)
+                    } else {
+                        (*o & 0xF0) | v
+                    };
+                }
+            }
+        }
+    }
+
+    /// The signed values of block `b` of row `r`.
+    fn block(&self, r: usize, b: usize, out: &mut [i8; BLOCK]) {
+        let at = self.pair_at(r, b);
+        match self.format {
+            QFormat::Q8_0 => {
+                let at = at + b % 2 * BLOCK;
+                for (o, &v) in out.iter_mut().zip(&self.q[at..at + BLOCK]) {
+                    *o = (v ^ 0x80) as i8;
+                }
+            }
+            QFormat::Q4_0 => {
+                let shift = if b % 2 == 1 { 4 } else { 0 };
+                for (o, &v) in out.iter_mut().zip(&self.q[at..at + BLOCK]) {
+                    *o = ((v >> shift) & 0x0F) as i8 - 8;
+                }
+            }
+        }
+    }
+
+    /// Quantizes row-major `w` (`cols` a multiple of 32).
+    pub fn quantize(w: &[f32], rows: usize, cols: usize, format: QFormat) -> Result<Self> {
+        if w.len() != rows * cols {
+            return Err(Error::InvalidInput(format!(
+                "{} values for a {rows} x {cols} matrix",
+                w.len()
+            )));
+        }
+        Self::quantize_rows(rows, cols, format, |r, out| {
+            out.copy_from_slice(&w[r * cols..(r + 1) * cols])
+        })
+    }
+
+    /// Quantizes a matrix whose row `r` `row(r, out)` writes as f32, one row at a time (so
+    /// a bf16 matrix is never widened whole).
+    pub fn quantize_rows(
+        rows: usize,
+        cols: usize,
+        format: QFormat,
+        mut row: impl FnMut(usize, &mut [f32]),
+    ) -> Result<Self> {
+        let mut m = Self::empty(format, rows, cols)?;
+        let mut vals = [0i8; BLOCK];
+        let mut stored = [0u8; BLOCK];
+        let mut buf = vec![0f32; cols];
+        for r in 0..rows {
+            row(r, &mut buf);
+            for (b, x) in buf.chunks_exact(BLOCK).enumerate() {
+                let d = match format {
+                    QFormat::Q8_0 => {
+                        let d = quantize_block_q8(x, &mut vals);
+                        for (o, &v) in stored.iter_mut().zip(&vals) {
+                            *o = (v as u8) ^ 0x80;
+                        }
+                        d
+                    }
+                    QFormat::Q4_0 => quantize_block_q4(x, &mut stored),
+                };
+                m.set_scale(r, b, f16::from_f32(d));
+                m.set_block(r, b, &stored);
+            }
+        }
+        Ok(m)
+    }
+
+    /// Takes GGML blocks as a GGUF file stores them (q8_0: an f16 scale and 32 int8
+    /// values; q4_0: an f16 scale and 16 bytes holding value `k` in the low nibble of
+    /// byte `k` and value `k + 16` in the high one): nothing is rounded again.
+    pub fn from_ggml(bytes: &[u8], rows: usize, cols: usize, format: QFormat) -> Result<Self> {
+        let mut m = Self::empty(format, rows, cols)?;
+        let per = format.ggml_block_bytes();
+        let blocks = cols / BLOCK;
+        if bytes.len() != rows * blocks * per {
+            return Err(Error::InvalidInput(format!(
+                "{} bytes of {} blocks for a {rows} x {cols} matrix ({} expected)",
+                bytes.len(),
+                format.name(),
+                rows * blocks * per
+            )));
+        }
+        let mut stored = [0u8; BLOCK];
+        for (i, blk) in bytes.chunks_exact(per).enumerate() {
+            let (r, b) = (i / blocks, i % blocks);
+            m.set_scale(r, b, f16::from_le_bytes([blk[0], blk[1]]));
+            match format {
+                QFormat::Q8_0 => {
+                    for (o, &v) in stored.iter_mut().zip(&blk[2..]) {
+                        *o = v ^ 0x80;
+                    }
+                }
+                QFormat::Q4_0 => {
+                    for (k, &v) in blk[2..].iter().enumerate() {
+                        stored[k] = v & 0x0F;
+                        stored[k + 16] = v >> 4;
+                    }
+                }
+            }
+            m.set_block(r, b, &stored);
+        }
+        Ok(m)
+    }
+
+    pub fn format(&self) -> QFormat {
+        self.format
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes one product reads.
+    pub fn size_in_bytes(&self) -> usize {
+        self.q.len()
+    }
+
+    /// The weights as f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        let mut vals = [0i8; BLOCK];
+        for r in 0..self.rows {
+            for b in 0..self.cols / BLOCK {
+                let d = self.scale(r, b).to_f32();
+                self.block(r, b, &mut vals);
+                out.extend(vals.iter().map(|&v| v as f32 * d));
+            }
+        }
+        out
+    }
+
+    /// `out[i][j] = sum_k w[j][k] * x[i][k]` for `m` rows of `x` (`x @ w^T`), on the best
+    /// instruction set of this CPU.
+    pub fn matmul_t(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        self.matmul_t_with(x, m, Isa::detect())
+    }
+
+    /// [`Self::matmul_t`] on a chosen instruction set (tests and benchmarks compare them).
+    pub fn matmul_t_with(&self, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>> {
+        if x.len() != m * self.cols {
+            return Err(Error::InvalidInput(format!(
+                "matmul: {} values for {m} rows of {}",
+                x.len(),
+                self.cols
+            )));
+        }
+        if !isa.supported() {
+            return Err(Error::InvalidInput(format!(
+                "this CPU cannot run the {} kernels",
+                isa.name()
+            )));
+        }
+        if m == 0 {
+            return Ok(vec![]);
+        }
+        let acts = Acts::quantize(x, m, self.cols, self.supers, self.format.offset());
+        // `out_t` is [rows][m], padded to whole groups: each thread writes one contiguous
+        // block of it.
+        let groups = self.rows.div_ceil(GROUP);
+        let mut out_t = vec![0f32; groups * GROUP * m];
+        let threads = rayon::current_num_threads();
+        let run = |g0: usize, out: &mut [f32]| match isa {
+            Isa::Portable => portable_groups(self, g0, &acts, out),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Avx512Vnni => x86::groups(isa, self, g0, &acts, out),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => portable_groups(self, g0, &acts, out),
+        };
+        if self.rows * self.cols < super::cpu::PARALLEL_MIN_WEIGHTS || threads == 1 {
+            run(0, &mut out_t);
+        } else {
+            // A few runs of whole groups per thread; four groups (16 rows) keep the blocks
+            // of `out_t` on separate cache lines.
+            let per = groups.div_ceil(threads * 4).next_multiple_of(4);
+            out_t
+                .par_chunks_mut(per * GROUP * m)
+                .enumerate()
+                .for_each(|(c, out)| run(c * per, out));
+        }
+        out_t.truncate(self.rows * m);
+        Ok(super::cpu::transpose(out_t, self.rows, m))
+    }
+}
+
+/// Activation rows quantized to q8_0 blocks (padded with zeros to whole super-blocks),
+/// with what the kernels need beside them, each laid out 8 lanes per block: the scale
+/// repeated, and the bias `-offset * (sum of the lane's 4 values)`.
+struct Acts {
+    m: usize,
+    /// Blocks per row, padded.
+    blocks: usize,
+    q: Vec<i8>,
+    scale: Vec<f32>,
+    bias: Vec<i32>,
+}
+
+impl Acts {
+    fn quantize(x: &[f32], m: usize, cols: usize, supers: usize, offset: i32) -> Self {
+        let blocks = supers * SUPER;
+        let (width, lanes) = (blocks * BLOCK, blocks * LANES);
+        let mut q = vec![0i8; m * width];
+        let mut scale = vec![0f32; m * lanes];
+        let mut bias = vec![0i32; m * lanes];
+        for (i, row) in x.chunks_exact(cols).enumerate() {
+            for (b, xb) in row.chunks_exact(BLOCK).enumerate() {
+                let qb = &mut q[i * width + b * BLOCK..i * width + (b + 1) * BLOCK];
+                let d = quantize_block_q8(xb, qb);
+                let at = i * lanes + b * LANES;
+                scale[at..at + LANES].fill(d);
+                for (l, quad) in qb.chunks_exact(4).enumerate() {
+                    bias[at + l] = -offset * quad.iter().map(|&v| v as i32).sum::<i32>();
+                }
+            }
+        }
+        Self {
+            m,
+            blocks,
+            q,
+            scale,
+            bias,
+        }
+    }
+
+    fn q_bytes(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.q)
+    }
+}
+
+/// The definition: every block's dot product in integers, scaled by both scales, summed
+/// in f32. Row groups `g0..` of `w` into `out_t` (`[rows][m]`).
+fn portable_groups(w: &QMatrix, g0: usize, acts: &Acts, out_t: &mut [f32]) {
+    let m = acts.m;
+    let width = acts.blocks * BLOCK;
+    let lanes = acts.blocks * LANES;
+    let mut vals = [0i8; BLOCK];
+    for (jr, out) in out_t.chunks_exact_mut(m).enumerate() {
+        let r = g0 * GROUP + jr;
+        if r >= w.rows {
+            break;
+        }
+        out.fill(0.0);
+        for b in 0..w.cols / BLOCK {
+            w.block(r, b, &mut vals);
+            let dw = w.scale(r, b).to_f32();
+            for (i, o) in out.iter_mut().enumerate() {
+                let xq = &acts.q[i * width + b * BLOCK..i * width + (b + 1) * BLOCK];
+                let s: i32 = vals
+                    .iter()
+                    .zip(xq)
+                    .map(|(&v, &x)| v as i32 * x as i32)
+                    .sum();
+                *o += dw * acts.scale[i * lanes + b * LANES] * s as f32;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod x86 {
+    //! The x86 kernels. `unsafe` is allowed here for three things only: calling a
+    //! `#[target_feature]` function, after [`Isa::supported`] has checked that this CPU
+    //! has every feature it enables (`matmul_t_with` refuses an unsupported set before any
+    //! kernel runs); unaligned SIMD loads from slices whose bounds are checked by slicing
+    //! first; prefetches, which cannot fault.
+    use std::arch::x86_64::*;
+
+    use super::{Acts, Isa, QFormat, QMatrix, BLOCK, GROUP, LANES, SCALE_BYTES, SUPER};
+
+    /// Row groups `g0..` of `w` into `out_t` (`[rows][m]`, whole groups) on `isa` (AVX2 or
+    /// AVX-512 VNNI).
+    pub(super) fn groups(isa: Isa, w: &QMatrix, g0: usize, acts: &Acts, out_t: &mut [f32]) {
+        let n = out_t.len() / (acts.m * GROUP);
+        for g in 0..n {
+            let mut i = 0;
+            while i < acts.m {
+                let mc = (acts.m - i).min(2);
+                let job = Job {
+                    w,
+                    group: g0 + g,
+                    out_row: g * GROUP,
+                    acts,
+                    i0: i,
+                };
+                macro_rules! go {
+                    ($m:literal) => {
+                        match (isa, w.format) {
+                            // SAFETY: `isa` was checked by `Isa::supported` in
+                            // `matmul_t_with`, so every feature the kernel enables is present.
+                            (Isa::Avx512Vnni, QFormat::Q8_0) => unsafe {
+                                avx512::<false, $m>(&job, out_t)
+                            },
+                            (Isa::Avx512Vnni, QFormat::Q4_0) => unsafe {
+                                avx512::<true, $m>(&job, out_t)
+                            },
+                            (_, QFormat::Q8_0) => unsafe { avx2::<false, $m>(&job, out_t) },
+                            (_, QFormat::Q4_0) => unsafe { avx2::<true, $m>(&job, out_t) },
+                        }
+                    };
+                }
+                if mc == 1 {
+                    go!(1)
+                } else {
+                    go!(2)
+                }
+                i += mc;
+            }
+        }
+    }
+
+    /// One row group against `M` activation rows from `i0`.
+    struct Job<'a> {
+        w: &'a QMatrix,
+        group: usize,
+        out_row: usize,
+        acts: &'a Acts,
+        i0: usize,
+    }
+
+    /// How far ahead of the bytes being read the kernels prefetch.
+    const AHEAD: usize = 4096;
+
+    #[inline(always)]
+    fn load128(s: &[u8], at: usize) -> __m128i {
+        let s = &s[at..at + 16];
+        // SAFETY: `s` holds the 16 bytes read; the load is unaligned.
+        unsafe { _mm_loadu_si128(s.as_ptr().cast()) }
+    }
+
+    #[inline(always)]
+    fn load256(s: &[u8], at: usize) -> __m256i {
+        let s = &s[at..at + 32];
+        // SAFETY: `s` holds the 32 bytes read; the load is unaligned.
+        unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+    }
+
+    #[inline(always)]
+    fn load512(s: &[u8], at: usize) -> __m512i {
+        let s = &s[at..at + 64];
+        // SAFETY: as `load256`, 64 bytes. Only called from AVX-512 kernels.
+        unsafe { _mm512_loadu_si512(s.as_ptr().cast()) }
+    }
+
+    /// Asks for the line at `s[at]` (which may lie past the end: a prefetch never faults).
+    #[inline(always)]
+    fn prefetch(s: &[u8], at: usize) {
+        let p = s.as_ptr().wrapping_add(at);
+        // SAFETY: a prefetch reads nothing into the program and cannot fault.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn avx512<const Q4: bool, const M: usize>(job: &Job, out_t: &mut [f32]) {
+        let (w, acts) = (job.w, job.acts);
+        let pb = w.format.pair_bytes();
+        let (width, lanes) = (acts.blocks * BLOCK, acts.blocks * LANES);
+        let xq = acts.q_bytes();
+        let xs: &[u8] = bytemuck::cast_slice(&acts.scale);
+        let xb: &[u8] = bytemuck::cast_slice(&acts.bias);
+        let low = _mm512_set1_epi8(0x0F);
+        // Lanes 0-7 take scale 2k of a super-block, lanes 8-15 scale 2k + 1.
+        let idx: [__m512i; SUPER / 2] = std::array::from_fn(|k| {
+            let (a, b) = (2 * k as i32, 2 * k as i32 + 1);
+            _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
+        });
+        let mut acc = [[_mm512_setzero_ps(); M]; GROUP];
+        for sb in 0..w.supers {
+            let base = w.super_at(job.group, sb);
+            let sc: [__m512; GROUP] =
+                std::array::from_fn(|r| _mm512_cvtph_ps(load256(&w.q, base + r * 32)));
+            for k in 0..SUPER / 2 {
+                let at = base + SCALE_BYTES + k * GROUP * pb;
+                for line in (0..GROUP * pb).step_by(64) {
+                    prefetch(&w.q, at + line + AHEAD);
+                }
+                let wv: [__m512i; GROUP] = std::array::from_fn(|r| {
+                    if Q4 {
+                        // Both halves hold the 32 bytes; the upper one shifted down to its
+                        // high nibbles.
+                        let v = _mm512_broadcast_i64x4(load256(&w.q, at + r * pb));
+                        _mm512_and_si512(_mm512_mask_srli_epi16::<4>(v, 0xFFFF_0000, v), low)
+                    } else {
+                        load512(&w.q, at + r * pb)
+                    }
+                });
+                let ws: [__m512; GROUP] =
+                    std::array::from_fn(|r| _mm512_permutexvar_ps(idx[k], sc[r]));
+                let b = sb * SUPER + 2 * k;
+                for i in 0..M {
+                    let ai = job.i0 + i;
+                    let x = load512(xq, ai * width + b * BLOCK);
+                    let bias = load512(xb, (ai * lanes + b * LANES) * 4);
+                    let s = _mm512_castsi512_ps(load512(xs, (ai * lanes + b * LANES) * 4));
+                    for r in 0..GROUP {
+                        let dot = _mm512_dpbusd_epi32(bias, wv[r], x);
+                        acc[r][i] = _mm512_fmadd_ps(
+                            _mm512_cvtepi32_ps(dot),
+                            _mm512_mul_ps(ws[r], s),
+                            acc[r][i],
+                        );
+                    }
+                }
+            }
+        }
+        let m = acts.m;
+        for r in 0..GROUP {
+            for i in 0..M {
+                out_t[(job.out_row + r) * m + job.i0 + i] = _mm512_reduce_add_ps(acc[r][i]);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn avx2<const Q4: bool, const M: usize>(job: &Job, out_t: &mut [f32]) {
+        let (w, acts) = (job.w, job.acts);
+        let pb = w.format.pair_bytes();
+        let (width, lanes) = (acts.blocks * BLOCK, acts.blocks * LANES);
+        let xq = acts.q_bytes();
+        let xs: &[u8] = bytemuck::cast_slice(&acts.scale);
+        let xb: &[u8] = bytemuck::cast_slice(&acts.bias);
+        let low = _mm256_set1_epi8(0x0F);
+        let flip = _mm256_set1_epi8(-128);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); M]; GROUP];
+        for sb in 0..w.supers {
+            let base = w.super_at(job.group, sb);
+            for k in 0..SUPER / 2 {
+                let at = base + SCALE_BYTES + k * GROUP * pb;
+                for line in (0..GROUP * pb).step_by(64) {
+                    prefetch(&w.q, at + line + AHEAD);
+                }
+                // Scales 2k and 2k + 1 of each row.
+                let sc: [__m256; GROUP] = std::array::from_fn(|r| {
+                    let h = load128(&w.q, base + r * 32 + (2 * k) / 8 * 16);
+                    _mm256_cvtph_ps(h)
+                });
+                for h in 0..2 {
+                    let sel = _mm256_set1_epi32(((2 * k + h) % 8) as i32);
+                    let wv: [__m256i; GROUP] = std::array::from_fn(|r| {
+                        if Q4 {
+                            let v = load256(&w.q, at + r * pb);
+                            let v = if h == 0 { v } else { _mm256_srli_epi16::<4>(v) };
+                            _mm256_and_si256(v, low)
+                        } else {
+                            // Signed values again: `vpmaddubsw` multiplies unsigned bytes
+                            // by signed ones and saturates, so the sign moves onto the
+                            // activations (llama.cpp's way).
+                            _mm256_xor_si256(load256(&w.q, at + r * pb + h * BLOCK), flip)
+                        }
+                    });
+                    let ws: [__m256; GROUP] =
+                        std::array::from_fn(|r| _mm256_permutevar8x32_ps(sc[r], sel));
+                    let b = sb * SUPER + 2 * k + h;
+                    for i in 0..M {
+                        let ai = job.i0 + i;
+                        let x = load256(xq, ai * width + b * BLOCK);
+                        let lane = (ai * lanes + b * LANES) * 4;
+                        let s = _mm256_castsi256_ps(load256(xs, lane));
+                        for r in 0..GROUP {
+                            let dot = if Q4 {
+                                let p16 = _mm256_maddubs_epi16(wv[r], x);
+                                _mm256_add_epi32(_mm256_madd_epi16(p16, ones), load256(xb, lane))
+                            } else {
+                                let aw = _mm256_abs_epi8(wv[r]);
+                                let sx = _mm256_sign_epi8(x, wv[r]);
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones)
+                            };
+                            acc[r][i] = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(dot),
+                                _mm256_mul_ps(ws[r], s),
+                                acc[r][i],
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        let m = acts.m;
+        for r in 0..GROUP {
+            for i in 0..M {
+                let a: [f32; 8] = bytemuck::cast(acc[r][i]);
+                out_t[(job.out_row + r) * m + job.i0 + i] =
+                    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The arithmetic, in f64 over the stored values: what every path must give.
+    fn definition(w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
+        let blocks = w.cols / BLOCK;
+        let mut out = vec![0f32; m * w.rows];
+        for i in 0..m {
+            for j in 0..w.rows {
+                let mut acc = 0f64;
+                for b in 0..blocks {
+                    let mut xq = [0i8; BLOCK];
+                    let xd = quantize_block_q8(
+                        &x[i * w.cols + b * BLOCK..i * w.cols + (b + 1) * BLOCK],
+                        &mut xq,
+                    );
+                    let mut vals = [0i8; BLOCK];
+                    w.block(j, b, &mut vals);
+                    let s: i64 = (0..BLOCK).map(|k| vals[k] as i64 * xq[k] as i64).sum();
+                    acc += w.scale(j, b).to_f64() * xd as f64 * s as f64;
+                }
+                out[i * w.rows + j] = acc as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_path_matches_the_definition_on_awkward_sizes() {
+        let paths = Isa::available();
+        eprintln!("paths on this CPU: {paths:?}");
+        // One block per row (an odd count: a padded pair), odd row counts (a partial last
+        // group of four), scale groups cut short, a matrix split over threads; 1, 2, 3, 5
+        // and 16 activation rows.
+        for format in [QFormat::Q8_0, QFormat::Q4_0] {
+            for (rows, cols) in [
+                (1, 32),
+                (7, 64),
+                (33, 96),
+                (5, 544),
+                (130, 512),
+                (1031, 1056),
+            ] {
+                let w = QMatrix::quantize(&values(rows * cols, 3), rows, cols, format).expect("w");
+                for m in [1, 2, 3, 5, 16] {
+                    let x = values(m * cols, 7 + m as u32);
+                    let want = definition(&w, &x, m);
+                    for &isa in &paths {
+                        let got = w.matmul_t_with(&x, m, isa).expect("product");
+                        let worst = got
+                            .iter()
+                            .zip(&want)
+                            .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+                            .fold(0f32, f32::max);
+                        assert!(
+                            worst < 1e-5,
+                            "{} {} {rows}x{cols} m={m}: off by {worst}",
+                            format.name(),
+                            isa.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_is_ggmls() {
+        // q4_0: the largest magnitude maps to -8; the rest round half up into 0..=15.
+        let mut x = [0f32; BLOCK];
+        x[0] = -2.0;
+        x[1] = 1.0;
+        x[2] = 0.125;
+        x[3] = 2.0;
+        let mut q = [0u8; BLOCK];
+        let d = quantize_block_q4(&x, &mut q);
+        assert_eq!(d, 0.25);
+        assert_eq!(&q[..4], &[0, 12, 9, 15]);
+        let w = QMatrix::quantize(&x, 1, BLOCK, QFormat::Q4_0).expect("q4");
+        let back = w.dequantize();
+        assert_eq!(&back[..4], &[-2.0, 1.0, 0.25, 1.75]);
+        // q8_0: max|x| / 127.
+        let mut q8 = [0i8; BLOCK];
+        let d = quantize_block_q8(&x, &mut q8);
+        assert_eq!(d, 2.0 / 127.0);
+        assert_eq!(&q8[..4], &[-127, 64, 8, 127]);
+    }
+
+    #[test]
+    fn ggml_blocks_are_taken_as_they_are() {
+        let (rows, cols) = (3, 96);
+        for format in [QFormat::Q8_0, QFormat::Q4_0] {
+            let w = QMatrix::quantize(&values(rows * cols, 1), rows, cols, format).expect("w");
+            let mut bytes = vec![];
+            for r in 0..rows {
+                for b in 0..cols / BLOCK {
+                    bytes.extend(w.scale(r, b).to_le_bytes());
+                    let mut v = [0i8; BLOCK];
+                    w.block(r, b, &mut v);
+                    match format {
+                        QFormat::Q8_0 => bytes.extend(v.iter().map(|&v| v as u8)),
+                        QFormat::Q4_0 => bytes.extend(
+                            (0..16).map(|k| (v[k] + 8) as u8 | ((v[k + 16] + 8) as u8) << 4),
+                        ),
+                    }
+                }
+            }
+            let g = QMatrix::from_ggml(&bytes, rows, cols, format).expect("ggml");
+            assert_eq!(g.q, w.q, "{}", format.name());
+            let err = QMatrix::from_ggml(&bytes[1..], rows, cols, format).expect_err("short");
+            assert!(err.to_string().contains(format.name()), "{err}");
+        }
+        assert!(QMatrix::quantize(&values(40, 1), 1, 40, QFormat::Q8_0).is_err());
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    #[test]
+    #[ignore = "timing: run by hand with --release --ignored --nocapture"]
+    fn kernel_bandwidth() {
+        // Many matrices, 0.6 GB in all (q8_0): far beyond the caches, as a model step.
+        let (rows, cols) = (6144, 2048);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 255) as f32 - 127.0)
+            .collect();
+        for format in [QFormat::Q8_0, QFormat::Q4_0] {
+            let count = std::env::var("QCOUNT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(48);
+            let q: Vec<QMatrix> = (0..count)
+                .map(|_| QMatrix::quantize(&w, rows, cols, format).expect("q"))
+                .collect();
+            let q: Vec<&QMatrix> = (0..48).map(|i| &q[i % count]).collect();
+            let t = std::time::Instant::now();
+            let sum: u64 = q
+                .iter()
+                .map(|q| q.q.iter().map(|&v| v as u64).sum::<u64>())
+                .sum();
+            eprintln!(
+                "plain read: {:.1} GB/s ({sum})",
+                48.0 * q[0].size_in_bytes() as f64 / t.elapsed().as_secs_f64() / 1e9
+            );
+            let bytes: usize = q.iter().map(|q| q.size_in_bytes()).sum();
+            let q: Vec<&QMatrix> = q;
+            for isa in Isa::available().into_iter().skip(1) {
+                for m in [1, 2, 4] {
+                    let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.1).sin()).collect();
+                    let mut best = f64::MAX;
+                    for _ in 0..4 {
+                        let t = std::time::Instant::now();
+                        for &q in &q {
+                            std::hint::black_box(q.matmul_t_with(&x, m, isa).expect("p"));
+                        }
+                        best = best.min(t.elapsed().as_secs_f64());
+                    }
+                    eprintln!(
+                        "{} {} m={m}: {:.2} ms, {:.1} GB/s",
+                        format.name(),
+                        isa.name(),
+                        best * 1e3,
+                        bytes as f64 / best / 1e9
+                    );
+                }
+            }
+        }
+    }
+}
