@@ -89,6 +89,9 @@ pub struct MimiBench {
     /// Print one JSON object per run instead of the table.
     #[arg(long)]
     json: bool,
+    /// Also time every layer of the codec (mean ms per frame, in order).
+    #[arg(long)]
+    by_layer: bool,
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -216,6 +219,8 @@ fn bench_lm(b: LmBench) -> Result<()> {
     let _ = b.random_weights;
     let load_s = t_load.elapsed().as_secs_f64();
     let bytes = backend.weight_bytes_per_step();
+    // Attention reads the whole ring every step once it is full (the steady state).
+    let cache_bytes = backend.state_bytes();
     let cfg = backend.config().clone();
     let (device_name, dispatches) = match &backend {
         LmBackend::Cpu(_) => (format!("CPU, {threads} thread(s)"), 0),
@@ -240,6 +245,8 @@ fn bench_lm(b: LmBench) -> Result<()> {
     }
     let s = Stats::of(&ms);
     let gbs = bytes as f64 / (s.p50 / 1e3) / 1e9;
+    let gbs_all = (bytes + cache_bytes) as f64 / (s.p50 / 1e3) / 1e9;
+    let cpu = parley_engine::compute::cpu::cpu_description();
     // The bandwidth beside the figure: the CPU's read probe, or the GPU's buffer copy.
     let (bw, bw_what) = match &device {
         parley_engine::compute::gpu::Backend::Cpu => (
@@ -258,6 +265,8 @@ fn bench_lm(b: LmBench) -> Result<()> {
                 "bench": "lm", "model": what, "dtype": b.dtype.to_string(), "device": device_name,
                 "threads": threads, "steps": b.steps, "step_ms": s.json(),
                 "weight_bytes_per_step": bytes, "effective_gbs": gbs,
+                "cache_bytes_per_step": cache_bytes, "effective_gbs_with_cache": gbs_all,
+                "cpu": cpu,
                 "measured_bandwidth_gbs": bw, "bandwidth_probe": bw_what,
                 "dispatches_per_step": dispatches, "load_s": load_s,
             })
@@ -276,6 +285,12 @@ fn bench_lm(b: LmBench) -> Result<()> {
             bytes as f64 / 1e9,
             100.0 * gbs / bw
         );
+        println!(
+            "  with the attention cache ({:.3} GB, read whole at full context): {gbs_all:.1} GB/s ({:.0}%)",
+            cache_bytes as f64 / 1e9,
+            100.0 * gbs_all / bw
+        );
+        println!("  {cpu}");
         if dispatches > 0 {
             println!("  {dispatches} kernel dispatches in one submit per step");
         }
@@ -337,6 +352,9 @@ fn bench_mimi(b: MimiBench) -> Result<()> {
     let mut enc_ms = Vec::with_capacity(b.frames);
     let mut dec_ms = Vec::with_capacity(b.frames);
     for i in 0..b.warmup + b.frames {
+        if i == b.warmup && b.by_layer {
+            parley_engine::profile::enable();
+        }
         let frame = next_frame();
         let t0 = Instant::now();
         let codes = mimi.encode_step(&frame)?;
@@ -349,9 +367,14 @@ fn bench_mimi(b: MimiBench) -> Result<()> {
             dec_ms.push((t2 - t1).as_secs_f64() * 1e3);
         }
     }
+    let layers: Vec<serde_json::Value> = parley_engine::profile::take()
+        .into_iter()
+        .map(|(name, s, _)| serde_json::json!({"layer": name, "ms_per_frame": s * 1e3 / b.frames as f64}))
+        .collect();
     let total: Vec<f64> = enc_ms.iter().zip(&dec_ms).map(|(a, b)| a + b).collect();
     let (enc, dec, tot) = (Stats::of(&enc_ms), Stats::of(&dec_ms), Stats::of(&total));
     let rtf = tot.mean / frame_ms;
+    let cpu = parley_engine::compute::cpu::cpu_description();
     if b.json {
         println!(
             "{}",
@@ -360,7 +383,7 @@ fn bench_mimi(b: MimiBench) -> Result<()> {
                 "precision": format!("{:?}", b.source.precision),
                 "codebooks": mimi.num_codebooks(), "frames": b.frames,
                 "encode_ms": enc.json(), "decode_ms": dec.json(), "total_ms": tot.json(),
-                "real_time_factor": rtf,
+                "real_time_factor": rtf, "cpu": cpu, "layers": layers,
             })
         );
     } else {
@@ -378,6 +401,17 @@ fn bench_mimi(b: MimiBench) -> Result<()> {
             );
         }
         println!("  real-time factor {rtf:.3} (total mean / {frame_ms:.0} ms)");
+        println!("  {cpu}");
+        if !layers.is_empty() {
+            println!("  by layer (mean ms per frame, in order):");
+            for l in &layers {
+                println!(
+                    "    {:>6.2}  {}",
+                    l["ms_per_frame"].as_f64().unwrap_or(0.0),
+                    l["layer"].as_str().unwrap_or("")
+                );
+            }
+        }
     }
     Ok(())
 }

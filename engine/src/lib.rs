@@ -7,5 +7,6 @@ pub mod hub;
 pub mod models;
 pub mod npy;
 pub mod pipeline;
+pub mod profile;
 
 pub use error::{Error, Result};

@@ -131,6 +131,24 @@ impl WeightPrecision {
 /// Mimi, the rest of the process and of the machine).
 pub const AUTO_HEADROOM: f64 = 1.25;
 
+/// This CPU's model name (`/proc/cpuinfo`) and the quantized kernels' instruction set,
+/// for benchmark output: "Intel(R) Xeon(R) Processor; quantized kernels: avx512-vnni".
+pub fn cpu_description() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    format!(
+        "CPU: {model}; quantized kernels: {}",
+        super::quant::Isa::detect().name()
+    )
+}
+
 /// Memory the system can give without swapping (`MemAvailable` of /proc/meminfo), where
 /// known.
 pub fn available_memory_bytes() -> Option<u64> {

@@ -544,41 +544,71 @@ mod x86 {
     /// AVX-512 VNNI).
     pub(super) fn groups(isa: Isa, w: &QMatrix, g0: usize, acts: &Acts, out_t: &mut [f32]) {
         let n = out_t.len() / (acts.m * GROUP);
-        for g in 0..n {
-            let mut i = 0;
-            while i < acts.m {
-                let mc = (acts.m - i).min(2);
-                let job = Job {
-                    w,
-                    group: g0 + g,
-                    out_row: g * GROUP,
-                    acts,
-                    i0: i,
-                };
-                macro_rules! go {
-                    ($m:literal) => {
-                        match (isa, w.format) {
-                            // SAFETY: `isa` was checked by `Isa::supported` in
-                            // `matmul_t_with`, so every feature the kernel enables is present.
-                            (Isa::Avx512Vnni, QFormat::Q8_0) => unsafe {
-                                avx512::<false, $m>(&job, out_t)
-                            },
-                            (Isa::Avx512Vnni, QFormat::Q4_0) => unsafe {
-                                avx512::<true, $m>(&job, out_t)
-                            },
-                            (_, QFormat::Q8_0) => unsafe { avx2::<false, $m>(&job, out_t) },
-                            (_, QFormat::Q4_0) => unsafe { avx2::<true, $m>(&job, out_t) },
-                        }
-                    };
-                }
-                if mc == 1 {
-                    go!(1)
-                } else {
-                    go!(2)
-                }
-                i += mc;
+        // SAFETY: `isa` was checked by `Isa::supported` in `matmul_t_with`, so every
+        // feature the kernels enable is present.
+        unsafe {
+            match (isa, w.format) {
+                (Isa::Avx512Vnni, QFormat::Q8_0) => avx512_groups::<false>(w, g0, n, acts, out_t),
+                (Isa::Avx512Vnni, QFormat::Q4_0) => avx512_groups::<true>(w, g0, n, acts, out_t),
+                (_, QFormat::Q8_0) => avx2_groups::<false>(w, g0, n, acts, out_t),
+                (_, QFormat::Q4_0) => avx2_groups::<true>(w, g0, n, acts, out_t),
             }
         }
+    }
+
+    /// Activation rows taken together against a row group (their accumulators stay in
+    /// registers).
+    const ACT_CHUNK: usize = 2;
+
+    /// Calls `kernel(job, rows)` for every row group and chunk of activation rows.
+    macro_rules! each_job {
+        ($w:expr, $g0:expr, $n:expr, $acts:expr, |$job:ident, $mc:ident| $body:expr) => {
+            for g in 0..$n {
+                let mut i = 0;
+                while i < $acts.m {
+                    let $mc = ($acts.m - i).min(ACT_CHUNK);
+                    let $job = Job {
+                        w: $w,
+                        group: $g0 + g,
+                        out_row: g * GROUP,
+                        acts: $acts,
+                        i0: i,
+                    };
+                    $body;
+                    i += $mc;
+                }
+            }
+        };
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn avx512_groups<const Q4: bool>(
+        w: &QMatrix,
+        g0: usize,
+        n: usize,
+        acts: &Acts,
+        out_t: &mut [f32],
+    ) {
+        each_job!(w, g0, n, acts, |job, mc| if mc == 1 {
+            avx512::<Q4, 1>(&job, out_t)
+        } else {
+            avx512::<Q4, ACT_CHUNK>(&job, out_t)
+        });
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn avx2_groups<const Q4: bool>(
+        w: &QMatrix,
+        g0: usize,
+        n: usize,
+        acts: &Acts,
+        out_t: &mut [f32],
+    ) {
+        each_job!(w, g0, n, acts, |job, mc| if mc == 1 {
+            avx2::<Q4, 1>(&job, out_t)
+        } else {
+            avx2::<Q4, ACT_CHUNK>(&job, out_t)
+        });
     }
 
     /// One row group against `M` activation rows from `i0`.
@@ -623,6 +653,7 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    #[inline]
     fn avx512<const Q4: bool, const M: usize>(job: &Job, out_t: &mut [f32]) {
         let (w, acts) = (job.w, job.acts);
         let pb = w.format.pair_bytes();
@@ -684,6 +715,7 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
     fn avx2<const Q4: bool, const M: usize>(job: &Job, out_t: &mut [f32]) {
         let (w, acts) = (job.w, job.acts);
         let pb = w.format.pair_bytes();

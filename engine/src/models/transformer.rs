@@ -112,9 +112,10 @@ struct RingKv {
     written: usize,
 }
 
-/// The cache's values: f32 (the reference's arithmetic), or bf16 under a reduced weight
+/// The cache's values: f32 (the reference's arithmetic), or bf16 under a quantized weight
 /// precision (what the reference holds when it runs in bf16; half the bytes, which at
-/// full context are a sixth of a quantized model's step).
+/// full context are a sixth of a quantized model's step). Under `Bf16` it stays f32, so
+/// that a bf16 checkpoint computes what it computes in f32.
 #[derive(Debug, Clone)]
 enum KvStore {
     F32(Vec<f32>),
@@ -582,7 +583,7 @@ impl StreamingTransformer {
     }
 
     pub fn set_precision(&mut self, precision: WeightPrecision) -> Result<()> {
-        if precision != WeightPrecision::F32 {
+        if matches!(precision, WeightPrecision::Q8_0 | WeightPrecision::Q4) {
             for r in &mut self.rings {
                 r.k.make_bf16();
                 r.v.make_bf16();

@@ -60,6 +60,21 @@ pub struct ConvSpec {
 }
 
 impl ConvSpec {
+    /// "64->128 k8 s4" (the dilation when not 1): names a layer in profiles.
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "{}->{} k{}",
+            self.in_channels, self.out_channels, self.kernel_size
+        );
+        if self.stride != 1 {
+            s += &format!(" s{}", self.stride);
+        }
+        if self.dilation != 1 {
+            s += &format!(" d{}", self.dilation);
+        }
+        s
+    }
+
     pub fn new(in_channels: usize, out_channels: usize, kernel_size: usize) -> Self {
         Self {
             in_channels,
@@ -101,6 +116,10 @@ pub struct StreamingConv1d {
 }
 
 impl StreamingConv1d {
+    pub fn spec(&self) -> &ConvSpec {
+        &self.spec
+    }
+
     /// Loads `{prefix}.weight` (`[c_out, c_in, k]`) and `{prefix}.bias`.
     pub fn load(w: &Weights, spec: ConvSpec) -> Result<Self> {
         if spec.groups != 1 {
@@ -213,6 +232,10 @@ pub struct StreamingConvTr1d {
 }
 
 impl StreamingConvTr1d {
+    pub fn spec(&self) -> &ConvSpec {
+        &self.spec
+    }
+
     /// Loads `{prefix}.weight` (`[c_in, c_out / groups, k]`) and `{prefix}.bias`.
     pub fn load(w: &Weights, spec: ConvSpec) -> Result<Self> {
         let (cin, cout, k) = (spec.in_channels, spec.out_channels, spec.kernel_size);

@@ -314,10 +314,20 @@ impl Mimi {
     }
 
     fn latent_frames(&mut self, pcm: &[f32]) -> Result<Seq> {
+        use crate::profile::span;
         let emb = self.encoder.step(Seq::new(1, pcm.to_vec()))?;
-        let emb = self.encoder_transformer.step(&emb)?;
+        let emb = span(
+            || "encoder-transformer".into(),
+            || self.encoder_transformer.step(&emb),
+        )?;
         match &mut self.downsample {
-            Some(d) => d.step(&emb),
+            Some(d) => {
+                let spec = *d.spec();
+                span(
+                    move || format!("downsample {}", spec.describe()),
+                    || d.step(&emb),
+                )
+            }
             None => Ok(emb),
         }
     }
@@ -325,7 +335,10 @@ impl Mimi {
     /// Encodes whole frames, continuing the encoder's stream.
     fn encode_frames(&mut self, pcm: &[f32]) -> Result<Codes> {
         let emb = self.latent_frames(pcm)?;
-        self.quantizer.encode(&emb, self.num_codebooks)
+        crate::profile::span(
+            || "quantizer-encode".into(),
+            || self.quantizer.encode(&emb, self.num_codebooks),
+        )
     }
 
     /// Decodes whole frames, continuing the decoder's stream.
@@ -333,12 +346,25 @@ impl Mimi {
         if codes.first().is_none_or(Vec::is_empty) {
             return Ok(vec![]);
         }
-        let emb = self.quantizer.decode(codes)?;
+        use crate::profile::span;
+        let emb = span(
+            || "quantizer-decode".into(),
+            || self.quantizer.decode(codes),
+        )?;
         let emb = match &mut self.upsample {
-            Some(u) => u.step(&emb)?,
+            Some(u) => {
+                let spec = *u.spec();
+                span(
+                    move || format!("upsample {}", spec.describe()),
+                    || u.step(&emb),
+                )?
+            }
             None => emb,
         };
-        let emb = self.decoder_transformer.step(&emb)?;
+        let emb = span(
+            || "decoder-transformer".into(),
+            || self.decoder_transformer.step(&emb),
+        )?;
         Ok(self.decoder.step(emb)?.data)
     }
 }

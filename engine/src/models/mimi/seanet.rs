@@ -93,7 +93,33 @@ enum Layer {
     Act(f32),
 }
 
+/// Runs `layers` in order, each timed as `{part}.{index} {what}` when profiling.
+fn run_layers(layers: &mut [Layer], part: &str, x: Seq) -> Result<Seq> {
+    layers.iter_mut().enumerate().try_fold(x, |x, (i, l)| {
+        let name = if crate::profile::enabled() {
+            format!("{part}.{i:02} {}", l.describe())
+        } else {
+            String::new()
+        };
+        crate::profile::span(move || name, || l.step(x))
+    })
+}
+
 impl Layer {
+    fn describe(&self) -> String {
+        match self {
+            Layer::Conv(c) => format!("conv {}", c.spec().describe()),
+            Layer::ConvTr(c) => format!("convtr {}", c.spec().describe()),
+            Layer::Res(r) => format!(
+                "res {}",
+                r.convs
+                    .first()
+                    .map_or(String::new(), |c| c.spec().describe())
+            ),
+            Layer::Act(_) => "elu".into(),
+        }
+    }
+
     fn step(&mut self, x: Seq) -> Result<Seq> {
         match self {
             Layer::Conv(c) => c.step(&x),
@@ -206,7 +232,7 @@ impl SeanetEncoder {
     }
 
     pub fn step(&mut self, x: Seq) -> Result<Seq> {
-        self.layers.iter_mut().try_fold(x, |x, l| l.step(x))
+        run_layers(&mut self.layers, "seanet-encoder", x)
     }
 
     pub fn reset(&mut self) {
@@ -255,7 +281,7 @@ impl SeanetDecoder {
     }
 
     pub fn step(&mut self, x: Seq) -> Result<Seq> {
-        self.layers.iter_mut().try_fold(x, |x, l| l.step(x))
+        run_layers(&mut self.layers, "seanet-decoder", x)
     }
 
     pub fn reset(&mut self) {
