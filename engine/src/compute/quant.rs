@@ -16,14 +16,17 @@
 //!
 //! Storage, repacked for the kernels (as llama.cpp repacks for its CPU kernels): rows in
 //! groups of four (padded with zero rows), each group a run of super-blocks of 16 blocks
-//! per row: the four rows' 16 f16 scales (128 bytes, what four 512-bit conversions take),
-//! then the eight pairs of blocks, each pair's four rows side by side. A product then
-//! reads one sequential stream, which the hardware prefetchers follow at full rate (four
-//! separate row streams of a few KB each reached about 70% of it). Values are unsigned,
-//! `q + 128` for q8_0 and `q + 8` for q4_0 (a q4_0 pair shares 32 bytes: the first block
-//! in the low nibbles, the second in the high ones), so `vpdpbusd` multiplies them
-//! directly; the offset times the activations' sum is subtracted through a per-lane bias
-//! computed with the activations. Blocks past a row's end are zero.
+//! per row. A super-block holds the four rows' 16 f16 scales (128 bytes), then each row's
+//! values transposed so that one 64-byte vector holds four consecutive values of each of
+//! the 16 blocks: 32-bit lane `l` of every vector belongs to block `l`. Eight integer
+//! dot-product instructions then leave each block's whole dot product in its own lane, and
+//! the scales are applied once per 16 blocks (one conversion, one multiply, one FMA)
+//! instead of once per block; the four rows' vectors lie side by side, so a product reads
+//! one sequential stream, which the hardware prefetchers follow at full rate. Values are
+//! unsigned, `q + 128` for q8_0 and `q + 8` for q4_0 (q4_0 packs two vectors into one: the
+//! even one in the low nibbles, the odd one in the high ones), so `vpdpbusd` multiplies
+//! them directly; the offset times each activation block's sum starts the accumulator.
+//! Blocks past a row's end are zero.
 
 use half::f16;
 use rayon::prelude::*;
@@ -38,8 +41,10 @@ const SUPER: usize = 16;
 const GROUP: usize = 4;
 /// Bytes of the scales at the head of a super-block.
 const SCALE_BYTES: usize = GROUP * SUPER * 2;
-/// 32-bit lanes per block in the kernels: each lane sums four products.
-const LANES: usize = BLOCK / 4;
+/// Bytes of one vector: four values of each block of a super-block.
+const VEC: usize = SUPER * 4;
+/// Activation vectors per super-block (a block's 32 values, four per lane).
+const VECS: usize = BLOCK / 4;
 
 /// A quantized format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,17 +69,20 @@ impl QFormat {
         }
     }
 
-    /// Bytes a pair of blocks takes.
-    fn pair_bytes(self) -> usize {
+    /// Stored vectors per row and super-block (q4_0 packs two in one).
+    fn chunks(self) -> usize {
         match self {
-            Self::Q8_0 => 2 * BLOCK,
-            Self::Q4_0 => BLOCK,
+            Self::Q8_0 => VECS,
+            Self::Q4_0 => VECS / 2,
         }
     }
 
     /// Bytes per block as GGML stores it (values and an f16 scale), for sizing.
     pub fn ggml_block_bytes(self) -> usize {
-        self.pair_bytes() / 2 + 2
+        match self {
+            Self::Q8_0 => BLOCK + 2,
+            Self::Q4_0 => BLOCK / 2 + 2,
+        }
     }
 }
 
@@ -158,14 +166,19 @@ pub struct QMatrix {
     q: Vec<u8>,
 }
 
-/// GGML's q8_0 rounding of one block: scale `max|x| / 127`, values rounded to nearest.
+/// GGML's q8_0 rounding of one block: scale `max|x| / 127`, values rounded to nearest,
+/// ties to even (as GGML's SIMD quantizers round).
 /// Returns the scale; `q` gets the signed values.
 fn quantize_block_q8(x: &[f32], q: &mut [i8]) -> f32 {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
     for (q, &v) in q.iter_mut().zip(x) {
-        *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+        // Round to nearest even by the float adder (exact for |x| < 2^22); `round_ties_even`
+        // is a library call on baseline x86-64 and kept this loop scalar.
+        const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+        let r = ((v * inv).clamp(-127.0, 127.0) + MAGIC) - MAGIC;
+        *q = r as i8;
     }
     d
 }
@@ -213,7 +226,7 @@ impl QMatrix {
     }
 
     fn super_bytes(&self) -> usize {
-        SCALE_BYTES + SUPER / 2 * GROUP * self.format.pair_bytes()
+        SCALE_BYTES + self.format.chunks() * GROUP * VEC
     }
 
     fn group_bytes(&self) -> usize {
@@ -230,12 +243,18 @@ impl QMatrix {
         self.super_at(r / GROUP, b / SUPER) + (r % GROUP * SUPER + b % SUPER) * 2
     }
 
-    /// Where the pair holding block `b` of row `r` starts.
-    fn pair_at(&self, r: usize, b: usize) -> usize {
-        let k = b % SUPER / 2;
-        self.super_at(r / GROUP, b / SUPER)
+    /// Where value `e` of block `b` of row `r` is, and whether it is the high nibble.
+    fn value_at(&self, r: usize, b: usize, e: usize) -> (usize, bool) {
+        let (k, lane_byte) = (e / 4, b % SUPER * 4 + e % 4);
+        let (chunk, high) = match self.format {
+            QFormat::Q8_0 => (k, false),
+            QFormat::Q4_0 => (k / 2, k % 2 == 1),
+        };
+        let at = self.super_at(r / GROUP, b / SUPER)
             + SCALE_BYTES
-            + (k * GROUP + r % GROUP) * self.format.pair_bytes()
+            + (chunk * GROUP + r % GROUP) * VEC
+            + lane_byte;
+        (at, high)
     }
 
     fn scale(&self, r: usize, b: usize) -> f16 {
@@ -251,41 +270,27 @@ impl QMatrix {
     /// Stores block `b` of row `r` from its unsigned values (0..=255 for q8_0, 0..=15 for
     /// q4_0).
     fn set_block(&mut self, r: usize, b: usize, vals: &[u8; BLOCK]) {
-        let at = self.pair_at(r, b);
-        match self.format {
-            QFormat::Q8_0 => {
-                let at = at + b % 2 * BLOCK;
-                self.q[at..at + BLOCK].copy_from_slice(vals);
-            }
-            QFormat::Q4_0 => {
-                let high = b % 2 == 1;
-                for (o, &v) in self.q[at..at + BLOCK].iter_mut().zip(vals) {
-                    *o = if high {
-                        (*o & 0x0F) | (v << 4)
-                    } else {
-                        (*o & 0xF0) | v
-                    };
-                }
-            }
+        for (e, &v) in vals.iter().enumerate() {
+            let (at, high) = self.value_at(r, b, e);
+            let o = &mut self.q[at];
+            *o = match (self.format, high) {
+                (QFormat::Q8_0, _) => v,
+                (QFormat::Q4_0, false) => (*o & 0xF0) | v,
+                (QFormat::Q4_0, true) => (*o & 0x0F) | (v << 4),
+            };
         }
     }
 
     /// The signed values of block `b` of row `r`.
     fn block(&self, r: usize, b: usize, out: &mut [i8; BLOCK]) {
-        let at = self.pair_at(r, b);
-        match self.format {
-            QFormat::Q8_0 => {
-                let at = at + b % 2 * BLOCK;
-                for (o, &v) in out.iter_mut().zip(&self.q[at..at + BLOCK]) {
-                    *o = (v ^ 0x80) as i8;
-                }
-            }
-            QFormat::Q4_0 => {
-                let shift = if b % 2 == 1 { 4 } else { 0 };
-                for (o, &v) in out.iter_mut().zip(&self.q[at..at + BLOCK]) {
-                    *o = ((v >> shift) & 0x0F) as i8 - 8;
-                }
-            }
+        for (e, o) in out.iter_mut().enumerate() {
+            let (at, high) = self.value_at(r, b, e);
+            let v = self.q[at];
+            *o = match (self.format, high) {
+                (QFormat::Q8_0, _) => (v ^ 0x80) as i8,
+                (QFormat::Q4_0, false) => (v & 0x0F) as i8 - 8,
+                (QFormat::Q4_0, true) => (v >> 4) as i8 - 8,
+            };
         }
     }
 
@@ -444,7 +449,7 @@ impl QMatrix {
         } else {
             // A few runs of whole groups per thread; four groups (16 rows) keep the blocks
             // of `out_t` on separate cache lines.
-            let per = groups.div_ceil(threads * 4).next_multiple_of(4);
+            let per = groups.div_ceil(threads * 8).next_multiple_of(4);
             out_t
                 .par_chunks_mut(per * GROUP * m)
                 .enumerate()
@@ -456,8 +461,8 @@ impl QMatrix {
 }
 
 /// Activation rows quantized to q8_0 blocks (padded with zeros to whole super-blocks),
-/// with what the kernels need beside them, each laid out 8 lanes per block: the scale
-/// repeated, and the bias `-offset * (sum of the lane's 4 values)`.
+/// laid out as the weights are (each super-block as eight vectors of four values per
+/// block), with each block's scale and its bias `-offset * (sum of its values)`.
 struct Acts {
     m: usize,
     /// Blocks per row, padded.
@@ -470,18 +475,18 @@ struct Acts {
 impl Acts {
     fn quantize(x: &[f32], m: usize, cols: usize, supers: usize, offset: i32) -> Self {
         let blocks = supers * SUPER;
-        let (width, lanes) = (blocks * BLOCK, blocks * LANES);
+        let width = blocks * BLOCK;
         let mut q = vec![0i8; m * width];
-        let mut scale = vec![0f32; m * lanes];
-        let mut bias = vec![0i32; m * lanes];
+        let mut scale = vec![0f32; m * blocks];
+        let mut bias = vec![0i32; m * blocks];
+        let mut qb = [0i8; BLOCK];
         for (i, row) in x.chunks_exact(cols).enumerate() {
             for (b, xb) in row.chunks_exact(BLOCK).enumerate() {
-                let qb = &mut q[i * width + b * BLOCK..i * width + (b + 1) * BLOCK];
-                let d = quantize_block_q8(xb, qb);
-                let at = i * lanes + b * LANES;
-                scale[at..at + LANES].fill(d);
-                for (l, quad) in qb.chunks_exact(4).enumerate() {
-                    bias[at + l] = -offset * quad.iter().map(|&v| v as i32).sum::<i32>();
+                scale[i * blocks + b] = quantize_block_q8(xb, &mut qb);
+                bias[i * blocks + b] = -offset * qb.iter().map(|&v| v as i32).sum::<i32>();
+                let sb = i * width + b / SUPER * SUPER * BLOCK + b % SUPER * 4;
+                for (k, quad) in qb.chunks_exact(4).enumerate() {
+                    q[sb + k * VEC..sb + k * VEC + 4].copy_from_slice(quad);
                 }
             }
         }
@@ -499,30 +504,52 @@ impl Acts {
     }
 }
 
-/// The definition: every block's dot product in integers, scaled by both scales, summed
-/// in f32. Row groups `g0..` of `w` into `out_t` (`[rows][m]`).
+/// The same arithmetic in plain Rust, over the same layout: every block's dot product in
+/// integers, scaled by both scales, summed in f32. Row groups `g0..` of `w` into `out_t`
+/// (`[rows][m]`).
 fn portable_groups(w: &QMatrix, g0: usize, acts: &Acts, out_t: &mut [f32]) {
     let m = acts.m;
     let width = acts.blocks * BLOCK;
-    let lanes = acts.blocks * LANES;
-    let mut vals = [0i8; BLOCK];
-    for (jr, out) in out_t.chunks_exact_mut(m).enumerate() {
-        let r = g0 * GROUP + jr;
-        if r >= w.rows {
-            break;
-        }
+    let offset = w.format.offset();
+    for (g, out) in out_t.chunks_exact_mut(GROUP * m).enumerate() {
         out.fill(0.0);
-        for b in 0..w.cols / BLOCK {
-            w.block(r, b, &mut vals);
-            let dw = w.scale(r, b).to_f32();
-            for (i, o) in out.iter_mut().enumerate() {
-                let xq = &acts.q[i * width + b * BLOCK..i * width + (b + 1) * BLOCK];
-                let s: i32 = vals
-                    .iter()
-                    .zip(xq)
-                    .map(|(&v, &x)| v as i32 * x as i32)
-                    .sum();
-                *o += dw * acts.scale[i * lanes + b * LANES] * s as f32;
+        for sb in 0..w.supers {
+            let base = w.super_at(g0 + g, sb);
+            for r in 0..GROUP {
+                let mut vals = [[0i32; VEC]; VECS];
+                for (c, chunk) in (0..w.format.chunks()).map(|c| {
+                    let at = base + SCALE_BYTES + (c * GROUP + r) * VEC;
+                    (c, &w.q[at..at + VEC])
+                }) {
+                    for (p, &v) in chunk.iter().enumerate() {
+                        match w.format {
+                            QFormat::Q8_0 => vals[c][p] = v as i32,
+                            QFormat::Q4_0 => {
+                                vals[2 * c][p] = (v & 0x0F) as i32;
+                                vals[2 * c + 1][p] = (v >> 4) as i32;
+                            }
+                        }
+                    }
+                }
+                for i in 0..m {
+                    let xq = &acts.q[i * width + sb * SUPER * BLOCK..][..SUPER * BLOCK];
+                    let mut dots = [0i32; SUPER];
+                    for (k, wv) in vals.iter().enumerate() {
+                        for (p, &wv) in wv.iter().enumerate() {
+                            dots[p / 4] += (wv - offset) * xq[k * VEC + p] as i32;
+                        }
+                    }
+                    let mut sum = 0f32;
+                    for (l, &dot) in dots.iter().enumerate() {
+                        let b = sb * SUPER + l;
+                        let dw = f16::from_le_bytes([
+                            w.q[base + (r * SUPER + l) * 2],
+                            w.q[base + (r * SUPER + l) * 2 + 1],
+                        ]);
+                        sum += dw.to_f32() * acts.scale[i * acts.blocks + b] * dot as f32;
+                    }
+                    out[r * m + i] += sum;
+                }
             }
         }
     }
@@ -538,7 +565,7 @@ mod x86 {
     //! first; prefetches, which cannot fault.
     use std::arch::x86_64::*;
 
-    use super::{Acts, Isa, QFormat, QMatrix, BLOCK, GROUP, LANES, SCALE_BYTES, SUPER};
+    use super::{Acts, Isa, QFormat, QMatrix, BLOCK, GROUP, SCALE_BYTES, SUPER, VEC, VECS};
 
     /// Row groups `g0..` of `w` into `out_t` (`[rows][m]`, whole groups) on `isa` (AVX2 or
     /// AVX-512 VNNI).
@@ -656,53 +683,59 @@ mod x86 {
     #[inline]
     fn avx512<const Q4: bool, const M: usize>(job: &Job, out_t: &mut [f32]) {
         let (w, acts) = (job.w, job.acts);
-        let pb = w.format.pair_bytes();
-        let (width, lanes) = (acts.blocks * BLOCK, acts.blocks * LANES);
+        let width = acts.blocks * BLOCK;
         let xq = acts.q_bytes();
         let xs: &[u8] = bytemuck::cast_slice(&acts.scale);
         let xb: &[u8] = bytemuck::cast_slice(&acts.bias);
         let low = _mm512_set1_epi8(0x0F);
-        // Lanes 0-7 take scale 2k of a super-block, lanes 8-15 scale 2k + 1.
-        let idx: [__m512i; SUPER / 2] = std::array::from_fn(|k| {
-            let (a, b) = (2 * k as i32, 2 * k as i32 + 1);
-            _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
-        });
         let mut acc = [[_mm512_setzero_ps(); M]; GROUP];
         for sb in 0..w.supers {
             let base = w.super_at(job.group, sb);
-            let sc: [__m512; GROUP] =
-                std::array::from_fn(|r| _mm512_cvtph_ps(load256(&w.q, base + r * 32)));
-            for k in 0..SUPER / 2 {
-                let at = base + SCALE_BYTES + k * GROUP * pb;
-                for line in (0..GROUP * pb).step_by(64) {
-                    prefetch(&w.q, at + line + AHEAD);
+            for line in (0..w.super_bytes()).step_by(64) {
+                prefetch(&w.q, base + line + AHEAD);
+            }
+            let b0 = sb * SUPER;
+            // Each lane starts at its block's bias (the offset times the block's sum).
+            let mut dot = [[_mm512_setzero_si512(); M]; GROUP];
+            let mut x = [[_mm512_setzero_si512(); VECS]; M];
+            for i in 0..M {
+                let ai = job.i0 + i;
+                let bias = load512(xb, (ai * acts.blocks + b0) * 4);
+                for d in dot.iter_mut() {
+                    d[i] = bias;
                 }
-                let wv: [__m512i; GROUP] = std::array::from_fn(|r| {
+                for (k, v) in x[i].iter_mut().enumerate() {
+                    *v = load512(xq, ai * width + b0 * BLOCK + k * VEC);
+                }
+            }
+            for c in 0..w.format.chunks() {
+                for r in 0..GROUP {
+                    let v = load512(&w.q, base + SCALE_BYTES + (c * GROUP + r) * VEC);
                     if Q4 {
-                        // Both halves hold the 32 bytes; the upper one shifted down to its
-                        // high nibbles.
-                        let v = _mm512_broadcast_i64x4(load256(&w.q, at + r * pb));
-                        _mm512_and_si512(_mm512_mask_srli_epi16::<4>(v, 0xFFFF_0000, v), low)
+                        let lo = _mm512_and_si512(v, low);
+                        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                        for i in 0..M {
+                            dot[r][i] = _mm512_dpbusd_epi32(dot[r][i], lo, x[i][2 * c]);
+                            dot[r][i] = _mm512_dpbusd_epi32(dot[r][i], hi, x[i][2 * c + 1]);
+                        }
                     } else {
-                        load512(&w.q, at + r * pb)
+                        for i in 0..M {
+                            dot[r][i] = _mm512_dpbusd_epi32(dot[r][i], v, x[i][c]);
+                        }
                     }
-                });
-                let ws: [__m512; GROUP] =
-                    std::array::from_fn(|r| _mm512_permutexvar_ps(idx[k], sc[r]));
-                let b = sb * SUPER + 2 * k;
-                for i in 0..M {
-                    let ai = job.i0 + i;
-                    let x = load512(xq, ai * width + b * BLOCK);
-                    let bias = load512(xb, (ai * lanes + b * LANES) * 4);
-                    let s = _mm512_castsi512_ps(load512(xs, (ai * lanes + b * LANES) * 4));
-                    for r in 0..GROUP {
-                        let dot = _mm512_dpbusd_epi32(bias, wv[r], x);
-                        acc[r][i] = _mm512_fmadd_ps(
-                            _mm512_cvtepi32_ps(dot),
-                            _mm512_mul_ps(ws[r], s),
-                            acc[r][i],
-                        );
-                    }
+                }
+            }
+            // Lane l now holds block l's whole dot product: scale all 16 at once.
+            for i in 0..M {
+                let ai = job.i0 + i;
+                let s = _mm512_castsi512_ps(load512(xs, (ai * acts.blocks + b0) * 4));
+                for r in 0..GROUP {
+                    let ws = _mm512_cvtph_ps(load256(&w.q, base + r * SUPER * 2));
+                    acc[r][i] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(dot[r][i]),
+                        _mm512_mul_ps(ws, s),
+                        acc[r][i],
+                    );
                 }
             }
         }
@@ -718,8 +751,7 @@ mod x86 {
     #[inline]
     fn avx2<const Q4: bool, const M: usize>(job: &Job, out_t: &mut [f32]) {
         let (w, acts) = (job.w, job.acts);
-        let pb = w.format.pair_bytes();
-        let (width, lanes) = (acts.blocks * BLOCK, acts.blocks * LANES);
+        let width = acts.blocks * BLOCK;
         let xq = acts.q_bytes();
         let xs: &[u8] = bytemuck::cast_slice(&acts.scale);
         let xb: &[u8] = bytemuck::cast_slice(&acts.bias);
@@ -729,53 +761,60 @@ mod x86 {
         let mut acc = [[_mm256_setzero_ps(); M]; GROUP];
         for sb in 0..w.supers {
             let base = w.super_at(job.group, sb);
-            for k in 0..SUPER / 2 {
-                let at = base + SCALE_BYTES + k * GROUP * pb;
-                for line in (0..GROUP * pb).step_by(64) {
-                    prefetch(&w.q, at + line + AHEAD);
+            for line in (0..w.super_bytes()).step_by(64) {
+                prefetch(&w.q, base + line + AHEAD);
+            }
+            // Blocks 0-7 of the super-block, then 8-15: a 256-bit vector is half of one.
+            for h in 0..2 {
+                let b0 = sb * SUPER + h * 8;
+                let mut dot = [[_mm256_setzero_si256(); M]; GROUP];
+                if Q4 {
+                    for i in 0..M {
+                        let bias = load256(xb, ((job.i0 + i) * acts.blocks + b0) * 4);
+                        for d in dot.iter_mut() {
+                            d[i] = bias;
+                        }
+                    }
                 }
-                // Scales 2k and 2k + 1 of each row.
-                let sc: [__m256; GROUP] = std::array::from_fn(|r| {
-                    let h = load128(&w.q, base + r * 32 + (2 * k) / 8 * 16);
-                    _mm256_cvtph_ps(h)
-                });
-                for h in 0..2 {
-                    let sel = _mm256_set1_epi32(((2 * k + h) % 8) as i32);
-                    let wv: [__m256i; GROUP] = std::array::from_fn(|r| {
+                let xv = |i: usize, k: usize| {
+                    load256(xq, (job.i0 + i) * width + sb * SUPER * BLOCK + k * VEC + h * 32)
+                };
+                for c in 0..w.format.chunks() {
+                    for r in 0..GROUP {
+                        let v = load256(&w.q, base + SCALE_BYTES + (c * GROUP + r) * VEC + h * 32);
                         if Q4 {
-                            let v = load256(&w.q, at + r * pb);
-                            let v = if h == 0 { v } else { _mm256_srli_epi16::<4>(v) };
-                            _mm256_and_si256(v, low)
+                            let lo = _mm256_and_si256(v, low);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                            for i in 0..M {
+                                for (nib, k) in [(lo, 2 * c), (hi, 2 * c + 1)] {
+                                    let p = _mm256_maddubs_epi16(nib, xv(i, k));
+                                    dot[r][i] =
+                                        _mm256_add_epi32(dot[r][i], _mm256_madd_epi16(p, ones));
+                                }
+                            }
                         } else {
                             // Signed values again: `vpmaddubsw` multiplies unsigned bytes
                             // by signed ones and saturates, so the sign moves onto the
                             // activations (llama.cpp's way).
-                            _mm256_xor_si256(load256(&w.q, at + r * pb + h * BLOCK), flip)
+                            let q = _mm256_xor_si256(v, flip);
+                            let aq = _mm256_abs_epi8(q);
+                            for i in 0..M {
+                                let p = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(xv(i, c), q));
+                                dot[r][i] = _mm256_add_epi32(dot[r][i], _mm256_madd_epi16(p, ones));
+                            }
                         }
-                    });
-                    let ws: [__m256; GROUP] =
-                        std::array::from_fn(|r| _mm256_permutevar8x32_ps(sc[r], sel));
-                    let b = sb * SUPER + 2 * k + h;
-                    for i in 0..M {
-                        let ai = job.i0 + i;
-                        let x = load256(xq, ai * width + b * BLOCK);
-                        let lane = (ai * lanes + b * LANES) * 4;
-                        let s = _mm256_castsi256_ps(load256(xs, lane));
-                        for r in 0..GROUP {
-                            let dot = if Q4 {
-                                let p16 = _mm256_maddubs_epi16(wv[r], x);
-                                _mm256_add_epi32(_mm256_madd_epi16(p16, ones), load256(xb, lane))
-                            } else {
-                                let aw = _mm256_abs_epi8(wv[r]);
-                                let sx = _mm256_sign_epi8(x, wv[r]);
-                                _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones)
-                            };
-                            acc[r][i] = _mm256_fmadd_ps(
-                                _mm256_cvtepi32_ps(dot),
-                                _mm256_mul_ps(ws[r], s),
-                                acc[r][i],
-                            );
-                        }
+                    }
+                }
+                for i in 0..M {
+                    let ai = job.i0 + i;
+                    let s = _mm256_castsi256_ps(load256(xs, (ai * acts.blocks + b0) * 4));
+                    for r in 0..GROUP {
+                        let ws = _mm256_cvtph_ps(load128(&w.q, base + r * SUPER * 2 + h * 16));
+                        acc[r][i] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(dot[r][i]),
+                            _mm256_mul_ps(ws, s),
+                            acc[r][i],
+                        );
                     }
                 }
             }

@@ -295,21 +295,24 @@ impl LmGen {
             .collect();
         let (text_token, audio, text_logits, extra_heads) = match &mut self.model {
             LmBackend::Cpu(model) => {
-                let TemporalOutput {
-                    hidden,
-                    text_logits,
-                } = model.temporal_step(&tokens_in)?;
-                let text_token = self.cfg.text.choose(&text_logits, &mut self.rng);
-                let audio = if cfg.dep_q > 0 {
-                    let (sampling, rng) = (self.cfg.audio, &mut self.rng);
-                    model.depformer_step(text_token as i64, &hidden, |_, logits| {
-                        sampling.choose(logits, rng)
-                    })?
-                } else {
-                    vec![]
-                };
-                let extra_heads = model.extra_heads(&hidden)?;
-                (text_token, audio, Some(text_logits), extra_heads)
+                let (gen_cfg, rng) = (&self.cfg, &mut self.rng);
+                crate::compute::cpu::on_pool(|| -> Result<_> {
+                    let TemporalOutput {
+                        hidden,
+                        text_logits,
+                    } = model.temporal_step(&tokens_in)?;
+                    let text_token = gen_cfg.text.choose(&text_logits, rng);
+                    let audio = if cfg.dep_q > 0 {
+                        let sampling = gen_cfg.audio;
+                        model.depformer_step(text_token as i64, &hidden, |_, logits| {
+                            sampling.choose(logits, rng)
+                        })?
+                    } else {
+                        vec![]
+                    };
+                    let extra_heads = model.extra_heads(&hidden)?;
+                    Ok((text_token, audio, Some(text_logits), extra_heads))
+                })?
             }
             LmBackend::Gpu(g) => {
                 // One uniform draw per stream that samples, in the CPU path's order.

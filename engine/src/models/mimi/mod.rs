@@ -215,14 +215,14 @@ impl Mimi {
                 frame.len()
             )));
         }
-        let codes = self.encode_frames(frame)?;
+        let codes = crate::compute::cpu::on_pool(|| self.encode_frames(frame))?;
         Ok(codes.into_iter().map(|row| row[0]).collect())
     }
 
     /// Streaming: one code per active codebook to one frame of audio.
     pub fn decode_step(&mut self, codes: &[u32]) -> Result<Vec<f32>> {
         let rows: Codes = codes.iter().map(|&c| vec![c]).collect();
-        self.decode_frames(&rows)
+        crate::compute::cpu::on_pool(|| self.decode_frames(&rows))
     }
 
     /// Offline: a whole signal (24 kHz mono) to codes; the signal is padded with silence to
