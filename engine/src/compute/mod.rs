@@ -9,8 +9,8 @@ pub mod quant;
 /// The weight format asked for on the command line, for whichever device runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Dtype {
-    /// As stored: f32 on the CPU (the reference's arithmetic), bf16 on the GPU (what
-    /// Kyutai publishes, so nothing is rounded).
+    /// q8_0 on the CPU where it fits in memory (see `WeightPrecision::auto_for`), bf16 on
+    /// the GPU (what Kyutai publishes, so nothing is rounded).
     #[default]
     Auto,
     F32,
@@ -52,11 +52,12 @@ impl std::fmt::Display for Dtype {
 }
 
 impl Dtype {
-    /// The CPU's precision for this format.
+    /// The CPU's precision for this format (`auto` without a known model size: q8_0).
     pub fn cpu(self) -> crate::Result<cpu::WeightPrecision> {
         use cpu::WeightPrecision as P;
         match self {
-            Self::Auto | Self::F32 => Ok(P::F32),
+            Self::F32 => Ok(P::F32),
+            Self::Auto => Ok(P::Q8_0),
             Self::Bf16 => Ok(P::Bf16),
             Self::Q8_0 => Ok(P::Q8_0),
             Self::Q4 => Ok(P::Q4),
@@ -67,14 +68,15 @@ impl Dtype {
     }
 
     /// Mimi's precision for this choice: Mimi runs on the CPU, in f32 (the reference's
-    /// arithmetic), bf16 beside a bf16 or f16 LM, and q8_0 beside a quantized one (its
-    /// transformers and large convolutions through the integer kernels: a third of bf16's
-    /// time per frame; latents within 2% of f32's, `tests/mimi_streaming.rs`).
+    /// arithmetic) when asked, bf16 beside a bf16 or f16 LM, and q8_0 otherwise, `auto`
+    /// included (its transformers and large convolutions through the integer kernels:
+    /// 0.6x bf16's time per frame on one thread; latents within 2% of f32's,
+    /// `tests/mimi_streaming.rs`).
     pub fn mimi_precision(self) -> cpu::WeightPrecision {
         match self {
-            Self::Auto | Self::F32 => cpu::WeightPrecision::F32,
+            Self::F32 => cpu::WeightPrecision::F32,
             Self::Bf16 | Self::F16 => cpu::WeightPrecision::Bf16,
-            Self::Q8_0 | Self::Q4 => cpu::WeightPrecision::Q8_0,
+            Self::Auto | Self::Q8_0 | Self::Q4 => cpu::WeightPrecision::Q8_0,
         }
     }
 

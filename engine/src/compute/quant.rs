@@ -777,7 +777,10 @@ mod x86 {
                     }
                 }
                 let xv = |i: usize, k: usize| {
-                    load256(xq, (job.i0 + i) * width + sb * SUPER * BLOCK + k * VEC + h * 32)
+                    load256(
+                        xq,
+                        (job.i0 + i) * width + sb * SUPER * BLOCK + k * VEC + h * 32,
+                    )
                 };
                 for c in 0..w.format.chunks() {
                     for r in 0..GROUP {

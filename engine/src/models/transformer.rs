@@ -112,10 +112,11 @@ struct RingKv {
     written: usize,
 }
 
-/// The cache's values: f32 (the reference's arithmetic), or bf16 under a quantized weight
-/// precision (what the reference holds when it runs in bf16; half the bytes, which at
-/// full context are a sixth of a quantized model's step). Under `Bf16` it stays f32, so
-/// that a bf16 checkpoint computes what it computes in f32.
+/// The cache's values: f32 (the reference's arithmetic), or bf16 once the transformer's
+/// matrices are quantized (what the reference holds when it runs in bf16; half the bytes,
+/// which at full context are a sixth of a quantized model's step). Under `Bf16` it stays
+/// f32, so that a bf16 checkpoint computes what it computes in f32, and so does a model
+/// too small for any matrix to be quantized.
 #[derive(Debug, Clone)]
 enum KvStore {
     F32(Vec<f32>),
@@ -583,20 +584,23 @@ impl StreamingTransformer {
     }
 
     pub fn set_precision(&mut self, precision: WeightPrecision) -> Result<()> {
-        if matches!(precision, WeightPrecision::Q8_0 | WeightPrecision::Q4) {
-            for r in &mut self.rings {
-                r.k.make_bf16();
-                r.v.make_bf16();
-            }
-        }
+        let mut quantized = false;
         for l in &mut self.layers {
             for m in l.in_proj.iter_mut().chain(l.out_proj.iter_mut()) {
                 m.set_precision(precision)?;
+                quantized |= m.is_quantized();
             }
             for f in &mut l.ff {
                 for m in f.matrices_mut() {
                     m.set_precision(precision)?;
+                    quantized |= m.is_quantized();
                 }
+            }
+        }
+        if quantized {
+            for r in &mut self.rings {
+                r.k.make_bf16();
+                r.v.make_bf16();
             }
         }
         Ok(())
