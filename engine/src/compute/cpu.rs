@@ -960,6 +960,36 @@ mod tests {
     }
 
     #[test]
+    fn ggml_blocks_read_as_ggml_defines_them() {
+        // candle's q8_0 and q4_0 blocks (GGML's layouts), taken as stored: dequantized they
+        // are candle's dequantization exactly.
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let (rows, cols) = (520, 544);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).expect("t");
+        for (dtype, precision, name) in [
+            (GgmlDType::Q8_0, WeightPrecision::Q8_0, "q8_0"),
+            (GgmlDType::Q4_0, WeightPrecision::Q4, "q4_0"),
+        ] {
+            let q = QTensor::quantize(&t, dtype).expect("quantize");
+            let want: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .and_then(|d| d.flatten_all()?.to_vec1())
+                .expect("candle");
+            let m = Matrix::from_quantized(q, precision).expect("kept");
+            assert_eq!(m.format(), name);
+            let got: Vec<f32> = m
+                .to_f32()
+                .and_then(|d| Ok(d.flatten_all()?.to_vec1()?))
+                .expect("ours");
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    #[test]
     fn a_slice_of_a_stacked_tensor_is_quantized_from_its_own_rows() {
         // Two per-step matrices stacked on the rows, as the published depformer holds them.
         let (rows, cols) = (512, 512);

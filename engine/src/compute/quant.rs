@@ -109,7 +109,7 @@ impl Isa {
                 .unwrap_or(Self::Portable);
             match std::env::var("PARLEY_CPU_ISA").ok().as_deref() {
                 Some("portable") => Self::Portable,
-                Some("avx2") if best.supported() && Self::Avx2.supported() => Self::Avx2,
+                Some("avx2") if Self::Avx2.supported() => Self::Avx2,
                 _ => best,
             }
         })
