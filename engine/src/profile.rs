@@ -1,49 +1,54 @@
-//! Time spent per named part of a computation, on the calling thread, when asked for
-//! (benchmarks: `parley bench mimi --by-layer`). Off, a span costs one thread-local read.
+//! Time spent per named part of a computation, when asked for (benchmarks: `parley bench
+//! mimi --by-layer`). Process-wide, because a model step runs on whichever rayon worker
+//! takes it (`compute::cpu::on_pool`); meant for one computation at a time. Off, a span
+//! costs one atomic load.
 
-use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
-thread_local! {
-    /// (name, total seconds, calls), in first-seen order; None when off.
-    static SPANS: RefCell<Option<Vec<(String, f64, usize)>>> = const { RefCell::new(None) };
+static ON: AtomicBool = AtomicBool::new(false);
+/// (name, total seconds, calls), in first-seen order.
+static SPANS: Mutex<Vec<(String, f64, usize)>> = Mutex::new(Vec::new());
+
+fn spans() -> std::sync::MutexGuard<'static, Vec<(String, f64, usize)>> {
+    SPANS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Starts recording on this thread (clearing what was recorded).
+/// Starts recording (clearing what was recorded).
 pub fn enable() {
-    SPANS.with(|s| *s.borrow_mut() = Some(vec![]));
+    spans().clear();
+    ON.store(true, Ordering::SeqCst);
 }
 
 /// Stops recording and returns (name, total seconds, calls) per span, in first-seen order.
 pub fn take() -> Vec<(String, f64, usize)> {
-    SPANS.with(|s| s.borrow_mut().take().unwrap_or_default())
+    ON.store(false, Ordering::SeqCst);
+    std::mem::take(&mut *spans())
 }
 
-/// Whether this thread records.
+/// Whether spans are being recorded.
 pub fn enabled() -> bool {
-    SPANS.with(|s| s.borrow().is_some())
+    ON.load(Ordering::Relaxed)
 }
 
 /// Runs `f`, adding its time to the span `name()` when recording.
 pub fn span<T>(name: impl FnOnce() -> String, f: impl FnOnce() -> T) -> T {
-    if SPANS.with(|s| s.borrow().is_none()) {
+    if !enabled() {
         return f();
     }
     let t0 = Instant::now();
     let out = f();
     let dt = t0.elapsed().as_secs_f64();
     let name = name();
-    SPANS.with(|s| {
-        if let Some(v) = s.borrow_mut().as_mut() {
-            match v.iter_mut().find(|(n, _, _)| *n == name) {
-                Some(e) => {
-                    e.1 += dt;
-                    e.2 += 1;
-                }
-                None => v.push((name, dt, 1)),
-            }
+    let mut v = spans();
+    match v.iter_mut().find(|(n, _, _)| *n == name) {
+        Some(e) => {
+            e.1 += dt;
+            e.2 += 1;
         }
-    });
+        None => v.push((name, dt, 1)),
+    }
     out
 }
 
@@ -56,6 +61,10 @@ mod tests {
         span(|| "off".into(), || ());
         assert!(take().is_empty());
         enable();
+        // Recorded from any thread (a model step runs on a rayon worker).
+        std::thread::spawn(|| span(|| "b".into(), || ()))
+            .join()
+            .expect("thread");
         for _ in 0..3 {
             span(
                 || "a".into(),
@@ -65,9 +74,9 @@ mod tests {
         span(|| "b".into(), || ());
         let got = take();
         assert_eq!(got.len(), 2);
-        assert_eq!((got[0].0.as_str(), got[0].2), ("a", 3));
-        assert!(got[0].1 >= 0.006, "{got:?}");
-        assert_eq!((got[1].0.as_str(), got[1].2), ("b", 1));
+        assert_eq!((got[0].0.as_str(), got[0].2), ("b", 2));
+        assert_eq!((got[1].0.as_str(), got[1].2), ("a", 3));
+        assert!(got[1].1 >= 0.006, "{got:?}");
         span(|| "after".into(), || ());
         assert!(take().is_empty());
     }

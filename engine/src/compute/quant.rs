@@ -108,9 +108,17 @@ impl Isa {
                 .last()
                 .unwrap_or(Self::Portable);
             match std::env::var("PARLEY_CPU_ISA").ok().as_deref() {
+                None => best,
                 Some("portable") => Self::Portable,
                 Some("avx2") if Self::Avx2.supported() => Self::Avx2,
-                _ => best,
+                Some(other) => {
+                    eprintln!(
+                        "PARLEY_CPU_ISA={other} ignored: expected portable or avx2 (a set \
+                         this CPU has); using {}",
+                        best.name()
+                    );
+                    best
+                }
             }
         })
     }
