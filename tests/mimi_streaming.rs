@@ -120,6 +120,20 @@ fn streaming_state_stays_constant_over_a_long_session() {
     assert_eq!(sizes[0], sizes[1], "streaming state grew");
 }
 
+/// 12 frames of fixed codes over all 32 codebooks, decoded by `a` and by `b`.
+fn decode_both(a: &mut Mimi, b: &mut Mimi) -> (Vec<f32>, Vec<f32>) {
+    let codes: Codes = (0..32u32)
+        .map(|k| (0..12u32).map(|t| (k * 131 + t * 977) % 2048).collect())
+        .collect();
+    let (mut x, mut y) = (vec![], vec![]);
+    for t in 0..12 {
+        let frame: Vec<u32> = codes.iter().map(|row| row[t]).collect();
+        x.extend(a.decode_step(&frame).expect("decode"));
+        y.extend(b.decode_step(&frame).expect("decode"));
+    }
+    (x, y)
+}
+
 /// bf16 weight precision reads half the bytes; on weights that are bf16 values already
 /// (as in the published bf16 checkpoints) it must compute the same thing as f32.
 #[test]
@@ -152,15 +166,7 @@ fn bf16_precision_matches_f32_on_bf16_weights() {
         scale > 0.0 && err <= 1e-5 * scale,
         "latents: max diff {err}, scale {scale}"
     );
-    let codes: Codes = (0..32u32)
-        .map(|k| (0..12u32).map(|t| (k * 131 + t * 977) % 2048).collect())
-        .collect();
-    let (mut x, mut y) = (vec![], vec![]);
-    for t in 0..12 {
-        let frame: Vec<u32> = codes.iter().map(|row| row[t]).collect();
-        x.extend(f32_mimi.decode_step(&frame).expect("decode"));
-        y.extend(bf16_mimi.decode_step(&frame).expect("decode"));
-    }
+    let (x, y) = decode_both(&mut f32_mimi, &mut bf16_mimi);
     let peak = max_abs(&x);
     let err = max_abs_diff(&x, &y);
     assert!(
@@ -250,15 +256,7 @@ fn q8_0_precision_stays_close_to_f32() {
     eprintln!("codes: {same} of {n} the same");
     // The first codebooks (what the LMs lean on most) agree.
     assert_eq!(codes_a[0], codes_b[0], "first codebook");
-    let codes: Codes = (0..32u32)
-        .map(|k| (0..12u32).map(|t| (k * 131 + t * 977) % 2048).collect())
-        .collect();
-    let (mut x, mut y) = (vec![], vec![]);
-    for t in 0..12 {
-        let frame: Vec<u32> = codes.iter().map(|row| row[t]).collect();
-        x.extend(f32_mimi.decode_step(&frame).expect("decode"));
-        y.extend(q8.decode_step(&frame).expect("decode"));
-    }
+    let (x, y) = decode_both(&mut f32_mimi, &mut q8);
     let peak = max_abs(&x);
     let err = max_abs_diff(&x, &y);
     eprintln!("audio: max diff {err}, peak {peak}");

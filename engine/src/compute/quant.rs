@@ -616,35 +616,33 @@ mod x86 {
         };
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    fn avx512_groups<const Q4: bool>(
-        w: &QMatrix,
-        g0: usize,
-        n: usize,
-        acts: &Acts,
-        out_t: &mut [f32],
-    ) {
-        each_job!(w, g0, n, acts, |job, mc| if mc == 1 {
-            avx512::<Q4, 1>(&job, out_t)
-        } else {
-            avx512::<Q4, ACT_CHUNK>(&job, out_t)
-        });
+    /// `$name::<Q4>(w, g0, n, acts, out_t)`: every row group and chunk of activation rows
+    /// through `$kernel`, compiled with `$features` (the kernel's own, so it inlines).
+    macro_rules! groups_fn {
+        ($name:ident, $kernel:ident, $features:literal) => {
+            #[target_feature(enable = $features)]
+            fn $name<const Q4: bool>(
+                w: &QMatrix,
+                g0: usize,
+                n: usize,
+                acts: &Acts,
+                out_t: &mut [f32],
+            ) {
+                each_job!(w, g0, n, acts, |job, mc| if mc == 1 {
+                    $kernel::<Q4, 1>(&job, out_t)
+                } else {
+                    $kernel::<Q4, ACT_CHUNK>(&job, out_t)
+                });
+            }
+        };
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn avx2_groups<const Q4: bool>(
-        w: &QMatrix,
-        g0: usize,
-        n: usize,
-        acts: &Acts,
-        out_t: &mut [f32],
-    ) {
-        each_job!(w, g0, n, acts, |job, mc| if mc == 1 {
-            avx2::<Q4, 1>(&job, out_t)
-        } else {
-            avx2::<Q4, ACT_CHUNK>(&job, out_t)
-        });
-    }
+    groups_fn!(
+        avx512_groups,
+        avx512,
+        "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"
+    );
+    groups_fn!(avx2_groups, avx2, "avx2,fma,f16c");
 
     /// One row group against `M` activation rows from `i0`.
     struct Job<'a> {
