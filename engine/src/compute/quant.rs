@@ -11,8 +11,9 @@
 //!
 //! Instruction sets, chosen at run time ([`Isa::detect`]; `PARLEY_CPU_ISA=portable|avx2`
 //! forces a lower one): AVX-512 VNNI (`vpdpbusd`, 64 weights per instruction), AVX2
-//! (`vpmaddubsw` + `vpmaddwd`), and a portable path that is also the definition the others
-//! are tested against. ARM runs the portable path (no dotprod kernel yet).
+//! (`vpmaddubsw` + `vpmaddwd`), ARM NEON with the dot-product extension (`sdot`, ARMv8.2:
+//! Apple M1 and later, Graviton 2 and later), and portable Rust, which the others are
+//! tested against beside an f64 definition.
 //!
 //! Storage, repacked for the kernels (as llama.cpp repacks for its CPU kernels): rows in
 //! groups of four (padded with zero rows), each group a run of super-blocks of 16 blocks
@@ -95,11 +96,13 @@ pub enum Isa {
     Avx2,
     /// AVX-512 (F, BW, VL) with VNNI, plus the AVX2 set.
     Avx512Vnni,
+    /// ARMv8.2 NEON with the dot-product extension (`sdot`).
+    NeonDot,
 }
 
 impl Isa {
     /// The best this CPU offers, or a lower one forced by `PARLEY_CPU_ISA` (`portable`,
-    /// `avx2`), never a higher one.
+    /// `avx2` on x86), never a higher one.
     pub fn detect() -> Self {
         static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *DETECTED.get_or_init(|| {
@@ -125,7 +128,7 @@ impl Isa {
 
     /// Every set this CPU can run, lowest first.
     pub fn available() -> Vec<Self> {
-        [Self::Portable, Self::Avx2, Self::Avx512Vnni]
+        [Self::Portable, Self::NeonDot, Self::Avx2, Self::Avx512Vnni]
             .into_iter()
             .filter(|i| i.supported())
             .collect()
@@ -149,7 +152,9 @@ impl Isa {
                     && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("avx512vnni")
             }
-            #[cfg(not(target_arch = "x86_64"))]
+            #[cfg(target_arch = "aarch64")]
+            Self::NeonDot => std::arch::is_aarch64_feature_detected!("dotprod"),
+            #[allow(unreachable_patterns)]
             _ => false,
         }
     }
@@ -159,6 +164,7 @@ impl Isa {
             Self::Portable => "portable",
             Self::Avx2 => "avx2",
             Self::Avx512Vnni => "avx512-vnni",
+            Self::NeonDot => "neon-dotprod",
         }
     }
 }
@@ -449,7 +455,9 @@ impl QMatrix {
             Isa::Portable => portable_groups(self, g0, &acts, out),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 | Isa::Avx512Vnni => x86::groups(isa, self, g0, &acts, out),
-            #[cfg(not(target_arch = "x86_64"))]
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot => arm::groups(self, g0, &acts, out),
+            #[allow(unreachable_patterns)]
             _ => portable_groups(self, g0, &acts, out),
         };
         if self.rows * self.cols < super::cpu::PARALLEL_MIN_WEIGHTS || threads == 1 {
@@ -477,6 +485,8 @@ struct Acts {
     blocks: usize,
     q: Vec<i8>,
     scale: Vec<f32>,
+    /// Read by the x86 kernels (the ARM one makes the values signed instead).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     bias: Vec<i32>,
 }
 
@@ -834,6 +844,116 @@ mod x86 {
                 let a: [f32; 8] = bytemuck::cast(acc[r][i]);
                 out_t[(job.out_row + r) * m + job.i0 + i] =
                     ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+#[allow(unsafe_code)]
+mod arm {
+    //! The ARM kernel. `unsafe` is allowed here for calling the `#[target_feature]`
+    //! kernel after [`Isa::supported`] found the dot-product extension (`matmul_t_with`
+    //! refuses an unsupported set first), and for NEON loads from slices whose bounds are
+    //! checked by slicing first.
+    use std::arch::aarch64::*;
+
+    use super::{Acts, QFormat, QMatrix, BLOCK, GROUP, SCALE_BYTES, SUPER, VEC};
+
+    /// Row groups `g0..` of `w` into `out_t` (`[rows][m]`, whole groups).
+    pub(super) fn groups(w: &QMatrix, g0: usize, acts: &Acts, out_t: &mut [f32]) {
+        // SAFETY: only reached for `Isa::NeonDot`, which `matmul_t_with` checked.
+        unsafe { dot_groups(w, g0, acts, out_t) }
+    }
+
+    #[inline(always)]
+    fn load(s: &[u8], at: usize) -> uint8x16_t {
+        let s = &s[at..at + 16];
+        // SAFETY: `s` holds the 16 bytes read.
+        unsafe { vld1q_u8(s.as_ptr()) }
+    }
+
+    /// `sdot`: four lanes, each the sum of four byte products. Through `asm!` because the
+    /// `vdotq_s32` intrinsic is still unstable (Rust 1.95).
+    #[target_feature(enable = "neon,dotprod")]
+    #[inline]
+    fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        // SAFETY: a register-only instruction; this function only runs where the CPU has
+        // the dot-product extension (its target feature, checked before any kernel runs).
+        unsafe {
+            std::arch::asm!(
+                "sdot {0:v}.4s, {1:v}.16b, {2:v}.16b",
+                inout(vreg) acc,
+                in(vreg) a,
+                in(vreg) b,
+                options(pure, nomem, nostack)
+            );
+        }
+        acc
+    }
+
+    #[inline(always)]
+    fn load_f32(s: &[f32], at: usize) -> float32x4_t {
+        let s = &s[at..at + 4];
+        // SAFETY: `s` holds the 4 values read.
+        unsafe { vld1q_f32(s.as_ptr()) }
+    }
+
+    /// Each 16-byte quarter of a 64-byte vector covers 4 blocks: `sdot` leaves block `l`'s
+    /// sum in lane `l % 4` of quarter `l / 4`. Values are made signed again (q8_0: flip
+    /// the offset bit; q4_0: subtract 8), so no bias is needed.
+    #[target_feature(enable = "neon,dotprod")]
+    fn dot_groups(w: &QMatrix, g0: usize, acts: &Acts, out_t: &mut [f32]) {
+        let m = acts.m;
+        let width = acts.blocks * BLOCK;
+        let xq = acts.q_bytes();
+        let q4 = w.format == QFormat::Q4_0;
+        let (flip, low, eight) = (vdupq_n_u8(0x80), vdupq_n_u8(0x0F), vdupq_n_s8(8));
+        for (g, out) in out_t.chunks_exact_mut(GROUP * m).enumerate() {
+            for i in 0..m {
+                let mut acc = [[vdupq_n_f32(0.0); 4]; GROUP];
+                for sb in 0..w.supers {
+                    let base = w.super_at(g0 + g, sb);
+                    let b0 = sb * SUPER;
+                    let x: [[int8x16_t; 4]; 8] = std::array::from_fn(|k| {
+                        std::array::from_fn(|q| {
+                            let at = i * width + b0 * BLOCK + k * VEC + q * 16;
+                            vreinterpretq_s8_u8(load(xq, at))
+                        })
+                    });
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let mut dot = [vdupq_n_s32(0); 4];
+                        for c in 0..w.format.chunks() {
+                            for (q, d) in dot.iter_mut().enumerate() {
+                                let v =
+                                    load(&w.q, base + SCALE_BYTES + (c * GROUP + r) * VEC + q * 16);
+                                if q4 {
+                                    let lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, low)), eight);
+                                    let hi =
+                                        vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)), eight);
+                                    *d = sdot(*d, lo, x[2 * c][q]);
+                                    *d = sdot(*d, hi, x[2 * c + 1][q]);
+                                } else {
+                                    let sv = vreinterpretq_s8_u8(veorq_u8(v, flip));
+                                    *d = sdot(*d, sv, x[c][q]);
+                                }
+                            }
+                        }
+                        for (q, a) in acc.iter_mut().enumerate() {
+                            let ws: [f32; 4] = std::array::from_fn(|l| {
+                                let at = base + (r * SUPER + q * 4 + l) * 2;
+                                half::f16::from_le_bytes([w.q[at], w.q[at + 1]]).to_f32()
+                            });
+                            let xs = load_f32(&acts.scale, i * acts.blocks + b0 + q * 4);
+                            let scale = vmulq_f32(load_f32(&ws, 0), xs);
+                            *a = vfmaq_f32(*a, vcvtq_f32_s32(dot[q]), scale);
+                        }
+                    }
+                }
+                for (r, a) in acc.iter().enumerate() {
+                    let sum = vaddq_f32(vaddq_f32(a[0], a[1]), vaddq_f32(a[2], a[3]));
+                    out[r * m + i] = vaddvq_f32(sum);
+                }
             }
         }
     }
