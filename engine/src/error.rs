@@ -63,6 +63,10 @@ pub enum Error {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
+    /// ONNX Runtime missing, failing to load, or failing to run a model.
+    #[error("ONNX Runtime: {0}")]
+    OnnxRuntime(String),
+
     /// No preset of that name in `models/presets.json`.
     #[error("unknown model preset `{name}`; the presets are: {known}")]
     UnknownPreset { name: String, known: String },

@@ -8,4 +8,5 @@ pub mod mimi;
 pub mod stt;
 pub mod tokenizer;
 pub mod transformer;
+pub mod vad;
 pub mod weights;

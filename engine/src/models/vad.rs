@@ -1,0 +1,150 @@
+//! Silero VAD (v6, `models/silero-vad/`, MIT) through ONNX Runtime, and where Parley finds
+//! the runtime.
+//!
+//! ONNX Runtime is loaded at run time (`ort`'s `load-dynamic`): from `ORT_DYLIB_PATH` when
+//! set, else from the copy `scripts/setup.sh` installs in `~/.cache/parley/onnxruntime/`
+//! (`$XDG_CACHE_HOME/parley/onnxruntime/`). Where it is missing, [`runtime`] says so (the
+//! same error every time; callers fall back to the energy detector).
+//!
+//! The model is embedded in the binary (2.3 MB). It takes 16 kHz audio in chunks of 512
+//! samples, each preceded by the previous chunk's last 64 samples, with a recurrent state
+//! carried from call to call; it gives the probability that the chunk is speech.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::value::Tensor;
+
+use crate::{Error, Result};
+
+/// The model, as shipped in `models/silero-vad/`.
+const SILERO_ONNX: &[u8] = include_bytes!("../../../models/silero-vad/silero_vad.onnx");
+/// Samples per second the model takes.
+pub const SAMPLE_RATE: u32 = 16_000;
+/// New samples per call.
+pub const CHUNK: usize = 512;
+/// Samples of the previous call repeated before each chunk.
+const CONTEXT: usize = 64;
+/// The recurrent state: [2, 1, 128].
+const STATE: usize = 2 * 128;
+
+/// Where ONNX Runtime's library is looked for: `ORT_DYLIB_PATH`, else setup's copy.
+pub fn runtime_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return Some(PathBuf::from(p));
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    let name = if cfg!(target_os = "macos") {
+        "libonnxruntime.dylib"
+    } else {
+        "libonnxruntime.so"
+    };
+    Some(cache.join("parley").join("onnxruntime").join(name))
+}
+
+/// The process's ONNX Runtime environment, loaded on first use; the same error on every
+/// call when the library is missing or does not load.
+pub fn runtime() -> Result<Environment> {
+    static ENV: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let path = runtime_path().ok_or("no home directory to find it in".to_string())?;
+        if !path.is_file() {
+            return Err(format!(
+                "{} not found (run scripts/setup.sh, or set ORT_DYLIB_PATH to \
+                 libonnxruntime from the onnxruntime wheel, 1.31 or newer)",
+                path.display()
+            ));
+        }
+        ort::init_from(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .with_name("parley")
+            .build()
+            .map_err(|e| format!("{}: {e}", path.display()))
+    })
+    .clone()
+    .map_err(Error::OnnxRuntime)
+}
+
+fn ort_error(what: &str) -> impl Fn(ort::Error) -> Error + '_ {
+    move |e| Error::OnnxRuntime(format!("{what}: {e}"))
+}
+
+/// Silero VAD with its streaming state.
+pub struct SileroVad {
+    session: Session,
+    state: Vec<f32>,
+    context: [f32; CONTEXT],
+}
+
+impl std::fmt::Debug for SileroVad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SileroVad").finish_non_exhaustive()
+    }
+}
+
+impl SileroVad {
+    /// The embedded model on one thread of ONNX Runtime.
+    pub fn new() -> Result<Self> {
+        let env = runtime()?;
+        let session = Session::builder(&env)
+            .map_err(ort_error("session options"))?
+            .with_intra_threads(1)
+            .map_err(|e| Error::OnnxRuntime(format!("session options: {e}")))?
+            .commit_from_memory(SILERO_ONNX)
+            .map_err(ort_error("loading silero_vad.onnx"))?;
+        Ok(Self {
+            session,
+            state: vec![0.0; STATE],
+            context: [0.0; CONTEXT],
+        })
+    }
+
+    /// Forgets the stream: the next chunk starts a new one.
+    pub fn reset(&mut self) {
+        self.state.iter_mut().for_each(|v| *v = 0.0);
+        self.context = [0.0; CONTEXT];
+    }
+
+    /// The probability that `chunk` (512 samples at 16 kHz, after the previous call's
+    /// chunk) is speech.
+    pub fn probability(&mut self, chunk: &[f32]) -> Result<f32> {
+        if chunk.len() != CHUNK {
+            return Err(Error::InvalidInput(format!(
+                "Silero VAD takes chunks of {CHUNK} samples at 16 kHz, not {}",
+                chunk.len()
+            )));
+        }
+        let mut input = Vec::with_capacity(CONTEXT + CHUNK);
+        input.extend_from_slice(&self.context);
+        input.extend_from_slice(chunk);
+        let run = ort_error("running silero_vad.onnx");
+        let input = Tensor::from_array(([1usize, CONTEXT + CHUNK], input)).map_err(&run)?;
+        let state = Tensor::from_array(([2usize, 1, 128], self.state.clone())).map_err(&run)?;
+        let sr = Tensor::from_array(([0usize; 0], vec![SAMPLE_RATE as i64])).map_err(&run)?;
+        let outputs = self
+            .session
+            .run(ort::inputs!["input" => input, "state" => state, "sr" => sr])
+            .map_err(&run)?;
+        let (_, p) = outputs["output"]
+            .try_extract_tensor::<f32>()
+            .map_err(&run)?;
+        let (_, s) = outputs["stateN"]
+            .try_extract_tensor::<f32>()
+            .map_err(&run)?;
+        if s.len() != STATE || p.is_empty() {
+            return Err(Error::OnnxRuntime(format!(
+                "silero_vad.onnx gave {} state values and {} outputs ({STATE} and 1 expected)",
+                s.len(),
+                p.len()
+            )));
+        }
+        let prob = p[0];
+        self.state.copy_from_slice(s);
+        self.context.copy_from_slice(&chunk[CHUNK - CONTEXT..]);
+        Ok(prob)
+    }
+}
