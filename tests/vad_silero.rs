@@ -89,3 +89,82 @@ fn a_chunk_of_the_wrong_size_is_refused() {
     let err = vad.probability(&[0.0; 480]).expect_err("480 samples");
     assert!(err.to_string().contains("512"), "{err}");
 }
+
+/// The dialogue's two turns (aligned by espeak-ng's word events in
+/// `assets/speech/dialogue.json`), fed as the pipeline feeds audio: 80 ms frames at 24 kHz.
+/// With the default settings speech starts within 100 ms of each turn's first word, stops
+/// within 100 ms of its last (the stop is dated at its first silent chunk; it is decided
+/// `min_silence_ms` later), and nothing starts or stops inside a turn. With a shorter
+/// silence setting, the pause between each turn's two sentences splits it.
+#[test]
+fn speech_starts_and_stops_with_the_dialogues_turns() {
+    use parley_engine::models::vad::{VadEvent, VadSettings, VoiceActivity};
+    if runtime_or_skip().is_none() {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let pcm = parley_engine::audio::file::read_audio_24k(&root.join("assets/speech/dialogue.wav"))
+        .expect("wav");
+    let align: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("assets/speech/dialogue.json")).expect("json"),
+    )
+    .expect("alignment");
+    let turns: Vec<(f64, f64)> = align["turns"]
+        .as_array()
+        .expect("turns")
+        .iter()
+        .map(|t| {
+            (
+                t["start_s"].as_f64().expect("start"),
+                t["end_s"].as_f64().expect("end"),
+            )
+        })
+        .collect();
+    let runs = |settings: VadSettings| -> Vec<(f64, f64)> {
+        let mut va = VoiceActivity::new(settings).expect("vad");
+        let mut events = vec![];
+        for frame in pcm.chunks(1920) {
+            events.extend(va.push_24k(frame).expect("push"));
+        }
+        assert!(!va.speaking(), "{events:?}");
+        va.reset();
+        assert!(!va.speaking());
+        events
+            .chunks(2)
+            .map(|pair| match (pair[0], pair.get(1)) {
+                (
+                    VadEvent::SpeechStarted { time_s: s, .. },
+                    Some(&VadEvent::SpeechStopped { time_s: e, .. }),
+                ) => (s, e),
+                _ => panic!("not a start and a stop: {pair:?}"),
+            })
+            .collect()
+    };
+    let got = runs(VadSettings::default());
+    eprintln!("default: {got:?}");
+    assert_eq!(got.len(), turns.len(), "{got:?}");
+    for (&(s, e), &(start, end)) in got.iter().zip(&turns) {
+        assert!(
+            (s - start).abs() <= 0.1,
+            "speech started at {s:.3} s, the turn at {start:.3}"
+        );
+        assert!(
+            (e - end).abs() <= 0.1,
+            "speech stopped at {e:.3} s, the turn ended at {end:.3}"
+        );
+    }
+    let split = runs(VadSettings {
+        min_silence_ms: 250.0,
+        ..VadSettings::default()
+    });
+    eprintln!("250 ms: {split:?}");
+    // Each turn is two sentences; the pause between them (about 0.3 s) now splits it.
+    assert_eq!(split.len(), 2 * turns.len(), "{split:?}");
+    for (pair, &(start, end)) in split.chunks(2).zip(&turns) {
+        let (stop, restart) = (pair[0].1, pair[1].0);
+        assert!(
+            start < stop && stop < restart && restart < end,
+            "the split should fall inside the turn {start:.3}-{end:.3}: {split:?}"
+        );
+    }
+}

@@ -148,3 +148,164 @@ impl SileroVad {
         Ok(prob)
     }
 }
+
+/// When Silero's probabilities make speech start and stop (hysteresis, in the manner of
+/// the silero-vad package's `VADIterator`): speech starts once the probability has been at
+/// least `start_threshold` for `min_speech_ms`, and stops once it has stayed below
+/// `stop_threshold` for `min_silence_ms`. Times are whole chunks (32 ms).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VadSettings {
+    pub start_threshold: f32,
+    /// Below the start threshold, so that a probability hovering near it does not toggle.
+    pub stop_threshold: f32,
+    /// Speech shorter than this (a click, a breath) starts nothing.
+    pub min_speech_ms: f64,
+    /// A pause shorter than this (between words) stops nothing.
+    pub min_silence_ms: f64,
+}
+
+impl Default for VadSettings {
+    /// The package's threshold (0.5) and its stop threshold 0.15 lower; 64 ms of speech to
+    /// start; 500 ms of silence to stop, as OpenAI Realtime's server VAD (`silence_duration_ms`)
+    /// by default: longer than the pause between two sentences of one turn in the
+    /// project's recordings (0.29-0.32 s), shorter than the pause between turns.
+    fn default() -> Self {
+        Self {
+            start_threshold: 0.5,
+            stop_threshold: 0.35,
+            min_speech_ms: 64.0,
+            min_silence_ms: 500.0,
+        }
+    }
+}
+
+/// A decision of [`VoiceActivity`]: when (seconds from the start of the stream, at the
+/// first chunk of the run that decided it) and the probability of the chunk that decided.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum VadEvent {
+    SpeechStarted { time_s: f64, probability: f32 },
+    SpeechStopped { time_s: f64, probability: f32 },
+}
+
+/// Silero VAD on the pipeline's audio: 24 kHz in (any amount, usually one 80 ms frame),
+/// resampled to 16 kHz and cut into 512-sample chunks, with [`VadSettings`]' hysteresis.
+pub struct VoiceActivity {
+    vad: SileroVad,
+    settings: VadSettings,
+    resampler: crate::audio::resample::OutputResampler,
+    /// 16 kHz samples waiting for a whole chunk.
+    pending: Vec<f32>,
+    /// Chunks run since the stream started.
+    chunks: u64,
+    speaking: bool,
+    /// The current run of chunks on the other side of the threshold: its first chunk and
+    /// its length.
+    run: Option<(u64, u64)>,
+    last: f32,
+}
+
+impl std::fmt::Debug for VoiceActivity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VoiceActivity")
+            .field("settings", &self.settings)
+            .field("chunks", &self.chunks)
+            .field("speaking", &self.speaking)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VoiceActivity {
+    pub fn new(settings: VadSettings) -> Result<Self> {
+        Ok(Self {
+            vad: SileroVad::new()?,
+            settings,
+            resampler: crate::audio::resample::OutputResampler::new(SAMPLE_RATE)?,
+            pending: Vec::with_capacity(2 * CHUNK),
+            chunks: 0,
+            speaking: false,
+            run: None,
+            last: 0.0,
+        })
+    }
+
+    /// Whether speech is going on, as decided so far.
+    pub fn speaking(&self) -> bool {
+        self.speaking
+    }
+
+    /// The probability of the last chunk run.
+    pub fn last_probability(&self) -> f32 {
+        self.last
+    }
+
+    /// Starts a new stream.
+    pub fn reset(&mut self) {
+        self.vad.reset();
+        // Dropping what the resampler holds: the next stream starts clean.
+        let _ = self.resampler.flush();
+        self.pending.clear();
+        self.chunks = 0;
+        self.speaking = false;
+        self.run = None;
+        self.last = 0.0;
+    }
+
+    /// Feeds 24 kHz audio; returns the decisions it led to, in order.
+    pub fn push_24k(&mut self, pcm: &[f32]) -> Result<Vec<VadEvent>> {
+        self.pending.extend_from_slice(self.resampler.process(pcm)?);
+        let mut events = vec![];
+        let whole = self.pending.len() / CHUNK * CHUNK;
+        for c in 0..whole / CHUNK {
+            let p = self
+                .vad
+                .probability(&self.pending[c * CHUNK..(c + 1) * CHUNK])?;
+            if let Some(e) = self.decide(p) {
+                events.push(e);
+            }
+        }
+        self.pending.drain(..whole);
+        Ok(events)
+    }
+
+    /// One chunk's probability through the hysteresis.
+    fn decide(&mut self, p: f32) -> Option<VadEvent> {
+        let index = self.chunks;
+        self.chunks += 1;
+        self.last = p;
+        let s = self.settings;
+        let against = if self.speaking {
+            p < s.stop_threshold
+        } else {
+            p >= s.start_threshold
+        };
+        if !against {
+            self.run = None;
+            return None;
+        }
+        let (first, len) = self.run.map_or((index, 1), |(f, n)| (f, n + 1));
+        self.run = Some((first, len));
+        let chunk_ms = CHUNK as f64 * 1000.0 / SAMPLE_RATE as f64;
+        let needed = if self.speaking {
+            s.min_silence_ms
+        } else {
+            s.min_speech_ms
+        };
+        if (len as f64) * chunk_ms + 1e-9 < needed {
+            return None;
+        }
+        self.speaking = !self.speaking;
+        self.run = None;
+        let time_s = first as f64 * chunk_ms / 1000.0;
+        Some(if self.speaking {
+            VadEvent::SpeechStarted {
+                time_s,
+                probability: p,
+            }
+        } else {
+            VadEvent::SpeechStopped {
+                time_s,
+                probability: p,
+            }
+        })
+    }
+}
