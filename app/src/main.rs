@@ -7,6 +7,7 @@ mod lm_cmd;
 mod mimi_cmd;
 mod models_cmd;
 mod ui;
+mod vad_cmd;
 
 use std::process::ExitCode;
 
@@ -48,6 +49,8 @@ enum Command {
     /// A live session without a window: JSON Lines (or raw PCM) on stdin and stdout, or
     /// the microphone and speakers.
     Headless(headless::HeadlessArgs),
+    /// When speech starts and stops in a recording (Silero VAD through ONNX Runtime).
+    Vad(vad_cmd::VadArgs),
     /// List the audio input and output devices (names for --input-device/--output-device)
     /// and the GPU adapters.
     Devices,
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
         Some(Command::Stt(args)) => lm_cmd::stt(args),
         Some(Command::Moshi(args)) => lm_cmd::moshi(args),
         Some(Command::Headless(args)) => headless::run(args),
+        Some(Command::Vad(args)) => vad_cmd::run(args),
         Some(Command::Devices) => devices(),
         Some(Command::Models(cmd)) => models_cmd::run(cmd),
         None => ui::run(),

@@ -543,3 +543,55 @@ fn the_window_opens_under_xvfb() {
     let _ = xvfb.wait();
     assert!(ready, "no first frame within 60 s: {seen:?}");
 }
+
+/// `parley vad` on the dialogue: its two turns, as JSON Lines with OpenAI Realtime's names
+/// (needs ONNX Runtime: skipped with the reason where it is missing, unless
+/// `PARLEY_REQUIRE_ORT=1`).
+#[test]
+fn vad_finds_the_dialogues_two_turns() {
+    if let Err(e) = parley_engine::models::vad::runtime() {
+        assert_ne!(
+            std::env::var("PARLEY_REQUIRE_ORT").as_deref(),
+            Ok("1"),
+            "PARLEY_REQUIRE_ORT=1 and {e}"
+        );
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let wav = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/speech/dialogue.wav");
+    let out = parley_ok(&["vad", s(&wav), "--json"]);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    let kinds: Vec<&str> = lines
+        .iter()
+        .map(|l| l["type"].as_str().expect("type"))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "input_audio_buffer.speech_started",
+            "input_audio_buffer.speech_stopped",
+            "input_audio_buffer.speech_started",
+            "input_audio_buffer.speech_stopped"
+        ]
+    );
+    // The turns of assets/speech/dialogue.json: 0.50-3.76 s and 5.76-9.16 s.
+    let t: Vec<i64> = lines
+        .iter()
+        .map(|l| {
+            l["audio_start_ms"]
+                .as_i64()
+                .or(l["audio_end_ms"].as_i64())
+                .expect("ms")
+        })
+        .collect();
+    for (got, want) in t.iter().zip([500, 3756, 5756, 9163]) {
+        assert!((got - want).abs() <= 100, "{t:?}");
+    }
+    let text = parley_ok(&["vad", s(&wav)]);
+    assert_eq!(String::from_utf8_lossy(&text.stdout).lines().count(), 2);
+    let bad = parley(&["vad", s(&wav), "--threshold", "2"]);
+    assert_clean_failure(&bad, "--threshold");
+}

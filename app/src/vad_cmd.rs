@@ -1,0 +1,91 @@
+//! `parley vad`: when speech starts and stops in a recording, by Silero VAD through ONNX
+//! Runtime, fed 80 ms frames at 24 kHz as a live session would be.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use parley_engine::models::vad::{VadEvent, VadSettings, VoiceActivity};
+
+#[derive(Debug, Args)]
+pub struct VadArgs {
+    /// Audio file (WAV, FLAC, MP3, OGG; any rate and channel count).
+    input: PathBuf,
+    /// JSON Lines with OpenAI Realtime's names (`input_audio_buffer.speech_started` /
+    /// `speech_stopped`, times in ms from the start) instead of one line per speech run.
+    #[arg(long)]
+    json: bool,
+    /// Probability at which speech starts (it stops 0.15 lower).
+    #[arg(long, default_value_t = VadSettings::default().start_threshold)]
+    threshold: f32,
+    /// Silence that ends speech, in ms.
+    #[arg(long, default_value_t = VadSettings::default().min_silence_ms)]
+    min_silence_ms: f64,
+}
+
+pub fn run(args: VadArgs) -> anyhow::Result<()> {
+    if !(0.15..=1.0).contains(&args.threshold) {
+        anyhow::bail!("--threshold {} is outside 0.15..=1", args.threshold);
+    }
+    if !(0.0..=60_000.0).contains(&args.min_silence_ms) {
+        anyhow::bail!(
+            "--min-silence-ms {} is outside 0..=60000",
+            args.min_silence_ms
+        );
+    }
+    let pcm = parley_engine::audio::file::read_audio_24k(&args.input)?;
+    let settings = VadSettings {
+        start_threshold: args.threshold,
+        stop_threshold: args.threshold - 0.15,
+        min_silence_ms: args.min_silence_ms,
+        ..VadSettings::default()
+    };
+    let mut vad = VoiceActivity::new(settings).context("starting Silero VAD")?;
+    let mut events = vec![];
+    for frame in pcm.chunks(parley_engine::audio::FRAME_LEN_SAMPLES) {
+        events.extend(vad.push_24k(frame)?);
+    }
+    let end_s = pcm.len() as f64 / parley_engine::audio::SAMPLE_RATE_HZ as f64;
+    let mut out = std::io::stdout().lock();
+    let ms = |s: f64| (s * 1000.0).round() as i64;
+    let mut started = None;
+    let mut lines = vec![];
+    for e in events {
+        match e {
+            VadEvent::SpeechStarted {
+                time_s,
+                probability,
+            } => {
+                started = Some(time_s);
+                if args.json {
+                    lines.push(serde_json::json!({"type": "input_audio_buffer.speech_started", "audio_start_ms": ms(time_s), "probability": probability}).to_string());
+                }
+            }
+            VadEvent::SpeechStopped {
+                time_s,
+                probability,
+            } => {
+                if args.json {
+                    lines.push(serde_json::json!({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": ms(time_s), "probability": probability}).to_string());
+                } else if let Some(s) = started.take() {
+                    lines.push(format!("speech {s:.2} s - {time_s:.2} s"));
+                }
+            }
+        }
+    }
+    if !args.json && vad.speaking() {
+        if let Some(s) = started {
+            lines.push(format!(
+                "speech {s:.2} s - {end_s:.2} s (still speaking at the end)"
+            ));
+        }
+    }
+    for l in lines {
+        // A reader that has gone (`| head`) ends the output, not the program with a panic.
+        if writeln!(out, "{l}").is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
