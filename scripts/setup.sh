@@ -12,7 +12,7 @@ need_apt=()
 # (scripts/start-audio.sh). alsa-utils: `aplay -L` / `arecord -L` to see what ALSA sees.
 # libxkbcommon-x11-0, libxcursor1, libxrandr2, libxi6, libx11-xcb1: what the window (winit on
 # X11) loads at run time. xvfb: a virtual X server, so the window opens (and is tested) on
-# machines without a display. python3: runs scripts/fetch_onnxruntime.py below.
+# machines without a display. python3: runs scripts/fetch_onnx.py below.
 for pkg in build-essential pkg-config python3 mesa-vulkan-drivers \
   libasound2-dev pulseaudio pulseaudio-utils libasound2-plugins alsa-utils \
   libxkbcommon-x11-0 libxcursor1 libxrandr2 libxi6 libx11-xcb1 xvfb; do
@@ -32,6 +32,6 @@ if command -v rustup >/dev/null 2>&1; then
   rustup component add rustfmt clippy >/dev/null 2>&1 || true
 fi
 
-# ONNX Runtime's library (Silero VAD, Smart Turn), from the PyPI onnxruntime wheel into
-# ~/.cache/parley/onnxruntime/, where Parley finds it (ORT_DYLIB_PATH overrides).
-python3 "$(dirname "$0")/fetch_onnxruntime.py"
+# ONNX Runtime's library (Silero VAD, Smart Turn) and the Smart Turn model, from PyPI wheels
+# into ~/.cache/parley/, where Parley finds them (ORT_DYLIB_PATH overrides the runtime).
+python3 "$(dirname "$0")/fetch_onnx.py"
