@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod kyutai_config;
 pub mod lm;
 pub mod mimi;
+pub mod smart_turn;
 pub mod stt;
 pub mod tokenizer;
 pub mod transformer;
