@@ -7,6 +7,7 @@
 //!   to move under noise of 1e-5 on its features (the "-cpu" model quantizes its
 //!   activations: at these inputs its output jumps by 0.005-0.27 under such noise, so
 //!   features within a few 1e-6 of numpy's cannot promise 1e-3).
+//!
 //! The features need nothing; the model needs ONNX Runtime and the model file
 //! (`scripts/setup.sh` installs both), skipped with the reason printed where they are
 //! missing, unless `PARLEY_REQUIRE_ORT=1`.
