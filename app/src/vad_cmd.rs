@@ -1,11 +1,13 @@
 //! `parley vad`: when speech starts and stops in a recording, by Silero VAD through ONNX
-//! Runtime, fed 80 ms frames at 24 kHz as a live session would be.
+//! Runtime, fed 80 ms frames at 24 kHz as a live session would be; with `--smart-turn`,
+//! each stop judged by Smart Turn v3.2 on the audio heard when the stop was decided.
 
 use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use parley_engine::models::smart_turn::SmartTurn;
 use parley_engine::models::vad::{VadEvent, VadSettings, VoiceActivity};
 
 #[derive(Debug, Args)]
@@ -22,6 +24,10 @@ pub struct VadArgs {
     /// Silence that ends speech, in ms.
     #[arg(long, default_value_t = VadSettings::default().min_silence_ms)]
     min_silence_ms: f64,
+    /// Also say at each stop whether the turn is complete, by Smart Turn v3.2 on the last
+    /// 8 s heard when the stop was decided.
+    #[arg(long)]
+    smart_turn: bool,
 }
 
 pub fn run(args: VadArgs) -> anyhow::Result<()> {
@@ -42,6 +48,30 @@ pub fn run(args: VadArgs) -> anyhow::Result<()> {
         ..VadSettings::default()
     };
     let mut vad = VoiceActivity::new(settings).context("starting Silero VAD")?;
+    let mut turn = if args.smart_turn {
+        Some(SmartTurn::new().context("starting Smart Turn")?)
+    } else {
+        None
+    };
+    let pcm_16k = if args.smart_turn {
+        parley_engine::audio::resample::resample_mono(
+            &pcm,
+            parley_engine::audio::SAMPLE_RATE_HZ,
+            parley_engine::models::smart_turn::SAMPLE_RATE,
+        )?
+    } else {
+        vec![]
+    };
+    // Smart Turn's probability for a stop dated `time_s`: on the audio up to when the stop
+    // was decided (`min_silence_ms` later).
+    let mut judge = |time_s: f64| -> anyhow::Result<Option<f32>> {
+        let Some(st) = turn.as_mut() else {
+            return Ok(None);
+        };
+        let decided = time_s + settings.min_silence_ms / 1000.0;
+        let end = ((decided * 16_000.0) as usize).min(pcm_16k.len());
+        Ok(Some(st.probability(&pcm_16k[..end])?))
+    };
     let mut events = vec![];
     for frame in pcm.chunks(parley_engine::audio::FRAME_LEN_SAMPLES) {
         events.extend(vad.push_24k(frame)?);
@@ -66,10 +96,21 @@ pub fn run(args: VadArgs) -> anyhow::Result<()> {
                 time_s,
                 probability,
             } => {
+                let complete = judge(time_s)?;
                 if args.json {
-                    lines.push(serde_json::json!({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": ms(time_s), "probability": probability}).to_string());
+                    let mut j = serde_json::json!({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": ms(time_s), "probability": probability});
+                    if let Some(p) = complete {
+                        j["turn_complete_probability"] = p.into();
+                    }
+                    lines.push(j.to_string());
                 } else if let Some(s) = started.take() {
-                    lines.push(format!("speech {s:.2} s - {time_s:.2} s"));
+                    let verdict = complete.map_or(String::new(), |p| {
+                        format!(
+                            "; turn {} (Smart Turn {p:.2})",
+                            if p > 0.5 { "complete" } else { "not complete" }
+                        )
+                    });
+                    lines.push(format!("speech {s:.2} s - {time_s:.2} s{verdict}"));
                 }
             }
         }

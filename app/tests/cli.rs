@@ -592,6 +592,19 @@ fn vad_finds_the_dialogues_two_turns() {
     }
     let text = parley_ok(&["vad", s(&wav)]);
     assert_eq!(String::from_utf8_lossy(&text.stdout).lines().count(), 2);
+    // With Smart Turn, every stop says whether the turn is complete; the dialogue's last
+    // one is (the model gives 0.97 there, and moves by 0.005 under noise of 1e-5 on its
+    // features: tests/fixtures/smart_turn/cuts.json).
+    let judged = parley_ok(&["vad", s(&wav), "--json", "--smart-turn"]);
+    let stops: Vec<f64> = String::from_utf8_lossy(&judged.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json line"))
+        .filter(|l| l["type"] == "input_audio_buffer.speech_stopped")
+        .map(|l| l["turn_complete_probability"].as_f64().expect("smart turn"))
+        .collect();
+    assert_eq!(stops.len(), 2, "{stops:?}");
+    assert!(stops.iter().all(|p| (0.0..=1.0).contains(p)), "{stops:?}");
+    assert!(stops[1] > 0.5, "{stops:?}");
     let bad = parley(&["vad", s(&wav), "--threshold", "2"]);
     assert_clean_failure(&bad, "--threshold");
 }
