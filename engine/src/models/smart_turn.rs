@@ -36,15 +36,7 @@ pub fn model_path() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("PARLEY_SMART_TURN") {
         return Some(PathBuf::from(p));
     }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    Some(
-        cache
-            .join("parley")
-            .join("smart-turn")
-            .join("smart-turn-v3.2-cpu.onnx"),
-    )
+    Some(super::vad::setup_cache("smart-turn")?.join("smart-turn-v3.2-cpu.onnx"))
 }
 
 fn hz_to_mel(f: f64) -> f64 {

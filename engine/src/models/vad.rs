@@ -30,20 +30,26 @@ const CONTEXT: usize = 64;
 /// The recurrent state: [2, 1, 128].
 const STATE: usize = 2 * 128;
 
+/// `~/.cache/parley/{what}` (or `$XDG_CACHE_HOME/parley/{what}`): where
+/// `scripts/fetch_onnx.py` installs the runtime and the models it fetches.
+pub(crate) fn setup_cache(what: &str) -> Option<PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(cache.join("parley").join(what))
+}
+
 /// Where ONNX Runtime's library is looked for: `ORT_DYLIB_PATH`, else setup's copy.
 pub fn runtime_path() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
         return Some(PathBuf::from(p));
     }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
     let name = if cfg!(target_os = "macos") {
         "libonnxruntime.dylib"
     } else {
         "libonnxruntime.so"
     };
-    Some(cache.join("parley").join("onnxruntime").join(name))
+    Some(setup_cache("onnxruntime")?.join(name))
 }
 
 /// The process's ONNX Runtime environment, loaded on first use; the same error on every
