@@ -66,6 +66,9 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
     .context("loading the models")?;
     let (ev_tx, ev_rx) = bounded::<Event>(256);
     let mut opts = SessionOptions::default();
+    // The stdin reader starts after the session, which sends `session.created` as it
+    // starts: an error about a bad line can never come before it.
+    let mut reader = None;
     let (source, sink): (Box<dyn FrameSource>, Box<dyn FrameSink>) = match args.audio {
         AudioIo::Mic => {
             // One set of counters for both streams, reported with every frame's metrics.
@@ -83,16 +86,13 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
             let (pcm_tx, pcm_rx) = bounded::<Vec<f32>>(64);
             let events = ev_tx.clone();
             let raw = args.raw;
-            std::thread::Builder::new()
-                .name("stdin".into())
-                .spawn(move || {
-                    if raw {
-                        read_raw(pcm_tx, events)
-                    } else {
-                        read_json_lines(pcm_tx, events)
-                    }
-                })
-                .context("starting the stdin reader")?;
+            reader = Some(move || {
+                if raw {
+                    read_raw(pcm_tx, events)
+                } else {
+                    read_json_lines(pcm_tx, events)
+                }
+            });
             let sink: Box<dyn FrameSink> = if raw {
                 Box::new(RawStdoutSink)
             } else {
@@ -102,6 +102,18 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
         }
     };
     let session = Session::start(models, source, sink, ev_tx, opts)?;
+    if let Some(reader) = reader {
+        if let Err(e) = std::thread::Builder::new()
+            .name("stdin".into())
+            .spawn(reader)
+        {
+            // The reader's sender went with it, so the source has ended: let the session
+            // finish, then fail.
+            session.stopper().stop();
+            session.join()?;
+            return Err(e).context("starting the stdin reader");
+        }
+    }
     // Ctrl-C ends the input: the session flushes and closes as at the end of a file.
     let stopper = session.stopper();
     if let Err(e) = ctrlc::set_handler(move || stopper.stop()) {
