@@ -6,8 +6,8 @@
 //! once to 8-bit blocks, takes every block's dot product in integers and scales it by
 //! both scales, as llama.cpp's CPU kernels do. Written here rather than through candle's
 //! `QMatMul` because candle's kernels are compute-bound at batch 1 (q4k barely beats q8_0
-//! though it reads half the bytes): these read each weight row once for up to sixteen
-//! activation rows, four weight rows at a time.
+//! though it reads half the bytes): these read each weight row once from memory for any
+//! number of activation rows (taken two at a time while four weight rows sit in L1).
 //!
 //! Instruction sets, chosen at run time ([`Isa::detect`]; `PARLEY_CPU_ISA=portable|avx2`
 //! forces a lower one): AVX-512 VNNI (`vpdpbusd`, 64 weights per instruction), AVX2
@@ -1003,9 +1003,9 @@ mod tests {
     fn every_path_matches_the_definition_on_awkward_sizes() {
         let paths = Isa::available();
         eprintln!("paths on this CPU: {paths:?}");
-        // One block per row (an odd count: a padded pair), odd row counts (a partial last
-        // group of four), scale groups cut short, a matrix split over threads; 1, 2, 3, 5
-        // and 16 activation rows.
+        // One block per row (a super-block mostly padding), odd row counts (a partial last
+        // group of four), 17 blocks (a second super-block cut short), a matrix split over
+        // threads; 1, 2, 3, 5 and 16 activation rows.
         for format in [QFormat::Q8_0, QFormat::Q4_0] {
             for (rows, cols) in [
                 (1, 32),
