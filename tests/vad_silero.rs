@@ -127,6 +127,21 @@ fn speech_starts_and_stops_with_the_dialogues_turns() {
             events.extend(va.push_24k(frame).expect("push"));
         }
         assert!(!va.speaking(), "{events:?}");
+        // Every pause inside a run of speech comes before its stop.
+        let mut speaking = false;
+        for e in &events {
+            match e {
+                VadEvent::SpeechStarted { .. } => speaking = true,
+                VadEvent::SpeechStopped { .. } => speaking = false,
+                VadEvent::Paused { .. } | VadEvent::Resumed { .. } => {
+                    assert!(speaking, "a pause outside speech: {events:?}")
+                }
+            }
+        }
+        let events: Vec<VadEvent> = events
+            .into_iter()
+            .filter(|e| !matches!(e, VadEvent::Paused { .. } | VadEvent::Resumed { .. }))
+            .collect();
         va.reset();
         assert!(!va.speaking());
         events

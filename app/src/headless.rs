@@ -14,7 +14,8 @@ use parley_engine::audio::{FrameSink, FrameSource, FRAME_LEN_SAMPLES};
 use parley_engine::compute::gpu::DeviceChoice;
 use parley_engine::compute::Dtype;
 use parley_engine::pipeline::{
-    Event, EventSink, Mode, Models, NullSink, PcmSource, Session, SessionOptions,
+    Canceller, Event, EventSink, Mode, Models, NullSink, PcmSource, Session, SessionOptions,
+    Speaker,
 };
 use serde_json::{json, Value};
 
@@ -86,11 +87,11 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
             let (pcm_tx, pcm_rx) = bounded::<Vec<f32>>(64);
             let events = ev_tx.clone();
             let raw = args.raw;
-            reader = Some(move || {
+            reader = Some(move |cancel: Canceller| {
                 if raw {
                     read_raw(pcm_tx, events)
                 } else {
-                    read_json_lines(pcm_tx, events)
+                    read_json_lines(pcm_tx, events, cancel)
                 }
             });
             let sink: Box<dyn FrameSink> = if raw {
@@ -103,9 +104,10 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
     };
     let session = Session::start(models, source, sink, ev_tx, opts)?;
     if let Some(reader) = reader {
+        let cancel = session.canceller();
         if let Err(e) = std::thread::Builder::new()
             .name("stdin".into())
-            .spawn(reader)
+            .spawn(move || reader(cancel))
         {
             // The reader's sender went with it, so the source has ended: let the session
             // finish, then fail.
@@ -125,7 +127,6 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
     } else {
         Box::new(std::io::stdout().lock())
     };
-    let mode = args.mode;
     let mut fatal = None;
     for e in ev_rx.iter() {
         let ended = matches!(e, Event::Ended { .. });
@@ -136,7 +137,7 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
         {
             fatal.get_or_insert_with(|| message.clone());
         }
-        writeln!(out, "{}", to_json(&e, mode))?;
+        writeln!(out, "{}", to_json(&e))?;
         out.flush()?;
         if ended {
             break;
@@ -151,34 +152,65 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
 }
 
 /// The JSON line of an event (OpenAI Realtime names where one fits).
-pub fn to_json(e: &Event, mode: Mode) -> Value {
+pub fn to_json(e: &Event) -> Value {
     let ms = |s: f64| (s * 1000.0).round() as i64;
     match e {
         Event::Started { mode, device } => {
             json!({"type": "session.created", "session": {"mode": mode, "device": device}})
         }
-        Event::TextDelta { text, frame } => json!({
-            "type": if mode == Mode::Listen {
-                "conversation.item.input_audio_transcription.delta"
-            } else {
-                "response.audio_transcript.delta"
+        Event::Warning { message } => json!({"type": "parley.warning", "message": message}),
+        Event::TextDelta {
+            speaker,
+            text,
+            frame,
+        } => json!({
+            "type": match speaker {
+                Speaker::User => "conversation.item.input_audio_transcription.delta",
+                Speaker::Assistant => "response.audio_transcript.delta",
             },
             "delta": text, "frame": frame,
         }),
         Event::Word {
+            speaker,
             text,
             start_s,
             end_s,
             frame,
         } => {
-            json!({"type": "transcript.word", "text": text, "start_ms": ms(*start_s), "end_ms": ms(*end_s), "frame": frame})
+            json!({"type": "transcript.word", "speaker": speaker, "text": text, "start_ms": ms(*start_s), "end_ms": ms(*end_s), "frame": frame})
         }
-        Event::EndOfTurn {
+        Event::SpeechStarted {
             time_s,
+            frame,
+            source,
+        } => {
+            json!({"type": "input_audio_buffer.speech_started", "audio_start_ms": ms(*time_s), "source": source, "frame": frame})
+        }
+        Event::SpeechStopped {
+            time_s,
+            frame,
+            source,
+        } => {
+            json!({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": ms(*time_s), "source": source, "frame": frame})
+        }
+        Event::TurnSignal {
+            source,
             probability,
+            time_s,
             frame,
         } => {
-            json!({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": ms(*time_s), "probability": probability, "frame": frame})
+            json!({"type": "parley.turn_signal", "source": source, "probability": probability, "audio_end_ms": ms(*time_s), "frame": frame})
+        }
+        Event::TurnEnd {
+            source,
+            probability,
+            time_s,
+            frame,
+        } => {
+            json!({"type": "parley.turn_end", "source": source, "probability": probability, "audio_end_ms": ms(*time_s), "frame": frame})
+        }
+        Event::ReplyCancelled { dropped_frames } => {
+            json!({"type": "output_audio_buffer.cleared", "dropped_frames": dropped_frames})
         }
         Event::ResponseStarted {
             frame,
@@ -230,9 +262,10 @@ fn client_error(events: &Sender<Event>, message: String) {
     });
 }
 
-/// JSON Lines on stdin: audio appends until `session.close` or the end of input. A line
-/// that cannot be used gets an `error` event and the session goes on.
-fn read_json_lines(pcm: Sender<Vec<f32>>, events: Sender<Event>) {
+/// JSON Lines on stdin: audio appends until `session.close` or the end of input;
+/// `response.cancel` drops the reply's queued audio. A line that cannot be used gets an
+/// `error` event and the session goes on.
+fn read_json_lines(pcm: Sender<Vec<f32>>, events: Sender<Event>, cancel: Canceller) {
     let stdin = std::io::stdin();
     for (n, line) in stdin.lock().lines().enumerate() {
         let line = match line {
@@ -281,11 +314,12 @@ fn read_json_lines(pcm: Sender<Vec<f32>>, events: Sender<Event>) {
                     ),
                 }
             }
+            Some("response.cancel") => cancel.cancel(),
             Some("session.close") => break,
             Some(other) => client_error(
                 &events,
                 format!(
-                    "stdin line {}: unknown event type `{other}` (input_audio_buffer.append or session.close)",
+                    "stdin line {}: unknown event type `{other}` (input_audio_buffer.append, response.cancel or session.close)",
                     n + 1
                 ),
             ),

@@ -15,7 +15,7 @@ use parley_engine::audio::FRAME_LEN_SAMPLES;
 use parley_engine::compute::gpu::DeviceChoice;
 use parley_engine::compute::Dtype;
 use parley_engine::pipeline::report::{Alignment, LatencyReport, SessionRecord};
-use parley_engine::pipeline::{Event, Mode, Models, Session, SessionOptions};
+use parley_engine::pipeline::{Event, FrameMetrics, Mode, Models, Session, SessionOptions};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PaceArg {
@@ -259,7 +259,7 @@ fn draw(
             // Every emitted text piece at its felt time, faintly.
             let felt = |f: u64| rec.felt_s(&metrics, f);
             for (i, e) in rec.events.iter().enumerate() {
-                if let Event::TextDelta { text, frame } = e {
+                if let Event::TextDelta { text, frame, .. } = e {
                     let y = 0.3 + 0.3 * (i % 3) as f64;
                     c.draw_series(std::iter::once(Text::new(
                         text.clone(),
@@ -282,11 +282,11 @@ fn draw(
     {
         let peak = metrics
             .iter()
-            .map(|m| m.encode_ms + m.lm_ms + m.decode_ms)
+            .map(FrameMetrics::compute_ms)
             .fold(100.0, f64::max);
         let mut c = ChartBuilder::on(&panels[3])
             .caption(
-                "compute per frame (ms): encode, +LM, +decode; red: 80 ms budget",
+                "compute per frame (ms), stages stacked in pipeline order; red: 80 ms budget",
                 ("sans-serif", 16),
             )
             .margin(8)
@@ -299,24 +299,19 @@ fn draw(
             .x_desc("s")
             .draw()
             .map_err(err)?;
-        for (f, color) in [
-            (
-                &(|m: &parley_engine::pipeline::FrameMetrics| m.encode_ms + m.lm_ms + m.decode_ms)
-                    as &dyn Fn(&parley_engine::pipeline::FrameMetrics) -> f64,
-                GREEN,
-            ),
-            (
-                &|m: &parley_engine::pipeline::FrameMetrics| m.encode_ms + m.lm_ms,
-                BLUE,
-            ),
-            (
-                &|m: &parley_engine::pipeline::FrameMetrics| m.encode_ms,
-                MAGENTA,
-            ),
-        ] {
+        // Each stage's bar reaches the sum of it and the stages before it, drawn tallest
+        // first so every one stays visible.
+        let stages: Vec<&'static str> = metrics
+            .first()
+            .map(|m| m.stages.iter().map(|s| s.stage).collect())
+            .unwrap_or_default();
+        let colors = [MAGENTA, BLUE, GREEN, CYAN, YELLOW, BLACK];
+        for k in (0..stages.len()).rev() {
+            let color = colors[k % colors.len()];
+            let upto = |m: &FrameMetrics| m.stages.iter().take(k + 1).map(|s| s.ms).sum::<f64>();
             c.draw_series(metrics.iter().map(|m| {
                 let t = m.frame as f64 * frame_s;
-                Rectangle::new([(t, 0.0), (t + frame_s * 0.9, f(m))], color.filled())
+                Rectangle::new([(t, 0.0), (t + frame_s * 0.9, upto(m))], color.filled())
             }))
             .map_err(err)?;
         }

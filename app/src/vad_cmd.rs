@@ -83,6 +83,8 @@ pub fn run(args: VadArgs) -> anyhow::Result<()> {
     let mut lines = vec![];
     for e in events {
         match e {
+            // Only starts and stops are reported here.
+            VadEvent::Paused { .. } | VadEvent::Resumed { .. } => {}
             VadEvent::SpeechStarted {
                 time_s,
                 probability,

@@ -465,11 +465,19 @@ fn latency_harness_reports_and_plots_both_modes() {
         // 11.16 s of input is 140 frames; the flush adds the model's delays.
         let frames = r["compute"]["frames"].as_u64().expect("frames");
         assert!(frames >= 140, "{frames} frames");
-        for k in ["encode_ms", "lm_ms", "total_ms"] {
-            let p = &r["compute"][k];
-            assert!(p["p50"].as_f64().expect("p50") > 0.0, "{k}: {p}");
+        let stages = r["compute"]["stages"].as_array().expect("stages");
+        let lm = if mode == "duplex" { "lm" } else { "stt" };
+        let mut checked = 0;
+        for st in stages {
+            let (k, p) = (&st["stage"], &st["ms"]);
             assert!(p["max"].as_f64() >= p["p99"].as_f64(), "{k}: {p}");
+            if *k == "encode" || *k == lm {
+                assert!(p["p50"].as_f64().expect("p50") > 0.0, "{k}: {p}");
+                checked += 1;
+            }
         }
+        assert_eq!(checked, 2, "encode and {lm} among {stages:?}");
+        assert!(r["compute"]["total_ms"]["p50"].as_f64().expect("total") > 0.0);
         assert_eq!(r["turns_from"], "alignment");
         if mode == "duplex" {
             assert_eq!(r["response"].as_array().expect("response").len(), 2);

@@ -233,12 +233,26 @@ fn check_metrics(events: &[Value], n: u64) {
     let frames: Vec<u64> = metrics.iter().map(|m| u64_field(m, "frame")).collect();
     assert_eq!(frames, (0..n).collect::<Vec<_>>(), "metrics frames");
     for m in metrics {
-        for key in ["encode_ms", "lm_ms", "decode_ms", "latency_ms"] {
-            let v = m[key]
-                .as_f64()
-                .unwrap_or_else(|| panic!("`{key}` should be a number: {m}"));
-            assert!(v.is_finite() && v >= 0.0, "{key}: {m}");
-        }
+        let v = m["latency_ms"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("`latency_ms` should be a number: {m}"));
+        assert!(v.is_finite() && v >= 0.0, "latency_ms: {m}");
+        // Each stage's time, in pipeline order: Mimi's encoder first, turn-taking after
+        // the LM.
+        let stages: Vec<(&str, f64)> = m["stages"]
+            .as_array()
+            .unwrap_or_else(|| panic!("`stages` should be a list: {m}"))
+            .iter()
+            .map(|s| {
+                (
+                    s["stage"].as_str().expect("stage name"),
+                    s["ms"].as_f64().expect("ms"),
+                )
+            })
+            .collect();
+        assert_eq!(stages.first().map(|s| s.0), Some("encode"), "{m}");
+        assert!(stages.iter().any(|s| s.0 == "turn"), "{m}");
+        assert!(stages.iter().all(|s| s.1.is_finite() && s.1 >= 0.0), "{m}");
         assert!(m["deadline_missed"].is_boolean(), "{m}");
     }
 }

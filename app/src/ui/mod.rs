@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use eframe::egui;
 use parley_engine::audio::device::DeviceList;
-use parley_engine::pipeline::{Event, FrameMetrics, Mode};
+use parley_engine::pipeline::{Event, FrameMetrics, Mode, Speaker, TurnSource};
 
 use engine::{Command, Engine, FromEngine, Status};
 use settings::{Input, Settings};
@@ -53,6 +53,8 @@ pub struct ParleyApp {
     wave_out: VecDeque<f32>,
     pub metrics: VecDeque<FrameMetrics>,
     responses_ms: Vec<f64>,
+    /// The turn-taking stage says the user is speaking.
+    pub user_speaking: bool,
     underruns: u64,
     deadline_misses: u64,
     devices: Option<DeviceList>,
@@ -61,6 +63,17 @@ pub struct ParleyApp {
     first_frame_reported: bool,
     last_output_peak: f32,
     models: models::Manager,
+}
+
+/// How the conversation names what ended a turn.
+fn turn_source_label(s: TurnSource) -> &'static str {
+    match s {
+        TurnSource::Vad => "silence, Silero VAD",
+        TurnSource::Energy => "silence, loudness",
+        TurnSource::SmartTurn => "Smart Turn",
+        TurnSource::SttHead => "the STT's end-of-turn head",
+        TurnSource::Silence => "long pause",
+    }
 }
 
 /// When the process started, for the start-up time the window reports.
@@ -98,6 +111,7 @@ impl ParleyApp {
             wave_out: VecDeque::new(),
             metrics: VecDeque::new(),
             responses_ms: vec![],
+            user_speaking: false,
             underruns: 0,
             deadline_misses: 0,
             devices: None,
@@ -152,13 +166,17 @@ impl ParleyApp {
     fn event(&mut self, e: Event) {
         match e {
             Event::Started { .. } => {}
-            Event::TextDelta { text, frame } => match self.settings.mode {
-                Mode::Listen => {
+            Event::TextDelta {
+                speaker,
+                text,
+                frame,
+            } => match speaker {
+                Speaker::User => {
                     if let Item::User { partial, .. } = self.user_item() {
                         partial.push((frame, text));
                     }
                 }
-                Mode::Duplex => match self.conversation.last_mut() {
+                Speaker::Assistant => match self.conversation.last_mut() {
                     Some(Item::Model { text: t, .. }) => t.push_str(&text),
                     _ => self.conversation.push(Item::Model {
                         text,
@@ -171,6 +189,7 @@ impl ParleyApp {
                 start_s,
                 end_s,
                 frame,
+                ..
             } => {
                 if let Item::User { words, partial } = self.user_item() {
                     words.push((text, start_s, end_s));
@@ -178,9 +197,24 @@ impl ParleyApp {
                     partial.retain(|(f, _)| *f > frame);
                 }
             }
-            Event::EndOfTurn { probability, .. } => self
-                .conversation
-                .push(Item::Marker(format!("end of turn (p = {probability:.2})"))),
+            Event::TurnEnd {
+                source,
+                probability,
+                ..
+            } => self.conversation.push(Item::Marker(format!(
+                "end of turn ({}, p = {probability:.2})",
+                turn_source_label(source)
+            ))),
+            Event::SpeechStarted { .. } => self.user_speaking = true,
+            // Each detector's own verdicts are for analysis (headless, the harness).
+            Event::TurnSignal { .. } => {}
+            Event::SpeechStopped { .. } => self.user_speaking = false,
+            Event::Warning { message } => {
+                self.problems.push((message, "The session goes on.".into()))
+            }
+            Event::ReplyCancelled { dropped_frames } => self.conversation.push(Item::Marker(
+                format!("reply cancelled ({dropped_frames} frames dropped)"),
+            )),
             Event::ResponseStarted { after_user_ms, .. } => {
                 if let Some(ms) = after_user_ms {
                     self.responses_ms.push(ms);
@@ -395,11 +429,19 @@ impl ParleyApp {
             ui.strong("Latency");
             let last = self.metrics.back();
             if let Some(m) = last {
-                ui.label(format!(
-                    "last frame: encode {:.1} ms, LM {:.1} ms, decode {:.1} ms",
-                    m.encode_ms, m.lm_ms, m.decode_ms
-                ));
+                let parts: Vec<String> = m
+                    .stages
+                    .iter()
+                    .map(|s| format!("{} {:.1} ms", s.stage, s.ms))
+                    .collect();
+                ui.label(format!("last frame: {}", parts.join(", ")));
             }
+            ui.separator();
+            ui.label(if self.user_speaking {
+                "you: speaking"
+            } else {
+                "you: silent"
+            });
             ui.separator();
             ui.label(format!("deadline misses: {}", self.deadline_misses));
             ui.separator();
@@ -428,7 +470,7 @@ impl ParleyApp {
             .metrics
             .iter()
             .map(|m| {
-                let total = m.encode_ms + m.lm_ms + m.decode_ms;
+                let total = m.compute_ms();
                 let color = if total > 80.0 {
                     egui::Color32::from_rgb(230, 80, 80)
                 } else {

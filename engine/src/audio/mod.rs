@@ -44,6 +44,10 @@ pub trait FrameSink: Send {
     /// Ends the output: everything written is handed to the device (or the recording)
     /// before this returns. Frames written afterwards start a new stretch of output.
     fn finish(&mut self) -> Result<()>;
+
+    /// Drops the audio written but not yet played (a cancelled reply): a live device
+    /// empties its queue at its next callback. Recordings keep what they have.
+    fn discard_queued(&mut self) {}
 }
 
 /// The error for a frame of the wrong length, shared by every [`FrameSink`].

@@ -168,6 +168,10 @@ pub struct VadSettings {
     pub min_speech_ms: f64,
     /// A pause shorter than this (between words) stops nothing.
     pub min_silence_ms: f64,
+    /// Silence this long while speaking is reported as a pause ([`VadEvent::Paused`]),
+    /// where an end-of-turn model can judge the turn before speech is called stopped
+    /// (ignored when not below `min_silence_ms`).
+    pub pause_ms: f64,
 }
 
 impl Default for VadSettings {
@@ -181,6 +185,8 @@ impl Default for VadSettings {
             stop_threshold: 0.35,
             min_speech_ms: 64.0,
             min_silence_ms: 500.0,
+            // Smart Turn's authors pair it with a VAD that stops after 0.2 s.
+            pause_ms: 200.0,
         }
     }
 }
@@ -189,9 +195,29 @@ impl Default for VadSettings {
 /// first chunk of the run that decided it) and the probability of the chunk that decided.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum VadEvent {
-    SpeechStarted { time_s: f64, probability: f32 },
-    SpeechStopped { time_s: f64, probability: f32 },
+    SpeechStarted {
+        time_s: f64,
+        probability: f32,
+    },
+    SpeechStopped {
+        time_s: f64,
+        probability: f32,
+    },
+    /// Silence of `pause_ms` while speaking, starting at `time_s`: speech may go on, or
+    /// stop when the silence reaches `min_silence_ms`.
+    Paused {
+        time_s: f64,
+        probability: f32,
+    },
+    /// Speech again after a [`VadEvent::Paused`], before it was called stopped.
+    Resumed {
+        time_s: f64,
+        probability: f32,
+    },
 }
+
+/// Seconds of 16 kHz audio [`VoiceActivity`] keeps for an end-of-turn model.
+pub const HISTORY_S: usize = 8;
 
 /// Silero VAD on the pipeline's audio: 24 kHz in (any amount, usually one 80 ms frame),
 /// resampled to 16 kHz and cut into 512-sample chunks, with [`VadSettings`]' hysteresis.
@@ -208,6 +234,8 @@ pub struct VoiceActivity {
     /// its length.
     run: Option<(u64, u64)>,
     last: f32,
+    /// The last [`HISTORY_S`] seconds heard, at 16 kHz.
+    history: std::collections::VecDeque<f32>,
 }
 
 impl std::fmt::Debug for VoiceActivity {
@@ -231,6 +259,7 @@ impl VoiceActivity {
             speaking: false,
             run: None,
             last: 0.0,
+            history: std::collections::VecDeque::with_capacity(HISTORY_S * SAMPLE_RATE as usize),
         })
     }
 
@@ -254,11 +283,23 @@ impl VoiceActivity {
         self.speaking = false;
         self.run = None;
         self.last = 0.0;
+        self.history.clear();
+    }
+
+    /// The last [`HISTORY_S`] seconds heard (fewer at the start), 16 kHz, oldest first.
+    pub fn recent_16k(&self) -> Vec<f32> {
+        self.history.iter().copied().collect()
     }
 
     /// Feeds 24 kHz audio; returns the decisions it led to, in order.
     pub fn push_24k(&mut self, pcm: &[f32]) -> Result<Vec<VadEvent>> {
-        self.pending.extend_from_slice(self.resampler.process(pcm)?);
+        let fresh = self.resampler.process(pcm)?;
+        let cap = HISTORY_S * SAMPLE_RATE as usize;
+        let keep = fresh.len().min(cap);
+        let over = (self.history.len() + keep).saturating_sub(cap);
+        self.history.drain(..over);
+        self.history.extend(&fresh[fresh.len() - keep..]);
+        self.pending.extend_from_slice(fresh);
         let mut events = vec![];
         let whole = self.pending.len() / CHUNK * CHUNK;
         for c in 0..whole / CHUNK {
@@ -284,13 +325,30 @@ impl VoiceActivity {
         } else {
             p >= s.start_threshold
         };
+        let chunk_ms = CHUNK as f64 * 1000.0 / SAMPLE_RATE as f64;
+        let reached = |ms: f64, n: u64| (n as f64) * chunk_ms + 1e-9 >= ms;
         if !against {
+            let paused = self.speaking
+                && s.pause_ms < s.min_silence_ms
+                && self.run.is_some_and(|(_, n)| reached(s.pause_ms, n));
             self.run = None;
-            return None;
+            return paused.then_some(VadEvent::Resumed {
+                time_s: index as f64 * chunk_ms / 1000.0,
+                probability: p,
+            });
         }
         let (first, len) = self.run.map_or((index, 1), |(f, n)| (f, n + 1));
         self.run = Some((first, len));
-        let chunk_ms = CHUNK as f64 * 1000.0 / SAMPLE_RATE as f64;
+        if self.speaking
+            && s.pause_ms < s.min_silence_ms
+            && reached(s.pause_ms, len)
+            && !reached(s.pause_ms, len - 1)
+        {
+            return Some(VadEvent::Paused {
+                time_s: first as f64 * chunk_ms / 1000.0,
+                probability: p,
+            });
+        }
         let needed = if self.speaking {
             s.min_silence_ms
         } else {

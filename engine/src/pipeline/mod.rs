@@ -1,12 +1,18 @@
 //! The live system: audio in, the models, audio out, on one 80 ms frame clock.
 //!
 //! A [`Session`] runs three named threads joined by bounded channels:
-//! - `audio-in` pulls 80 ms frames from a [`FrameSource`] (a microphone, a file played
-//!   at real-time pace or as fast as the models go, or frames from stdin);
-//! - `model` owns the models and their streaming state: Mimi's `encode_step`, the LM
-//!   step (CPU or GPU), and in duplex mode Mimi's `decode_step`, one frame at a time;
-//! - `audio-out` hands each output frame to a [`FrameSink`] (speakers, a recording, or
-//!   stdout) and blocks on the sink's back-pressure, never the model thread.
+//! - `audio-in` pulls 80 ms frames from a [`FrameSource`](crate::audio::FrameSource) (a
+//!   microphone, a file played at real-time pace or as fast as the models go, or frames
+//!   from stdin);
+//! - `model` drives the frame clock: each frame goes down the mode's [`Stage`]s (for
+//!   example Mimi's encoder, the STT, turn-taking), which [`Models::compose`] builds;
+//! - `audio-out` runs the output clock: for every frame of the input clock it takes one
+//!   frame of queued audio ([`Playout`]) or plays silence, and after the input has ended
+//!   it plays what is still queued, so a reply may be longer or shorter than the input
+//!   that caused it. A cancelled reply's queued audio is dropped at once.
+//!
+//! Stages whose work comes in bursts run on their own threads ([`Worker`]): Smart Turn's
+//! verdicts today, the LLM of the cascade to come.
 //!
 //! Everything a session says goes out as [`Event`]s on one channel that the window, the
 //! headless writer and the latency harness all read the same way. When the input ends the
@@ -14,14 +20,46 @@
 //! has come out), so nothing already received is dropped.
 
 mod io;
+mod models;
 pub mod report;
 mod session;
+mod stage;
+mod stages;
+pub mod turn;
 
 pub use io::{EventSink, NullSink, PcmSource};
-
-pub use session::{Mode, Models, Session, SessionOptions, Stopper};
+pub use models::{DuplexModel, ListenModel, Mode, Models};
+pub use session::{Canceller, Session, SessionOptions, Stopper};
+pub use stage::{Composition, Frame, Outbox, Playout, Stage, Worker, PLAYOUT_MAX_FRAMES};
+pub use turn::{TurnModels, TurnSettings};
 
 use serde::Serialize;
+
+/// Who is speaking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Speaker {
+    /// The person at the microphone.
+    User,
+    /// The model (duplex) or the cascade's voice.
+    Assistant,
+}
+
+/// What decided something about the user's turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TurnSource {
+    /// Silero VAD: speech stopped for the configured silence.
+    Vad,
+    /// The loudness of 80 ms frames (where ONNX Runtime is missing, and as a baseline).
+    Energy,
+    /// Smart Turn v3.2 on the last 8 s at a pause.
+    SmartTurn,
+    /// The STT's semantic end-of-turn head.
+    SttHead,
+    /// A pause long enough that the turn is over whatever the models said.
+    Silence,
+}
 
 /// What a session reports, in order.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -29,31 +67,64 @@ use serde::Serialize;
 pub enum Event {
     /// The session runs: its mode and the device line (which adapter, or the CPU).
     Started { mode: Mode, device: String },
-    /// A piece of text as the model emits it: the user's words in listen mode (partial
-    /// until [`Event::Word`] confirms them), the model's own words in duplex mode.
+    /// Something works less well than it could (a model missing, a fallback taken); said
+    /// once per session.
+    Warning { message: String },
+    /// A piece of text as a model emits it: the user's words as transcribed (partial until
+    /// [`Event::Word`] confirms them), or the assistant's own words.
     /// `frame`: the input frame at whose step it was emitted.
-    TextDelta { text: String, frame: u64 },
-    /// A final transcribed word with its span in the input audio (listen mode).
+    TextDelta {
+        speaker: Speaker,
+        text: String,
+        frame: u64,
+    },
+    /// A final transcribed word with its span in the input audio.
     Word {
+        speaker: Speaker,
         text: String,
         start_s: f64,
         end_s: f64,
         frame: u64,
     },
-    /// The user's turn has ended (listen mode: the end-of-turn head crossed 0.5), at
-    /// `time_s` of input audio.
-    EndOfTurn {
+    /// The user started speaking at `time_s` of input audio (decided at `frame`).
+    SpeechStarted {
         time_s: f64,
+        frame: u64,
+        source: TurnSource,
+    },
+    /// The user stopped speaking at `time_s` (decided at `frame`, after the configured
+    /// silence). Not yet the end of the turn: see [`Event::TurnEnd`].
+    SpeechStopped {
+        time_s: f64,
+        frame: u64,
+        source: TurnSource,
+    },
+    /// One detector's own verdict at a pause (every one, for analysis): the turn is over
+    /// when `probability` reaches that detector's threshold.
+    TurnSignal {
+        source: TurnSource,
         probability: f32,
+        time_s: f64,
         frame: u64,
     },
-    /// The model started speaking after silence (duplex mode): the first audible output
-    /// frame of a reply. `after_user_ms`: from the end of the user's last loud input frame
-    /// to this frame being done, when the user spoke within the last 5 s.
+    /// The turn-taking policy's decision: the user's turn has ended at `time_s` of input
+    /// audio, decided at `frame` by `source` with `probability`. One per user turn.
+    TurnEnd {
+        source: TurnSource,
+        probability: f32,
+        time_s: f64,
+        frame: u64,
+    },
+    /// The assistant started speaking after silence: the first audible output frame of a
+    /// reply. `after_user_ms`: from the end of the user's last loud input frame to this
+    /// frame being done, when the user spoke within the last 5 s.
     ResponseStarted {
         frame: u64,
         after_user_ms: Option<f64>,
     },
+    /// The reply was cancelled (barge-in, or the client asked): `dropped_frames` of audio
+    /// that were queued for the speaker will not play.
+    ReplyCancelled { dropped_frames: usize },
     /// Peak levels of this frame's input and output, 40 values each (2 ms apiece), for
     /// meters and scrolling waveforms. Only sent when the session was asked to.
     Levels {
@@ -72,18 +143,23 @@ pub enum Event {
     Ended { frames_in: u64, frames_out: u64 },
 }
 
-/// What one frame cost.
+/// The time one stage took on the model thread for one frame.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct StageTime {
+    pub stage: &'static str,
+    pub ms: f64,
+}
+
+/// What one frame cost.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FrameMetrics {
     /// Input frame index (flush frames continue the count).
     pub frame: u64,
-    pub encode_ms: f64,
-    pub lm_ms: f64,
-    /// 0 in listen mode.
-    pub decode_ms: f64,
+    /// Each stage's compute, in the order the stages ran.
+    pub stages: Vec<StageTime>,
     /// From the moment the frame was available to the moment its output was queued.
     pub latency_ms: f64,
-    /// Compute (encode + LM + decode) over the 80 ms a frame lasts.
+    /// Compute (all stages) over the 80 ms a frame lasts.
     pub deadline_missed: bool,
     /// Seconds since the session started when the frame was done.
     pub done_at_s: f64,
@@ -91,4 +167,20 @@ pub struct FrameMetrics {
     /// playback callbacks that ran dry (silence played), since the session started.
     pub input_overruns: u64,
     pub output_underruns: u64,
+}
+
+impl FrameMetrics {
+    /// All stages' compute.
+    pub fn compute_ms(&self) -> f64 {
+        self.stages.iter().map(|s| s.ms).sum()
+    }
+
+    /// One stage's compute (0 if the mode has no such stage).
+    pub fn stage_ms(&self, stage: &str) -> f64 {
+        self.stages
+            .iter()
+            .filter(|s| s.stage == stage)
+            .map(|s| s.ms)
+            .sum()
+    }
 }

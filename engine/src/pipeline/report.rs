@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Event, FrameMetrics, Mode};
+use super::{Event, FrameMetrics, Mode, Speaker, TurnSettings, TurnSource};
 use crate::audio::{FRAME_LEN_SAMPLES, SAMPLE_RATE_HZ};
 use crate::{Error, Result};
 
@@ -21,6 +21,10 @@ const FRAME_S: f64 = FRAME_LEN_SAMPLES as f64 / SAMPLE_RATE_HZ as f64;
 pub struct Alignment {
     pub turns: Vec<AlignedTurn>,
     pub words: Vec<AlignedWord>,
+    /// Pauses inside a sentence (the turn goes on after them): where an end-of-turn
+    /// detector must not fire. Written by tests/reference/make_turn_set.py.
+    #[serde(default)]
+    pub pauses: Vec<AlignedTurn>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -72,10 +76,15 @@ impl Percentiles {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct StagePercentiles {
+    pub stage: &'static str,
+    pub ms: Percentiles,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct Compute {
-    pub encode_ms: Percentiles,
-    pub lm_ms: Percentiles,
-    pub decode_ms: Percentiles,
+    /// Each stage of the mode, in pipeline order.
+    pub stages: Vec<StagePercentiles>,
     pub total_ms: Percentiles,
     /// Mean compute per frame over the 80 ms a frame lasts.
     pub real_time_factor: f64,
@@ -120,12 +129,36 @@ pub struct LatencyReport {
     /// Listen mode: end-of-turn detection per turn.
     pub end_of_turn: Vec<TurnDelay>,
     pub end_of_turn_delay_ms: Option<Percentiles>,
+    /// Each turn-taking detector alone, and the combined policy, against the alignment's
+    /// turn ends and in-sentence pauses.
+    pub turn_taking: Vec<TurnTakingRow>,
     /// Duplex mode: from the end of each user turn to the first audible model output.
     pub response: Vec<TurnDelay>,
     pub response_latency_ms: Option<Percentiles>,
     /// Where the turns came from: the alignment, or the input's energy.
     pub turns_from: String,
 }
+
+/// One turn-taking detector (or the combined policy) scored on an aligned recording.
+#[derive(Debug, Clone, Serialize)]
+pub struct TurnTakingRow {
+    /// `vad`, `energy`, `smart_turn`, `stt_head`, or `policy` (the [`Event::TurnEnd`]s).
+    pub detector: String,
+    pub turns: usize,
+    /// Turn ends it fired at (within `TURN_END_WINDOW_S` before the turn's end, or after
+    /// it and before the next turn).
+    pub detected: usize,
+    /// From the end of the turn's last word to the decision being felt.
+    pub delay_ms: Option<Percentiles>,
+    pub pauses: usize,
+    /// In-sentence pauses it fired in: a false end of turn.
+    pub false_ends: usize,
+    pub false_end_rate: f64,
+}
+
+/// A detection dated up to this long before a turn's labelled end (an alignment's word end
+/// is not exact) still counts for that turn.
+pub const TURN_END_WINDOW_S: f64 = 0.3;
 
 /// What the harness collected.
 #[derive(Debug)]
@@ -144,7 +177,7 @@ impl SessionRecord<'_> {
         self.events
             .iter()
             .filter_map(|e| match e {
-                Event::Metrics(m) => Some(*m),
+                Event::Metrics(m) => Some(m.clone()),
                 _ => None,
             })
             .collect()
@@ -156,7 +189,7 @@ impl SessionRecord<'_> {
             if self.realtime {
                 m.latency_ms
             } else {
-                m.encode_ms + m.lm_ms + m.decode_ms
+                m.compute_ms()
             }
         });
         (f + 1) as f64 * FRAME_S + extra_ms / 1e3
@@ -205,12 +238,28 @@ fn normalise(w: &str) -> String {
 impl LatencyReport {
     pub fn compute(rec: &SessionRecord, alignment: Option<&Alignment>, device: &str) -> Self {
         let metrics = rec.metrics();
-        let col = |f: fn(&FrameMetrics) -> f64| metrics.iter().map(f).collect::<Vec<_>>();
-        let total = col(|m| m.encode_ms + m.lm_ms + m.decode_ms);
+        let total: Vec<f64> = metrics.iter().map(FrameMetrics::compute_ms).collect();
+        let mut names: Vec<&'static str> = vec![];
+        for m in &metrics {
+            for st in &m.stages {
+                if !names.contains(&st.stage) {
+                    names.push(st.stage);
+                }
+            }
+        }
         let compute = Compute {
-            encode_ms: Percentiles::of(&col(|m| m.encode_ms)),
-            lm_ms: Percentiles::of(&col(|m| m.lm_ms)),
-            decode_ms: Percentiles::of(&col(|m| m.decode_ms)),
+            stages: names
+                .into_iter()
+                .map(|stage| StagePercentiles {
+                    stage,
+                    ms: Percentiles::of(
+                        &metrics
+                            .iter()
+                            .map(|m| m.stage_ms(stage))
+                            .collect::<Vec<_>>(),
+                    ),
+                })
+                .collect(),
             total_ms: Percentiles::of(&total),
             real_time_factor: Percentiles::of(&total).mean / (FRAME_S * 1e3),
             deadline_misses: metrics.iter().filter(|m| m.deadline_missed).count(),
@@ -241,6 +290,7 @@ impl LatencyReport {
                 .iter()
                 .filter_map(|e| match e {
                     Event::Word {
+                        speaker: Speaker::User,
                         text,
                         start_s,
                         end_s,
@@ -277,18 +327,18 @@ impl LatencyReport {
         let word_delay_ms = (!words.is_empty())
             .then(|| Percentiles::of(&words.iter().map(|w| w.delay_ms).collect::<Vec<_>>()));
 
-        // End of turn (listen mode): the first detection felt after the turn's last
+        // End of turn (the policy's decisions): the first felt after the turn's last
         // 0.5 s began, before the next turn starts.
         let eot_frames: Vec<u64> = rec
             .events
             .iter()
             .filter_map(|e| match e {
-                Event::EndOfTurn { frame, .. } => Some(*frame),
+                Event::TurnEnd { frame, .. } => Some(*frame),
                 _ => None,
             })
             .collect();
         let mut end_of_turn = vec![];
-        if rec.mode == Mode::Listen {
+        {
             for (i, t) in turns.iter().enumerate() {
                 let next = turns.get(i + 1).map_or(f64::INFINITY, |n| n.start_s);
                 let at = eot_frames
@@ -339,6 +389,7 @@ impl LatencyReport {
             word_delay_ms,
             end_of_turn,
             end_of_turn_delay_ms: (!eot.is_empty()).then(|| Percentiles::of(&eot)),
+            turn_taking: alignment.map_or_else(Vec::new, |a| turn_taking(rec, &metrics, a)),
             response,
             response_latency_ms: (!resp.is_empty()).then(|| Percentiles::of(&resp)),
             turns_from,
@@ -362,9 +413,13 @@ impl LatencyReport {
             "{:<28} {:>8} {:>8} {:>8} {:>8}\n",
             "per frame (ms)", "p50", "p90", "p99", "max"
         );
-        s += &format!("{:<28} {}\n", "  encode (Mimi)", p(&self.compute.encode_ms));
-        s += &format!("{:<28} {}\n", "  LM step", p(&self.compute.lm_ms));
-        s += &format!("{:<28} {}\n", "  decode (Mimi)", p(&self.compute.decode_ms));
+        for st in &self.compute.stages {
+            s += &format!(
+                "{:<28} {}\n",
+                format!("  {}", stage_label(st.stage)),
+                p(&st.ms)
+            );
+        }
         s += &format!("{:<28} {}\n", "  total", p(&self.compute.total_ms));
         s += &format!(
             "real-time factor {:.3}; deadline misses {} of {}; output underruns {}\n",
@@ -390,11 +445,35 @@ impl LatencyReport {
                 self.end_of_turn.len(),
                 self.turns_from
             );
-        } else if self.mode == Mode::Listen {
+        } else if !self.end_of_turn.is_empty() {
             s += &format!(
                 "end of turn: not detected in {} turns\n",
                 self.end_of_turn.len()
             );
+        }
+        if !self.turn_taking.is_empty() {
+            s += &format!(
+                "{:<12} {:>9} {:>9} {:>9} {:>15}\n",
+                "turn-taking", "detected", "delay p50", "delay p90", "false ends"
+            );
+            for r in &self.turn_taking {
+                let (p50, p90) = r.delay_ms.map_or(("-".into(), "-".into()), |d| {
+                    (format!("{:.0}", d.p50), format!("{:.0}", d.p90))
+                });
+                s += &format!(
+                    "{:<12} {:>9} {:>9} {:>9} {:>15}\n",
+                    r.detector,
+                    format!("{}/{}", r.detected, r.turns),
+                    p50,
+                    p90,
+                    format!(
+                        "{}/{} ({:.0}%)",
+                        r.false_ends,
+                        r.pauses,
+                        r.false_end_rate * 100.0
+                    )
+                );
+            }
         }
         if let Some(r) = &self.response_latency_ms {
             s += &format!(
@@ -409,6 +488,104 @@ impl LatencyReport {
     }
 }
 
+/// What the table calls a stage.
+fn stage_label(stage: &str) -> String {
+    match stage {
+        "encode" => "encode (Mimi)".into(),
+        "stt" => "LM step (STT)".into(),
+        "lm" => "LM step".into(),
+        "decode" => "decode (Mimi)".into(),
+        "turn" => "turn-taking".into(),
+        other => other.into(),
+    }
+}
+
+/// Scores every turn-taking detector seen in the events, and the policy.
+fn turn_taking(rec: &SessionRecord, metrics: &[FrameMetrics], a: &Alignment) -> Vec<TurnTakingRow> {
+    let settings = TurnSettings::default();
+    // (detector, time_s it is about, felt_s) of every firing.
+    let mut firings: Vec<(String, f64, f64)> = vec![];
+    let name = |s: TurnSource| {
+        serde_json::to_value(s)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    for e in rec.events {
+        match e {
+            Event::TurnSignal {
+                source,
+                probability,
+                time_s,
+                frame,
+            } => {
+                let fires = match source {
+                    TurnSource::SmartTurn => *probability >= settings.smart_turn_threshold,
+                    TurnSource::SttHead => *probability > settings.head_threshold,
+                    _ => true,
+                };
+                if fires {
+                    firings.push((name(*source), *time_s, rec.felt_s(metrics, *frame)));
+                }
+            }
+            Event::TurnEnd { time_s, frame, .. } => {
+                firings.push(("policy".into(), *time_s, rec.felt_s(metrics, *frame)));
+            }
+            _ => {}
+        }
+    }
+    let mut detectors: Vec<String> = vec![];
+    for (d, ..) in &firings {
+        if !detectors.contains(d) {
+            detectors.push(d.clone());
+        }
+    }
+    // The policy last, whether or not it fired.
+    detectors.retain(|d| d != "policy");
+    detectors.push("policy".into());
+    detectors
+        .into_iter()
+        .map(|d| {
+            let mine: Vec<(f64, f64)> = firings
+                .iter()
+                .filter(|f| f.0 == d)
+                .map(|f| (f.1, f.2))
+                .collect();
+            let mut delays = vec![];
+            for (i, t) in a.turns.iter().enumerate() {
+                let next = a.turns.get(i + 1).map_or(f64::INFINITY, |n| n.start_s);
+                if let Some(&(_, felt)) = mine
+                    .iter()
+                    .find(|(at, _)| *at >= t.end_s - TURN_END_WINDOW_S && *at < next)
+                {
+                    delays.push((felt - t.end_s) * 1e3);
+                }
+            }
+            let false_ends = a
+                .pauses
+                .iter()
+                .filter(|p| {
+                    mine.iter()
+                        .any(|(at, _)| *at >= p.start_s - TURN_END_WINDOW_S && *at < p.end_s)
+                })
+                .count();
+            TurnTakingRow {
+                detector: d,
+                turns: a.turns.len(),
+                detected: delays.len(),
+                delay_ms: (!delays.is_empty()).then(|| Percentiles::of(&delays)),
+                pauses: a.pauses.len(),
+                false_ends,
+                false_end_rate: if a.pauses.is_empty() {
+                    0.0
+                } else {
+                    false_ends as f64 / a.pauses.len() as f64
+                },
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,9 +593,16 @@ mod tests {
     fn metrics(frame: u64, lm_ms: f64) -> Event {
         Event::Metrics(FrameMetrics {
             frame,
-            encode_ms: 10.0,
-            lm_ms,
-            decode_ms: 0.0,
+            stages: vec![
+                super::super::StageTime {
+                    stage: "encode",
+                    ms: 10.0,
+                },
+                super::super::StageTime {
+                    stage: "lm",
+                    ms: lm_ms,
+                },
+            ],
             latency_ms: 500.0,
             deadline_missed: 10.0 + lm_ms > 80.0,
             done_at_s: 0.0,
@@ -435,12 +619,14 @@ mod tests {
             .map(|f| metrics(f, if f == 3 { 90.0 } else { 20.0 }))
             .collect();
         events.push(Event::Word {
+            speaker: Speaker::User,
             text: "Hello,".into(),
             start_s: 0.1,
             end_s: 0.6,
             frame: 9,
         });
-        events.push(Event::EndOfTurn {
+        events.push(Event::TurnEnd {
+            source: TurnSource::SttHead,
             time_s: 0.9,
             probability: 0.8,
             frame: 14,
@@ -464,6 +650,7 @@ mod tests {
                 start_s: 0.1,
                 end_s: 0.5,
             }],
+            pauses: vec![],
         };
         let r = LatencyReport::compute(&rec, Some(&a), "test");
         assert_eq!(r.compute.frames, 20);
@@ -520,6 +707,7 @@ mod tests {
                 end_s: 1.0,
             }],
             words: vec![],
+            pauses: vec![],
         };
         let r = LatencyReport::compute(&rec, Some(&a), "test");
         let d = r.response[0].delay_ms.expect("reply");

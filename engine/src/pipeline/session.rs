@@ -1,197 +1,17 @@
-//! A session: the three threads, the models they drive, and the flush at the end.
+//! A session: the three threads, the stages they drive, and the flush at the end.
 
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
-use serde::{Deserialize, Serialize};
+use crossbeam_channel::{bounded, Receiver, Sender};
 
-use super::{Event, FrameMetrics};
+use super::models::{Mode, Models};
+use super::stage::{Composition, Events, Frame, Outbox, Playout, Stage};
+use super::{Event, FrameMetrics, StageTime};
 use crate::audio::{FrameSink, FrameSource, FRAME_LEN_SAMPLES};
-use crate::compute::gpu::{select_device, DeviceChoice};
-use crate::compute::Dtype;
-use crate::models::kyutai_config::ModelDir;
-use crate::models::lm::generator::{GenConfig, LmBackend, LmGen};
-use crate::models::mimi::Mimi;
-use crate::models::stt::{SttConfig, WordStream, END_OF_PADDING_ID};
-use crate::models::tokenizer::TextTokenizer;
 use crate::{Error, Result};
-
-/// What the session does with the models.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Mode {
-    /// Mimi + a Moshi-style model: it listens and speaks at once.
-    #[default]
-    Duplex,
-    /// Mimi + a speech-to-text model: live transcript, word times, end of turn.
-    Listen,
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "duplex" => Ok(Self::Duplex),
-            "listen" => Ok(Self::Listen),
-            other => Err(format!("unknown mode `{other}` (duplex or listen)")),
-        }
-    }
-}
-
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Duplex => "duplex",
-            Self::Listen => "listen",
-        })
-    }
-}
-
-/// The models of a session, owned by its model thread (and handed back by
-/// [`Session::join`] so a new session can reuse them).
-#[derive(Debug)]
-pub struct Models {
-    pub mode: Mode,
-    pub mimi: Mimi,
-    pub gen: LmGen,
-    /// None for random-weight models (text then shows as token ids).
-    pub tokenizer: Option<TextTokenizer>,
-    pub stt: SttConfig,
-    pub padding_id: u32,
-    /// The line saying where the LM runs.
-    pub device: String,
-}
-
-impl Models {
-    /// Loads a model directory for `mode` on `device`: the LM in `dtype`, Mimi on the CPU.
-    /// Duplex sampling follows the model's `lm_gen_config` unless `sampling` is given.
-    pub fn load(
-        dir: &Path,
-        mode: Mode,
-        device: DeviceChoice,
-        dtype: Dtype,
-        sampling: Option<GenConfig>,
-    ) -> Result<Self> {
-        let d = ModelDir::open(dir)?;
-        let lm_cfg = d.lm_config()?;
-        match (mode, lm_cfg.dep_q) {
-            (Mode::Listen, q) if q > 0 => {
-                return Err(Error::config(
-                    dir,
-                    "this model speaks (dep_q > 0): use --mode duplex",
-                ))
-            }
-            (Mode::Duplex, 0) => {
-                return Err(Error::config(
-                    dir,
-                    "this model does not speak (dep_q = 0): use --mode listen",
-                ))
-            }
-            _ => {}
-        }
-        let mut mimi = d.load_mimi()?;
-        mimi.set_weight_precision(dtype.mimi_precision())?;
-        let (backend, device) = select_device(device)?;
-        let (lm, weights) = LmBackend::open(&backend, dtype, Some(d.lm_param_count()?), |p| {
-            d.load_lm_as(p)
-        })?;
-        let device = format!("{device}; {weights}");
-        let gen_cfg = match (mode, sampling) {
-            (_, Some(s)) => s,
-            (Mode::Listen, None) => GenConfig::default(),
-            (Mode::Duplex, None) => d.gen_config(0),
-        };
-        Ok(Self {
-            mode,
-            mimi,
-            gen: LmGen::with_backend(lm, gen_cfg),
-            tokenizer: Some(d.load_tokenizer()?),
-            stt: d.stt_config()?,
-            padding_id: d.config.text_padding_token_id.unwrap_or(3),
-            device,
-        })
-    }
-
-    /// A full-size architecture with random weights (published Mimi, `preset` LM), for
-    /// the latency harness's timings: speed does not depend on the values. No tokenizer.
-    pub fn random(mode: Mode, preset: &str, device: DeviceChoice, dtype: Dtype) -> Result<Self> {
-        use crate::models::lm::{LmConfig, LmModel};
-        use crate::models::mimi::MimiConfig;
-        use crate::models::weights::Weights;
-        let cfg = LmConfig::preset(preset).ok_or_else(|| {
-            Error::InvalidInput(format!(
-                "unknown preset `{preset}`; known: {}",
-                crate::models::lm::config::PRESETS.join(", ")
-            ))
-        })?;
-        if (mode == Mode::Listen) != (cfg.dep_q == 0) {
-            return Err(Error::InvalidInput(format!(
-                "preset {preset} does not fit --mode {mode}"
-            )));
-        }
-        // The user's audio codebooks: what the LM reads per step.
-        let n_in = cfg.n_q - cfg.dep_q;
-        let mut mimi = Mimi::from_weights(
-            &Weights::random(1),
-            MimiConfig::default(),
-            n_in.max(cfg.dep_q),
-        )?;
-        mimi.set_weight_precision(dtype.mimi_precision())?;
-        let (backend, device) = select_device(device)?;
-        let (lm, weights) = LmBackend::open(&backend, dtype, None, |p| {
-            LmModel::from_weights(&Weights::random(2).with_precision(p), cfg)
-        })?;
-        let device = format!("{device}; {weights}");
-        Ok(Self {
-            mode,
-            mimi,
-            gen: LmGen::with_backend(lm, GenConfig::default()),
-            tokenizer: None,
-            stt: SttConfig {
-                audio_silence_prefix_seconds: 1.0,
-                audio_delay_seconds: 0.5,
-            },
-            padding_id: 3,
-            device,
-        })
-    }
-
-    fn frame_rate_hz(&self) -> f64 {
-        self.mimi.config().frame_rate
-    }
-
-    /// Silence frames before the input in listen mode (the reference STT procedure).
-    fn prefix_frames(&self) -> usize {
-        match self.mode {
-            Mode::Listen => {
-                (self.stt.audio_silence_prefix_seconds * self.frame_rate_hz()).ceil() as usize
-            }
-            Mode::Duplex => 0,
-        }
-    }
-
-    /// Silence frames after the input that bring every output due out.
-    fn flush_frames(&self) -> usize {
-        match self.mode {
-            Mode::Listen => (self.stt.audio_delay_seconds * self.frame_rate_hz()).ceil() as usize,
-            Mode::Duplex => self.gen.max_delay() + 1,
-        }
-    }
-
-    /// Seconds of model time before the input's time 0 in listen mode.
-    fn offset_s(&self) -> f64 {
-        (self.prefix_frames() as f64 / self.frame_rate_hz()).trunc() + self.stt.audio_delay_seconds
-    }
-
-    fn reset(&mut self) {
-        self.mimi.reset();
-        self.gen.reset();
-    }
-}
 
 /// How a session treats its event channel.
 #[derive(Debug, Clone, Default)]
@@ -214,6 +34,7 @@ pub struct Session {
     input: Option<JoinHandle<()>>,
     /// Joins the model and output threads and sends `Ended`.
     model: Option<JoinHandle<Option<Models>>>,
+    canceller: Canceller,
 }
 
 /// Stops a [`Session`] from any thread.
@@ -226,24 +47,28 @@ impl Stopper {
     }
 }
 
+/// Cancels the reply being played (barge-in, or a client's `response.cancel`) from any
+/// thread: the audio queued for the speaker is dropped at once (what the device itself
+/// still holds, at its next frame), and every stage's [`Stage::cancel`] runs before the
+/// model thread's next frame. The session goes on.
 #[derive(Clone)]
-struct Events {
-    tx: Sender<Event>,
-    drop_when_full: bool,
-    audio_stats: Option<crate::audio::AudioStats>,
-    levels: bool,
+pub struct Canceller {
+    playout: Arc<Playout>,
+    requests: Arc<AtomicU64>,
+    events: Events,
 }
 
-impl Events {
-    fn send(&self, e: Event) {
-        if self.drop_when_full {
-            match self.tx.try_send(e) {
-                Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
-            }
-        } else {
-            // A reader that has gone away does not stop the session.
-            let _ = self.tx.send(e);
-        }
+impl std::fmt::Debug for Canceller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Canceller").finish_non_exhaustive()
+    }
+}
+
+impl Canceller {
+    pub fn cancel(&self) {
+        let dropped_frames = self.playout.cancel();
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.events.send(Event::ReplyCancelled { dropped_frames });
     }
 }
 
@@ -252,8 +77,8 @@ struct InFrame {
     available: Instant,
 }
 
-/// Frames between the input thread and the model, and between the model and the output:
-/// a little slack, and back-pressure beyond it.
+/// Frames between the input thread and the model, and ticks of the frame clock between the
+/// model and the output: a little slack, and back-pressure beyond it.
 const QUEUE_FRAMES: usize = 8;
 
 fn spawn<T: Send + 'static>(
@@ -266,10 +91,58 @@ fn spawn<T: Send + 'static>(
         .map_err(|e| Error::InvalidInput(format!("starting the {name} thread: {e}")))
 }
 
+/// What the model thread runs: a mode of [`Models`], or stages made elsewhere.
+enum Work {
+    Models(Box<Models>, Mode),
+    Stages(Vec<Box<dyn Stage + Send>>, bool),
+}
+
 impl Session {
-    /// Starts the threads. Events go to `events` (a bounded channel).
+    /// Starts the threads on `models` in the mode they were loaded for. Events go to
+    /// `events` (a bounded channel).
     pub fn start(
-        mut models: Models,
+        models: Models,
+        source: Box<dyn FrameSource>,
+        sink: Box<dyn FrameSink>,
+        events: Sender<Event>,
+        opts: SessionOptions,
+    ) -> Result<Self> {
+        let mode = models.mode();
+        Self::start_work(
+            Work::Models(Box::new(models), mode),
+            mode,
+            source,
+            sink,
+            events,
+            opts,
+        )
+    }
+
+    /// Starts the threads on stages made by the caller (`speaks`: whether they produce
+    /// audio on the frame clock). `mode` only labels the session; [`Session::join`] then
+    /// has no models to return.
+    pub fn start_stages(
+        stages: Vec<Box<dyn Stage + Send>>,
+        speaks: bool,
+        mode: Mode,
+        source: Box<dyn FrameSource>,
+        sink: Box<dyn FrameSink>,
+        events: Sender<Event>,
+        opts: SessionOptions,
+    ) -> Result<Self> {
+        Self::start_work(
+            Work::Stages(stages, speaks),
+            mode,
+            source,
+            sink,
+            events,
+            opts,
+        )
+    }
+
+    fn start_work(
+        work: Work,
+        mode: Mode,
         mut source: Box<dyn FrameSource>,
         mut sink: Box<dyn FrameSink>,
         events: Sender<Event>,
@@ -282,14 +155,20 @@ impl Session {
             audio_stats: opts.audio_stats.clone(),
             levels: opts.levels,
         };
-        ev.send(Event::Started {
-            mode: models.mode,
-            device: models.device.clone(),
-        });
+        let device = match &work {
+            Work::Models(m, _) => m.device.clone(),
+            Work::Stages(..) => "stages given by the caller".into(),
+        };
+        ev.send(Event::Started { mode, device });
         let start = Instant::now();
         let (in_tx, in_rx) = bounded::<InFrame>(QUEUE_FRAMES);
-        let (out_tx, out_rx) = bounded::<(u64, Vec<f32>)>(QUEUE_FRAMES);
-
+        let (tick_tx, tick_rx) = bounded::<u64>(QUEUE_FRAMES);
+        let playout = Arc::new(Playout::default());
+        let canceller = Canceller {
+            playout: playout.clone(),
+            requests: Arc::new(AtomicU64::new(0)),
+            events: ev.clone(),
+        };
         let (stop_in, ev_in) = (stop.clone(), ev.clone());
         let input = spawn("audio-in", move || {
             let mut frame = [0f32; FRAME_LEN_SAMPLES];
@@ -317,24 +196,45 @@ impl Session {
             // Dropping `in_tx` ends the input: the model thread flushes.
         })?;
 
-        let (stop_out, ev_out) = (stop.clone(), ev.clone());
+        let (stop_out, ev_out, play_out) = (stop.clone(), ev.clone(), playout.clone());
         let output = spawn("audio-out", move || {
             let mut frames_out = 0u64;
-            let mut failed = false;
-            for (_, pcm) in out_rx.iter() {
-                if failed {
-                    continue;
-                }
-                if let Err(e) = sink.write_frame(&pcm) {
+            let mut generation = play_out.generation();
+            let mut write = |sink: &mut Box<dyn FrameSink>, pcm: &[f32]| -> bool {
+                if let Err(e) = sink.write_frame(pcm) {
                     ev_out.send(Event::Error {
                         message: format!("audio output: {e}; the session stops"),
                         fatal: true,
                     });
                     stop_out.store(true, Ordering::Relaxed);
-                    failed = true;
-                    continue;
+                    return false;
                 }
                 frames_out += 1;
+                true
+            };
+            let silence = [0f32; FRAME_LEN_SAMPLES];
+            let mut failed = false;
+            // The output clock: one frame per tick of the input's clock, the reply's
+            // audio while there is some, silence otherwise.
+            for _ in tick_rx.iter() {
+                if failed {
+                    continue;
+                }
+                let g = play_out.generation();
+                if g != generation {
+                    // A reply was cancelled: what the device still holds goes too.
+                    generation = g;
+                    sink.discard_queued();
+                }
+                let pcm = play_out.pop();
+                failed = !write(&mut sink, pcm.as_deref().unwrap_or(&silence));
+            }
+            // The input has ended: what is still queued plays out.
+            while !failed {
+                match play_out.pop() {
+                    Some(pcm) => failed = !write(&mut sink, &pcm),
+                    None => break,
+                }
             }
             if !failed {
                 if let Err(e) = sink.finish() {
@@ -348,8 +248,36 @@ impl Session {
         })?;
 
         let (stop_model, ev_model) = (stop.clone(), ev.clone());
+        let requests = canceller.requests.clone();
+        let cancel = canceller.clone();
         let model = spawn("model", move || {
-            let frames_in = match run_model(&mut models, &in_rx, &out_tx, &ev_model, start) {
+            let ctx = Ctx {
+                ev: &ev_model,
+                playout: &playout,
+                ticks: &tick_tx,
+                requests: &requests,
+                canceller: &cancel,
+                start,
+            };
+            let (models, result) = match work {
+                Work::Models(mut m, mode) => {
+                    for message in m.turn.take_notes() {
+                        ev_model.send(Event::Warning { message });
+                    }
+                    let r = m
+                        .compose(mode)
+                        .and_then(|mut comp| run_stages(&mut comp, &in_rx, &ctx));
+                    (Some(*m), r)
+                }
+                Work::Stages(stages, speaks) => {
+                    let mut comp = Composition {
+                        stages: stages.into_iter().map(|s| s as Box<dyn Stage>).collect(),
+                        speaks,
+                    };
+                    (None, run_stages(&mut comp, &in_rx, &ctx))
+                }
+            };
+            let frames_in = match result {
                 Ok(n) => n,
                 Err(e) => {
                     ev_model.send(Event::Error {
@@ -362,20 +290,16 @@ impl Session {
                     0
                 }
             };
-            drop(out_tx);
-            Some((models, frames_in))
+            drop(tick_tx);
+            (models, frames_in)
         })?;
 
         // The output thread reports how many frames it wrote; the model thread waits for
         // nothing. A small supervisor joins them and sends `Ended` last.
         let ev_end = ev;
         let supervisor = spawn("session", move || {
-            let got = model.join().ok().flatten();
+            let (models, frames_in) = model.join().unwrap_or((None, 0));
             let frames_out = output.join().unwrap_or(0);
-            let (models, frames_in) = match got {
-                Some((m, n)) => (Some(m), n),
-                None => (None, 0),
-            };
             ev_end.send(Event::Ended {
                 frames_in,
                 frames_out,
@@ -386,6 +310,7 @@ impl Session {
             stop,
             input: Some(input),
             model: Some(supervisor),
+            canceller,
         })
     }
 
@@ -398,6 +323,11 @@ impl Session {
     /// A handle that stops the session from elsewhere (a signal handler, the UI).
     pub fn stopper(&self) -> Stopper {
         Stopper(self.stop.clone())
+    }
+
+    /// A handle that cancels the reply being played (see [`Canceller`]).
+    pub fn canceller(&self) -> Canceller {
+        self.canceller.clone()
     }
 
     pub fn is_finished(&self) -> bool {
@@ -417,81 +347,67 @@ impl Session {
             .ok_or_else(|| Error::InvalidInput("session already joined".into()))?
             .join()
             .map_err(|_| Error::InvalidInput("the model thread panicked".into()))?;
-        let mut m = models.ok_or_else(|| Error::InvalidInput("the model thread failed".into()))?;
+        let mut m = models.ok_or_else(|| {
+            Error::InvalidInput("no models to return (the model thread failed, or the session ran stages given by the caller)".into())
+        })?;
         m.reset();
         Ok(m)
     }
 }
 
-/// The model thread: every input frame through the models, then the flush. Returns the
-/// number of input frames.
-fn run_model(
-    m: &mut Models,
-    input: &Receiver<InFrame>,
-    output: &Sender<(u64, Vec<f32>)>,
-    ev: &Events,
+/// What the model thread's frames share.
+struct Ctx<'a> {
+    ev: &'a Events,
+    playout: &'a Playout,
+    ticks: &'a Sender<u64>,
+    requests: &'a AtomicU64,
+    canceller: &'a Canceller,
     start: Instant,
-) -> Result<u64> {
-    m.reset();
-    let silence = vec![0f32; FRAME_LEN_SAMPLES];
-    let mut st = StepState {
-        words: WordStream::new(m.frame_rate_hz(), m.padding_id, m.offset_s()),
-        model_steps: 0,
-        in_turn_end: false,
-        quiet_frames: u64::MAX,
-        user_loud: None,
+}
+
+/// The model thread: the silence prefix, every input frame, then the flush, each down
+/// the stages. Returns the number of input frames.
+fn run_stages(comp: &mut Composition<'_>, input: &Receiver<InFrame>, ctx: &Ctx<'_>) -> Result<u64> {
+    for s in &mut comp.stages {
+        s.reset();
+    }
+    let mut cancels_seen = ctx.requests.load(Ordering::Relaxed);
+    let mut run = |comp: &mut Composition<'_>, frame: Frame| -> Result<()> {
+        let requested = ctx.requests.load(Ordering::Relaxed);
+        if requested != cancels_seen {
+            cancels_seen = requested;
+            for s in &mut comp.stages {
+                s.cancel();
+            }
+        }
+        step(comp, frame, ctx)
     };
-    for _ in 0..m.prefix_frames() {
-        step(m, &silence, None, &mut st, output, ev, start)?;
+    for _ in 0..comp.prefix_frames() {
+        let mut f = Frame::silence(0);
+        f.reported = false;
+        run(comp, f)?;
     }
     let mut frames = 0u64;
     for f in input.iter() {
-        step(
-            m,
-            &f.pcm,
-            Some((frames, f.available)),
-            &mut st,
-            output,
-            ev,
-            start,
-        )?;
+        run(comp, Frame::new(frames, f.pcm, f.available))?;
         frames += 1;
     }
-    for i in 0..m.flush_frames() {
-        step(
-            m,
-            &silence,
-            Some((frames + i as u64, Instant::now())),
-            &mut st,
-            output,
-            ev,
-            start,
-        )?;
+    let flush = comp.flush_frames() as u64;
+    for i in 0..flush {
+        let mut f = Frame::silence(frames + i);
+        f.flushing = true;
+        run(comp, f)?;
     }
-    // The last words come out with the last flush frame.
-    let frame = (frames + m.flush_frames() as u64).saturating_sub(1);
-    let last = match &m.tokenizer {
-        Some(t) => st.words.finish(t)?,
-        None => vec![],
+    let last = (frames + flush).saturating_sub(1);
+    let mut out = Outbox {
+        events: ctx.ev,
+        playout: ctx.playout,
+        cancel_requested: false,
     };
-    for w in last {
-        ev.send(Event::Word {
-            text: w.text,
-            start_s: w.start_s,
-            end_s: w.end_s,
-            frame,
-        });
+    for s in &mut comp.stages {
+        s.finish(last, &mut out)?;
     }
     Ok(frames)
-}
-
-struct StepState {
-    words: WordStream,
-    model_steps: u64,
-    in_turn_end: bool,
-    quiet_frames: u64,
-    /// The last input frame in which the user was loud.
-    user_loud: Option<u64>,
 }
 
 /// 40 peak values of a frame (2 ms apiece).
@@ -501,133 +417,51 @@ fn peaks(pcm: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-fn rms(pcm: &[f32]) -> f32 {
-    (pcm.iter().map(|v| v * v).sum::<f32>() / pcm.len().max(1) as f32).sqrt()
-}
-
-/// One frame through the models. `frame`: the input frame's index and when it became
-/// available (None for the silence prefix, which reports nothing).
-fn step(
-    m: &mut Models,
-    pcm: &[f32],
-    frame: Option<(u64, Instant)>,
-    st: &mut StepState,
-    output: &Sender<(u64, Vec<f32>)>,
-    ev: &Events,
-    start: Instant,
-) -> Result<()> {
-    let t0 = Instant::now();
-    let codes = m.mimi.encode_step(pcm)?;
-    let t1 = Instant::now();
-    let out = m.gen.step(&codes)?;
-    let t2 = Instant::now();
-    st.model_steps += 1;
-    let index = frame.map_or(0, |(i, _)| i);
-    let mut decode_ms = 0.0;
-    let mut out_pcm: Option<Vec<f32>> = None;
-    if frame.is_some() && rms(pcm) > 0.02 {
-        st.user_loud = Some(index);
-    }
-    if let Some(tokens) = &out.tokens {
-        let text = tokens[0] as u32;
-        if frame.is_some() && text != END_OF_PADDING_ID && text != m.padding_id {
-            let piece = match &m.tokenizer {
-                Some(t) => t.id_to_piece(text).map(|p| p.replace('\u{2581}', " ")),
-                None => Some(format!("<{text}>")),
-            };
-            if let Some(text) = piece {
-                ev.send(Event::TextDelta { text, frame: index });
-            }
-        }
-        if let (Mode::Listen, Some(tok)) = (m.mode, &m.tokenizer) {
-            for w in st.words.push(text, tok)? {
-                ev.send(Event::Word {
-                    text: w.text,
-                    start_s: w.start_s,
-                    end_s: w.end_s,
-                    frame: index,
-                });
-            }
-        }
-    }
-    if m.mode == Mode::Listen {
-        if let Some(p) = out.extra_heads.get(2).and_then(|h| h.first().copied()) {
-            if p > 0.5 && !st.in_turn_end && frame.is_some() {
-                st.in_turn_end = true;
-                ev.send(Event::EndOfTurn {
-                    time_s: (st.model_steps as f64 / m.frame_rate_hz() - m.offset_s()).max(0.0),
-                    probability: p,
-                    frame: index,
-                });
-            }
-        }
-        if out
-            .tokens
-            .as_ref()
-            .is_some_and(|t| t[0] as u32 != END_OF_PADDING_ID && t[0] as u32 != m.padding_id)
-        {
-            st.in_turn_end = false;
-        }
-    } else if let Some(frame_info) = frame {
-        // Duplex: the model's audio for this frame, or silence while the delays hold it.
-        let pcm_out = match &out.tokens {
-            Some(tokens) => {
-                let codes: Vec<u32> = tokens[1..].iter().map(|&t| t as u32).collect();
-                let t = Instant::now();
-                let pcm = m.mimi.decode_step(&codes)?;
-                decode_ms = t.elapsed().as_secs_f64() * 1e3;
-                pcm
-            }
-            None => vec![0f32; FRAME_LEN_SAMPLES],
-        };
-        if rms(&pcm_out) > 0.01 {
-            // Audible after at least 0.4 s of quiet: a reply starts.
-            if st.quiet_frames >= 5 {
-                let after_user_ms =
-                    st.user_loud
-                        .filter(|&u| u < index && index - u <= 62)
-                        .map(|u| {
-                            (index - u) as f64 * 80.0 + frame_info.1.elapsed().as_secs_f64() * 1e3
-                        });
-                ev.send(Event::ResponseStarted {
-                    frame: index,
-                    after_user_ms,
-                });
-            }
-            st.quiet_frames = 0;
-        } else {
-            st.quiet_frames = st.quiet_frames.saturating_add(1);
-        }
-        if ev.levels {
-            out_pcm = Some(pcm_out.clone());
-        }
-        if output.send((frame_info.0, pcm_out)).is_err() {
-            return Err(Error::InvalidInput("the audio output has stopped".into()));
-        }
-    }
-    if let (true, Some((i, _))) = (ev.levels, frame) {
-        ev.send(Event::Levels {
-            frame: i,
-            input: peaks(pcm),
-            output: out_pcm.as_deref().map_or_else(|| vec![0.0; 40], peaks),
+/// One frame down the stages, timed; then its tick of the output clock, levels and
+/// metrics (not for the silence prefix).
+fn step(comp: &mut Composition<'_>, mut frame: Frame, ctx: &Ctx<'_>) -> Result<()> {
+    let mut out = Outbox {
+        events: ctx.ev,
+        playout: ctx.playout,
+        cancel_requested: false,
+    };
+    let mut stages = Vec::with_capacity(comp.stages.len());
+    for s in &mut comp.stages {
+        let t = Instant::now();
+        s.on_frame(&mut frame, &mut out)?;
+        stages.push(StageTime {
+            stage: s.name(),
+            ms: t.elapsed().as_secs_f64() * 1e3,
         });
     }
-    if let Some((i, available)) = frame {
-        let done = Instant::now();
-        let encode_ms = (t1 - t0).as_secs_f64() * 1e3;
-        let lm_ms = (t2 - t1).as_secs_f64() * 1e3;
-        let audio = ev.audio_stats.as_ref().map(|s| s.snapshot());
-        ev.send(Event::Metrics(FrameMetrics {
-            input_overruns: audio.map_or(0, |a| a.overrun_events),
-            output_underruns: audio.map_or(0, |a| a.underrun_events),
-            frame: i,
-            encode_ms,
-            lm_ms,
-            decode_ms,
-            latency_ms: (done - available).as_secs_f64() * 1e3,
-            deadline_missed: encode_ms + lm_ms + decode_ms > 80.0,
-            done_at_s: (done - start).as_secs_f64(),
-        }));
+    if out.cancel_requested {
+        ctx.canceller.cancel();
     }
+    if !frame.reported {
+        return Ok(());
+    }
+    if comp.speaks && ctx.ticks.send(frame.index).is_err() {
+        return Err(Error::InvalidInput("the audio output has stopped".into()));
+    }
+    let ev = ctx.ev;
+    if ev.levels {
+        ev.send(Event::Levels {
+            frame: frame.index,
+            input: peaks(&frame.input),
+            output: frame.output.as_deref().map_or_else(|| vec![0.0; 40], peaks),
+        });
+    }
+    let done = Instant::now();
+    let audio = ev.audio_stats.as_ref().map(|s| s.snapshot());
+    let compute: f64 = stages.iter().map(|s| s.ms).sum();
+    ev.send(Event::Metrics(FrameMetrics {
+        input_overruns: audio.map_or(0, |a| a.overrun_events),
+        output_underruns: audio.map_or(0, |a| a.underrun_events),
+        frame: frame.index,
+        stages,
+        latency_ms: (done - frame.available).as_secs_f64() * 1e3,
+        deadline_missed: compute > 80.0,
+        done_at_s: (done - ctx.start).as_secs_f64(),
+    }));
     Ok(())
 }

@@ -189,40 +189,21 @@ impl Mimi {
     }
 
     fn reset_encoder(&mut self, exact_window: bool) {
-        self.encoder.reset();
-        let steps = OFFLINE_CHUNK_FRAMES * self.cfg.downsample_stride();
-        self.encoder_transformer.set_window(exact_window, steps);
-        if let Some(d) = &mut self.downsample {
-            d.reset();
-        }
+        self.halves().0.reset_window(exact_window);
     }
 
     fn reset_decoder(&mut self, exact_window: bool) {
-        if let Some(u) = &mut self.upsample {
-            u.reset();
-        }
-        let steps = OFFLINE_CHUNK_FRAMES * self.cfg.downsample_stride();
-        self.decoder_transformer.set_window(exact_window, steps);
-        self.decoder.reset();
+        self.halves().1.reset_window(exact_window);
     }
 
     /// Streaming: one frame of exactly [`Self::frame_size`] samples to one code per codebook.
     pub fn encode_step(&mut self, frame: &[f32]) -> Result<Vec<u32>> {
-        if frame.len() != self.frame_size() {
-            return Err(Error::InvalidInput(format!(
-                "encode_step takes one frame of {} samples, got {}",
-                self.frame_size(),
-                frame.len()
-            )));
-        }
-        let codes = crate::compute::cpu::on_pool(|| self.encode_frames(frame))?;
-        Ok(codes.into_iter().map(|row| row[0]).collect())
+        self.halves().0.step(frame)
     }
 
     /// Streaming: one code per active codebook to one frame of audio.
     pub fn decode_step(&mut self, codes: &[u32]) -> Result<Vec<f32>> {
-        let rows: Codes = codes.iter().map(|&c| vec![c]).collect();
-        crate::compute::cpu::on_pool(|| self.decode_frames(&rows))
+        self.halves().1.step(codes)
     }
 
     /// Offline: a whole signal (24 kHz mono) to codes; the signal is padded with silence to
@@ -314,11 +295,93 @@ impl Mimi {
     }
 
     fn latent_frames(&mut self, pcm: &[f32]) -> Result<Seq> {
+        self.halves().0.latent_frames(pcm)
+    }
+
+    /// Encodes whole frames, continuing the encoder's stream.
+    fn encode_frames(&mut self, pcm: &[f32]) -> Result<Codes> {
+        self.halves().0.encode_frames(pcm)
+    }
+
+    /// Decodes whole frames, continuing the decoder's stream.
+    fn decode_frames(&mut self, codes: &[Vec<u32>]) -> Result<Vec<f32>> {
+        self.halves().1.decode_frames(codes)
+    }
+
+    /// The encoder's and the decoder's streaming halves, borrowed apart: two pipeline
+    /// stages (encode before the LM, decode after it) each stream one while sharing the
+    /// quantizer's codebooks.
+    pub fn halves(&mut self) -> (MimiEncoder<'_>, MimiDecoder<'_>) {
+        let frame_size = self.cfg.frame_size();
+        let window_steps = OFFLINE_CHUNK_FRAMES * self.cfg.downsample_stride();
+        (
+            MimiEncoder {
+                encoder: &mut self.encoder,
+                transformer: &mut self.encoder_transformer,
+                downsample: &mut self.downsample,
+                quantizer: &self.quantizer,
+                num_codebooks: self.num_codebooks,
+                frame_size,
+                window_steps,
+            },
+            MimiDecoder {
+                upsample: &mut self.upsample,
+                transformer: &mut self.decoder_transformer,
+                decoder: &mut self.decoder,
+                quantizer: &self.quantizer,
+                window_steps,
+            },
+        )
+    }
+}
+
+/// The streaming encoder of a [`Mimi`] ([`Mimi::halves`]).
+pub struct MimiEncoder<'a> {
+    encoder: &'a mut SeanetEncoder,
+    transformer: &'a mut ProjectedTransformer,
+    downsample: &'a mut Option<StreamingConv1d>,
+    quantizer: &'a SplitRvq,
+    num_codebooks: usize,
+    frame_size: usize,
+    /// Attention steps an offline chunk spans (see [`Mimi::encode`]).
+    window_steps: usize,
+}
+
+impl MimiEncoder<'_> {
+    /// Clears the encoder's streaming state.
+    pub fn reset(&mut self) {
+        self.reset_window(false);
+    }
+
+    /// `exact_window`: attention rings that hold a whole offline chunk.
+    fn reset_window(&mut self, exact_window: bool) {
+        self.encoder.reset();
+        self.transformer.set_window(exact_window, self.window_steps);
+        if let Some(d) = self.downsample {
+            d.reset();
+        }
+    }
+
+    /// One frame of exactly `frame_size` samples to one code per codebook, as
+    /// [`Mimi::encode_step`].
+    pub fn step(&mut self, frame: &[f32]) -> Result<Vec<u32>> {
+        if frame.len() != self.frame_size {
+            return Err(Error::InvalidInput(format!(
+                "encode_step takes one frame of {} samples, got {}",
+                self.frame_size,
+                frame.len()
+            )));
+        }
+        let codes = crate::compute::cpu::on_pool(|| self.encode_frames(frame))?;
+        Ok(codes.into_iter().map(|row| row[0]).collect())
+    }
+
+    fn latent_frames(&mut self, pcm: &[f32]) -> Result<Seq> {
         use crate::profile::span;
         let emb = self.encoder.step(Seq::new(1, pcm.to_vec()))?;
         let emb = span(
             || "encoder-transformer".into(),
-            || self.encoder_transformer.step(&emb),
+            || self.transformer.step(&emb),
         )?;
         match &mut self.downsample {
             Some(d) => {
@@ -332,7 +395,6 @@ impl Mimi {
         }
     }
 
-    /// Encodes whole frames, continuing the encoder's stream.
     fn encode_frames(&mut self, pcm: &[f32]) -> Result<Codes> {
         let emb = self.latent_frames(pcm)?;
         crate::profile::span(
@@ -340,8 +402,37 @@ impl Mimi {
             || self.quantizer.encode(&emb, self.num_codebooks),
         )
     }
+}
 
-    /// Decodes whole frames, continuing the decoder's stream.
+/// The streaming decoder of a [`Mimi`] ([`Mimi::halves`]).
+pub struct MimiDecoder<'a> {
+    upsample: &'a mut Option<StreamingConvTr1d>,
+    transformer: &'a mut ProjectedTransformer,
+    decoder: &'a mut SeanetDecoder,
+    quantizer: &'a SplitRvq,
+    window_steps: usize,
+}
+
+impl MimiDecoder<'_> {
+    /// Clears the decoder's streaming state.
+    pub fn reset(&mut self) {
+        self.reset_window(false);
+    }
+
+    fn reset_window(&mut self, exact_window: bool) {
+        if let Some(u) = self.upsample {
+            u.reset();
+        }
+        self.transformer.set_window(exact_window, self.window_steps);
+        self.decoder.reset();
+    }
+
+    /// One code per active codebook to one frame of audio, as [`Mimi::decode_step`].
+    pub fn step(&mut self, codes: &[u32]) -> Result<Vec<f32>> {
+        let rows: Codes = codes.iter().map(|&c| vec![c]).collect();
+        crate::compute::cpu::on_pool(|| self.decode_frames(&rows))
+    }
+
     fn decode_frames(&mut self, codes: &[Vec<u32>]) -> Result<Vec<f32>> {
         if codes.first().is_none_or(Vec::is_empty) {
             return Ok(vec![]);
@@ -363,7 +454,7 @@ impl Mimi {
         };
         let emb = span(
             || "decoder-transformer".into(),
-            || self.decoder_transformer.step(&emb),
+            || self.transformer.step(&emb),
         )?;
         Ok(self.decoder.step(emb)?.data)
     }

@@ -1,0 +1,457 @@
+//! Turn-taking: when the user speaks, pauses, and has finished.
+//!
+//! Three signals, combined by one policy ([`TurnStage`], settings in [`TurnSettings`]):
+//! - **Silero VAD** (through ONNX Runtime) on every frame, resampled to 16 kHz: speech
+//!   starts and stops with hysteresis ([`VadSettings`]), and a short silence while
+//!   speaking is a *pause*. Where ONNX Runtime or the model is missing, an **energy**
+//!   detector (80 ms RMS with hysteresis) stands in, and a warning says so once.
+//! - **Smart Turn v3.2** at every pause, on the last 8 s heard, on its own thread
+//!   (`smart-turn`, a [`Worker`]): the probability that the turn is complete.
+//! - The STT's **end-of-turn head** (listen mode with a checkpoint that has it).
+//!
+//! The policy: the user's turn ends (one [`Event::TurnEnd`] per turn, naming its source)
+//! at the first of
+//! 1. Smart Turn's verdict on the current pause reaching `smart_turn_threshold`;
+//! 2. the end-of-turn head reaching `head_threshold` while the user is pausing or silent;
+//! 3. the silence since the pause began reaching `max_pause_ms` (the user has stopped,
+//!    whatever the models think);
+//! 4. without Smart Turn: the VAD (or energy) calling speech stopped.
+//!
+//! Speech starting again before any of these cancels the pause. Every detector's own
+//! verdicts also go out as [`Event::TurnSignal`]s (the energy detector's too, as a
+//! baseline), so the harness can score each alone.
+
+use std::time::Duration;
+
+use super::stage::{Frame, Outbox, Stage, Worker};
+use super::stages::rms;
+use super::{Event, TurnSource};
+use crate::audio::FRAME_LEN_SAMPLES;
+use crate::models::smart_turn::SmartTurn;
+use crate::models::vad::{VadEvent, VadSettings, VoiceActivity};
+use crate::Result;
+
+const FRAME_MS: f64 = 80.0;
+
+/// The turn-taking policy's settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TurnSettings {
+    /// Silero VAD's thresholds and timings (its `pause_ms` triggers Smart Turn).
+    pub vad: VadSettings,
+    /// Smart Turn's probability at which the turn is complete (the model's own 0.5).
+    pub smart_turn_threshold: f32,
+    /// The end-of-turn head's probability at which the turn is complete (the reference's
+    /// 0.5).
+    pub head_threshold: f32,
+    /// Silence after which the turn is over whatever the models said.
+    pub max_pause_ms: f64,
+    /// The energy detector: speech starts at this 80 ms RMS (-34 dBFS)...
+    pub energy_start_rms: f32,
+    /// ...and stops after `vad.min_silence_ms` below this one (-40 dBFS).
+    pub energy_stop_rms: f32,
+}
+
+impl Default for TurnSettings {
+    fn default() -> Self {
+        Self {
+            vad: VadSettings::default(),
+            smart_turn_threshold: 0.5,
+            head_threshold: 0.5,
+            max_pause_ms: 2000.0,
+            energy_start_rms: 0.02,
+            energy_stop_rms: 0.01,
+        }
+    }
+}
+
+/// The turn-taking models of a session (see the module's doc).
+pub struct TurnModels {
+    pub vad: Option<VoiceActivity>,
+    pub smart_turn: Option<SmartTurn>,
+    pub settings: TurnSettings,
+    /// What is missing and what stands in, said once by the next session.
+    notes: Vec<String>,
+}
+
+impl std::fmt::Debug for TurnModels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TurnModels")
+            .field("vad", &self.vad.is_some())
+            .field("smart_turn", &self.smart_turn.is_some())
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl TurnModels {
+    /// Silero VAD and Smart Turn where ONNX Runtime and the models are found; what is
+    /// missing is noted for the next session's warning, never an error.
+    pub fn load() -> Self {
+        Self::with_settings(TurnSettings::default())
+    }
+
+    pub fn with_settings(settings: TurnSettings) -> Self {
+        let mut notes = vec![];
+        let vad = VoiceActivity::new(settings.vad)
+            .map_err(|e| {
+                notes.push(format!(
+                    "turn-taking: Silero VAD is not available ({e}); the energy detector stands in"
+                ))
+            })
+            .ok();
+        let smart_turn = if vad.is_some() {
+            SmartTurn::new()
+                .map_err(|e| {
+                    notes.push(format!(
+                        "turn-taking: Smart Turn is not available ({e}); turns end on the VAD's silence alone"
+                    ))
+                })
+                .ok()
+        } else {
+            None
+        };
+        Self {
+            vad,
+            smart_turn,
+            settings,
+            notes,
+        }
+    }
+
+    /// Only the energy detector (tests, or a user who wants no ONNX models).
+    pub fn energy_only(settings: TurnSettings) -> Self {
+        Self {
+            vad: None,
+            smart_turn: None,
+            settings,
+            notes: vec![],
+        }
+    }
+
+    pub fn reset(&mut self) {
+        if let Some(v) = &mut self.vad {
+            v.reset();
+        }
+    }
+
+    /// The notes not yet said.
+    pub fn take_notes(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.notes)
+    }
+}
+
+/// Speech by loudness: 80 ms frames, with hysteresis.
+#[derive(Debug, Default)]
+struct EnergyActivity {
+    frames: u64,
+    speaking: bool,
+    /// Quiet frames in a row while speaking, and the first of them.
+    quiet: Option<(u64, u64)>,
+}
+
+impl EnergyActivity {
+    fn push(&mut self, pcm: &[f32], s: &TurnSettings) -> Option<VadEvent> {
+        let index = self.frames;
+        self.frames += 1;
+        let level = rms(pcm);
+        let at = |f: u64| f as f64 * FRAME_LEN_SAMPLES as f64 / 24_000.0;
+        if !self.speaking {
+            if level >= s.energy_start_rms {
+                self.speaking = true;
+                self.quiet = None;
+                return Some(VadEvent::SpeechStarted {
+                    time_s: at(index),
+                    probability: 1.0,
+                });
+            }
+            return None;
+        }
+        if level >= s.energy_stop_rms {
+            self.quiet = None;
+            return None;
+        }
+        let (first, n) = self.quiet.map_or((index, 1), |(f, n)| (f, n + 1));
+        self.quiet = Some((first, n));
+        if n as f64 * FRAME_MS + 1e-9 >= s.vad.min_silence_ms {
+            self.speaking = false;
+            self.quiet = None;
+            return Some(VadEvent::SpeechStopped {
+                time_s: at(first),
+                probability: 0.0,
+            });
+        }
+        None
+    }
+}
+
+/// A pause being judged.
+#[derive(Debug, Clone, Copy)]
+struct Pause {
+    id: u64,
+    /// Where the silence began, in input audio.
+    time_s: f64,
+    /// The frame at which it was noticed.
+    frame: u64,
+}
+
+type Verdict = (u64, f64, Result<f32>);
+
+/// The turn-taking policy (see the module's doc).
+pub struct TurnStage<'a> {
+    models: &'a mut TurnModels,
+    smart: Option<Worker<(u64, f64, Vec<f32>), Verdict, SmartTurn>>,
+    energy: EnergyActivity,
+    /// The VAD (or the energy detector standing in) says the user is speaking.
+    speaking: bool,
+    /// The user has spoken since the last turn end.
+    turn_open: bool,
+    pause: Option<Pause>,
+    pauses: u64,
+    /// Verdicts asked for and not yet received.
+    waiting: usize,
+    /// The head may fire (re-armed by text).
+    head_armed: bool,
+}
+
+impl<'a> TurnStage<'a> {
+    pub fn new(models: &'a mut TurnModels) -> Result<Self> {
+        let smart = match models.smart_turn.take() {
+            Some(model) => Some(Worker::spawn(
+                "smart-turn",
+                2,
+                model,
+                |m: &mut SmartTurn, (id, time_s, audio): (u64, f64, Vec<f32>)| {
+                    (id, time_s, m.probability(&audio))
+                },
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            models,
+            smart,
+            energy: EnergyActivity::default(),
+            speaking: false,
+            turn_open: false,
+            pause: None,
+            pauses: 0,
+            waiting: 0,
+            head_armed: true,
+        })
+    }
+
+    fn settings(&self) -> TurnSettings {
+        self.models.settings
+    }
+
+    fn end_turn(
+        &mut self,
+        source: TurnSource,
+        probability: f32,
+        time_s: f64,
+        frame: u64,
+        out: &Outbox<'_>,
+    ) {
+        if !self.turn_open {
+            return;
+        }
+        self.turn_open = false;
+        self.pause = None;
+        out.send(Event::TurnEnd {
+            source,
+            probability,
+            time_s,
+            frame,
+        });
+    }
+
+    /// A pause began at `time_s`: Smart Turn is asked about it.
+    fn on_pause(&mut self, time_s: f64, frame: u64) {
+        if self.pause.is_some() {
+            return;
+        }
+        self.pauses += 1;
+        let p = Pause {
+            id: self.pauses,
+            time_s,
+            frame,
+        };
+        self.pause = Some(p);
+        if let (Some(w), Some(vad)) = (&self.smart, &self.models.vad) {
+            if w.try_submit((p.id, time_s, vad.recent_16k())) {
+                self.waiting += 1;
+            }
+        }
+    }
+
+    fn on_verdict(&mut self, v: Verdict, frame: u64, out: &mut Outbox<'_>) {
+        self.waiting = self.waiting.saturating_sub(1);
+        let (id, time_s, p) = v;
+        match p {
+            Ok(p) => {
+                out.send(Event::TurnSignal {
+                    source: TurnSource::SmartTurn,
+                    probability: p,
+                    time_s,
+                    frame,
+                });
+                let current = self.pause.is_some_and(|q| q.id == id);
+                if current && p >= self.settings().smart_turn_threshold {
+                    self.end_turn(TurnSource::SmartTurn, p, time_s, frame, out);
+                }
+            }
+            Err(e) => {
+                out.send(Event::Warning {
+                    message: format!(
+                        "turn-taking: Smart Turn failed ({e}); turns end on the VAD's silence alone"
+                    ),
+                });
+                if let Some(w) = self.smart.take() {
+                    self.models.smart_turn = w.close();
+                }
+            }
+        }
+    }
+
+    fn on_activity(&mut self, e: VadEvent, source: TurnSource, frame: u64, out: &mut Outbox<'_>) {
+        match e {
+            VadEvent::SpeechStarted { time_s, .. } => {
+                self.speaking = true;
+                self.turn_open = true;
+                self.pause = None;
+                out.send(Event::SpeechStarted {
+                    time_s,
+                    frame,
+                    source,
+                });
+            }
+            VadEvent::Paused { time_s, .. } => self.on_pause(time_s, frame),
+            // The pause was inside the turn: a verdict on it no longer counts.
+            VadEvent::Resumed { .. } => self.pause = None,
+            VadEvent::SpeechStopped {
+                time_s,
+                probability,
+            } => {
+                self.speaking = false;
+                out.send(Event::SpeechStopped {
+                    time_s,
+                    frame,
+                    source,
+                });
+                out.send(Event::TurnSignal {
+                    source,
+                    probability: 1.0 - probability,
+                    time_s,
+                    frame,
+                });
+                self.on_pause(time_s, frame);
+                if self.smart.is_none() {
+                    self.end_turn(source, 1.0 - probability, time_s, frame, out);
+                }
+            }
+        }
+    }
+}
+
+impl Stage for TurnStage<'_> {
+    fn name(&self) -> &'static str {
+        "turn"
+    }
+
+    fn on_frame(&mut self, frame: &mut Frame, out: &mut Outbox<'_>) -> Result<()> {
+        if !frame.reported {
+            return Ok(());
+        }
+        let s = self.settings();
+        let index = frame.index;
+        // The energy detector always runs: the baseline, or the stand-in.
+        let energy = self.energy.push(&frame.input, &s);
+        let vad_events = match &mut self.models.vad {
+            Some(v) => Some(v.push_24k(&frame.input)?),
+            None => None,
+        };
+        match vad_events {
+            Some(events) => {
+                if let Some(VadEvent::SpeechStopped {
+                    time_s,
+                    probability,
+                }) = energy
+                {
+                    out.send(Event::TurnSignal {
+                        source: TurnSource::Energy,
+                        probability: 1.0 - probability,
+                        time_s,
+                        frame: index,
+                    });
+                }
+                for e in events {
+                    self.on_activity(e, TurnSource::Vad, index, out);
+                }
+            }
+            None => {
+                if let Some(e) = energy {
+                    self.on_activity(e, TurnSource::Energy, index, out);
+                }
+            }
+        }
+        while let Some(v) = self.smart.as_ref().and_then(Worker::try_result) {
+            self.on_verdict(v, index, out);
+        }
+        if frame.text.is_some() {
+            self.head_armed = true;
+        }
+        if let Some(h) = frame.end_of_turn {
+            if h.probability > s.head_threshold && self.head_armed {
+                self.head_armed = false;
+                out.send(Event::TurnSignal {
+                    source: TurnSource::SttHead,
+                    probability: h.probability,
+                    time_s: h.time_s,
+                    frame: index,
+                });
+                if self.pause.is_some() || !self.speaking {
+                    self.end_turn(TurnSource::SttHead, h.probability, h.time_s, index, out);
+                }
+            }
+        }
+        if let Some(p) = self.pause {
+            if (index - p.frame) as f64 * FRAME_MS >= s.max_pause_ms - (s.vad.pause_ms) {
+                self.end_turn(TurnSource::Silence, 1.0, p.time_s, index, out);
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, last: u64, out: &mut Outbox<'_>) -> Result<()> {
+        // A verdict on the last pause still comes out before the session ends.
+        while self.waiting > 0 {
+            let Some(v) = self
+                .smart
+                .as_ref()
+                .and_then(|w| w.wait_result(Duration::from_secs(5)))
+            else {
+                break;
+            };
+            self.on_verdict(v, last, out);
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.models.reset();
+        self.energy = EnergyActivity::default();
+        self.speaking = false;
+        self.turn_open = false;
+        self.pause = None;
+        self.head_armed = true;
+        // Verdicts on the old stream's pauses no longer apply.
+        self.pauses += 1;
+    }
+}
+
+impl Drop for TurnStage<'_> {
+    fn drop(&mut self) {
+        if let Some(w) = self.smart.take() {
+            self.models.smart_turn = w.close();
+        }
+    }
+}
