@@ -1,6 +1,6 @@
 //! A session: the three threads, the stages they drive, and the flush at the end.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -55,7 +55,8 @@ impl Stopper {
 pub struct Canceller {
     playout: Arc<Playout>,
     requests: Arc<AtomicU64>,
-    events: Events,
+    /// Frames dropped by cancels the model thread has not yet reported.
+    dropped: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Canceller {
@@ -66,9 +67,9 @@ impl std::fmt::Debug for Canceller {
 
 impl Canceller {
     pub fn cancel(&self) {
-        let dropped_frames = self.playout.cancel();
+        self.dropped
+            .fetch_add(self.playout.cancel(), Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
-        self.events.send(Event::ReplyCancelled { dropped_frames });
     }
 }
 
@@ -167,7 +168,7 @@ impl Session {
         let canceller = Canceller {
             playout: playout.clone(),
             requests: Arc::new(AtomicU64::new(0)),
-            events: ev.clone(),
+            dropped: Arc::new(AtomicUsize::new(0)),
         };
         let (stop_in, ev_in) = (stop.clone(), ev.clone());
         let input = spawn("audio-in", move || {
@@ -379,6 +380,9 @@ fn run_stages(comp: &mut Composition<'_>, input: &Receiver<InFrame>, ctx: &Ctx<'
             for s in &mut comp.stages {
                 s.cancel();
             }
+            ctx.ev.send(Event::ReplyCancelled {
+                dropped_frames: ctx.canceller.dropped.swap(0, Ordering::Relaxed),
+            });
         }
         step(comp, frame, ctx)
     };

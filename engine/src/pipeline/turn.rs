@@ -17,7 +17,9 @@
 //!    whatever the models think);
 //! 4. without Smart Turn: the VAD (or energy) calling speech stopped.
 //!
-//! Speech starting again before any of these cancels the pause. Every detector's own
+//! Speech starting again before any of these cancels the pause (and after a turn end, it
+//! reopens the turn: that end was premature, and a reply to it should be cancelled by the
+//! mode that made one). Every detector's own
 //! verdicts also go out as [`Event::TurnSignal`]s (the energy detector's too, as a
 //! baseline), so the harness can score each alone.
 
@@ -325,8 +327,12 @@ impl<'a> TurnStage<'a> {
                 });
             }
             VadEvent::Paused { time_s, .. } => self.on_pause(time_s, frame),
-            // The pause was inside the turn: a verdict on it no longer counts.
-            VadEvent::Resumed { .. } => self.pause = None,
+            // The pause was inside the turn: a verdict on it no longer counts, and a turn
+            // ended there goes on (the end was premature).
+            VadEvent::Resumed { .. } => {
+                self.pause = None;
+                self.turn_open = true;
+            }
             VadEvent::SpeechStopped {
                 time_s,
                 probability,
@@ -343,7 +349,9 @@ impl<'a> TurnStage<'a> {
                     time_s,
                     frame,
                 });
-                self.on_pause(time_s, frame);
+                if self.turn_open {
+                    self.on_pause(time_s, frame);
+                }
                 if self.smart.is_none() {
                     self.end_turn(source, 1.0 - probability, time_s, frame, out);
                 }
