@@ -89,9 +89,18 @@ fn run_callbacks_once() -> parley_engine::audio::AudioStatsSnapshot {
         capture.process_callback(&in_u16);
         playback.process_callback(&mut out_f32); // 1000 queued, 2000 short: underrun
         playback.process_callback(&mut out_i16);
+        // A cancelled reply: the queued audio is dropped by the next callback, not played.
+        feed.push(&[0.5; 1000]);
+        feed.discard_queued();
+        playback.process_callback(&mut out_f32);
         feed.set_active(false);
         playback.process_callback(&mut out_u16); // idle silence
     });
+    assert_eq!(feed.queued_samples(), 0, "the discard emptied the ring");
+    assert!(
+        out_f32.iter().all(|&v| v == 0.0),
+        "discarded audio was played"
+    );
     stats.snapshot()
 }
 
@@ -101,7 +110,7 @@ fn callbacks_do_not_allocate() {
     assert!(s.overrun_samples > 0, "the overrun path ran: {s:?}");
     assert!(s.underrun_samples > 0, "the underrun path ran: {s:?}");
     assert_eq!(s.capture_callbacks, 3);
-    assert_eq!(s.playback_callbacks, 3);
+    assert_eq!(s.playback_callbacks, 4);
 }
 
 const ALLOC_CHILD_ENV: &str = "PARLEY_ALLOC_CHECK_CHILD";

@@ -277,3 +277,30 @@ fn every_copy_of_the_step_block_is_the_same() {
         .1
         .contains("cs: array<vec4<f32>, 64>, draws: array<vec4<f32>, 8>,"));
 }
+
+/// Models opened one after another share one wgpu device while it is alive, and a new one
+/// is opened once it has gone.
+#[test]
+fn select_device_shares_one_device_per_process() {
+    use parley_engine::compute::gpu::select_device;
+    let first = match select_device(DeviceChoice::Gpu) {
+        Ok((Backend::Gpu(g), _)) => g,
+        other => {
+            eprintln!("skipping: no GPU adapter ({other:?})");
+            return;
+        }
+    };
+    let Ok((Backend::Gpu(second), _)) = select_device(DeviceChoice::Gpu) else {
+        panic!("the second call found no GPU")
+    };
+    assert!(std::sync::Arc::ptr_eq(&first, &second), "one device");
+    let weak = std::sync::Arc::downgrade(&first);
+    drop((first, second));
+    assert!(
+        weak.upgrade().is_none(),
+        "the device closes with its last user"
+    );
+    let Ok((Backend::Gpu(_third), _)) = select_device(DeviceChoice::Gpu) else {
+        panic!("a fresh device could not be opened")
+    };
+}

@@ -456,12 +456,15 @@ pub struct PlaybackProcessor {
     stats: AudioStats,
     /// Whether output is expected now, so that running dry is an underrun.
     active: Arc<AtomicBool>,
+    /// Set by [`PlaybackFeed::discard_queued`]: the next callback empties the ring first.
+    discard: Arc<AtomicBool>,
 }
 
 /// The writing end of a playback ring (main or pipeline thread).
 pub struct PlaybackFeed {
     producer: HeapProd<f32>,
     active: Arc<AtomicBool>,
+    discard: Arc<AtomicBool>,
     /// Samples pushed over the feed's life.
     pushed: u64,
 }
@@ -482,16 +485,19 @@ impl PlaybackProcessor {
         }
         let (producer, consumer) = HeapRb::<f32>::new(capacity_samples).split();
         let active = Arc::new(AtomicBool::new(false));
+        let discard = Arc::new(AtomicBool::new(false));
         let processor = Self {
             consumer,
             channels: channels as usize,
             mono: vec![0.0; SCRATCH_FRAMES].into_boxed_slice(),
             stats,
             active: active.clone(),
+            discard: discard.clone(),
         };
         let feed = PlaybackFeed {
             producer,
             active,
+            discard,
             pushed: 0,
         };
         Ok((processor, feed))
@@ -515,6 +521,10 @@ impl PlaybackProcessor {
         T: Sample + FromSample<f32>,
     {
         let channels = self.channels;
+        if self.discard.swap(false, Ordering::Acquire) {
+            // A cancelled reply: what was queued is dropped, not played.
+            self.consumer.clear();
+        }
         let mut played = 0usize;
         let mut missing = 0usize;
         for block in interleaved.chunks_mut(channels * self.mono.len()) {
@@ -558,6 +568,11 @@ impl PlaybackFeed {
     /// is not one.
     pub fn set_active(&self, active: bool) {
         self.active.store(active, Ordering::Relaxed);
+    }
+
+    /// Asks the callback to drop everything queued, at its next run (a cancelled reply).
+    pub fn discard_queued(&self) {
+        self.discard.store(true, Ordering::Release);
     }
 
     /// Samples queued and not yet taken by the callback.
@@ -1135,6 +1150,10 @@ fn push_blocking(
 }
 
 impl FrameSink for SpeakerSink {
+    fn discard_queued(&mut self) {
+        self.feed.discard_queued();
+    }
+
     fn write_frame(&mut self, frame: &[f32]) -> Result<()> {
         check_frame_len(frame, &format_args!("speaker `{}`", self.info.device_name))?;
         if let Some(err) = self.health.lost_error(&self.info.device_name) {

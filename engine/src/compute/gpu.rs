@@ -103,8 +103,30 @@ fn rank(t: wgpu::DeviceType) -> u8 {
 
 /// Picks and opens the device for `choice` among every backend wgpu has (Vulkan, Metal,
 /// DX12, GL). Returns the backend and the line to log.
+///
+/// One wgpu device per process: while a device opened here is alive (held by a model), a
+/// later call that it satisfies shares it instead of opening another, so the models of a
+/// session (and of the next) share one device, its memory and its pipelines.
 pub fn select_device(choice: DeviceChoice) -> Result<(Backend, String)> {
-    select(choice, wgpu::Backends::all())
+    static SHARED: std::sync::Mutex<Option<(std::sync::Weak<Gpu>, String)>> =
+        std::sync::Mutex::new(None);
+    if choice == DeviceChoice::Cpu {
+        return select(choice, wgpu::Backends::all());
+    }
+    let mut shared = SHARED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((gpu, line)) = shared.as_ref().and_then(|(w, l)| Some((w.upgrade()?, l))) {
+        // `auto` takes only hardware; `gpu` takes whatever is open.
+        if choice == DeviceChoice::Gpu || gpu.info.device_type != wgpu::DeviceType::Cpu {
+            return Ok((Backend::Gpu(gpu), line.clone()));
+        }
+    }
+    let (backend, line) = select(choice, wgpu::Backends::all())?;
+    if let Backend::Gpu(g) = &backend {
+        *shared = Some((Arc::downgrade(g), line.clone()));
+    }
+    Ok((backend, line))
 }
 
 /// What `--device auto` and `--device gpu` would each run on, one line apiece (for
