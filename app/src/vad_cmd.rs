@@ -62,15 +62,18 @@ pub fn run(args: VadArgs) -> anyhow::Result<()> {
     } else {
         vec![]
     };
-    // Smart Turn's probability for a stop dated `time_s`: on the audio up to when the stop
-    // was decided (`min_silence_ms` later).
-    let mut judge = |time_s: f64| -> anyhow::Result<Option<f32>> {
+    // Smart Turn's probability for a stop dated `time_s` of speech that began at
+    // `start_s`: on that speech (from half a second before it, as the session's turn
+    // stage feeds it) up to when the stop was decided (`min_silence_ms` later).
+    let mut judge = |start_s: f64, time_s: f64| -> anyhow::Result<Option<f32>> {
         let Some(st) = turn.as_mut() else {
             return Ok(None);
         };
         let decided = time_s + settings.min_silence_ms / 1000.0;
         let end = ((decided * 16_000.0) as usize).min(pcm_16k.len());
-        Ok(Some(st.probability(&pcm_16k[..end])?))
+        let from = ((start_s - parley_engine::pipeline::turn::SMART_TURN_PRE_SPEECH_S).max(0.0)
+            * 16_000.0) as usize;
+        Ok(Some(st.probability(&pcm_16k[from.min(end)..end])?))
     };
     let mut events = vec![];
     for frame in pcm.chunks(parley_engine::audio::FRAME_LEN_SAMPLES) {
@@ -98,7 +101,7 @@ pub fn run(args: VadArgs) -> anyhow::Result<()> {
                 time_s,
                 probability,
             } => {
-                let complete = judge(time_s)?;
+                let complete = judge(started.unwrap_or(0.0), time_s)?;
                 if args.json {
                     let mut j = serde_json::json!({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": ms(time_s), "probability": probability});
                     if let Some(p) = complete {

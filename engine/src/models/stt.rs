@@ -105,7 +105,10 @@ impl WordStream {
             self.open = Some((i + 1, vec![]));
             return Ok(words);
         }
-        if let Some((_, seg)) = &mut self.open {
+        // A token the tokenizer does not have (a model whose text vocabulary is larger
+        // than its tokenizer, as the tiny fixtures' are) is not text: it keeps its step
+        // but joins no word, rather than failing the stream.
+        if let (Some((_, seg)), true) = (&mut self.open, tokenizer.id_to_piece(token).is_some()) {
             seg.push(token);
         }
         Ok(vec![])

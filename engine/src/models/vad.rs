@@ -236,6 +236,8 @@ pub struct VoiceActivity {
     last: f32,
     /// The last [`HISTORY_S`] seconds heard, at 16 kHz.
     history: std::collections::VecDeque<f32>,
+    /// 16 kHz samples heard since the stream started.
+    heard: u64,
 }
 
 impl std::fmt::Debug for VoiceActivity {
@@ -260,6 +262,7 @@ impl VoiceActivity {
             run: None,
             last: 0.0,
             history: std::collections::VecDeque::with_capacity(HISTORY_S * SAMPLE_RATE as usize),
+            heard: 0,
         })
     }
 
@@ -284,11 +287,19 @@ impl VoiceActivity {
         self.run = None;
         self.last = 0.0;
         self.history.clear();
+        self.heard = 0;
     }
 
-    /// The last [`HISTORY_S`] seconds heard (fewer at the start), 16 kHz, oldest first.
-    pub fn recent_16k(&self) -> Vec<f32> {
-        self.history.iter().copied().collect()
+    /// The audio heard from `time_s` (seconds from the stream's start) to now, 16 kHz, at
+    /// most the last [`HISTORY_S`] seconds.
+    pub fn heard_since_16k(&self, time_s: f64) -> Vec<f32> {
+        let first = self.heard - self.history.len() as u64;
+        let from = ((time_s.max(0.0) * SAMPLE_RATE as f64) as u64).clamp(first, self.heard);
+        self.history
+            .iter()
+            .skip((from - first) as usize)
+            .copied()
+            .collect()
     }
 
     /// Feeds 24 kHz audio; returns the decisions it led to, in order.
@@ -299,6 +310,7 @@ impl VoiceActivity {
         let over = (self.history.len() + keep).saturating_sub(cap);
         self.history.drain(..over);
         self.history.extend(&fresh[fresh.len() - keep..]);
+        self.heard += fresh.len() as u64;
         self.pending.extend_from_slice(fresh);
         let mut events = vec![];
         let whole = self.pending.len() / CHUNK * CHUNK;

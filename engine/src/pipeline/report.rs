@@ -132,6 +132,8 @@ pub struct LatencyReport {
     /// Each turn-taking detector alone, and the combined policy, against the alignment's
     /// turn ends and in-sentence pauses.
     pub turn_taking: Vec<TurnTakingRow>,
+    /// Every turn-taking verdict the session gave, in order (what the table scores).
+    pub turn_verdicts: Vec<TurnVerdict>,
     /// Duplex mode: from the end of each user turn to the first audible model output.
     pub response: Vec<TurnDelay>,
     pub response_latency_ms: Option<Percentiles>,
@@ -154,6 +156,19 @@ pub struct TurnTakingRow {
     /// In-sentence pauses it fired in: a false end of turn.
     pub false_ends: usize,
     pub false_end_rate: f64,
+}
+
+/// One detector's verdict (`fires`: it reached that detector's threshold), or the policy's
+/// turn end.
+#[derive(Debug, Clone, Serialize)]
+pub struct TurnVerdict {
+    pub detector: String,
+    pub probability: f32,
+    pub fires: bool,
+    /// The pause or end it is about, in input audio.
+    pub time_s: f64,
+    /// When it was felt.
+    pub felt_s: f64,
 }
 
 /// A detection dated up to this long before a turn's labelled end (an alignment's word end
@@ -378,6 +393,7 @@ impl LatencyReport {
             }
         }
         let resp: Vec<f64> = response.iter().filter_map(|t| t.delay_ms).collect();
+        let verdicts = turn_verdicts(rec, &metrics);
         Self {
             mode: rec.mode,
             pace: if rec.realtime { "realtime" } else { "fast" }.into(),
@@ -389,7 +405,8 @@ impl LatencyReport {
             word_delay_ms,
             end_of_turn,
             end_of_turn_delay_ms: (!eot.is_empty()).then(|| Percentiles::of(&eot)),
-            turn_taking: alignment.map_or_else(Vec::new, |a| turn_taking(rec, &metrics, a)),
+            turn_taking: alignment.map_or_else(Vec::new, |a| turn_taking(&verdicts, a)),
+            turn_verdicts: verdicts,
             response,
             response_latency_ms: (!resp.is_empty()).then(|| Percentiles::of(&resp)),
             turns_from,
@@ -500,40 +517,58 @@ fn stage_label(stage: &str) -> String {
     }
 }
 
-/// Scores every turn-taking detector seen in the events, and the policy.
-fn turn_taking(rec: &SessionRecord, metrics: &[FrameMetrics], a: &Alignment) -> Vec<TurnTakingRow> {
+/// Every turn-taking verdict in the events, with when it was felt.
+fn turn_verdicts(rec: &SessionRecord, metrics: &[FrameMetrics]) -> Vec<TurnVerdict> {
     let settings = TurnSettings::default();
-    // (detector, time_s it is about, felt_s) of every firing.
-    let mut firings: Vec<(String, f64, f64)> = vec![];
     let name = |s: TurnSource| {
         serde_json::to_value(s)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default()
     };
-    for e in rec.events {
-        match e {
+    rec.events
+        .iter()
+        .filter_map(|e| match e {
             Event::TurnSignal {
                 source,
                 probability,
                 time_s,
                 frame,
-            } => {
-                let fires = match source {
+            } => Some(TurnVerdict {
+                detector: name(*source),
+                probability: *probability,
+                fires: match source {
                     TurnSource::SmartTurn => *probability >= settings.smart_turn_threshold,
-                    TurnSource::SttHead => *probability > settings.head_threshold,
+                    TurnSource::SttHead => *probability >= settings.head_threshold,
                     _ => true,
-                };
-                if fires {
-                    firings.push((name(*source), *time_s, rec.felt_s(metrics, *frame)));
-                }
-            }
-            Event::TurnEnd { time_s, frame, .. } => {
-                firings.push(("policy".into(), *time_s, rec.felt_s(metrics, *frame)));
-            }
-            _ => {}
-        }
-    }
+                },
+                time_s: *time_s,
+                felt_s: rec.felt_s(metrics, *frame),
+            }),
+            Event::TurnEnd {
+                probability,
+                time_s,
+                frame,
+                ..
+            } => Some(TurnVerdict {
+                detector: "policy".into(),
+                probability: *probability,
+                fires: true,
+                time_s: *time_s,
+                felt_s: rec.felt_s(metrics, *frame),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Scores every turn-taking detector seen in the verdicts, and the policy.
+fn turn_taking(verdicts: &[TurnVerdict], a: &Alignment) -> Vec<TurnTakingRow> {
+    let firings: Vec<(String, f64, f64)> = verdicts
+        .iter()
+        .filter(|v| v.fires)
+        .map(|v| (v.detector.clone(), v.time_s, v.felt_s))
+        .collect();
     let mut detectors: Vec<String> = vec![];
     for (d, ..) in &firings {
         if !detectors.contains(d) {

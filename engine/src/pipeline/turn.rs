@@ -5,7 +5,8 @@
 //!   starts and stops with hysteresis ([`VadSettings`]), and a short silence while
 //!   speaking is a *pause*. Where ONNX Runtime or the model is missing, an **energy**
 //!   detector (80 ms RMS with hysteresis) stands in, and a warning says so once.
-//! - **Smart Turn v3.2** at every pause, on the last 8 s heard, on its own thread
+//! - **Smart Turn v3.2** at every pause, on the open turn's audio (from 0.5 s before its
+//!   speech began, at most the last 8 s), on its own thread
 //!   (`smart-turn`, a [`Worker`]): the probability that the turn is complete.
 //! - The STT's **end-of-turn head** (listen mode with a checkpoint that has it).
 //!
@@ -34,6 +35,11 @@ use crate::models::vad::{VadEvent, VadSettings, VoiceActivity};
 use crate::Result;
 
 const FRAME_MS: f64 = 80.0;
+
+/// Smart Turn hears the open turn from this long before its speech began (at most its
+/// last 8 s), as pipecat's analyzer feeds it (`pre_speech_ms`, 500 ms), not what came
+/// before the turn.
+pub const SMART_TURN_PRE_SPEECH_S: f64 = 0.5;
 
 /// The turn-taking policy's settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -207,6 +213,9 @@ pub struct TurnStage<'a> {
     speaking: bool,
     /// The user has spoken since the last turn end.
     turn_open: bool,
+    /// Where the open turn's speech began, in input audio (what Smart Turn hears starts
+    /// [`SMART_TURN_PRE_SPEECH_S`] before it).
+    turn_start_s: f64,
     pause: Option<Pause>,
     pauses: u64,
     /// Verdicts asked for and not yet received.
@@ -234,6 +243,7 @@ impl<'a> TurnStage<'a> {
             energy: EnergyActivity::default(),
             speaking: false,
             turn_open: false,
+            turn_start_s: 0.0,
             pause: None,
             pauses: 0,
             waiting: 0,
@@ -279,7 +289,8 @@ impl<'a> TurnStage<'a> {
         };
         self.pause = Some(p);
         if let (Some(w), Some(vad)) = (&self.smart, &self.models.vad) {
-            if w.try_submit((p.id, time_s, vad.recent_16k())) {
+            let audio = vad.heard_since_16k(self.turn_start_s - SMART_TURN_PRE_SPEECH_S);
+            if w.try_submit((p.id, time_s, audio)) {
                 self.waiting += 1;
             }
         }
@@ -318,6 +329,9 @@ impl<'a> TurnStage<'a> {
         match e {
             VadEvent::SpeechStarted { time_s, .. } => {
                 self.speaking = true;
+                if !self.turn_open {
+                    self.turn_start_s = time_s;
+                }
                 self.turn_open = true;
                 self.pause = None;
                 out.send(Event::SpeechStarted {
@@ -329,8 +343,11 @@ impl<'a> TurnStage<'a> {
             VadEvent::Paused { time_s, .. } => self.on_pause(time_s, frame),
             // The pause was inside the turn: a verdict on it no longer counts, and a turn
             // ended there goes on (the end was premature).
-            VadEvent::Resumed { .. } => {
+            VadEvent::Resumed { time_s, .. } => {
                 self.pause = None;
+                if !self.turn_open {
+                    self.turn_start_s = time_s;
+                }
                 self.turn_open = true;
             }
             VadEvent::SpeechStopped {
