@@ -111,10 +111,21 @@ struct Run {
 /// session must end on its own (`session.close`), not by the end of input. Fails if the
 /// process runs past [`HANG_TIMEOUT`].
 fn headless(args: &[&str], input: Vec<Vec<u8>>, keep_stdin_open: bool) -> Run {
+    headless_env(args, input, keep_stdin_open, &[])
+}
+
+/// [`headless`] with extra environment variables.
+fn headless_env(
+    args: &[&str],
+    input: Vec<Vec<u8>>,
+    keep_stdin_open: bool,
+    env: &[(&str, &str)],
+) -> Run {
     let start = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_parley"))
         .arg("headless")
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -657,4 +668,71 @@ fn bad_model_directories_fail_cleanly() {
             String::from_utf8_lossy(&run.stdout)
         );
     }
+}
+
+/// Without ONNX Runtime the session says so once, takes the energy detector for
+/// turn-taking, and still gives its transcript and the dialogue's two turns.
+#[test]
+fn listen_without_onnx_runtime_warns_once_and_takes_turns_by_energy() {
+    let pcm = dialogue_pcm16();
+    let mut input: Vec<Vec<u8>> = chunks(pcm).into_iter().map(append_line).collect();
+    input.push(close_line());
+    let args = listen_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let missing = tmp("no-such-libonnxruntime.so");
+    let run = headless_env(&args, input, true, &[("ORT_DYLIB_PATH", s(&missing))]);
+    let stdout = String::from_utf8(run.stdout).expect("UTF-8 stdout");
+    assert!(run.status.success(), "{:?}: {}", run.status, run.stderr);
+    let events = events(&stdout);
+    check_bracket(&events, "listen");
+    let warnings = of_type(&events, "parley.warning");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let w = warnings[0]["message"].as_str().expect("message");
+    assert!(
+        w.contains("Silero VAD") && w.contains("energy") && w.contains("no-such-libonnxruntime"),
+        "{w}"
+    );
+    assert!(of_type(&events, "error").is_empty(), "no error events");
+    for (ty, key) in [
+        ("input_audio_buffer.speech_started", "audio_start_ms"),
+        ("input_audio_buffer.speech_stopped", "audio_end_ms"),
+        ("parley.turn_end", "audio_end_ms"),
+    ] {
+        let got = of_type(&events, ty);
+        assert_eq!(got.len(), 2, "{ty}: {got:?}");
+        assert!(got.iter().all(|e| e["source"] == "energy"), "{got:?}");
+        assert!(got.iter().all(|e| e[key].is_i64()), "{got:?}");
+    }
+    assert!(!words_of(&events).is_empty(), "the transcript still comes");
+}
+
+/// `response.cancel` in the middle of a duplex session: the output buffer is cleared (an
+/// `output_audio_buffer.cleared` event), and the session goes on to the end of the input.
+#[test]
+fn duplex_response_cancel_clears_the_output_and_the_session_goes_on() {
+    let pcm = dialogue_pcm16();
+    let mut input = vec![];
+    for (i, chunk) in chunks(pcm).into_iter().enumerate() {
+        input.push(append_line(chunk));
+        if i == 8 {
+            input.push(b"{\"type\": \"response.cancel\"}\n".to_vec());
+        }
+    }
+    input.push(close_line());
+    let args = duplex_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = headless(&args, input, true);
+    let stdout = String::from_utf8(run.stdout).expect("UTF-8 stdout");
+    assert!(run.status.success(), "{:?}: {}", run.status, run.stderr);
+    let events = events(&stdout);
+    let (frames_in, frames_out) = check_bracket(&events, "duplex");
+    assert_eq!(frames_in, frames_for(pcm.len()));
+    assert!(frames_out >= frames_in, "{frames_out} of {frames_in}");
+    let cleared = of_type(&events, "output_audio_buffer.cleared");
+    assert_eq!(cleared.len(), 1, "{cleared:?}");
+    assert!(cleared[0]["dropped_frames"].is_u64(), "{:?}", cleared[0]);
+    assert!(
+        of_type(&events, "error").is_empty(),
+        "a known message is no error"
+    );
 }

@@ -202,12 +202,15 @@ struct Pause {
     frame: u64,
 }
 
+/// A pause to judge: its id, where it began, and the turn's audio up to now (16 kHz).
+type Job = (u64, f64, Vec<f32>);
+/// Smart Turn's verdict on a pause: its id, where it began, the probability.
 type Verdict = (u64, f64, Result<f32>);
 
 /// The turn-taking policy (see the module's doc).
 pub struct TurnStage<'a> {
     models: &'a mut TurnModels,
-    smart: Option<Worker<(u64, f64, Vec<f32>), Verdict, SmartTurn>>,
+    smart: Option<Worker<Job, Verdict, SmartTurn>>,
     energy: EnergyActivity,
     /// The VAD (or the energy detector standing in) says the user is speaking.
     speaking: bool,
@@ -231,9 +234,7 @@ impl<'a> TurnStage<'a> {
                 "smart-turn",
                 2,
                 model,
-                |m: &mut SmartTurn, (id, time_s, audio): (u64, f64, Vec<f32>)| {
-                    (id, time_s, m.probability(&audio))
-                },
+                |m: &mut SmartTurn, (id, time_s, audio): Job| (id, time_s, m.probability(&audio)),
             )?),
             None => None,
         };
