@@ -1,12 +1,13 @@
 //! Smart Turn v3.2 against the pipecat-ai wheel (`tests/reference/make_smart_turn_fixtures.py`),
 //! at five cut points of the dialogue (mid-sentence, turn ends, the pause inside a turn;
 //! shorter than 8 s and longer):
-//! - the log-mel features within 1e-4 of the wheel's Python code (two cuts);
+//! - the log-mel features within 1e-6 of the wheel's Python code (two cuts; they are
+//!   equal to the bit on this machine: the normalisation sums in numpy's order);
 //! - the model on the wheel's own features: its probability within 1e-3 (two cuts);
-//! - audio to probability: within 1e-3 plus what the fixture measured the published model
-//!   to move under noise of 1e-5 on its features (the "-cpu" model quantizes its
-//!   activations: at these inputs its output jumps by 0.005-0.27 under such noise, so
-//!   features within a few 1e-6 of numpy's cannot promise 1e-3).
+//! - audio to probability: within 1e-3 at all five cuts. That needs features equal to
+//!   numpy's, not merely close: the "-cpu" model quantizes its activations, and the
+//!   fixture measured its output to jump by 0.005-0.27 under noise of 1e-5 on its
+//!   features (`spread`, printed).
 //!
 //! The features need nothing; the model needs ONNX Runtime and the model file
 //! (`scripts/setup.sh` installs both), skipped with the reason printed where they are
@@ -108,7 +109,7 @@ fn features_match_the_wheels_python() {
             "features at sample {end}: max |difference| {worst:.2e} (values span {spread:.2})"
         );
         assert!(spread > 1.0, "the fixture's features are flat");
-        assert!(worst <= 1e-4, "cut {end}: max difference {worst}");
+        assert!(worst <= 1e-6, "cut {end}: max difference {worst}");
     }
 }
 
@@ -137,7 +138,7 @@ fn the_model_gives_the_wheels_probabilities() {
             c.end, c.probability, c.spread
         );
         assert!(
-            (got - c.probability).abs() <= 1e-3 + c.spread,
+            (got - c.probability).abs() <= 1e-3,
             "cut {}: {got} against {}",
             c.end,
             c.probability

@@ -63,6 +63,38 @@ fn linspace(a: f64, b: f64, n: usize) -> Vec<f64> {
     v
 }
 
+/// `np.add.reduce` of a contiguous float32 array, in numpy's order: blocks of 8192 (its
+/// iterator's buffer) added one after another to 0, each summed pairwise
+/// ([`numpy_pairwise_f32`]). Checked against numpy 2.2 on random arrays.
+fn numpy_sum_f32(a: &[f32]) -> f32 {
+    a.chunks(8192)
+        .fold(0f32, |acc, block| acc + numpy_pairwise_f32(block))
+}
+
+/// numpy's pairwise summation (`pairwise_sum` in its loops): below 8 values in order;
+/// up to 128 in eight running sums combined as a tree, then the rest in order; beyond,
+/// the two halves (split at a multiple of 8) summed apart.
+fn numpy_pairwise_f32(a: &[f32]) -> f32 {
+    let n = a.len();
+    if n < 8 {
+        a.iter().fold(-0.0f32, |acc, &v| acc + v)
+    } else if n <= 128 {
+        let mut r = [0f32; 8];
+        r.copy_from_slice(&a[..8]);
+        let whole = n - n % 8;
+        for block in a[8..whole].chunks_exact(8) {
+            for (acc, &v) in r.iter_mut().zip(block) {
+                *acc += v;
+            }
+        }
+        let tree = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        a[whole..].iter().fold(tree, |acc, &v| acc + v)
+    } else {
+        let half = n / 2 - (n / 2) % 8;
+        numpy_pairwise_f32(&a[..half]) + numpy_pairwise_f32(&a[half..])
+    }
+}
+
 /// The log-mel feature extractor (its FFT plan, window and filterbank made once).
 pub struct Features {
     fft: Arc<dyn RealToComplex<f64>>,
@@ -114,12 +146,16 @@ impl Features {
         let mut x = vec![0f32; WINDOW];
         let take = audio.len().min(WINDOW);
         x[WINDOW - take..].copy_from_slice(&audio[audio.len() - take..]);
-        // Zero mean, unit variance (the reference does this in f32).
-        let mean = (x.iter().map(|&v| v as f64).sum::<f64>() / WINDOW as f64) as f32;
-        let var =
-            (x.iter().map(|&v| ((v - mean) as f64).powi(2)).sum::<f64>() / WINDOW as f64) as f32;
-        let inv = 1.0 / (var + 1e-7).sqrt();
-        let x: Vec<f64> = x.iter().map(|&v| ((v - mean) * inv) as f64).collect();
+        // Zero mean, unit variance, in f32 with numpy's own summation order, so the
+        // normalised signal is the reference's to the bit: the published model quantizes
+        // its activations, and differences of 1e-6 in its features move its output by
+        // up to 0.27 (tests/fixtures/smart_turn/cuts.json).
+        let n = WINDOW as f64;
+        let mean = (numpy_sum_f32(&x) as f64 / n) as f32;
+        let sq: Vec<f32> = x.iter().map(|&v| (v - mean) * (v - mean)).collect();
+        let var = (numpy_sum_f32(&sq) as f64 / n) as f32;
+        let std = (var + 1e-7f32).sqrt();
+        let x: Vec<f64> = x.iter().map(|&v| ((v - mean) / std) as f64).collect();
         // Reflect padding by half a window on both sides.
         let pad = N_FFT / 2;
         let mut padded = Vec::with_capacity(WINDOW + 2 * pad);
