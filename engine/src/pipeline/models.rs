@@ -124,34 +124,23 @@ impl Models {
             d.load_lm_as(p)
         })?;
         let device = format!("{device}; {weights}");
-        let tokenizer = Some(d.load_tokenizer()?);
-        let padding_id = d.config.text_padding_token_id.unwrap_or(3);
-        let (listen, duplex) = match mode {
-            Mode::Listen => (
-                Some(ListenModel {
-                    gen: LmGen::with_backend(lm, sampling.unwrap_or_default()),
-                    tokenizer,
-                    stt: d.stt_config()?,
-                    padding_id,
-                }),
-                None,
-            ),
-            Mode::Duplex => (
-                None,
-                Some(DuplexModel {
-                    gen: LmGen::with_backend(lm, sampling.unwrap_or_else(|| d.gen_config(0))),
-                    tokenizer,
-                    padding_id,
-                }),
-            ),
-        };
-        Ok(Self {
+        let gen = LmGen::with_backend(
+            lm,
+            match (mode, sampling) {
+                (_, Some(s)) => s,
+                (Mode::Listen, None) => GenConfig::default(),
+                (Mode::Duplex, None) => d.gen_config(0),
+            },
+        );
+        Ok(Self::by_role(
+            mode,
             mimi,
-            listen,
-            duplex,
-            turn: TurnModels::load(),
+            gen,
+            Some(d.load_tokenizer()?),
+            d.stt_config()?,
+            d.config.text_padding_token_id.unwrap_or(3),
             device,
-        })
+        ))
     }
 
     /// A full-size architecture with random weights (published Mimi, `preset` LM), for
@@ -184,17 +173,31 @@ impl Models {
             LmModel::from_weights(&Weights::random(2).with_precision(p), cfg)
         })?;
         let device = format!("{device}; {weights}");
+        // The reference STT procedure's defaults (1 s of silence before, 0.5 s delay).
+        let stt = SttConfig {
+            audio_silence_prefix_seconds: 1.0,
+            audio_delay_seconds: 0.5,
+        };
         let gen = LmGen::with_backend(lm, GenConfig::default());
-        let padding_id = 3;
+        Ok(Self::by_role(mode, mimi, gen, None, stt, 3, device))
+    }
+
+    /// The LM in the role `mode` needs, with Mimi and the turn-taking models.
+    fn by_role(
+        mode: Mode,
+        mimi: Mimi,
+        gen: LmGen,
+        tokenizer: Option<TextTokenizer>,
+        stt: SttConfig,
+        padding_id: u32,
+        device: String,
+    ) -> Self {
         let (listen, duplex) = match mode {
             Mode::Listen => (
                 Some(ListenModel {
                     gen,
-                    tokenizer: None,
-                    stt: SttConfig {
-                        audio_silence_prefix_seconds: 1.0,
-                        audio_delay_seconds: 0.5,
-                    },
+                    tokenizer,
+                    stt,
                     padding_id,
                 }),
                 None,
@@ -203,18 +206,18 @@ impl Models {
                 None,
                 Some(DuplexModel {
                     gen,
-                    tokenizer: None,
+                    tokenizer,
                     padding_id,
                 }),
             ),
         };
-        Ok(Self {
+        Self {
             mimi,
             listen,
             duplex,
             turn: TurnModels::load(),
             device,
-        })
+        }
     }
 
     /// The stages of `mode`, borrowing these models: the only place a mode is matched.
