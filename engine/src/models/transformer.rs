@@ -2,8 +2,10 @@
 //! and `StreamingTransformerLayer`), shared by Mimi's encoder and decoder transformers and
 //! the delayed-streams language models: pre-norm layers (LayerNorm or RMSNorm) with
 //! self-attention (RoPE or none) over a causal window, a GELU MLP or an activation-gated
-//! feed-forward, optional layer scale, and optionally one set of weights per step (the
-//! depformer).
+//! feed-forward, optional layer scale, optionally one set of weights per step (the
+//! depformer; several steps may share a set by a schedule), and optionally cross-attention
+//! over a fixed conditioning between self-attention and the feed-forward (the TTS: its
+//! keys and values computed once per utterance, [`StreamingTransformer::set_cross_source`]).
 //!
 //! Streaming keeps keys and values in a ring of `context` entries per layer, as the
 //! reference's `RingKVCache` does, so a session of any length runs in constant memory. The
@@ -39,6 +41,21 @@ pub struct TransformerSpec {
     pub context: Option<usize>,
     /// 0: one set of weights; N: weights for each of N steps (the depformer).
     pub weights_per_step: usize,
+    /// Which weight set each step uses (`depformer_weights_per_step_schedule`; None: step
+    /// k uses set k). The sets are `max + 1`.
+    pub weights_schedule: Option<Vec<usize>>,
+    /// A cross-attention block in every layer (`cross_attention.*`, `norm_cross`).
+    pub cross_attention: bool,
+}
+
+impl TransformerSpec {
+    /// Distinct weight sets per layer (1 without per-step weights).
+    pub fn weight_sets(&self) -> usize {
+        match &self.weights_schedule {
+            Some(s) => s.iter().max().map_or(1, |m| m + 1),
+            None => self.weights_per_step.max(1),
+        }
+    }
 }
 
 /// LayerNorm or RMSNorm over the last dimension, as the reference's `create_norm_fn`.
@@ -280,12 +297,37 @@ pub(crate) struct Layer {
     pub(crate) ff: Vec<FeedForward>,
     pub(crate) scale1: Option<Vec<f32>>,
     pub(crate) scale2: Option<Vec<f32>>,
+    pub(crate) cross: Option<CrossAttention>,
+}
+
+/// Cross-attention over a conditioning fixed for an utterance (the reference's
+/// `StreamingMultiheadAttention(cross_attention=True)` with its `norm_cross`): LayerNorm
+/// (eps 1e-5), queries from the first third of `in_proj_weight`, keys and values from the
+/// other two thirds applied to the conditioning, no position embedding and no mask,
+/// `out_proj`, then the residual (with `layer_scale_cross` where layers have scales).
+#[derive(Debug, Clone)]
+pub(crate) struct CrossAttention {
+    pub(crate) norm: Norm,
+    /// `[d, d]`.
+    pub(crate) q_proj: Matrix,
+    /// `[2 * d, d]`: keys then values, each `(head, head_dim)`.
+    pub(crate) kv_proj: Matrix,
+    pub(crate) out_proj: Matrix,
+    pub(crate) scale: Option<Vec<f32>>,
+}
+
+/// A conditioning's keys and values for one layer, per head: `[heads][n][head_dim]`.
+#[derive(Debug, Clone)]
+struct CrossKv {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    n: usize,
 }
 
 impl Layer {
     fn load(lw: &Weights, spec: &TransformerSpec) -> Result<Self> {
         let d = spec.d_model;
-        let n = spec.weights_per_step.max(1);
+        let n = spec.weight_sets();
         let attn = lw.pp("self_attn");
         // Published checkpoints say `in_proj_weight` (steps stacked on the rows); the
         // current reference saves `in_projs.{k}.weight`. Both are accepted, as its load
@@ -339,6 +381,23 @@ impl Layer {
                 Ok(None)
             }
         };
+        let cross = if spec.cross_attention {
+            let ca = lw.pp("cross_attention");
+            let all = ca.get_any(&["in_proj_weight", "in_proj.weight"], &[3 * d, d])?;
+            let part = |from: usize, rows: usize| {
+                Matrix::with_precision(&all.narrow(0, from, rows)?, lw.precision())
+            };
+            Some(CrossAttention {
+                // "Cross attention norm is always a layer norm" (the reference).
+                norm: Norm::load(&lw.pp("norm_cross"), "layer_norm", d)?,
+                q_proj: part(0, d)?,
+                kv_proj: part(d, 2 * d)?,
+                out_proj: ca.matrix("out_proj.weight", &[d, d])?,
+                scale: scale("layer_scale_cross")?,
+            })
+        } else {
+            None
+        };
         Ok(Layer {
             norm1: Norm::load(&lw.pp("norm1"), &spec.norm, d)?,
             norm2: Norm::load(&lw.pp("norm2"), &spec.norm, d)?,
@@ -347,6 +406,7 @@ impl Layer {
             ff,
             scale1: scale("layer_scale_1")?,
             scale2: scale("layer_scale_2")?,
+            cross,
         })
     }
 }
@@ -388,6 +448,19 @@ pub(crate) struct Dims {
     pub(crate) rope: bool,
     pub(crate) max_period: f32,
     pub(crate) weights_per_step: usize,
+    /// Which weight set each step uses (see [`TransformerSpec::weights_schedule`]).
+    pub(crate) schedule: Option<Vec<usize>>,
+}
+
+impl Dims {
+    /// The weight set of step `step` (0 without per-step weights).
+    pub(crate) fn weight_set(&self, step: usize) -> usize {
+        match (&self.schedule, self.weights_per_step) {
+            (_, 0) => 0,
+            (Some(s), _) => s.get(step).copied().unwrap_or(0),
+            (None, _) => step,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -397,6 +470,8 @@ pub struct StreamingTransformer {
     layers: Vec<Layer>,
     /// The streaming state: one ring per layer.
     rings: Vec<RingKv>,
+    /// The conditioning's keys and values, per layer with cross-attention.
+    cross: Vec<Option<CrossKv>>,
     /// Absolute position of the next step.
     offset: usize,
 }
@@ -457,6 +532,18 @@ impl StreamingTransformer {
                 ),
             ));
         }
+        if let Some(sched) = &spec.weights_schedule {
+            if sched.len() != spec.weights_per_step {
+                return Err(Error::config(
+                    w.path(),
+                    format!(
+                        "a weights-per-step schedule of {} steps for {} steps",
+                        sched.len(),
+                        spec.weights_per_step
+                    ),
+                ));
+            }
+        }
         if spec.context.is_none() && spec.weights_per_step == 0 {
             return Err(Error::config(
                 w.path(),
@@ -483,8 +570,10 @@ impl StreamingTransformer {
                 rope: matches!(spec.positional_embedding.as_str(), "rope" | "sin_rope"),
                 max_period: spec.max_period as f32,
                 weights_per_step: spec.weights_per_step,
+                schedule: spec.weights_schedule.clone(),
             },
             sin_embedding,
+            cross: vec![None; layers.len()],
             layers,
             rings: vec![],
             offset: 0,
@@ -554,7 +643,20 @@ impl StreamingTransformer {
         } else {
             vec![]
         };
-        for (layer, kv) in self.layers.iter().zip(self.rings.iter_mut()) {
+        for ((layer, kv), cross) in self
+            .layers
+            .iter()
+            .zip(self.rings.iter_mut())
+            .zip(&self.cross)
+        {
+            if layer.cross.is_some() && cross.is_none() {
+                return Err(Error::InvalidInput(
+                    "a cross-attention transformer stepped without its conditioning \
+                     (set_cross_source)"
+                        .into(),
+                ));
+            }
+            let cross = cross.as_ref();
             if dims.weights_per_step > 0 {
                 // Each step has its own weights: one step at a time.
                 for i in 0..t {
@@ -566,9 +668,10 @@ impl StreamingTransformer {
                     };
                     layer_step(
                         layer,
-                        self.offset + i,
+                        dims.weight_set(self.offset + i),
                         rope_i,
                         kv,
+                        cross,
                         row,
                         1,
                         self.offset + i,
@@ -576,16 +679,56 @@ impl StreamingTransformer {
                     )?;
                 }
             } else {
-                layer_step(layer, 0, &rope, kv, &mut x, t, self.offset, dims)?;
+                layer_step(layer, 0, &rope, kv, cross, &mut x, t, self.offset, dims)?;
             }
         }
         self.offset += t;
         Ok(x)
     }
 
+    /// Sets the conditioning every cross-attention layer attends to (`n` rows of
+    /// `d_model`), computing its keys and values once; it holds until set again (a reset
+    /// keeps it).
+    pub fn set_cross_source(&mut self, src: &[f32], n: usize) -> Result<()> {
+        let d = self.dims.d_model;
+        if n == 0 || src.len() != n * d {
+            return Err(Error::InvalidInput(format!(
+                "a cross-attention source of {} values for {n} rows of {d}",
+                src.len()
+            )));
+        }
+        let (heads, hd) = (self.dims.num_heads, self.dims.head_dim);
+        for (layer, slot) in self.layers.iter().zip(self.cross.iter_mut()) {
+            let Some(c) = &layer.cross else { continue };
+            let kv = c.kv_proj.matmul_t(src, n)?;
+            let mut k = vec![0f32; n * d];
+            let mut v = vec![0f32; n * d];
+            for (j, row) in kv.chunks_exact(2 * d).enumerate() {
+                for h in 0..heads {
+                    let dst = (h * n + j) * hd;
+                    k[dst..dst + hd].copy_from_slice(&row[h * hd..(h + 1) * hd]);
+                    v[dst..dst + hd].copy_from_slice(&row[d + h * hd..d + (h + 1) * hd]);
+                }
+            }
+            *slot = Some(CrossKv { k, v, n });
+        }
+        Ok(())
+    }
+
+    /// Whether the layers have cross-attention (and so need [`Self::set_cross_source`]).
+    pub fn has_cross_attention(&self) -> bool {
+        self.layers.iter().any(|l| l.cross.is_some())
+    }
+
     pub fn set_precision(&mut self, precision: WeightPrecision) -> Result<()> {
         let mut quantized = false;
         for l in &mut self.layers {
+            if let Some(c) = &mut l.cross {
+                for m in [&mut c.q_proj, &mut c.kv_proj, &mut c.out_proj] {
+                    m.set_precision(precision)?;
+                    quantized |= m.is_quantized();
+                }
+            }
             for m in l.in_proj.iter_mut().chain(l.out_proj.iter_mut()) {
                 m.set_precision(precision)?;
                 quantized |= m.is_quantized();
@@ -619,6 +762,11 @@ impl StreamingTransformer {
                 l.in_proj
                     .iter()
                     .chain(&l.out_proj)
+                    .chain(
+                        l.cross
+                            .iter()
+                            .flat_map(|c| [&c.q_proj, &c.kv_proj, &c.out_proj]),
+                    )
                     .map(Matrix::size_in_bytes)
                     .sum::<usize>()
                     + l.ff
@@ -642,7 +790,13 @@ impl StreamingTransformer {
         self.rings
             .iter()
             .map(|r| r.k.bytes() + r.v.bytes() + r.pos.len() * 8)
-            .sum()
+            .sum::<usize>()
+            + self
+                .cross
+                .iter()
+                .flatten()
+                .map(|c| (c.k.len() + c.v.len()) * 4)
+                .sum::<usize>()
     }
 }
 
@@ -688,11 +842,13 @@ fn apply_rope(v: &mut [f32], table: &[(f32, f32)]) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn layer_step(
     layer: &Layer,
     weights_index: usize,
     rope: &[Vec<(f32, f32)>],
     kv: &mut RingKv,
+    cross: Option<&CrossKv>,
     x: &mut [f32],
     t: usize,
     offset: usize,
@@ -782,10 +938,54 @@ fn layer_step(
     }
     let update = layer.out_proj[widx].matmul_t(&attn, t)?;
     residual_add(x, &update, layer.scale1.as_deref(), d);
+    if let (Some(c), Some(src)) = (&layer.cross, cross) {
+        cross_block(c, src, x, t, dims)?;
+    }
     // Feed-forward block.
     let h = layer.norm2.forward(x, d);
     let update = layer.ff[weights_index.min(layer.ff.len() - 1)].forward(&h, t)?;
     residual_add(x, &update, layer.scale2.as_deref(), d);
+    Ok(())
+}
+
+/// The cross-attention block on `t` rows of `x`, in place.
+fn cross_block(
+    c: &CrossAttention,
+    src: &CrossKv,
+    x: &mut [f32],
+    t: usize,
+    dims: &Dims,
+) -> Result<()> {
+    let (d, hd, n) = (dims.d_model, dims.head_dim, src.n);
+    let h = c.norm.forward(x, d);
+    let q = c.q_proj.matmul_t(&h, t)?;
+    let inv_sqrt = 1.0 / (hd as f32).sqrt();
+    let mut attn = vec![0f32; t * d];
+    let mut probs = vec![0f32; n];
+    for (qrow, out) in q.chunks_exact(d).zip(attn.chunks_exact_mut(d)) {
+        for head in 0..dims.num_heads {
+            let qh = &qrow[head * hd..(head + 1) * hd];
+            let keys = &src.k[head * n * hd..(head + 1) * n * hd];
+            let values = &src.v[head * n * hd..(head + 1) * n * hd];
+            let mut max = f32::NEG_INFINITY;
+            for (p, k) in probs.iter_mut().zip(keys.chunks_exact(hd)) {
+                *p = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * inv_sqrt;
+                max = max.max(*p);
+            }
+            let mut sum = 0f32;
+            for p in probs.iter_mut() {
+                *p = (*p - max).exp();
+                sum += *p;
+            }
+            let o = &mut out[head * hd..(head + 1) * hd];
+            for (p, v) in probs.iter().zip(values.chunks_exact(hd)) {
+                let w = p / sum;
+                o.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
+            }
+        }
+    }
+    let update = c.out_proj.matmul_t(&attn, t)?;
+    residual_add(x, &update, c.scale.as_deref(), d);
     Ok(())
 }
 
@@ -797,5 +997,177 @@ fn residual_add(x: &mut [f32], update: &[f32], scale: Option<&[f32]>, d: usize) 
             }
         }
         None => x.iter_mut().zip(update).for_each(|(xv, u)| *xv += u),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(cross: bool) -> TransformerSpec {
+        TransformerSpec {
+            d_model: 16,
+            num_heads: 2,
+            num_layers: 2,
+            dim_feedforward: 32,
+            norm: "rms_norm_f32".into(),
+            gating: "silu".into(),
+            layer_scale: false,
+            positional_embedding: "rope".into(),
+            positional_scale: 1.0,
+            max_period: 10_000.0,
+            context: Some(4),
+            weights_per_step: 0,
+            weights_schedule: None,
+            cross_attention: cross,
+        }
+    }
+
+    fn rows(seed: u32, n: usize, d: usize) -> Vec<f32> {
+        (0..n * d)
+            .map(|i| {
+                (((i as u32 + 1).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Cross-attention attends over the whole conditioning with no position and no mask:
+    /// the order of its rows does not matter, its content does, and a transformer with
+    /// it refuses to run without one.
+    #[test]
+    fn cross_attention_sees_the_conditioning_as_a_set() {
+        let d = 16;
+        let w = Weights::random(7);
+        let mut t = StreamingTransformer::load(&w, &spec(true)).expect("load");
+        assert!(t.has_cross_attention());
+        let x = rows(1, 3, d);
+        let err = t.step(&x, 3).expect_err("no conditioning");
+        assert!(err.to_string().contains("set_cross_source"), "{err}");
+        let src = rows(2, 5, d);
+        let mut reversed: Vec<f32> = src.chunks(d).rev().flatten().copied().collect();
+        t.set_cross_source(&src, 5).expect("source");
+        t.reset();
+        let a = t.step(&x, 3).expect("step");
+        t.set_cross_source(&reversed, 5).expect("source");
+        t.reset();
+        let b = t.step(&x, 3).expect("step");
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-5, "row order changed the output by {diff}");
+        reversed[0] += 1.0;
+        t.set_cross_source(&reversed, 5).expect("source");
+        t.reset();
+        let c = t.step(&x, 3).expect("step");
+        let diff = a
+            .iter()
+            .zip(&c)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(diff > 1e-3, "the conditioning did not matter ({diff})");
+        assert!(t.set_cross_source(&src[..7], 1).is_err());
+        // Without cross-attention the same weights give another result: the block runs.
+        let mut plain =
+            StreamingTransformer::load(&Weights::random(7), &spec(false)).expect("load");
+        let p = plain.step(&x, 3).expect("step");
+        let diff = a
+            .iter()
+            .zip(&p)
+            .map(|(u, v)| (u - v).abs())
+            .fold(0f32, f32::max);
+        assert!(diff > 1e-3, "cross-attention changed nothing ({diff})");
+    }
+
+    /// A conditioning of one row: each head's attention is that row's value, so the block
+    /// adds `out_proj(v)` whatever the query.
+    #[test]
+    fn cross_attention_over_one_row_adds_its_value() {
+        let d = 16;
+        let layer_spec = TransformerSpec {
+            num_layers: 1,
+            ..spec(true)
+        };
+        let mut t = StreamingTransformer::load(&Weights::random(3), &layer_spec).expect("load");
+        let src = rows(5, 1, d);
+        t.set_cross_source(&src, 1).expect("source");
+        let c = t.layers[0].cross.clone().expect("cross");
+        let kv = c.kv_proj.matmul_t(&src, 1).expect("kv");
+        let want = c.out_proj.matmul_t(&kv[d..], 1).expect("out");
+        let dims = t.dims.clone();
+        let src_kv = t.cross[0].clone().expect("kv");
+        for seed in [11, 12] {
+            let mut x = rows(seed, 1, d);
+            let before = x.clone();
+            cross_block(&c, &src_kv, &mut x, 1, &dims).expect("block");
+            for i in 0..d {
+                assert!((x[i] - before[i] - want[i]).abs() < 1e-5, "{i}");
+            }
+        }
+    }
+
+    /// A schedule gives several steps one weight set: steps that share a set compute
+    /// what the set computes, and the sets are `max + 1`.
+    #[test]
+    fn a_weights_schedule_shares_sets_between_steps() {
+        let d = 16;
+        let sched = TransformerSpec {
+            context: None,
+            positional_embedding: "none".into(),
+            weights_per_step: 4,
+            weights_schedule: Some(vec![0, 1, 1, 1]),
+            ..spec(false)
+        };
+        assert_eq!(sched.weight_sets(), 2);
+        let t = StreamingTransformer::load(&Weights::random(9), &sched).expect("load");
+        assert!(t
+            .layers
+            .iter()
+            .all(|l| l.in_proj.len() == 2 && l.ff.len() == 2));
+        assert_eq!(t.dims.weight_set(0), 0);
+        assert_eq!(t.dims.weight_set(3), 1);
+        // The same transformer with the sets written out per step and no schedule
+        // computes the same at every step.
+        let mut expanded = t.clone();
+        for l in &mut expanded.layers {
+            l.in_proj = [0, 1, 1, 1].iter().map(|&k| l.in_proj[k].clone()).collect();
+            l.out_proj = [0, 1, 1, 1]
+                .iter()
+                .map(|&k| l.out_proj[k].clone())
+                .collect();
+            l.ff = [0, 1, 1, 1].iter().map(|&k| l.ff[k].clone()).collect();
+        }
+        expanded.dims.schedule = None;
+        let mut t = t;
+        for k in 0..4 {
+            let x = rows(4 + k as u32, 1, d);
+            let a = t.step(&x, 1).expect("step");
+            let b = expanded.step(&x, 1).expect("step");
+            assert_eq!(a, b, "step {k}");
+        }
+        // Sets differ: set 0 and set 1 give different outputs for the same history.
+        let mut only0 = expanded.clone();
+        only0.reset();
+        for l in &mut only0.layers {
+            l.in_proj[1] = l.in_proj[0].clone();
+        }
+        t.reset();
+        let x = rows(4, 1, d);
+        t.step(&x, 1).expect("step");
+        only0.step(&x, 1).expect("step");
+        let a = t.step(&x, 1).expect("step");
+        let b = only0.step(&x, 1).expect("step");
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(diff > 1e-4, "set 1 is set 0 ({diff})");
+        let bad = TransformerSpec {
+            weights_schedule: Some(vec![0, 1]),
+            ..sched
+        };
+        assert!(StreamingTransformer::load(&Weights::random(9), &bad).is_err());
     }
 }

@@ -417,6 +417,8 @@ impl LmConfig {
             max_period: self.max_period,
             context: self.context,
             weights_per_step: 0,
+            weights_schedule: None,
+            cross_attention: false,
         }
     }
 
@@ -444,6 +446,8 @@ impl LmConfig {
             } else {
                 0
             },
+            weights_schedule: self.depformer_weights_per_step_schedule.clone(),
+            cross_attention: false,
         }
     }
 }

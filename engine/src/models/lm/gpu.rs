@@ -162,8 +162,15 @@ impl Builder<'_> {
         pos: &Res,
     ) -> Result<()> {
         let (dims, _, layers) = t.parts();
+        if t.has_cross_attention() {
+            return Err(crate::Error::InvalidInput(
+                "cross-attention (the TTS) does not run on the GPU yet: use --device cpu".into(),
+            ));
+        }
         let d = dims.d_model;
         let cap = ring_capacity(t);
+        // `widx` is a step; a schedule may give several steps one weight set.
+        let widx = dims.weight_set(widx);
         for (i, (layer, (kr, vr))) in layers.iter().zip(rings).enumerate() {
             let w = widx.min(layer.in_proj.len() - 1);
             self.norm(&layer.norm1, d, x, &s.h);

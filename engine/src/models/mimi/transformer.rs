@@ -54,6 +54,8 @@ impl ProjectedTransformer {
             max_period: cfg.max_period,
             context: cfg.context,
             weights_per_step: 0,
+            weights_schedule: None,
+            cross_attention: false,
         };
         Ok(Self {
             input_proj,
