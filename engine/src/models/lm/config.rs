@@ -285,10 +285,6 @@ impl LmConfig {
                 && self.fuser.is_none(),
             "conditioned models (TTS) are not supported yet",
         )?;
-        check(
-            !self.demux_second_text_stream,
-            "demux_second_stream (the TTS's two text streams) is not supported yet",
-        )?;
         check(!self.norm_emb, "norm_emb is not supported")?;
         check(
             self.context.is_some(),
@@ -297,13 +293,19 @@ impl LmConfig {
         // Without a depformer (dep_q 0, the STT models) the reference builds none, so
         // its keys describe nothing and are not judged.
         if self.dep_q > 0 {
+            if let Some(s) = &self.depformer_weights_per_step_schedule {
+                check(
+                    self.depformer_weights_per_step
+                        && s.len() == self.dep_q
+                        && s.iter().all(|&k| k < self.dep_q),
+                    "depformer_weights_per_step_schedule needs depformer_weights_per_step and \
+                     one weight set below dep_q for each of the dep_q steps",
+                )?;
+            }
             check(
-                self.depformer_weights_per_step_schedule.is_none(),
-                "depformer_weights_per_step_schedule is not supported yet",
-            )?;
-            check(
-                self.depformer_low_rank_embeddings.is_none(),
-                "depformer_low_rank_embeddings is not supported yet",
+                self.depformer_low_rank_embeddings
+                    .is_none_or(|r| (1..=MAX_DIM).contains(&r)),
+                "depformer_low_rank_embeddings must be between 1 and 65536",
             )?;
             check(
                 self.depformer_norm.is_none(),
@@ -474,9 +476,12 @@ mod tests {
 
     #[test]
     fn published_key_names_and_unknown_keys() {
-        // The TTS's published name for the second text stream is read.
-        let err = parse(&format!(r#"{{{BASE}, "demux_second_stream": true}}"#)).expect_err("tts");
-        assert!(err.contains("demux_second_stream"), "{err}");
+        // The TTS's published name for the second text stream is read; the TTS itself
+        // (cross-attention) is refused by name.
+        let cfg = parse(&format!(r#"{{{BASE}, "demux_second_stream": true}}"#)).expect("demux");
+        assert!(cfg.demux_second_text_stream);
+        let err = parse(&format!(r#"{{{BASE}, "cross_attention": true}}"#)).expect_err("tts");
+        assert!(err.contains("cross-attention"), "{err}");
         // Metadata, training switches and neutral values pass.
         let cfg = parse(&format!(
             r#"{{{BASE}, "model_id": {{"sig": "x"}}, "mimi_name": "m", "gradient_checkpointing": true,

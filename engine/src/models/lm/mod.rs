@@ -20,22 +20,74 @@ use crate::{Error, Result};
 /// Token id meaning "no input here": its embedding is zero (the reference's `zero_idx`).
 pub const ZERO_TOKEN: i64 = -1;
 
-/// An embedding table; row `i` is token `i`'s vector.
+/// An embedding table (the reference's `ScaledEmbedding`): row `i` is token `i`'s vector,
+/// optionally of a lower rank raised by a linear map, optionally demultiplexing two text
+/// streams from one id.
 #[derive(Debug, Clone)]
 struct Embedding {
     table: Matrix,
+    /// `[dim, rank]`: applied after the lookup (`low_rank`; not with `demux`).
+    low_rank: Option<Matrix>,
+    /// The TTS's two text streams in one id, `(second + 1) * rows + first`: `out1` maps
+    /// the first's row, `out2` the second's (none when `second` is -1).
+    demux: Option<(Matrix, Matrix)>,
 }
 
 impl Embedding {
     fn load(w: &Weights, rows: usize, dim: usize) -> Result<Self> {
+        Self::load_with(w, rows, dim, None, false)
+    }
+
+    /// `low_rank`: the table's width when lower than `dim`; `demux`: two streams per id.
+    fn load_with(
+        w: &Weights,
+        rows: usize,
+        dim: usize,
+        low_rank: Option<usize>,
+        demux: bool,
+    ) -> Result<Self> {
         // Tables are read a row at a time: bf16 at most, never quantized.
         let precision = match w.precision() {
             WeightPrecision::F32 => WeightPrecision::F32,
             _ => WeightPrecision::Bf16,
         };
+        let width = low_rank.unwrap_or(dim);
+        let table = Matrix::with_precision(&w.get("weight", &[rows, width])?, precision)?;
+        let linear = |name: &str| -> Result<Matrix> {
+            Matrix::with_precision(&w.get(name, &[dim, width])?, precision)
+        };
+        let (low_rank, demux) = match (low_rank.is_some(), demux) {
+            (_, true) => {
+                // The reference builds `low_rank` here too but never applies it.
+                if low_rank.is_some() {
+                    w.skip("low_rank.weight");
+                }
+                (None, Some((linear("out1.weight")?, linear("out2.weight")?)))
+            }
+            (true, false) => (Some(linear("low_rank.weight")?), None),
+            (false, false) => (None, None),
+        };
         Ok(Self {
-            table: Matrix::with_precision(&w.get("weight", &[rows, dim])?, precision)?,
+            table,
+            low_rank,
+            demux,
         })
+    }
+
+    fn check(&self, id: i64, limit: usize) -> Result<usize> {
+        if id < 0 || id as usize >= limit {
+            return Err(Error::InvalidInput(format!(
+                "token {id} is outside this embedding's 0..{limit}"
+            )));
+        }
+        Ok(id as usize)
+    }
+
+    /// The table's row `i` (its own width).
+    fn row(&self, i: usize) -> Result<Vec<f32>> {
+        let mut r = vec![0f32; self.table.cols()];
+        self.table.add_row_to(i, &mut r)?;
+        Ok(r)
     }
 
     /// Adds token `id`'s vector to `out` (nothing for [`ZERO_TOKEN`]).
@@ -43,13 +95,24 @@ impl Embedding {
         if id == ZERO_TOKEN {
             return Ok(());
         }
-        if id < 0 || id as usize >= self.table.rows() {
-            return Err(Error::InvalidInput(format!(
-                "token {id} is outside this embedding's 0..{}",
-                self.table.rows()
-            )));
+        let rows = self.table.rows();
+        let add = |m: &Matrix, row: &[f32], out: &mut [f32]| -> Result<()> {
+            let y = m.matmul_t(row, 1)?;
+            out.iter_mut().zip(&y).for_each(|(o, y)| *o += y);
+            Ok(())
+        };
+        match (&self.demux, &self.low_rank) {
+            (Some((out1, out2)), _) => {
+                let id = self.check(id, rows * (rows + 1))?;
+                add(out1, &self.row(id % rows)?, out)?;
+                if let Some(second) = (id / rows).checked_sub(1) {
+                    add(out2, &self.row(second)?, out)?;
+                }
+                Ok(())
+            }
+            (None, Some(low)) => add(low, &self.row(self.check(id, rows)?)?, out),
+            (None, None) => self.table.add_row_to(self.check(id, rows)?, out),
         }
-        self.table.add_row_to(id as usize, out)
     }
 }
 
@@ -83,8 +146,11 @@ impl Linear {
 
 #[derive(Debug, Clone)]
 struct Depformer {
-    /// One input projection per generated codebook (multi-linear), or one shared.
+    /// One input projection per generated codebook (multi-linear; per weight set under a
+    /// schedule), or one shared.
     inputs: Vec<Matrix>,
+    /// Which input projection (and transformer weight set) each codebook uses.
+    schedule: Option<Vec<usize>>,
     /// Embeddings of the previous token: text for codebook 0, then codebooks 0..dep_q-1.
     text_emb: Embedding,
     emb: Vec<Embedding>,
@@ -143,6 +209,7 @@ impl LmModel {
                         .iter()
                         .map(|s| s.matrix("linear_in.weight", &[dd, d]))
                         .collect::<Result<_>>()?,
+                    schedule: None,
                     text_emb: Embedding::load(&slices[0].pp("emb"), vocab(0), dd)?,
                     emb: (1..cfg.dep_q)
                         .map(|k| Embedding::load(&slices[k].pp("emb"), vocab(k), dd))
@@ -161,20 +228,38 @@ impl LmModel {
                 })
             } else {
                 let n_in = if cfg.depformer_multi_linear {
-                    cfg.dep_q
+                    // The reference: one per codebook, or one per weight set under a schedule.
+                    match &spec.weights_schedule {
+                        Some(_) => spec.weight_sets(),
+                        None => cfg.dep_q,
+                    }
                 } else {
                     1
                 };
+                let low = cfg.depformer_low_rank_embeddings;
                 Some(Depformer {
                     inputs: (0..n_in)
                         .map(|k| w.matrix(&format!("depformer_in.{k}.weight"), &[dd, d]))
                         .collect::<Result<_>>()?,
-                    text_emb: Embedding::load(&w.pp("depformer_text_emb"), cfg.text_card + 1, dd)?,
+                    text_emb: Embedding::load_with(
+                        &w.pp("depformer_text_emb"),
+                        cfg.text_card + 1,
+                        dd,
+                        low,
+                        cfg.demux_second_text_stream,
+                    )?,
                     emb: (0..cfg.dep_q - 1)
                         .map(|k| {
-                            Embedding::load(&w.pp(format!("depformer_emb.{k}")), cfg.card + 1, dd)
+                            Embedding::load_with(
+                                &w.pp(format!("depformer_emb.{k}")),
+                                cfg.card + 1,
+                                dd,
+                                low,
+                                false,
+                            )
                         })
                         .collect::<Result<_>>()?,
+                    schedule: spec.weights_schedule.clone(),
                     transformer: StreamingTransformer::load(&w.pp("depformer"), &spec)?,
                     heads: (0..cfg.dep_q)
                         .map(|k| {
@@ -189,7 +274,13 @@ impl LmModel {
             None
         };
         let model = Self {
-            text_emb: Embedding::load(&w.pp("text_emb"), cfg.text_card + 1, d)?,
+            text_emb: Embedding::load_with(
+                &w.pp("text_emb"),
+                cfg.text_card + 1,
+                d,
+                None,
+                cfg.demux_second_text_stream,
+            )?,
             emb: (0..cfg.n_q)
                 .map(|k| Embedding::load(&w.pp(format!("emb.{k}")), cfg.card + 1, d))
                 .collect::<Result<_>>()?,
@@ -263,7 +354,8 @@ impl LmModel {
         let mut prev = text_token;
         let mut out = Vec::with_capacity(dep.heads.len());
         for k in 0..dep.heads.len() {
-            let input = &dep.inputs[k.min(dep.inputs.len() - 1)];
+            let which = dep.schedule.as_ref().map_or(k, |s| s[k]);
+            let input = &dep.inputs[which.min(dep.inputs.len() - 1)];
             let mut x = input.matmul_t(hidden, 1)?;
             if k == 0 {
                 dep.text_emb.add_to(prev, &mut x)?;
@@ -336,4 +428,59 @@ pub(crate) fn softmax(x: &[f32]) -> Vec<f32> {
     let e: Vec<f32> = x.iter().map(|v| (v - max).exp()).collect();
     let sum: f32 = e.iter().sum();
     e.iter().map(|v| v / sum).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vec_of(e: &Embedding, id: i64, dim: usize) -> Vec<f32> {
+        let mut v = vec![0f32; dim];
+        e.add_to(id, &mut v).expect("embed");
+        v
+    }
+
+    fn close(a: &[f32], b: &[f32]) -> bool {
+        a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5)
+    }
+
+    /// The TTS's two text streams in one id: `out1` of the first's row plus `out2` of the
+    /// second's, nothing from a second of -1; ids beyond both streams are refused.
+    #[test]
+    fn a_demuxed_embedding_adds_both_streams() {
+        let (rows, dim, rank) = (5, 6, 3);
+        for low in [None, Some(rank)] {
+            let w = Weights::random(3);
+            let e = Embedding::load_with(&w.pp("t"), rows, dim, low, true).expect("load");
+            let (out1, out2) = e.demux.clone().expect("demux");
+            let part = |m: &Matrix, i: usize| m.matmul_t(&e.row(i).expect("row"), 1).expect("mm");
+            // first 2, no second
+            assert!(close(&vec_of(&e, 2, dim), &part(&out1, 2)));
+            // first 4, second 1: id (1 + 1) * 5 + 4
+            let both: Vec<f32> = part(&out1, 4)
+                .iter()
+                .zip(part(&out2, 1))
+                .map(|(a, b)| a + b)
+                .collect();
+            assert!(close(&vec_of(&e, 14, dim), &both));
+            assert!(vec_of(&e, ZERO_TOKEN, dim).iter().all(|&v| v == 0.0));
+            let mut out = vec![0f32; dim];
+            assert!(e.add_to(30, &mut out).is_err());
+            assert!(e.add_to(-2, &mut out).is_err());
+        }
+    }
+
+    /// A low-rank table is raised to the model's width by its linear map.
+    #[test]
+    fn a_low_rank_embedding_is_raised_by_its_map() {
+        let (rows, dim, rank) = (7, 8, 2);
+        let w = Weights::random(4);
+        let e = Embedding::load_with(&w.pp("e"), rows, dim, Some(rank), false).expect("load");
+        assert_eq!(e.table.cols(), rank);
+        let low = e.low_rank.clone().expect("low rank");
+        let want = low.matmul_t(&e.row(3).expect("row"), 1).expect("mm");
+        assert!(close(&vec_of(&e, 3, dim), &want));
+        let mut out = vec![0f32; dim];
+        assert!(e.add_to(7, &mut out).is_err());
+    }
 }
