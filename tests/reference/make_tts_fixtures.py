@@ -449,9 +449,10 @@ def main() -> None:
     described = []
     for key, c in cases.items():
         s, v = int(key[1]), key.split("_", 1)[1]
-        np.save(OUT / f"{key}_tokens.npy", c["frames"])
-        np.save(OUT / f"{key}_text_log.npy", c["text_log"])
-        np.save(OUT / f"{key}_text_logits.npy", c["text_logits"])
+        # C order: readers of .npy files (candle) may not take Fortran order.
+        np.save(OUT / f"{key}_tokens.npy", np.ascontiguousarray(c["frames"]))
+        np.save(OUT / f"{key}_text_log.npy", np.ascontiguousarray(c["text_log"]))
+        np.save(OUT / f"{key}_text_logits.npy", np.ascontiguousarray(c["text_logits"]))
         write_wav(OUT / f"{key}_audio.wav", c["pcm"])
         steps = c["text_log"].shape[1]
         described.append({

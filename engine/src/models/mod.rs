@@ -9,5 +9,6 @@ pub mod smart_turn;
 pub mod stt;
 pub mod tokenizer;
 pub mod transformer;
+pub mod tts;
 pub mod vad;
 pub mod weights;

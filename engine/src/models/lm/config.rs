@@ -244,11 +244,23 @@ impl LmConfig {
     }
 
     /// Reads the LM part of a model's `config.json` and checks that it can run here.
+    /// A text-to-speech model's config is checked as one (`validate_tts`) when its
+    /// `model_type` says `tts`.
     pub fn from_json_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::config(path, e))?;
-        cfg.validate().map_err(|r| Error::config(path, r))?;
+        if cfg.is_tts() {
+            cfg.validate_tts()
+        } else {
+            cfg.validate()
+        }
+        .map_err(|r| Error::config(path, r))?;
         Ok(cfg)
+    }
+
+    /// `model_type: "tts"` (what Kyutai's TTS config.json says).
+    pub fn is_tts(&self) -> bool {
+        self.other.get("model_type").and_then(Value::as_str) == Some("tts")
     }
 
     /// Streams in total: the text stream and `n_q` audio codebooks.
@@ -257,6 +269,23 @@ impl LmConfig {
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
+        self.validate_as(false)
+    }
+
+    /// Like [`Self::validate`], for a text-to-speech model: cross-attention and the
+    /// conditioners are then expected ([`crate::models::tts`] reads them).
+    pub fn validate_tts(&self) -> std::result::Result<(), String> {
+        if !self.cross_attention || self.conditioners.is_none() || self.dep_q == 0 {
+            return Err(
+                "not a text-to-speech model (it needs cross_attention, conditioners and a \
+                 depformer)"
+                    .into(),
+            );
+        }
+        self.validate_as(true)
+    }
+
+    fn validate_as(&self, tts: bool) -> std::result::Result<(), String> {
         let check = |ok: bool, msg: &str| if ok { Ok(()) } else { Err(msg.to_string()) };
         check(self.num_layers > 0, "num_layers must be set")?;
         check(
@@ -275,15 +304,16 @@ impl LmConfig {
             "kv_repeat other than 1 is not supported yet",
         )?;
         check(
-            !self.cross_attention,
-            "cross-attention models (TTS) are not supported yet",
+            tts || !self.cross_attention,
+            "cross-attention models (TTS) are not supported here: use `parley tts`",
         )?;
         check(
-            self.conditioners
+            tts || (self
+                .conditioners
                 .as_ref()
                 .is_none_or(|c| c.as_object().is_none_or(|o| o.is_empty()))
-                && self.fuser.is_none(),
-            "conditioned models (TTS) are not supported yet",
+                && self.fuser.is_none()),
+            "conditioned models (TTS) are not supported here: use `parley tts`",
         )?;
         check(!self.norm_emb, "norm_emb is not supported")?;
         check(
@@ -420,7 +450,7 @@ impl LmConfig {
             context: self.context,
             weights_per_step: 0,
             weights_schedule: None,
-            cross_attention: false,
+            cross_attention: self.cross_attention,
         }
     }
 

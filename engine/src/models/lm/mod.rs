@@ -176,6 +176,8 @@ pub struct LmModel {
     text_linear: Linear,
     extra_heads: Vec<Matrix>,
     depformer: Option<Depformer>,
+    /// Added to every step's input (the TTS's summed conditions).
+    input_bias: Option<Vec<f32>>,
 }
 
 impl LmModel {
@@ -296,6 +298,7 @@ impl LmModel {
                 })
                 .collect::<Result<_>>()?,
             depformer,
+            input_bias: None,
             cfg,
         };
         w.finish()?;
@@ -304,6 +307,26 @@ impl LmModel {
 
     pub fn config(&self) -> &LmConfig {
         &self.cfg
+    }
+
+    /// Adds `bias` (`dim` values) to every step's input, or nothing (the TTS's summed
+    /// conditions: the `sum` fuser).
+    pub fn set_input_bias(&mut self, bias: Option<Vec<f32>>) -> Result<()> {
+        if bias.as_ref().is_some_and(|b| b.len() != self.cfg.dim) {
+            return Err(Error::InvalidInput(format!(
+                "an input bias of {} values for a model of dim {}",
+                bias.map_or(0, |b| b.len()),
+                self.cfg.dim
+            )));
+        }
+        self.input_bias = bias;
+        Ok(())
+    }
+
+    /// The conditioning the temporal transformer's cross-attention reads (`n` rows of
+    /// `dim`), its keys and values computed once.
+    pub fn set_cross_source(&mut self, src: &[f32], n: usize) -> Result<()> {
+        self.transformer.set_cross_source(src, n)
     }
 
     /// One step of the temporal transformer. `tokens`: the text token then one token per
@@ -321,6 +344,9 @@ impl LmModel {
             emb.add_to(tok, &mut x)?;
         }
         self.text_emb.add_to(tokens[0], &mut x)?;
+        if let Some(b) = &self.input_bias {
+            x.iter_mut().zip(b).for_each(|(x, b)| *x += b);
+        }
         let y = self.transformer.step(&x, 1)?;
         let hidden = self.out_norm.forward(&y, self.cfg.dim);
         let text_logits = self.text_linear.forward(&hidden)?;

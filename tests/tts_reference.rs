@@ -1,0 +1,160 @@
+//! The TTS model against the reference (`tests/reference/make_tts_fixtures.py`: a tiny
+//! random-weight Kyutai TTS built with the official package's classes, run greedily on
+//! two sentences with two voices). Step by step, with the reference's own inputs fed back
+//! (the text tokens its state machine fed, the audio tokens it sampled): the summed
+//! conditions, the text logits of every step, and every audio token the depformer picks.
+//! This checks the model (cross-attention on the voice, the demuxed text embedding, the
+//! low-rank depformer embeddings, the weight schedule, the ring wrapping) apart from the
+//! text procedure around it.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+use parley_engine::compute::cpu::WeightPrecision;
+use parley_engine::models::lm::LmConfig;
+use parley_engine::models::tts::{TtsModel, Voice};
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tts-tiny")
+}
+
+fn npy(name: &str) -> Tensor {
+    let p = dir().join(name);
+    Tensor::read_npy(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn model() -> TtsModel {
+    let cfg = LmConfig::from_json_file(&dir().join("config.json")).expect("config");
+    TtsModel::load(&dir().join("model.safetensors"), cfg, WeightPrecision::F32).expect("model")
+}
+
+fn voice(name: &str) -> Voice {
+    Voice::load(&dir().join(name)).expect("voice")
+}
+
+/// The fixture's constants (tts_cases.json).
+const INITIAL_TEXT: i64 = 85;
+const INITIAL_AUDIO: i64 = 32;
+const DELAY_STEPS: usize = 16;
+
+#[test]
+fn the_summed_conditions_match() {
+    let m = model();
+    let want: Vec<f32> = npy("condition_sum.npy")
+        .flatten_all()
+        .and_then(|t| t.to_vec1())
+        .expect("f32");
+    let got = m.conditioners.condition_sum("2.0", "ok").expect("sum");
+    assert_eq!(got.len(), want.len());
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-6, "{worst}");
+    let err = m.conditioners.condition_sum("9.0", "ok").expect_err("bin");
+    assert!(err.to_string().contains("1.0, 1.5"), "{err}");
+}
+
+#[test]
+fn every_step_matches_the_reference_with_its_inputs_fed_back() {
+    let mut m = model();
+    let delays = m.lm.config().delays.clone();
+    let n_q = m.lm.config().n_q;
+    let (va, vb) = (voice("voice_a.safetensors"), voice("voice_b.safetensors"));
+    let mut checked_audio = 0;
+    for (case, v) in [
+        ("s0_voice_a", &va),
+        ("s0_voice_b", &vb),
+        ("s1_voice_a", &va),
+        ("s1_voice_b", &vb),
+    ] {
+        m.lm.reset();
+        m.condition(&[v], "2.0").expect("condition");
+        // [1 + n_q, frames]: frame f holds the semantic token sampled at step f and the
+        // acoustic ones sampled at step f + 2 (-1 while masked).
+        let frames: Vec<Vec<i64>> = npy(&format!("{case}_tokens.npy")).to_vec2().expect("i64");
+        let fed: Vec<Vec<i64>> = npy(&format!("{case}_text_log.npy")).to_vec2().expect("i64");
+        let logits: Vec<Vec<f32>> = npy(&format!("{case}_text_logits.npy"))
+            .to_vec2()
+            .expect("f32");
+        let n_frames = frames[0].len();
+        // The token codebook q sampled at step s (after the delay mask), where known.
+        let sampled = |q: usize, s: usize| -> Option<i64> {
+            let f = if q == 0 { s } else { s.checked_sub(2)? };
+            frames.get(1 + q)?.get(f).copied()
+        };
+        // Steps whose inputs are all known: the semantic token of step s is in frame s.
+        let steps = (n_frames + 1).min(logits.len());
+        for t in 0..steps {
+            let mut input = vec![if t == 0 { INITIAL_TEXT } else { fed[1][t - 1] }];
+            for q in 0..n_q {
+                input.push(if t <= delays[q + 1] {
+                    INITIAL_AUDIO
+                } else {
+                    sampled(q, t - 1).expect("known input")
+                });
+            }
+            let out = m.lm.temporal_step(&input).expect("step");
+            let worst = out
+                .text_logits
+                .iter()
+                .zip(&logits[t])
+                .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{case} step {t}: text logits off by {worst}");
+            if t < DELAY_STEPS {
+                continue;
+            }
+            let picked =
+                m.lm.depformer_step(fed[1][t], &out.hidden, |_, l| argmax(l))
+                    .expect("depformer");
+            for (q, &tok) in picked.iter().enumerate() {
+                if t < delays[q + 1] + DELAY_STEPS {
+                    continue; // masked in the reference's output
+                }
+                if let Some(want) = sampled(q, t) {
+                    assert_eq!(tok as i64, want, "{case} step {t} codebook {q}");
+                    checked_audio += 1;
+                }
+            }
+        }
+    }
+    assert!(checked_audio > 300, "{checked_audio} audio tokens checked");
+}
+
+fn argmax(l: &[f32]) -> u32 {
+    l.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0 as u32
+}
+
+#[test]
+fn bad_voices_are_named() {
+    let tmp = std::env::temp_dir().join(format!("parley-tts-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).expect("tmp");
+    // A model file is not a voice.
+    let err = Voice::load(&dir().join("mimi.safetensors")).expect_err("not a voice");
+    assert!(err.to_string().contains("speaker_wavs"), "{err}");
+    let missing = Voice::load(&tmp.join("nope.safetensors")).expect_err("missing");
+    assert!(
+        missing.to_string().contains("nope.safetensors"),
+        "{missing}"
+    );
+    let mut m = model();
+    let v = voice("voice_a.safetensors");
+    let six: Vec<&Voice> = std::iter::repeat_n(&v, 6).collect();
+    assert!(m.condition(&six, "2.0").is_err());
+    assert!(m.condition(&[], "2.0").is_err());
+    // A TTS checkpoint is refused by the STT/Moshi loader, by name.
+    let cfg = LmConfig::from_json_file(&dir().join("config.json")).expect("config");
+    let err = cfg.validate().expect_err("tts");
+    assert!(err.contains("parley tts"), "{err}");
+}
