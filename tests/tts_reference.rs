@@ -158,3 +158,98 @@ fn bad_voices_are_named() {
     let err = cfg.validate().expect_err("tts");
     assert!(err.contains("parley tts"), "{err}");
 }
+
+fn cases() -> serde_json::Value {
+    let text = std::fs::read_to_string(dir().join("tts_cases.json")).expect("cases");
+    serde_json::from_str(&text).expect("json")
+}
+
+/// The whole procedure, greedy, as the reference ran it: the script's words and pauses,
+/// the text fed step by step, every frame of tokens, the end, the transcript's times, and
+/// the decoded speech.
+#[test]
+fn greedy_generation_matches_the_reference() {
+    use parley_engine::models::kyutai_config::ModelDir;
+    use parley_engine::models::tts::{script_to_entries, TtsOptions};
+    let mut m = model();
+    let d = ModelDir::open(&dir()).expect("dir");
+    let tok = d.load_tokenizer().expect("tokenizer");
+    let mut mimi = d.load_mimi().expect("mimi");
+    mimi.set_num_codebooks(8).expect("codebooks");
+    let cases = cases();
+    for c in cases["cases"].as_array().expect("cases") {
+        let name = c["name"].as_str().expect("name");
+        let script: Vec<&str> = c["script"]
+            .as_array()
+            .expect("script")
+            .iter()
+            .map(|s| s.as_str().expect("line"))
+            .collect();
+        let entries = script_to_entries(&tok, &script, 12.5, true, 1).expect("entries");
+        let want_entries: Vec<(Vec<u32>, usize)> = c["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .map(|e| {
+                (
+                    serde_json::from_value(e["tokens"].clone()).expect("tokens"),
+                    e["padding"].as_u64().expect("padding") as usize,
+                )
+            })
+            .collect();
+        let got_entries: Vec<(Vec<u32>, usize)> = entries
+            .iter()
+            .map(|e| (e.tokens.clone(), e.padding))
+            .collect();
+        assert_eq!(got_entries, want_entries, "{name}: entries");
+        let v = voice(c["voice"].as_str().expect("voice"));
+        m.condition(&[&v], c["cfg"].as_str().expect("cfg"))
+            .expect("condition");
+        let opts = TtsOptions {
+            temp: 0.0,
+            ..TtsOptions::default()
+        };
+        let out = m.generate(entries, 12.5, &opts).expect("generate");
+        let log: Vec<Vec<i64>> = npy(&format!("{name}_text_log.npy")).to_vec2().expect("log");
+        let predicted: Vec<i64> = out.predicted.iter().map(|&p| p as i64).collect();
+        let fed: Vec<i64> = out.steps.iter().map(|s| s[0]).collect();
+        assert_eq!(predicted, log[0], "{name}: predicted text");
+        assert_eq!(fed, log[1], "{name}: fed text");
+        assert_eq!(
+            out.end_step,
+            c["end_step"].as_u64().map(|e| e as usize),
+            "{name}"
+        );
+        let frames = out.frames();
+        let want: Vec<Vec<i64>> = npy(&format!("{name}_tokens.npy"))
+            .to_vec2()
+            .expect("tokens");
+        let got: Vec<Vec<i64>> = (0..want.len())
+            .map(|k| frames.iter().map(|f| f[k]).collect())
+            .collect();
+        assert_eq!(got, want, "{name}: frames");
+        let times: Vec<usize> = out.transcript.iter().map(|w| w.1).collect();
+        let want_times: Vec<usize> = c["transcript"]
+            .as_array()
+            .expect("transcript")
+            .iter()
+            .map(|w| w[1].as_u64().expect("step") as usize)
+            .collect();
+        assert_eq!(times, want_times, "{name}: transcript");
+        let pcm = out.decode(&mut mimi).expect("decode");
+        let mut r = hound::WavReader::open(dir().join(format!("{name}_audio.wav"))).expect("wav");
+        let want_pcm: Vec<f32> = r
+            .samples::<i16>()
+            .map(|s| s.expect("sample") as f32 / 32768.0)
+            .collect();
+        assert_eq!(pcm.len(), want_pcm.len(), "{name}: samples");
+        let worst = pcm
+            .iter()
+            .zip(&want_pcm)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        // The fixture holds 16-bit samples: 1.6e-5 of rounding on top of 1e-4.
+        assert!(worst < 1e-4 + 1.6e-5, "{name}: audio off by {worst}");
+        assert!(pcm.iter().any(|v| v.abs() > 1e-3), "{name}: silent");
+    }
+}

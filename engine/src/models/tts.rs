@@ -276,3 +276,446 @@ impl TtsModel {
             .set_input_bias(Some(self.conditioners.condition_sum(cfg, "ok")?))
     }
 }
+
+/// The text stream's special tokens (the reference's `TokenIds`).
+pub mod ids {
+    /// A new word starts.
+    pub const NEW_WORD: u32 = 0;
+    /// The main speaker's turn starts.
+    pub const MAIN: u32 = 1;
+    /// The other speaker's turn starts.
+    pub const OTHER: u32 = 2;
+    /// Nothing happens.
+    pub const PAD: u32 = 3;
+}
+
+/// One word to say (or, with no tokens, a pause of `padding` steps).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    /// Steps during which no new word may start after this one.
+    pub padding: usize,
+}
+
+/// Python's `round` (halves to even), as the reference rounds a break's steps.
+fn round_half_even(x: f64) -> f64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
+        r - x.signum()
+    } else {
+        r
+    }
+}
+
+/// A script's turns as the words the model is fed (the reference's `script_to_entries`):
+/// `’` read as `'`, `:` as a space, parentheses dropped; words split on whitespace;
+/// `<break time="1.5s"/>` a pause of round(1.5 x frame rate) steps; the first word of
+/// each turn led by its speaker's token (main, other, main, ...) when the speaker changes;
+/// each word padded by `padding_between + its tokens - 1` steps.
+pub fn script_to_entries(
+    tokenizer: &crate::models::tokenizer::TextTokenizer,
+    script: &[&str],
+    frame_rate: f64,
+    multi_speaker: bool,
+    padding_between: usize,
+) -> Result<Vec<Entry>> {
+    let mut entries = vec![];
+    let mut last_speaker = None;
+    for (turn, line) in script.iter().enumerate() {
+        let line = line
+            .replace('\u{2019}', "'")
+            .replace(':', " ")
+            .replace(['(', ')'], "");
+        let mut first = true;
+        let mut add = |word: &str, entries: &mut Vec<Entry>| -> Result<()> {
+            let mut tokens = tokenizer.encode(word)?;
+            if tokens.is_empty() {
+                return Err(Error::InvalidInput(format!(
+                    "the word `{word}` has no tokens in this model's tokenizer"
+                )));
+            }
+            if first {
+                let speaker = turn % 2;
+                if multi_speaker && last_speaker != Some(speaker) {
+                    last_speaker = Some(speaker);
+                    tokens.insert(0, [ids::MAIN, ids::OTHER][speaker]);
+                }
+                first = false;
+            }
+            let padding = (padding_between + tokens.len()).saturating_sub(1);
+            let padding = if padding_between > 0 { padding } else { 0 };
+            entries.push(Entry {
+                tokens,
+                text: word.to_string(),
+                padding,
+            });
+            Ok(())
+        };
+        let mut rest = line.as_str();
+        while !rest.is_empty() {
+            match next_event(rest) {
+                Some((start, end, pause)) => {
+                    let word = &rest[..start];
+                    if !word.is_empty() {
+                        add(word, &mut entries)?;
+                    }
+                    if let Some(seconds) = pause {
+                        entries.push(Entry {
+                            tokens: vec![],
+                            text: String::new(),
+                            padding: round_half_even(seconds * frame_rate) as usize,
+                        });
+                    }
+                    rest = &rest[end..];
+                }
+                None => {
+                    add(rest, &mut entries)?;
+                    break;
+                }
+            }
+        }
+    }
+    if !entries.iter().any(|e| !e.tokens.is_empty()) {
+        return Err(Error::InvalidInput("the text has no words to say".into()));
+    }
+    Ok(entries)
+}
+
+/// The first separator in `s`: a run of whitespace, or `<break time="Xs"/>` (X a number
+/// of seconds, at most 60). Returns its span and, for a break, its seconds.
+fn next_event(s: &str) -> Option<(usize, usize, Option<f64>)> {
+    // The leftmost separator, a break tried before whitespace at each position (as the
+    // reference's regular expression).
+    s.char_indices().find_map(|(i, c)| {
+        if let Some((len, secs)) = parse_break(&s[i..]) {
+            Some((i, i + len, Some(secs)))
+        } else if c.is_whitespace() {
+            Some((i, i + whitespace_run(&s[i..]), None))
+        } else {
+            None
+        }
+    })
+}
+
+fn whitespace_run(s: &str) -> usize {
+    s.find(|c: char| !c.is_whitespace()).unwrap_or(s.len())
+}
+
+/// `<break time="1.5s"/>` (spaces as the reference's pattern allows) at the start of `s`:
+/// its length and seconds.
+fn parse_break(s: &str) -> Option<(usize, f64)> {
+    let rest = s.strip_prefix("<break")?;
+    let body = rest.trim_start();
+    if body.len() == rest.len() {
+        return None; // `<break` needs whitespace before `time`
+    }
+    let body = body.strip_prefix("time=\"")?;
+    let num_len = body.find("s\"")?;
+    let secs: f64 = body[..num_len].parse().ok()?;
+    if !(0.0..=60.0).contains(&secs) || !body[..num_len].starts_with(|c: char| c.is_ascii_digit()) {
+        return None;
+    }
+    let after = body[num_len + 2..].trim_start();
+    let after = after.strip_prefix('/').unwrap_or(after);
+    let after = after.strip_prefix('>')?;
+    Some((s.len() - after.len(), secs))
+}
+
+/// Where the text stands (the reference's `State`).
+#[derive(Debug, Clone)]
+pub struct TextState {
+    entries: std::collections::VecDeque<Entry>,
+    remaining_padding: usize,
+    forced_padding: usize,
+    queued: std::collections::VecDeque<u32>,
+    lookahead: std::collections::VecDeque<u32>,
+    /// The step at which a word was asked for after the last one.
+    pub end_step: Option<usize>,
+    /// Each word and the step it was fed at.
+    pub transcript: Vec<(String, usize)>,
+}
+
+/// Turns the model's text predictions into what it is fed (the reference's
+/// `StateMachine`): words are fed when the model asks for one (or when it has padded for
+/// `max_padding` steps), never while a word's tokens are still being fed or its padding
+/// lasts; the word `second_stream_ahead` on goes on the second stream.
+#[derive(Debug, Clone, Copy)]
+pub struct StateMachine {
+    /// Multiplexing base: the text vocabulary with its initial token (`text_card + 1`).
+    pub card: u32,
+    pub second_stream_ahead: usize,
+    pub max_padding: usize,
+    pub initial_padding: usize,
+}
+
+impl StateMachine {
+    pub fn new_state(&self, entries: Vec<Entry>) -> TextState {
+        TextState {
+            entries: entries.into(),
+            remaining_padding: self.initial_padding,
+            forced_padding: self.initial_padding,
+            queued: Default::default(),
+            lookahead: Default::default(),
+            end_step: None,
+            transcript: vec![],
+        }
+    }
+
+    /// The text token to feed after the model predicted `token` at `step`.
+    pub fn process(&self, step: usize, st: &mut TextState, token: u32) -> i64 {
+        let mut token = if token == ids::NEW_WORD {
+            ids::NEW_WORD
+        } else {
+            ids::PAD
+        };
+        if !st.queued.is_empty() || st.forced_padding > 0 {
+            token = ids::PAD;
+        } else if st.remaining_padding == 0 {
+            token = ids::NEW_WORD;
+        }
+        if token == ids::NEW_WORD {
+            match st.entries.pop_front() {
+                Some(entry) => {
+                    if entry.tokens.is_empty() {
+                        token = ids::PAD; // a pause
+                    } else {
+                        st.transcript.push((entry.text.clone(), step));
+                        st.queued.extend(&entry.tokens);
+                        if self.second_stream_ahead > 0 {
+                            let ahead = st
+                                .entries
+                                .iter()
+                                .filter(|e| !e.tokens.is_empty())
+                                .nth(self.second_stream_ahead - 1);
+                            if let Some(e) = ahead {
+                                st.lookahead.extend(&e.tokens);
+                            }
+                        }
+                        st.remaining_padding = self.max_padding;
+                    }
+                    st.forced_padding = entry.padding;
+                }
+                None => {
+                    token = if self.second_stream_ahead > 0 && st.end_step.is_none() {
+                        ids::NEW_WORD
+                    } else {
+                        ids::PAD
+                    };
+                    st.end_step.get_or_insert(step);
+                }
+            }
+        }
+        let mut output = if token == ids::PAD {
+            st.remaining_padding = st.remaining_padding.saturating_sub(1);
+            st.forced_padding = st.forced_padding.saturating_sub(1);
+            st.queued.pop_front().unwrap_or(ids::PAD)
+        } else {
+            ids::NEW_WORD
+        } as i64;
+        if self.second_stream_ahead > 0 {
+            let mut second = -1i64;
+            if output == ids::NEW_WORD as i64 {
+                second = ids::NEW_WORD as i64;
+                output = st.queued.pop_front().unwrap_or(ids::PAD) as i64;
+            } else if let Some(t) = st.lookahead.pop_front() {
+                second = t as i64;
+            }
+            output += (second + 1) * self.card as i64;
+        }
+        output
+    }
+}
+
+/// Steps generated after the end of the text once the audio has caught up.
+pub const FINAL_PADDING: usize = 4;
+/// The reference's `from_checkpoint_info` defaults.
+pub const MAX_PADDING: usize = 8;
+pub const INITIAL_PADDING: usize = 2;
+
+/// How to generate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TtsOptions {
+    /// Temperature of text and audio (0: greedy; the reference's default 0.6).
+    pub temp: f32,
+    pub seed: u64,
+    /// Audio codebooks to generate (at most the model's; fewer is faster).
+    pub codebooks: usize,
+    /// A bound on the steps (the reference's `max_gen_length`, 30000: 40 minutes).
+    pub max_steps: usize,
+}
+
+impl Default for TtsOptions {
+    fn default() -> Self {
+        Self {
+            temp: 0.6,
+            seed: 0,
+            codebooks: usize::MAX,
+            max_steps: 30_000,
+        }
+    }
+}
+
+/// What a generation gave.
+#[derive(Debug, Clone)]
+pub struct TtsOutput {
+    /// Per step: the text token fed (multiplexed), then each generated codebook's token
+    /// sampled at that step (-1 while the audio delay masks it).
+    pub steps: Vec<Vec<i64>>,
+    /// Per step: the text token the model predicted.
+    pub predicted: Vec<u32>,
+    /// The step at which the text ran out (None: it did not within `max_steps`).
+    pub end_step: Option<usize>,
+    /// Each word and the step it was fed at.
+    pub transcript: Vec<(String, usize)>,
+    /// Steps the audio comes after its text.
+    pub delay_steps: usize,
+    /// Each stream's delay (text first).
+    pub delays: Vec<usize>,
+}
+
+impl TtsOutput {
+    /// The frames with the codebooks' delays undone, as the reference's `LMGen` returns
+    /// them (`[1 + codebooks]` per frame: frame f holds the text fed at step f and each
+    /// codebook's token of time f).
+    pub fn frames(&self) -> Vec<Vec<i64>> {
+        let q = self.steps.first().map_or(0, |s| s.len() - 1);
+        let max = self.delays[1..=q].iter().copied().max().unwrap_or(0);
+        (0..self.steps.len().saturating_sub(max))
+            .map(|f| {
+                let mut frame = vec![self.steps[f][0]];
+                frame.extend((0..q).map(|k| self.steps[f + self.delays[k + 1]][k + 1]));
+                frame
+            })
+            .collect()
+    }
+
+    /// The speech, decoded by `mimi` (whose codebooks must be the generated ones): the
+    /// frames from the audio delay on, the first `max delay` decoded frames dropped, and
+    /// `end_step` frames kept, clipped to [-1, 1] (the reference's procedure).
+    pub fn decode(&self, mimi: &mut crate::models::mimi::Mimi) -> Result<Vec<f32>> {
+        let end = self.end_step.unwrap_or(self.steps.len());
+        let frames = self.frames();
+        let q = frames.first().map_or(0, |f| f.len() - 1);
+        let drop = self.delays[1..=q].iter().copied().max().unwrap_or(0);
+        mimi.reset();
+        let mut pcm = vec![];
+        for (i, f) in frames.iter().skip(self.delay_steps).enumerate() {
+            let codes: Vec<u32> = f[1..]
+                .iter()
+                .map(|&c| u32::try_from(c))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|_| {
+                    Error::InvalidInput(format!("frame {i} after the delay has no audio yet"))
+                })?;
+            let out = mimi.decode_step(&codes)?;
+            if i >= drop && i < drop + end {
+                pcm.extend(out.iter().map(|v| v.clamp(-1.0, 1.0)));
+            }
+        }
+        Ok(pcm)
+    }
+}
+
+impl TtsModel {
+    /// The text state machine of this model.
+    pub fn machine(&self) -> StateMachine {
+        StateMachine {
+            card: self.lm.config().text_card as u32 + 1,
+            second_stream_ahead: self.tts.second_stream_ahead,
+            max_padding: MAX_PADDING,
+            initial_padding: INITIAL_PADDING,
+        }
+    }
+
+    /// Says `entries` in the conditioned voice (see [`Self::condition`]), the reference's
+    /// TTS procedure: the text fed as the state machine decides, the audio masked until
+    /// the delay has passed, the end `delay_steps + FINAL_PADDING` steps after the text
+    /// ran out.
+    pub fn generate(
+        &mut self,
+        entries: Vec<Entry>,
+        frame_rate: f64,
+        opts: &TtsOptions,
+    ) -> Result<TtsOutput> {
+        use crate::models::lm::generator::Sampling;
+        use rand::SeedableRng;
+        let cfg = self.lm.config().clone();
+        let codebooks = opts.codebooks.min(cfg.dep_q);
+        if codebooks == 0 {
+            return Err(Error::InvalidInput("0 codebooks to generate".into()));
+        }
+        // `int(audio_delay * frame_rate)`, as the reference.
+        let delay_steps = (self.tts.audio_delay * frame_rate) as usize;
+        let machine = self.machine();
+        let mut st = machine.new_state(entries);
+        let text_s = Sampling {
+            temp: opts.temp,
+            top_k: 25,
+        };
+        let audio_s = Sampling {
+            temp: opts.temp,
+            top_k: 250,
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
+        let mut out = TtsOutput {
+            steps: vec![],
+            predicted: vec![],
+            end_step: None,
+            transcript: vec![],
+            delay_steps,
+            delays: cfg.delays.clone(),
+        };
+        self.lm.reset();
+        let mut prev_text = cfg.text_card as i64;
+        let mut prev_audio = vec![ZERO; cfg.n_q];
+        for t in 0..opts.max_steps {
+            if st
+                .end_step
+                .is_some_and(|e| t >= e + delay_steps + FINAL_PADDING)
+            {
+                break;
+            }
+            let mut input = vec![if t == 0 {
+                cfg.text_card as i64
+            } else {
+                prev_text
+            }];
+            for (q, &prev) in prev_audio.iter().enumerate() {
+                input.push(if t <= cfg.delays[q + 1] {
+                    cfg.card as i64
+                } else {
+                    prev
+                });
+            }
+            let o = self.lm.temporal_step(&input)?;
+            let pred = text_s.choose(&o.text_logits, &mut rng);
+            let fed = machine.process(t, &mut st, pred);
+            let mut audio = vec![ZERO; codebooks];
+            if t >= delay_steps {
+                let picked = self
+                    .lm
+                    .depformer_step_first(codebooks, fed, &o.hidden, |_, l| {
+                        audio_s.choose(l, &mut rng)
+                    })?;
+                for (q, tok) in picked.into_iter().enumerate() {
+                    if t >= cfg.delays[q + 1] + delay_steps {
+                        audio[q] = tok as i64;
+                    }
+                }
+            }
+            let mut step = vec![fed];
+            step.extend(&audio);
+            out.steps.push(step);
+            out.predicted.push(pred);
+            prev_text = fed;
+            prev_audio[..codebooks].copy_from_slice(&audio);
+        }
+        out.end_step = st.end_step;
+        out.transcript = st.transcript;
+        Ok(out)
+    }
+}
+
+/// No token here: embedded as zero.
+const ZERO: i64 = crate::models::lm::ZERO_TOKEN;

@@ -370,6 +370,18 @@ impl LmModel {
         &mut self,
         text_token: i64,
         hidden: &[f32],
+        choose: impl FnMut(usize, &[f32]) -> u32,
+    ) -> Result<Vec<u32>> {
+        self.depformer_step_first(usize::MAX, text_token, hidden, choose)
+    }
+
+    /// Like [`Self::depformer_step`], for the first `n` codebooks only (a TTS asked for
+    /// fewer codebooks, as Kyutai's own server runs it with 24 of 32).
+    pub fn depformer_step_first(
+        &mut self,
+        n: usize,
+        text_token: i64,
+        hidden: &[f32],
         mut choose: impl FnMut(usize, &[f32]) -> u32,
     ) -> Result<Vec<u32>> {
         let dep = self
@@ -378,8 +390,9 @@ impl LmModel {
             .ok_or_else(|| Error::InvalidInput("this model has no depformer".into()))?;
         dep.transformer.reset();
         let mut prev = text_token;
-        let mut out = Vec::with_capacity(dep.heads.len());
-        for k in 0..dep.heads.len() {
+        let n = n.min(dep.heads.len());
+        let mut out = Vec::with_capacity(n);
+        for k in 0..n {
             let which = dep.schedule.as_ref().map_or(k, |s| s[k]);
             let input = &dep.inputs[which.min(dep.inputs.len() - 1)];
             let mut x = input.matmul_t(hidden, 1)?;
