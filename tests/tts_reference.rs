@@ -253,3 +253,90 @@ fn greedy_generation_matches_the_reference() {
         assert!(pcm.iter().any(|v| v.abs() > 1e-3), "{name}: silent");
     }
 }
+
+/// Words that arrive while audio is already coming out give the same tokens as the whole
+/// text at once: a step that needs a word waits for it, emitting nothing.
+#[test]
+fn streaming_words_in_equals_the_whole_text() {
+    use parley_engine::models::kyutai_config::ModelDir;
+    use parley_engine::models::tts::{script_to_entries, Step, TtsOptions, TtsStream};
+    let mut m = model();
+    let tok = ModelDir::open(&dir())
+        .expect("dir")
+        .load_tokenizer()
+        .expect("tokenizer");
+    let v = voice("voice_b.safetensors");
+    let script = ["Good morning! <break time=\"0.2s\"/> Shall we? Hello, this is Parley."];
+    let entries = script_to_entries(&tok, &script, 12.5, true, 1).expect("entries");
+    // Sampling, not greedy: the random choices must line up too.
+    let opts = TtsOptions {
+        temp: 0.8,
+        seed: 5,
+        ..TtsOptions::default()
+    };
+    m.condition(&[&v], "2.0").expect("condition");
+    let whole = m.generate(entries.clone(), 12.5, &opts).expect("whole");
+    assert!(whole.end_step.is_some());
+    // Only when asked (the latest possible), and one word every few steps (earlier).
+    for every in [usize::MAX, 3] {
+        m.condition(&[&v], "2.0").expect("condition");
+        let mut s = TtsStream::new(&mut m, 12.5, &opts).expect("stream");
+        let mut left = entries.clone().into_iter();
+        let (mut steps, mut waits, mut frames) = (0usize, 0usize, 0usize);
+        loop {
+            if every != usize::MAX && steps % every == 0 {
+                if let Some(e) = left.next() {
+                    s.push(vec![e]);
+                }
+            }
+            match s.step().expect("step") {
+                Step::Stepped { frame } => {
+                    steps += 1;
+                    frames += usize::from(frame.is_some());
+                }
+                Step::NeedWords => {
+                    waits += 1;
+                    match left.next() {
+                        Some(e) => s.push(vec![e]),
+                        None => s.finish_input(),
+                    }
+                }
+                Step::Done => break,
+            }
+        }
+        let out = s.into_output();
+        assert!(waits > 0, "every {every}: it never waited for a word");
+        assert_eq!(out.steps, whole.steps, "every {every}: steps");
+        assert_eq!(out.predicted, whole.predicted, "every {every}");
+        assert_eq!(out.end_step, whole.end_step);
+        assert_eq!(out.transcript, whole.transcript);
+        assert_eq!(
+            frames,
+            whole.frames().len(),
+            "a frame per step after the delays"
+        );
+    }
+}
+
+/// Text the tokenizer cannot say, or no text at all, is refused with the reason.
+#[test]
+fn bad_text_is_named() {
+    use parley_engine::models::kyutai_config::ModelDir;
+    use parley_engine::models::tts::script_to_entries;
+    let tok = ModelDir::open(&dir())
+        .expect("dir")
+        .load_tokenizer()
+        .expect("tokenizer");
+    for text in ["", "   ", "<break time=\"1s\"/>"] {
+        let err = script_to_entries(&tok, &[text], 12.5, true, 1).expect_err(text);
+        assert!(err.to_string().contains("no words"), "{text:?}: {err}");
+    }
+    let err = script_to_entries(&tok, &["hello 日本語"], 12.5, true, 1).expect_err("alphabet");
+    assert!(err.to_string().contains("日本語"), "{err}");
+    let e = script_to_entries(&tok, &["a <break time=\"1.5s\"/> b"], 12.5, true, 1).expect("break");
+    assert_eq!(e.len(), 3);
+    assert!(e[1].tokens.is_empty() && e[1].padding == 19, "{e:?}");
+    // Half a step rounds to even, as Python's round: 0.2 s is 2.5 steps, so 2.
+    let e = script_to_entries(&tok, &["a <break time=\"0.2s\"/>"], 12.5, true, 1).expect("break");
+    assert_eq!(e[1].padding, 2);
+}

@@ -335,6 +335,13 @@ pub fn script_to_entries(
                     "the word `{word}` has no tokens in this model's tokenizer"
                 )));
             }
+            // The unknown piece would be fed as a word of its own id (0 is `new_word`).
+            if tokenizer.unk_id().is_some_and(|u| tokens.contains(&u)) {
+                return Err(Error::InvalidInput(format!(
+                    "the word `{word}` has characters this model's tokenizer does not know \
+                     (the model says English and French)"
+                )));
+            }
             if first {
                 let speaker = turn % 2;
                 if multi_speaker && last_speaker != Some(speaker) {
@@ -628,92 +635,221 @@ impl TtsModel {
         }
     }
 
-    /// Says `entries` in the conditioned voice (see [`Self::condition`]), the reference's
-    /// TTS procedure: the text fed as the state machine decides, the audio masked until
-    /// the delay has passed, the end `delay_steps + FINAL_PADDING` steps after the text
-    /// ran out.
+    /// Says `entries` in the conditioned voice (see [`Self::condition`]): the whole text
+    /// at once through a [`TtsStream`].
     pub fn generate(
         &mut self,
         entries: Vec<Entry>,
         frame_rate: f64,
         opts: &TtsOptions,
     ) -> Result<TtsOutput> {
+        let mut s = TtsStream::new(self, frame_rate, opts)?;
+        s.push(entries);
+        s.finish_input();
+        loop {
+            match s.step()? {
+                Step::Stepped { .. } => {}
+                Step::Done => break,
+                Step::NeedWords => {
+                    return Err(Error::InvalidInput(
+                        "the generator asked for words after the input ended".into(),
+                    ))
+                }
+            }
+        }
+        Ok(s.into_output())
+    }
+}
+
+/// What [`TtsStream::step`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// One step ran; `frame`: the frame of tokens (delays undone) it completed, if any.
+    Stepped { frame: Option<Vec<i64>> },
+    /// The model asks for a word that has not arrived: push more (or finish the input)
+    /// and step again. Nothing was emitted; the step resumes where it stopped.
+    NeedWords,
+    /// The text has been said and the audio has caught up.
+    Done,
+}
+
+/// The reference's TTS procedure one step at a time, with words arriving while it runs:
+/// the text fed as the state machine decides, the audio masked until the delay has
+/// passed, the end `delay_steps + FINAL_PADDING` steps after the text ran out. The result
+/// does not depend on when words arrive: a step that needs a word (or the word
+/// `second_stream_ahead` on, for the second stream) waits for it.
+pub struct TtsStream<'m> {
+    model: &'m mut TtsModel,
+    machine: StateMachine,
+    st: TextState,
+    text_s: crate::models::lm::generator::Sampling,
+    audio_s: crate::models::lm::generator::Sampling,
+    rng: rand::rngs::StdRng,
+    codebooks: usize,
+    max_steps: usize,
+    input_done: bool,
+    /// The current step's text prediction and hidden state, when it waits for words.
+    pending: Option<(u32, Vec<f32>)>,
+    prev_text: i64,
+    prev_audio: Vec<i64>,
+    out: TtsOutput,
+}
+
+impl<'m> TtsStream<'m> {
+    pub fn new(model: &'m mut TtsModel, frame_rate: f64, opts: &TtsOptions) -> Result<Self> {
         use crate::models::lm::generator::Sampling;
         use rand::SeedableRng;
-        let cfg = self.lm.config().clone();
+        let cfg = model.lm.config().clone();
         let codebooks = opts.codebooks.min(cfg.dep_q);
         if codebooks == 0 {
             return Err(Error::InvalidInput("0 codebooks to generate".into()));
         }
         // `int(audio_delay * frame_rate)`, as the reference.
-        let delay_steps = (self.tts.audio_delay * frame_rate) as usize;
-        let machine = self.machine();
-        let mut st = machine.new_state(entries);
-        let text_s = Sampling {
-            temp: opts.temp,
-            top_k: 25,
-        };
-        let audio_s = Sampling {
-            temp: opts.temp,
-            top_k: 250,
-        };
-        let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
-        let mut out = TtsOutput {
-            steps: vec![],
-            predicted: vec![],
-            end_step: None,
-            transcript: vec![],
-            delay_steps,
-            delays: cfg.delays.clone(),
-        };
-        self.lm.reset();
-        let mut prev_text = cfg.text_card as i64;
-        let mut prev_audio = vec![ZERO; cfg.n_q];
-        for t in 0..opts.max_steps {
-            if st
+        let delay_steps = (model.tts.audio_delay * frame_rate) as usize;
+        let machine = model.machine();
+        model.lm.reset();
+        Ok(Self {
+            machine,
+            st: machine.new_state(vec![]),
+            text_s: Sampling {
+                temp: opts.temp,
+                top_k: 25,
+            },
+            audio_s: Sampling {
+                temp: opts.temp,
+                top_k: 250,
+            },
+            rng: rand::rngs::StdRng::seed_from_u64(opts.seed),
+            codebooks,
+            max_steps: opts.max_steps,
+            input_done: false,
+            pending: None,
+            prev_text: cfg.text_card as i64,
+            prev_audio: vec![ZERO; cfg.n_q],
+            out: TtsOutput {
+                steps: vec![],
+                predicted: vec![],
+                end_step: None,
+                transcript: vec![],
+                delay_steps,
+                delays: cfg.delays.clone(),
+            },
+            model,
+        })
+    }
+
+    /// More words to say.
+    pub fn push(&mut self, entries: Vec<Entry>) {
+        self.st.entries.extend(entries);
+    }
+
+    /// No more words will come.
+    pub fn finish_input(&mut self) {
+        self.input_done = true;
+    }
+
+    /// Words queued and not yet fed.
+    pub fn queued_words(&self) -> usize {
+        self.st.entries.len()
+    }
+
+    /// Whether feeding after `pred` takes a word, and the words it needs are not all here.
+    fn waits_for_words(&self, pred: u32) -> bool {
+        if self.input_done {
+            return false;
+        }
+        let st = &self.st;
+        let takes_word = st.queued.is_empty()
+            && st.forced_padding == 0
+            && (pred == ids::NEW_WORD || st.remaining_padding == 0);
+        let with_tokens = st.entries.iter().filter(|e| !e.tokens.is_empty()).count();
+        takes_word && with_tokens < 1 + self.machine.second_stream_ahead
+    }
+
+    pub fn step(&mut self) -> Result<Step> {
+        let t = self.out.steps.len();
+        let delay_steps = self.out.delay_steps;
+        if t >= self.max_steps
+            || self
+                .st
                 .end_step
                 .is_some_and(|e| t >= e + delay_steps + FINAL_PADDING)
-            {
-                break;
-            }
-            let mut input = vec![if t == 0 {
-                cfg.text_card as i64
-            } else {
-                prev_text
-            }];
-            for (q, &prev) in prev_audio.iter().enumerate() {
-                input.push(if t <= cfg.delays[q + 1] {
-                    cfg.card as i64
+        {
+            return Ok(Step::Done);
+        }
+        let (pred, hidden) = match self.pending.take() {
+            Some(p) => p,
+            None => {
+                let cfg = self.model.lm.config();
+                let mut input = vec![if t == 0 {
+                    cfg.text_card as i64
                 } else {
-                    prev
-                });
+                    self.prev_text
+                }];
+                for (q, &prev) in self.prev_audio.iter().enumerate() {
+                    input.push(if t <= cfg.delays[q + 1] {
+                        cfg.card as i64
+                    } else {
+                        prev
+                    });
+                }
+                let o = self.model.lm.temporal_step(&input)?;
+                let pred = self.text_s.choose(&o.text_logits, &mut self.rng);
+                (pred, o.hidden)
             }
-            let o = self.lm.temporal_step(&input)?;
-            let pred = text_s.choose(&o.text_logits, &mut rng);
-            let fed = machine.process(t, &mut st, pred);
-            let mut audio = vec![ZERO; codebooks];
-            if t >= delay_steps {
-                let picked = self
+        };
+        if self.waits_for_words(pred) {
+            self.pending = Some((pred, hidden));
+            return Ok(Step::NeedWords);
+        }
+        let fed = self.machine.process(t, &mut self.st, pred);
+        let mut audio = vec![ZERO; self.codebooks];
+        if t >= delay_steps {
+            let (audio_s, rng) = (self.audio_s, &mut self.rng);
+            let picked =
+                self.model
                     .lm
-                    .depformer_step_first(codebooks, fed, &o.hidden, |_, l| {
-                        audio_s.choose(l, &mut rng)
+                    .depformer_step_first(self.codebooks, fed, &hidden, |_, l| {
+                        audio_s.choose(l, rng)
                     })?;
-                for (q, tok) in picked.into_iter().enumerate() {
-                    if t >= cfg.delays[q + 1] + delay_steps {
-                        audio[q] = tok as i64;
-                    }
+            let delays = &self.out.delays;
+            for (q, tok) in picked.into_iter().enumerate() {
+                if t >= delays[q + 1] + delay_steps {
+                    audio[q] = tok as i64;
                 }
             }
-            let mut step = vec![fed];
-            step.extend(&audio);
-            out.steps.push(step);
-            out.predicted.push(pred);
-            prev_text = fed;
-            prev_audio[..codebooks].copy_from_slice(&audio);
         }
-        out.end_step = st.end_step;
-        out.transcript = st.transcript;
-        Ok(out)
+        let mut step = vec![fed];
+        step.extend(&audio);
+        self.out.steps.push(step);
+        self.out.predicted.push(pred);
+        self.prev_text = fed;
+        self.prev_audio[..self.codebooks].copy_from_slice(&audio);
+        self.out.end_step = self.st.end_step;
+        // The frame this step completed: its last codebook's token has now come.
+        let max = self.out.delays[1..=self.codebooks]
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0);
+        let frame = t.checked_sub(max).map(|f| {
+            let mut frame = vec![self.out.steps[f][0]];
+            frame.extend(
+                (0..self.codebooks).map(|k| self.out.steps[f + self.out.delays[k + 1]][k + 1]),
+            );
+            frame
+        });
+        Ok(Step::Stepped { frame })
+    }
+
+    /// The generation so far.
+    pub fn output(&self) -> &TtsOutput {
+        &self.out
+    }
+
+    pub fn into_output(mut self) -> TtsOutput {
+        self.out.transcript = std::mem::take(&mut self.st.transcript);
+        self.out
     }
 }
 
