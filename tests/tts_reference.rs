@@ -340,3 +340,31 @@ fn bad_text_is_named() {
     let e = script_to_entries(&tok, &["a <break time=\"0.2s\"/>"], 12.5, true, 1).expect("break");
     assert_eq!(e[1].padding, 2);
 }
+
+/// Text cut into pieces anywhere (inside words, inside a break tag) gives the entries of
+/// the whole text.
+#[test]
+fn text_in_pieces_gives_the_whole_texts_words() {
+    use parley_engine::models::kyutai_config::ModelDir;
+    use parley_engine::models::tts::{script_to_entries, WordFeed};
+    let tok = ModelDir::open(&dir())
+        .expect("dir")
+        .load_tokenizer()
+        .expect("tokenizer");
+    let text = "Good morning! <break time=\"0.2s\"/> Shall we?  Hello, this is Parley.";
+    let whole = script_to_entries(&tok, &[text], 12.5, true, 1).expect("whole");
+    for size in [1, 2, 3, 5, 7, 11] {
+        let mut feed = WordFeed::default();
+        let mut got = vec![];
+        let chars: Vec<char> = text.chars().collect();
+        for piece in chars.chunks(size) {
+            let piece: String = piece.iter().collect();
+            got.extend(
+                feed.push(&tok, &piece, 12.5)
+                    .unwrap_or_else(|e| panic!("size {size}, piece {piece:?}: {e}")),
+            );
+        }
+        got.extend(feed.finish(&tok, 12.5).expect("finish"));
+        assert_eq!(got, whole, "pieces of {size}");
+    }
+}

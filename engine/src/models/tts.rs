@@ -323,63 +323,19 @@ pub fn script_to_entries(
     let mut entries = vec![];
     let mut last_speaker = None;
     for (turn, line) in script.iter().enumerate() {
-        let line = line
-            .replace('\u{2019}', "'")
-            .replace(':', " ")
-            .replace(['(', ')'], "");
-        let mut first = true;
-        let mut add = |word: &str, entries: &mut Vec<Entry>| -> Result<()> {
-            let mut tokens = tokenizer.encode(word)?;
-            if tokens.is_empty() {
-                return Err(Error::InvalidInput(format!(
-                    "the word `{word}` has no tokens in this model's tokenizer"
-                )));
-            }
-            // The unknown piece would be fed as a word of its own id (0 is `new_word`).
-            if tokenizer.unk_id().is_some_and(|u| tokens.contains(&u)) {
-                return Err(Error::InvalidInput(format!(
-                    "the word `{word}` has characters this model's tokenizer does not know \
-                     (the model says English and French)"
-                )));
-            }
-            if first {
-                let speaker = turn % 2;
-                if multi_speaker && last_speaker != Some(speaker) {
-                    last_speaker = Some(speaker);
-                    tokens.insert(0, [ids::MAIN, ids::OTHER][speaker]);
-                }
-                first = false;
-            }
-            let padding = (padding_between + tokens.len()).saturating_sub(1);
-            let padding = if padding_between > 0 { padding } else { 0 };
-            entries.push(Entry {
-                tokens,
-                text: word.to_string(),
-                padding,
-            });
-            Ok(())
-        };
-        let mut rest = line.as_str();
-        while !rest.is_empty() {
-            match next_event(rest) {
-                Some((start, end, pause)) => {
-                    let word = &rest[..start];
-                    if !word.is_empty() {
-                        add(word, &mut entries)?;
-                    }
-                    if let Some(seconds) = pause {
-                        entries.push(Entry {
-                            tokens: vec![],
-                            text: String::new(),
-                            padding: round_half_even(seconds * frame_rate) as usize,
-                        });
-                    }
-                    rest = &rest[end..];
-                }
-                None => {
-                    add(rest, &mut entries)?;
-                    break;
-                }
+        let speaker = turn % 2;
+        let token = (multi_speaker && last_speaker != Some(speaker))
+            .then_some([ids::MAIN, ids::OTHER][speaker]);
+        if text_entries(
+            tokenizer,
+            line,
+            frame_rate,
+            token,
+            padding_between,
+            &mut entries,
+        )? {
+            if token.is_some() {
+                last_speaker = Some(speaker);
             }
         }
     }
@@ -387,6 +343,137 @@ pub fn script_to_entries(
         return Err(Error::InvalidInput("the text has no words to say".into()));
     }
     Ok(entries)
+}
+
+/// The entries of one turn's text (or a piece of it, as it streams in) appended to
+/// `entries`, `speaker` leading the first word; whether it had a word.
+pub fn text_entries(
+    tokenizer: &crate::models::tokenizer::TextTokenizer,
+    text: &str,
+    frame_rate: f64,
+    speaker: Option<u32>,
+    padding_between: usize,
+    entries: &mut Vec<Entry>,
+) -> Result<bool> {
+    let line = text
+        .replace('\u{2019}', "'")
+        .replace(':', " ")
+        .replace(['(', ')'], "");
+    let mut first = true;
+    let mut add = |word: &str, entries: &mut Vec<Entry>| -> Result<()> {
+        let mut tokens = tokenizer.encode(word)?;
+        if tokens.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "the word `{word}` has no tokens in this model's tokenizer"
+            )));
+        }
+        // The unknown piece would be fed as a word of its own id (0 is `new_word`).
+        if tokenizer.unk_id().is_some_and(|u| tokens.contains(&u)) {
+            return Err(Error::InvalidInput(format!(
+                "the word `{word}` has characters this model's tokenizer does not know \
+                 (the model says English and French)"
+            )));
+        }
+        if first {
+            if let Some(t) = speaker {
+                tokens.insert(0, t);
+            }
+            first = false;
+        }
+        let padding = if padding_between > 0 {
+            padding_between + tokens.len() - 1
+        } else {
+            0
+        };
+        entries.push(Entry {
+            tokens,
+            text: word.to_string(),
+            padding,
+        });
+        Ok(())
+    };
+    let mut rest = line.as_str();
+    while !rest.is_empty() {
+        match next_event(rest) {
+            Some((start, end, pause)) => {
+                let word = &rest[..start];
+                if !word.is_empty() {
+                    add(word, entries)?;
+                }
+                if let Some(seconds) = pause {
+                    entries.push(Entry {
+                        tokens: vec![],
+                        text: String::new(),
+                        padding: round_half_even(seconds * frame_rate) as usize,
+                    });
+                }
+                rest = &rest[end..];
+            }
+            None => {
+                add(rest, entries)?;
+                break;
+            }
+        }
+    }
+    Ok(!first)
+}
+
+/// Text arriving in pieces of any size, cut into entries as whole words come: a word is
+/// whole once whitespace (or a break) follows it, or the input ends.
+#[derive(Debug, Default)]
+pub struct WordFeed {
+    pending: String,
+    started: bool,
+}
+
+impl WordFeed {
+    /// The entries of the whole words in `piece` and what came before it.
+    pub fn push(
+        &mut self,
+        tokenizer: &crate::models::tokenizer::TextTokenizer,
+        piece: &str,
+        frame_rate: f64,
+    ) -> Result<Vec<Entry>> {
+        self.pending.push_str(piece);
+        // Up to the last whitespace, unless a break tag is still open there.
+        let mut cut = self.pending.rfind(char::is_whitespace).map_or(0, |i| {
+            i + self.pending[i..].chars().next().map_or(1, char::len_utf8)
+        });
+        // A break tag has whitespace inside: a cut there waits for the tag to close, and
+        // a closed tag (a separator itself) goes whole.
+        if let Some(open) = self.pending.rfind("<break").filter(|&o| o < cut) {
+            match self.pending[open..].find('>') {
+                None => cut = open,
+                Some(close) => cut = cut.max(open + close + 1),
+            }
+        }
+        let done: String = self.pending.drain(..cut).collect();
+        self.entries(tokenizer, &done, frame_rate)
+    }
+
+    /// The entries of what is left once the input has ended.
+    pub fn finish(
+        &mut self,
+        tokenizer: &crate::models::tokenizer::TextTokenizer,
+        frame_rate: f64,
+    ) -> Result<Vec<Entry>> {
+        let rest = std::mem::take(&mut self.pending);
+        self.entries(tokenizer, &rest, frame_rate)
+    }
+
+    fn entries(
+        &mut self,
+        tokenizer: &crate::models::tokenizer::TextTokenizer,
+        text: &str,
+        frame_rate: f64,
+    ) -> Result<Vec<Entry>> {
+        let mut out = vec![];
+        let speaker = (!self.started).then_some(ids::MAIN);
+        if text_entries(tokenizer, text, frame_rate, speaker, 1, &mut out)? {
+            self.started = true;
+        }
+        Ok(out)
+    }
 }
 
 /// The first separator in `s`: a run of whitespace, or `<break time="Xs"/>` (X a number
@@ -597,30 +684,62 @@ impl TtsOutput {
             .collect()
     }
 
-    /// The speech, decoded by `mimi` (whose codebooks must be the generated ones): the
-    /// frames from the audio delay on, the first `max delay` decoded frames dropped, and
-    /// `end_step` frames kept, clipped to [-1, 1] (the reference's procedure).
+    /// The speech, decoded by `mimi` (whose codebooks must be the generated ones) as
+    /// [`TtsDecoder`] does, frame after frame.
     pub fn decode(&self, mimi: &mut crate::models::mimi::Mimi) -> Result<Vec<f32>> {
-        let end = self.end_step.unwrap_or(self.steps.len());
-        let frames = self.frames();
-        let q = frames.first().map_or(0, |f| f.len() - 1);
-        let drop = self.delays[1..=q].iter().copied().max().unwrap_or(0);
-        mimi.reset();
+        let mut dec = TtsDecoder::new(mimi, self.delay_steps, &self.delays);
         let mut pcm = vec![];
-        for (i, f) in frames.iter().skip(self.delay_steps).enumerate() {
-            let codes: Vec<u32> = f[1..]
-                .iter()
-                .map(|&c| u32::try_from(c))
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|_| {
-                    Error::InvalidInput(format!("frame {i} after the delay has no audio yet"))
-                })?;
-            let out = mimi.decode_step(&codes)?;
-            if i >= drop && i < drop + end {
-                pcm.extend(out.iter().map(|v| v.clamp(-1.0, 1.0)));
+        for f in self.frames() {
+            if let Some(p) = dec.push(&f)? {
+                pcm.extend(p);
             }
         }
         Ok(pcm)
+    }
+}
+
+/// Mimi on the frames of a generation as they come, the reference's way: frames before
+/// the audio delay skipped, the first `max delay` decoded frames dropped (the acoustic
+/// codebooks' delay), samples clipped to [-1, 1].
+pub struct TtsDecoder<'a> {
+    mimi: &'a mut crate::models::mimi::Mimi,
+    delay_steps: usize,
+    drop: usize,
+    frames: usize,
+}
+
+impl<'a> TtsDecoder<'a> {
+    /// `delays`: each stream's delay, text first (the model's config).
+    pub fn new(
+        mimi: &'a mut crate::models::mimi::Mimi,
+        delay_steps: usize,
+        delays: &[usize],
+    ) -> Self {
+        mimi.reset();
+        Self {
+            drop: delays.iter().skip(1).copied().max().unwrap_or(0),
+            mimi,
+            delay_steps,
+            frames: 0,
+        }
+    }
+
+    /// One frame of tokens (`[text, codebooks...]`, delays undone); its audio when it
+    /// has some (80 ms, 1920 samples at 24 kHz).
+    pub fn push(&mut self, frame: &[i64]) -> Result<Option<Vec<f32>>> {
+        let f = self.frames;
+        self.frames += 1;
+        if f < self.delay_steps {
+            return Ok(None);
+        }
+        let codes: Vec<u32> = frame[1..]
+            .iter()
+            .map(|&c| u32::try_from(c))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| Error::InvalidInput(format!("frame {f} after the delay has no audio")))?;
+        let pcm = self.mimi.decode_step(&codes)?;
+        Ok((f - self.delay_steps >= self.drop)
+            .then(|| pcm.iter().map(|v| v.clamp(-1.0, 1.0)).collect()))
     }
 }
 
