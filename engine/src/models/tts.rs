@@ -326,17 +326,16 @@ pub fn script_to_entries(
         let speaker = turn % 2;
         let token = (multi_speaker && last_speaker != Some(speaker))
             .then_some([ids::MAIN, ids::OTHER][speaker]);
-        if text_entries(
+        let had_words = text_entries(
             tokenizer,
             line,
             frame_rate,
             token,
             padding_between,
             &mut entries,
-        )? {
-            if token.is_some() {
-                last_speaker = Some(speaker);
-            }
+        )?;
+        if had_words && token.is_some() {
+            last_speaker = Some(speaker);
         }
     }
     if !entries.iter().any(|e| !e.tokens.is_empty()) {
