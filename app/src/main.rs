@@ -6,6 +6,7 @@ mod latency;
 mod lm_cmd;
 mod mimi_cmd;
 mod models_cmd;
+mod tts_cmd;
 mod ui;
 mod vad_cmd;
 
@@ -46,6 +47,8 @@ enum Command {
     Stt(lm_cmd::SttArgs),
     /// Run a full-duplex Moshi-style model over a recording of the user.
     Moshi(lm_cmd::MoshiArgs),
+    /// Say a text in a voice with a delayed-streams text-to-speech model.
+    Tts(tts_cmd::TtsArgs),
     /// A live session without a window: JSON Lines (or raw PCM) on stdin and stdout, or
     /// the microphone and speakers.
     Headless(headless::HeadlessArgs),
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
         Some(Command::Bench(cmd)) => bench::run(cmd),
         Some(Command::Stt(args)) => lm_cmd::stt(args),
         Some(Command::Moshi(args)) => lm_cmd::moshi(args),
+        Some(Command::Tts(args)) => tts_cmd::run(args),
         Some(Command::Headless(args)) => headless::run(args),
         Some(Command::Vad(args)) => vad_cmd::run(args),
         Some(Command::Devices) => devices(),

@@ -616,3 +616,124 @@ fn vad_finds_the_dialogues_two_turns() {
     let bad = parley(&["vad", s(&wav), "--threshold", "2"]);
     assert_clean_failure(&bad, "--threshold");
 }
+
+fn tts_args<'a>(dir: &'a str, voice: &'a str) -> Vec<&'a str> {
+    vec![
+        "--model-dir",
+        dir,
+        "--voice",
+        voice,
+        "--temp",
+        "0",
+        "--precision",
+        "f32",
+        "--device",
+        "cpu",
+    ]
+}
+
+fn wav_i16(path: &Path) -> Vec<i16> {
+    let mut r = hound::WavReader::open(path).expect("wav");
+    match r.spec().sample_format {
+        hound::SampleFormat::Int => r.samples::<i16>().map(|s| s.expect("sample")).collect(),
+        hound::SampleFormat::Float => r
+            .samples::<f32>()
+            .map(|s| (s.expect("sample") * 32767.0).round() as i16)
+            .collect(),
+    }
+}
+
+/// `parley tts` on the tiny TTS: the reference's tokens and speech, whole text or words
+/// streamed on stdin with the speech streamed on stdout; bad input said cleanly.
+#[test]
+fn tts_says_the_reference_text_whole_or_streamed() {
+    let dir = fixture_dir("tts-tiny");
+    let (d, voice) = (
+        s(&dir).to_string(),
+        s(&dir.join("voice_a.safetensors")).to_string(),
+    );
+    let (wav, tokens) = (tmp("tts.wav"), tmp("tts_tokens.npy"));
+    let mut args = vec!["tts", "Hello, this is Parley."];
+    args.extend(tts_args(&d, &voice));
+    args.extend(["--out", s(&wav), "--dump-tokens", s(&tokens)]);
+    parley_ok(&args);
+    let got = candle_core::Tensor::read_npy(&tokens).expect("tokens");
+    let want = candle_core::Tensor::read_npy(dir.join("s0_voice_a_tokens.npy")).expect("fixture");
+    assert_eq!(
+        got.to_vec2::<i64>().expect("i64"),
+        want.to_vec2::<i64>().expect("i64")
+    );
+    let reference = wav_i16(&dir.join("s0_voice_a_audio.wav"));
+    let ours = wav_i16(&wav);
+    assert_eq!(ours.len(), reference.len());
+    assert!(ours.iter().zip(&reference).all(|(a, b)| (a - b).abs() <= 2));
+    // Streamed: words on stdin, raw PCM16 on stdout.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args(["tts", "-", "--out", "-"])
+        .args(tts_args(&d, &voice))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        for piece in ["Hel", "lo, th", "is is Par", "ley."] {
+            stdin.write_all(piece.as_bytes()).expect("write");
+            stdin.flush().expect("flush");
+            std::thread::sleep(std::time::Duration::from_millis(30));
+        }
+    });
+    let out = child.wait_with_output().expect("run");
+    writer.join().expect("writer");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let raw: Vec<i16> = out
+        .stdout
+        .chunks_exact(2)
+        .map(|b| i16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    assert_eq!(raw.len(), reference.len());
+    assert!(raw.iter().zip(&reference).all(|(a, b)| (a - b).abs() <= 2));
+    // Bad input: each named once, no panic.
+    let bad_voice = dir.join("mimi.safetensors");
+    let missing = dir.join("no-such-voice.safetensors");
+    for (v, extra, culprit) in [
+        (s(&bad_voice), vec![], "speaker_wavs"),
+        (s(&missing), vec![], "no-such-voice"),
+        (voice.as_str(), vec!["--cfg", "9.5"], "9.5"),
+        (voice.as_str(), vec!["--codebooks", "99"], "--codebooks"),
+    ] {
+        let mut args = vec!["tts", "Hello."];
+        args.extend(tts_args(&d, v));
+        args.extend(["--out", s(&wav)]);
+        args.extend(extra);
+        assert_clean_failure(&parley(&args), culprit);
+    }
+    let out = parley(&[
+        "tts",
+        "Hello.",
+        "--model-dir",
+        &d,
+        "--voice",
+        &voice,
+        "--out",
+        s(&wav),
+        "--device",
+        "gpu",
+    ]);
+    assert_clean_failure(&out, "CPU");
+    let mut args = vec!["tts", "   "];
+    args.extend(tts_args(&d, &voice));
+    args.extend(["--out", s(&wav)]);
+    assert_clean_failure(&parley(&args), "no words");
+    // A model that does not speak text is refused by name.
+    let stt = fixture_dir("stt-tiny");
+    let mut args = vec!["tts", "Hello."];
+    args.extend(["--model-dir", s(&stt), "--voice", &voice, "--out", s(&wav)]);
+    assert_clean_failure(&parley(&args), "not a text-to-speech model");
+}

@@ -25,6 +25,17 @@ pub fn write_i64_2d(path: &Path, rows: &[Vec<u32>]) -> Result<()> {
     t.write_npy(path).map_err(|e| npy_err(path, e))
 }
 
+/// Writes a 2-D int64 array of signed values (rows of equal length).
+pub fn write_i64_2d_signed(path: &Path, rows: &[Vec<i64>]) -> Result<()> {
+    let cols = rows.first().map_or(0, Vec::len);
+    if rows.iter().any(|r| r.len() != cols) {
+        return Err(npy_err(path, "rows of different lengths"));
+    }
+    let flat: Vec<i64> = rows.iter().flatten().copied().collect();
+    let t = Tensor::from_vec(flat, (rows.len(), cols), &Device::Cpu)?;
+    t.write_npy(path).map_err(|e| npy_err(path, e))
+}
+
 /// Writes a 1-D int64 array.
 pub fn write_i64_1d(path: &Path, values: &[u32]) -> Result<()> {
     let flat: Vec<i64> = values.iter().map(|&v| v as i64).collect();

@@ -153,7 +153,8 @@ fn downmix(interleaved: &[f32], channels: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Writes mono f32 samples as a 32-bit float WAV (lossless for the model's output).
+/// Writes mono f32 samples as a 32-bit float WAV (lossless for the model's output),
+/// through a temporary file renamed into place.
 pub fn write_wav_f32(path: &Path, pcm: &[f32], sample_rate_hz: u32) -> Result<()> {
     let spec = hound::WavSpec {
         channels: 1,
@@ -165,11 +166,24 @@ pub fn write_wav_f32(path: &Path, pcm: &[f32], sample_rate_hz: u32) -> Result<()
         hound::Error::IoError(io) => Error::io(path, io),
         other => Error::audio(path, other),
     };
-    let mut writer = hound::WavWriter::create(path, spec).map_err(wrap)?;
-    for &s in pcm {
-        writer.write_sample(s).map_err(wrap)?;
-    }
-    writer.finalize().map_err(wrap)
+    // Written beside the target and renamed into place: a failure never leaves half a
+    // file where the output should be.
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name()
+            .map_or("out.wav".into(), |n| n.to_string_lossy())
+    ));
+    let write = || -> Result<()> {
+        let mut writer = hound::WavWriter::create(&tmp, spec).map_err(wrap)?;
+        for &s in pcm {
+            writer.write_sample(s).map_err(wrap)?;
+        }
+        writer.finalize().map_err(wrap)?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 #[cfg(test)]
