@@ -77,9 +77,17 @@ fn presets_are_the_published_architectures() {
         ("stt-1b-en_fr", "stt-1b-en_fr-candle"),
         ("stt-2.6b-en", "stt-2.6b-en"),
         ("moshi-7b", "moshiko"),
+        ("tts-1.6b-en_fr", "tts-1.6b-en_fr"),
     ] {
         let cfg: LmConfig = serde_json::from_value(manifest(published).config).expect("config");
-        cfg.validate().expect("published config accepted");
+        if cfg.is_tts() {
+            cfg.validate_tts().expect("published TTS config accepted");
+            let p = LmConfig::preset(preset).expect("preset");
+            p.validate_tts().expect("preset");
+            assert!(p.is_tts());
+        } else {
+            cfg.validate().expect("published config accepted");
+        }
         let p = LmConfig::preset(preset).expect("preset");
         assert_eq!(arch(&p), arch(&cfg), "preset {preset} vs {published}");
     }
@@ -148,17 +156,61 @@ fn moshiko_loads_as_published() {
     loads_and_runs("moshiko");
 }
 
+/// The TTS's published layout (one layer, random weights in the published names and
+/// dtypes) loads strictly as a TTS, speaks in a voice of the published shape, and is
+/// refused by the STT/Moshi loader with a pointer to `parley tts`.
 #[test]
-fn tts_is_read_and_refused_clearly() {
+fn tts_loads_as_published_and_speaks() {
+    use parley_engine::models::tts::{Entry, Step, TtsModel, TtsOptions, TtsStream, Voice};
     let dir = reduced_dir("tts-1.6b-en_fr", 1);
     let d = ModelDir::open(&dir).expect("open");
     let err = d
         .load_lm_as(WeightPrecision::Bf16)
-        .expect_err("TTS not supported yet")
+        .expect_err("not an STT/Moshi model")
         .to_string();
+    assert!(err.contains("parley tts"), "{err}");
+    let cfg = d.lm_config().expect("config");
+    let mut m = TtsModel::load(
+        &d.lm_weights().expect("weights"),
+        cfg,
+        WeightPrecision::Bf16,
+    )
+    .expect("strict load");
+    let voice_path = dir.join("voice.safetensors");
+    let t = candle_core::Tensor::randn(0f32, 1.0, (1, 512, 125), &candle_core::Device::Cpu)
+        .expect("voice");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("speaker_wavs".to_string(), t)]),
+        &voice_path,
+    )
+    .expect("save voice");
+    let voice = Voice::load(&voice_path).expect("voice");
+    m.condition(&[&voice], "2.0").expect("condition");
+    let opts = TtsOptions {
+        temp: 0.0,
+        codebooks: 24,
+        max_steps: 24,
+        ..TtsOptions::default()
+    };
+    let mut s = TtsStream::new(&mut m, 12.5, &opts).expect("stream");
+    s.push(
+        (0..6)
+            .map(|i| Entry {
+                tokens: vec![1 + i, 500 + i],
+                text: format!("w{i}"),
+                padding: 2,
+            })
+            .collect(),
+    );
+    s.finish_input();
+    while !matches!(s.step().expect("step"), Step::Done) {}
+    let out = s.into_output();
+    assert_eq!(out.steps.len(), 24);
+    let last = out.steps.last().expect("a step");
+    assert_eq!(last.len(), 1 + 24, "24 codebooks asked for");
     assert!(
-        err.contains("not supported yet") && err.contains("TTS"),
-        "{err}"
+        last[1..].iter().all(|&c| (0..2048).contains(&c)),
+        "{last:?}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

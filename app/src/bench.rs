@@ -26,6 +26,30 @@ pub enum BenchCommand {
     /// first write random weights in a published layout
     /// (tests/fixtures/published/NAME.json) into the directory.
     Load(LoadBench),
+    /// Time the text-to-speech model at full size with random weights: each 80 ms
+    /// frame's steps (temporal transformer, depformer, Mimi's decoder), the real-time
+    /// factor, and the time from the first word to the first audio.
+    Tts(TtsBench),
+}
+
+#[derive(Debug, Args)]
+pub struct TtsBench {
+    #[arg(long, default_value = "tts-1.6b-en_fr")]
+    preset: String,
+    /// f32, bf16, q8_0 or q4 (the CPU's formats); Mimi in q8_0 beside q8_0 and q4.
+    #[arg(long, default_value = "q8_0")]
+    precision: parley_engine::compute::Dtype,
+    /// Audio codebooks to generate (32; Kyutai's own server uses 24).
+    #[arg(long, default_value_t = 32)]
+    codebooks: usize,
+    /// Frames of speech to time after the first audio.
+    #[arg(long, default_value_t = 25)]
+    frames: usize,
+    /// Rayon threads (all cores by default).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -100,6 +124,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Lm(b) => bench_lm(b),
         BenchCommand::Latency(a) => crate::latency::run(a),
         BenchCommand::Load(b) => bench_load(b),
+        BenchCommand::Tts(b) => bench_tts(b),
     }
 }
 
@@ -198,6 +223,9 @@ fn bench_lm(b: LmBench) -> Result<()> {
             let cfg = LmConfig::preset(p).ok_or_else(|| {
                 anyhow::anyhow!("unknown preset `{p}`; known: {}", PRESETS.join(", "))
             })?;
+            if cfg.is_tts() {
+                anyhow::bail!("{p} is a text-to-speech model: `parley bench tts` times it");
+            }
             let (backend, weights) = LmBackend::open(&device, b.dtype, None, |precision| {
                 LmModel::from_weights(&Weights::random(1).with_precision(precision), cfg)
             })?;
@@ -426,6 +454,14 @@ struct Stats {
 
 impl Stats {
     fn of(xs: &[f64]) -> Self {
+        if xs.is_empty() {
+            return Self {
+                mean: f64::NAN,
+                p50: f64::NAN,
+                p90: f64::NAN,
+                max: f64::NAN,
+            };
+        }
         let mut v = xs.to_vec();
         v.sort_by(f64::total_cmp);
         let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
@@ -440,4 +476,121 @@ impl Stats {
     fn json(&self) -> serde_json::Value {
         serde_json::json!({"mean": self.mean, "p50": self.p50, "p90": self.p90, "max": self.max})
     }
+
+    fn line(&self) -> String {
+        format!(
+            "p50 {:.1} ms, p90 {:.1}, max {:.1}, mean {:.1}",
+            self.p50, self.p90, self.max, self.mean
+        )
+    }
+}
+
+fn bench_tts(b: TtsBench) -> Result<()> {
+    use parley_engine::models::lm::LmConfig;
+    use parley_engine::models::tts::{
+        Entry, Step, TtsDecoder, TtsModel, TtsOptions, TtsStream, Voice,
+    };
+
+    let threads = b
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // Safe in edition 2021; nothing has read the variable yet, no threads started.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let cfg = LmConfig::preset(&b.preset)
+        .filter(LmConfig::is_tts)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "`{}` is not a text-to-speech preset (tts-1.6b-en_fr)",
+                b.preset
+            )
+        })?;
+    let precision = b.precision.cpu()?;
+    let t_load = Instant::now();
+    let mut model = TtsModel::random(cfg, precision)?;
+    let mut mimi = Mimi::from_weights(&Weights::random(1), MimiConfig::default(), b.codebooks)?;
+    mimi.set_weight_precision(b.precision.mimi_precision())?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let mut seed = 11u32;
+    let mut rnd = || {
+        seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+    };
+    let latent: Vec<f32> = (0..512 * 125).map(|_| rnd()).collect();
+    model.condition(&[&Voice::from_latent(&latent)?], "2.0")?;
+    let opts = TtsOptions {
+        temp: 0.6,
+        codebooks: b.codebooks,
+        ..TtsOptions::default()
+    };
+    let frame_rate = mimi.config().frame_rate;
+    let t0 = Instant::now();
+    let mut stream = TtsStream::new(&mut model, frame_rate, &opts)?;
+    // Words enough for the frames asked for (a word every few steps).
+    stream.push(
+        (0..(b.frames + 40) as u32)
+            .map(|i| Entry {
+                tokens: vec![
+                    if i == 0 { 1 } else { 100 + i % 7000 },
+                    200 + (i * 13) % 7000,
+                ],
+                text: format!("w{i}"),
+                padding: 2,
+            })
+            .collect(),
+    );
+    stream.finish_input();
+    let (delays, delay_steps) = (stream.output().delays.clone(), stream.output().delay_steps);
+    let mut decoder = TtsDecoder::new(&mut mimi, delay_steps, &delays);
+    let (mut text_only, mut full, mut decode, mut first_audio) = (vec![], vec![], vec![], None);
+    let mut audio_frames = 0;
+    while audio_frames < b.frames {
+        let ts = Instant::now();
+        let step = stream.step()?;
+        let step_ms = ts.elapsed().as_secs_f64() * 1e3;
+        let t = stream.output().steps.len();
+        if t <= delay_steps {
+            text_only.push(step_ms);
+        } else {
+            full.push(step_ms);
+        }
+        match step {
+            Step::Stepped { frame: Some(f) } => {
+                let td = Instant::now();
+                if decoder.push(&f)?.is_some() {
+                    decode.push(td.elapsed().as_secs_f64() * 1e3);
+                    first_audio.get_or_insert(t0.elapsed().as_secs_f64() * 1e3);
+                    audio_frames += 1;
+                }
+            }
+            Step::Stepped { frame: None } => {}
+            Step::Done | Step::NeedWords => anyhow::bail!("the benchmark's text ran out"),
+        }
+    }
+    let (lm, dec, txt) = (Stats::of(&full), Stats::of(&decode), Stats::of(&text_only));
+    let per_frame = lm.p50 + dec.p50;
+    let cpu = parley_engine::compute::cpu::cpu_description();
+    let report = serde_json::json!({
+        "preset": b.preset, "precision": b.precision.to_string(), "codebooks": b.codebooks,
+        "threads": threads, "cpu": cpu, "load_s": load_s,
+        "step_ms": lm.json(), "step_before_audio_ms": txt.json(), "decode_ms": dec.json(),
+        "frame_ms_p50": per_frame, "real_time_factor": per_frame / 80.0,
+        "first_audio_ms": first_audio, "frames": audio_frames,
+    });
+    if b.json {
+        println!("{report}");
+    } else {
+        println!(
+            "{} ({}, {} codebooks, random weights), {threads} thread(s); {cpu}",
+            b.preset, b.precision, b.codebooks
+        );
+        println!("  step with the depformer  {}", lm.line());
+        println!("  step before the audio    {}", txt.line());
+        println!("  Mimi decode              {}", dec.line());
+        println!(
+            "  per 80 ms frame {per_frame:.1} ms (p50): real-time factor {:.2}; first audio {:.0} ms after the first word",
+            per_frame / 80.0,
+            first_audio.unwrap_or(f64::NAN)
+        );
+    }
+    Ok(())
 }

@@ -948,7 +948,8 @@ fn layer_step(
     Ok(())
 }
 
-/// The cross-attention block on `t` rows of `x`, in place.
+/// The cross-attention block on `t` rows of `x`, in place. Heads run in parallel, each
+/// with the SIMD kernels of self-attention over its keys and values.
 fn cross_block(
     c: &CrossAttention,
     src: &CrossKv,
@@ -960,28 +961,54 @@ fn cross_block(
     let h = c.norm.forward(x, d);
     let q = c.q_proj.matmul_t(&h, t)?;
     let inv_sqrt = 1.0 / (hd as f32).sqrt();
-    let mut attn = vec![0f32; t * d];
-    let mut probs = vec![0f32; n];
-    for (qrow, out) in q.chunks_exact(d).zip(attn.chunks_exact_mut(d)) {
+    // Queries head by head, `[heads][t][head_dim]`, pre-scaled.
+    let mut qh = vec![0f32; t * d];
+    for (i, row) in q.chunks_exact(d).enumerate() {
         for head in 0..dims.num_heads {
-            let qh = &qrow[head * hd..(head + 1) * hd];
-            let keys = &src.k[head * n * hd..(head + 1) * n * hd];
-            let values = &src.v[head * n * hd..(head + 1) * n * hd];
-            let mut max = f32::NEG_INFINITY;
-            for (p, k) in probs.iter_mut().zip(keys.chunks_exact(hd)) {
-                *p = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * inv_sqrt;
-                max = max.max(*p);
+            let dst = &mut qh[(head * t + i) * hd..(head * t + i + 1) * hd];
+            dst.iter_mut()
+                .zip(&row[head * hd..(head + 1) * hd])
+                .for_each(|(o, v)| *o = v * inv_sqrt);
+        }
+    }
+    let mut per_head = vec![0f32; t * d];
+    per_head
+        .par_chunks_mut(t * hd)
+        .enumerate()
+        .for_each(|(head, out)| {
+            let keys = RowsRef::F32(&src.k[head * n * hd..(head + 1) * n * hd]);
+            let values = RowsRef::F32(&src.v[head * n * hd..(head + 1) * n * hd]);
+            // scores[j * t + i]: key j against query i.
+            let mut scores = vec![0f32; n * t];
+            dot_rows(
+                keys,
+                hd,
+                &qh[head * t * hd..(head + 1) * t * hd],
+                t,
+                &mut scores,
+            );
+            let mut probs = vec![0f32; n];
+            for i in 0..t {
+                let mut max = f32::NEG_INFINITY;
+                for (j, p) in probs.iter_mut().enumerate() {
+                    *p = scores[j * t + i];
+                    max = max.max(*p);
+                }
+                let mut sum = 0f32;
+                for p in probs.iter_mut() {
+                    *p = (*p - max).exp();
+                    sum += *p;
+                }
+                let inv = 1.0 / sum;
+                probs.iter_mut().for_each(|p| *p *= inv);
+                weighted_sum_rows(values, hd, &probs, &mut out[i * hd..(i + 1) * hd]);
             }
-            let mut sum = 0f32;
-            for p in probs.iter_mut() {
-                *p = (*p - max).exp();
-                sum += *p;
-            }
-            let o = &mut out[head * hd..(head + 1) * hd];
-            for (p, v) in probs.iter().zip(values.chunks_exact(hd)) {
-                let w = p / sum;
-                o.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
-            }
+        });
+    let mut attn = vec![0f32; t * d];
+    for head in 0..dims.num_heads {
+        for i in 0..t {
+            attn[i * d + head * hd..i * d + (head + 1) * hd]
+                .copy_from_slice(&per_head[(head * t + i) * hd..(head * t + i + 1) * hd]);
         }
     }
     let update = c.out_proj.matmul_t(&attn, t)?;

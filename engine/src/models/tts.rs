@@ -37,6 +37,24 @@ pub struct Voice {
 }
 
 impl Voice {
+    /// A voice from its latent as the file holds it, `[VOICE_DIM][VOICE_FRAMES]` row-major
+    /// (for benchmarks: random latents of the published shape).
+    pub fn from_latent(latent: &[f32]) -> Result<Self> {
+        if latent.len() != VOICE_DIM * VOICE_FRAMES || latent.iter().any(|v| !v.is_finite()) {
+            return Err(Error::InvalidInput(format!(
+                "a voice latent of {} values ({VOICE_DIM} x {VOICE_FRAMES} finite ones expected)",
+                latent.len()
+            )));
+        }
+        let mut rows = vec![0f32; latent.len()];
+        for c in 0..VOICE_DIM {
+            for f in 0..VOICE_FRAMES {
+                rows[f * VOICE_DIM + c] = latent[c * VOICE_FRAMES + f];
+            }
+        }
+        Ok(Self { rows })
+    }
+
     pub fn load(path: &Path) -> Result<Self> {
         let w = Weights::load(path)?;
         let t = w
@@ -256,10 +274,25 @@ impl TtsModel {
                 format!("tts_config out of range: {tts_json}"),
             ));
         }
-        let w = Weights::load(weights)?.with_precision(precision);
+        Self::from_weights(&Weights::load(weights)?.with_precision(precision), cfg, tts)
+    }
+
+    /// A full-size architecture (`cfg`, for example the `tts-1.6b-en_fr` preset) with
+    /// random weights, for benchmarks: speed does not depend on the values.
+    pub fn random(cfg: LmConfig, precision: WeightPrecision) -> Result<Self> {
+        cfg.validate_tts().map_err(Error::InvalidInput)?;
+        let tts_json = cfg.other.get("tts_config").cloned().unwrap_or(Value::Null);
+        let tts = TtsConfig {
+            audio_delay: tts_json["audio_delay"].as_f64().unwrap_or(1.28),
+            second_stream_ahead: tts_json["second_stream_ahead"].as_u64().unwrap_or(2) as usize,
+        };
+        Self::from_weights(&Weights::random(3).with_precision(precision), cfg, tts)
+    }
+
+    fn from_weights(w: &Weights, cfg: LmConfig, tts: TtsConfig) -> Result<Self> {
         // The conditioners first: the LM's loader checks that every tensor was used.
         let conditioners = Conditioners::load(&w.pp("condition_provider.conditioners"), &cfg)?;
-        let lm = LmModel::from_weights(&w, cfg)?;
+        let lm = LmModel::from_weights(w, cfg)?;
         Ok(Self {
             lm,
             conditioners,
@@ -911,7 +944,9 @@ impl<'m> TtsStream<'m> {
                         prev
                     });
                 }
-                let o = self.model.lm.temporal_step(&input)?;
+                // On the pool: a step's many fork-joins among workers that are awake.
+                let lm = &mut self.model.lm;
+                let o = crate::compute::cpu::on_pool(|| lm.temporal_step(&input))?;
                 let pred = self.text_s.choose(&o.text_logits, &mut self.rng);
                 (pred, o.hidden)
             }
@@ -924,12 +959,10 @@ impl<'m> TtsStream<'m> {
         let mut audio = vec![ZERO; self.codebooks];
         if t >= delay_steps {
             let (audio_s, rng) = (self.audio_s, &mut self.rng);
-            let picked =
-                self.model
-                    .lm
-                    .depformer_step_first(self.codebooks, fed, &hidden, |_, l| {
-                        audio_s.choose(l, rng)
-                    })?;
+            let (lm, n) = (&mut self.model.lm, self.codebooks);
+            let picked = crate::compute::cpu::on_pool(|| {
+                lm.depformer_step_first(n, fed, &hidden, |_, l| audio_s.choose(l, rng))
+            })?;
             let delays = &self.out.delays;
             for (q, tok) in picked.into_iter().enumerate() {
                 if t >= delays[q + 1] + delay_steps {

@@ -155,6 +155,11 @@ impl Models {
                 crate::models::lm::config::PRESETS.join(", ")
             ))
         })?;
+        if cfg.is_tts() {
+            return Err(Error::InvalidInput(format!(
+                "{preset} is a text-to-speech model: `parley bench tts` times it"
+            )));
+        }
         if (mode == Mode::Listen) != (cfg.dep_q == 0) {
             return Err(Error::InvalidInput(format!(
                 "preset {preset} does not fit --mode {mode}"

@@ -170,7 +170,7 @@ impl Default for LmConfig {
 
 /// Published models whose architecture Parley knows without their config.json (for
 /// benchmarks with random weights).
-pub const PRESETS: &[&str] = &["stt-1b-en_fr", "stt-2.6b-en", "moshi-7b"];
+pub const PRESETS: &[&str] = &["stt-1b-en_fr", "stt-2.6b-en", "moshi-7b", "tts-1.6b-en_fr"];
 
 impl LmConfig {
     /// The architecture of a published model, as its config.json gives it:
@@ -239,6 +239,56 @@ impl LmConfig {
                 depformer_gating: Some("silu".into()),
                 ..base
             }),
+            // kyutai/tts-1.6b-en_fr's config.json.
+            "tts-1.6b-en_fr" => {
+                let mut other = BTreeMap::new();
+                other.insert("model_type".into(), Value::from("tts"));
+                other.insert(
+                    "tts_config".into(),
+                    serde_json::json!({"audio_delay": 1.28, "second_stream_ahead": 2}),
+                );
+                Some(Self {
+                    dim: 2048,
+                    num_heads: 16,
+                    num_layers: 16,
+                    hidden_scale: 4.125,
+                    context: Some(500),
+                    max_period: 10_000.0,
+                    text_card: 8000,
+                    n_q: 32,
+                    dep_q: 32,
+                    delays: std::iter::once(0)
+                        .chain(std::iter::once(0))
+                        .chain([2; 31])
+                        .collect(),
+                    depformer_dim: 1024,
+                    depformer_dim_feedforward: Some(3072),
+                    depformer_num_heads: Some(16),
+                    depformer_num_layers: Some(4),
+                    depformer_multi_linear: true,
+                    depformer_weights_per_step: true,
+                    depformer_weights_per_step_schedule: Some(
+                        (0..8).chain([8; 8]).chain([9; 8]).chain([10; 8]).collect(),
+                    ),
+                    depformer_low_rank_embeddings: Some(128),
+                    depformer_pos_emb: "none".into(),
+                    demux_second_text_stream: true,
+                    cross_attention: true,
+                    conditioners: Some(serde_json::json!({
+                        "speaker_wavs": {"type": "tensor", "tensor": {"dim": 512}},
+                        "cfg": {"type": "lut", "lut": {"n_bins": 7, "dim": 16, "tokenizer": "noop",
+                            "possible_values": ["1.0", "1.5", "2.0", "2.5", "3.0", "3.5", "4.0"]}},
+                        "control": {"type": "lut", "lut": {"dim": 2048, "n_bins": 1, "tokenizer": "noop",
+                            "possible_values": ["ok"]}}
+                    })),
+                    fuser: Some(serde_json::json!({
+                        "cross_attention_pos_emb": true, "cross_attention_pos_emb_scale": 1,
+                        "sum": ["control", "cfg"], "prepend": [], "cross": ["speaker_wavs"]
+                    })),
+                    other,
+                    ..base
+                })
+            }
             _ => None,
         }
     }
