@@ -870,17 +870,7 @@ fn layer_step(
     for (i, row) in qkv.chunks_exact(3 * d).enumerate() {
         kv.push(&row[d..2 * d], &row[2 * d..], (offset + i) as i64);
     }
-    // Queries of all `t` steps, head by head: `[heads][t][head_dim]`, pre-scaled.
-    let inv_sqrt = 1.0 / (hd as f32).sqrt();
-    let mut q = vec![0f32; t * d];
-    for (i, row) in qkv.chunks_exact(3 * d).enumerate() {
-        for h in 0..dims.num_heads {
-            let dst = &mut q[(h * t + i) * hd..(h * t + i + 1) * hd];
-            dst.iter_mut()
-                .zip(&row[h * hd..(h + 1) * hd])
-                .for_each(|(o, v)| *o = v * inv_sqrt);
-        }
-    }
+    let q = queries_by_head(&qkv, 3 * d, t, dims);
     let cap = kv.capacity;
     let context = dims.context.map_or(i64::MAX, |c| c as i64);
     // Heads in parallel (each reads its own keys and values: a sixth of a quantized
@@ -903,7 +893,6 @@ fn layer_step(
             );
             for i in 0..t {
                 let pos_q = (offset + i) as i64;
-                let mut max = f32::NEG_INFINITY;
                 for (j, p) in probs.iter_mut().enumerate() {
                     let pk = kv.pos[j];
                     let delta = pos_q - pk;
@@ -912,15 +901,8 @@ fn layer_step(
                     } else {
                         f32::NEG_INFINITY
                     };
-                    max = max.max(*p);
                 }
-                let mut sum = 0f32;
-                for p in probs.iter_mut() {
-                    *p = if p.is_finite() { (*p - max).exp() } else { 0.0 };
-                    sum += *p;
-                }
-                let inv = 1.0 / sum;
-                probs.iter_mut().for_each(|p| *p *= inv);
+                softmax_masked(&mut probs);
                 weighted_sum_rows(
                     kv.head_values(h),
                     hd,
@@ -929,13 +911,7 @@ fn layer_step(
                 );
             }
         });
-    let mut attn = vec![0f32; t * d];
-    for h in 0..dims.num_heads {
-        for i in 0..t {
-            attn[i * d + h * hd..i * d + (h + 1) * hd]
-                .copy_from_slice(&per_head[(h * t + i) * hd..(h * t + i + 1) * hd]);
-        }
-    }
+    let attn = heads_to_rows(&per_head, t, dims);
     let update = layer.out_proj[widx].matmul_t(&attn, t)?;
     residual_add(x, &update, layer.scale1.as_deref(), d);
     if let (Some(c), Some(src)) = (&layer.cross, cross) {
@@ -959,18 +935,7 @@ fn cross_block(
 ) -> Result<()> {
     let (d, hd, n) = (dims.d_model, dims.head_dim, src.n);
     let h = c.norm.forward(x, d);
-    let q = c.q_proj.matmul_t(&h, t)?;
-    let inv_sqrt = 1.0 / (hd as f32).sqrt();
-    // Queries head by head, `[heads][t][head_dim]`, pre-scaled.
-    let mut qh = vec![0f32; t * d];
-    for (i, row) in q.chunks_exact(d).enumerate() {
-        for head in 0..dims.num_heads {
-            let dst = &mut qh[(head * t + i) * hd..(head * t + i + 1) * hd];
-            dst.iter_mut()
-                .zip(&row[head * hd..(head + 1) * hd])
-                .for_each(|(o, v)| *o = v * inv_sqrt);
-        }
-    }
+    let qh = queries_by_head(&c.q_proj.matmul_t(&h, t)?, d, t, dims);
     let mut per_head = vec![0f32; t * d];
     per_head
         .par_chunks_mut(t * hd)
@@ -989,31 +954,58 @@ fn cross_block(
             );
             let mut probs = vec![0f32; n];
             for i in 0..t {
-                let mut max = f32::NEG_INFINITY;
                 for (j, p) in probs.iter_mut().enumerate() {
                     *p = scores[j * t + i];
-                    max = max.max(*p);
                 }
-                let mut sum = 0f32;
-                for p in probs.iter_mut() {
-                    *p = (*p - max).exp();
-                    sum += *p;
-                }
-                let inv = 1.0 / sum;
-                probs.iter_mut().for_each(|p| *p *= inv);
+                softmax_masked(&mut probs);
                 weighted_sum_rows(values, hd, &probs, &mut out[i * hd..(i + 1) * hd]);
             }
         });
-    let mut attn = vec![0f32; t * d];
-    for head in 0..dims.num_heads {
-        for i in 0..t {
-            attn[i * d + head * hd..i * d + (head + 1) * hd]
-                .copy_from_slice(&per_head[(head * t + i) * hd..(head * t + i + 1) * hd]);
-        }
-    }
-    let update = c.out_proj.matmul_t(&attn, t)?;
+    let update = c.out_proj.matmul_t(&heads_to_rows(&per_head, t, dims), t)?;
     residual_add(x, &update, c.scale.as_deref(), d);
     Ok(())
+}
+
+/// The queries of `t` rows (the first `d_model` values of each row of `stride`), head by
+/// head, `[heads][t][head_dim]`, scaled by 1/sqrt(head_dim).
+fn queries_by_head(rows: &[f32], stride: usize, t: usize, dims: &Dims) -> Vec<f32> {
+    let (d, hd) = (dims.d_model, dims.head_dim);
+    let inv_sqrt = 1.0 / (hd as f32).sqrt();
+    let mut q = vec![0f32; t * d];
+    for (i, row) in rows.chunks_exact(stride).take(t).enumerate() {
+        for h in 0..dims.num_heads {
+            let dst = &mut q[(h * t + i) * hd..(h * t + i + 1) * hd];
+            dst.iter_mut()
+                .zip(&row[h * hd..(h + 1) * hd])
+                .for_each(|(o, v)| *o = v * inv_sqrt);
+        }
+    }
+    q
+}
+
+/// `[heads][t][head_dim]` back to `t` rows of `d_model`.
+fn heads_to_rows(per_head: &[f32], t: usize, dims: &Dims) -> Vec<f32> {
+    let (d, hd) = (dims.d_model, dims.head_dim);
+    let mut rows = vec![0f32; t * d];
+    for h in 0..dims.num_heads {
+        for i in 0..t {
+            rows[i * d + h * hd..i * d + (h + 1) * hd]
+                .copy_from_slice(&per_head[(h * t + i) * hd..(h * t + i + 1) * hd]);
+        }
+    }
+    rows
+}
+
+/// Softmax in place; entries of -inf (masked) get 0.
+fn softmax_masked(probs: &mut [f32]) {
+    let max = probs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for p in probs.iter_mut() {
+        *p = if p.is_finite() { (*p - max).exp() } else { 0.0 };
+        sum += *p;
+    }
+    let inv = 1.0 / sum;
+    probs.iter_mut().for_each(|p| *p *= inv);
 }
 
 fn residual_add(x: &mut [f32], update: &[f32], scale: Option<&[f32]>, d: usize) {
