@@ -507,6 +507,9 @@ fn bench_tts(b: TtsBench) -> Result<()> {
     let precision = b.precision.cpu()?;
     let t_load = Instant::now();
     let mut model = TtsModel::random(cfg, precision)?;
+    // Weights one frame reads: the temporal transformer and heads, and every depformer
+    // weight set (with 24 codebooks the schedule's sets 0..10 are all still used).
+    let frame_bytes = model.lm.weight_bytes_per_step();
     let mut mimi = Mimi::from_weights(&Weights::random(1), MimiConfig::default(), b.codebooks)?;
     mimi.set_weight_precision(b.precision.mimi_precision())?;
     let load_s = t_load.elapsed().as_secs_f64();
@@ -575,6 +578,8 @@ fn bench_tts(b: TtsBench) -> Result<()> {
         "step_ms": lm.json(), "step_before_audio_ms": txt.json(), "decode_ms": dec.json(),
         "frame_ms_p50": per_frame, "real_time_factor": per_frame / 80.0,
         "first_audio_ms": first_audio, "frames": audio_frames,
+        "weights_per_frame_gb": frame_bytes as f64 / 1e9,
+        "read_gbs": frame_bytes as f64 / (lm.p50 / 1e3) / 1e9,
     });
     if b.json {
         println!("{report}");
@@ -583,7 +588,12 @@ fn bench_tts(b: TtsBench) -> Result<()> {
             "{} ({}, {} codebooks, random weights), {threads} thread(s); {cpu}",
             b.preset, b.precision, b.codebooks
         );
-        println!("  step with the depformer  {}", lm.line());
+        println!(
+            "  step with the depformer  {} ({:.2} GB of weights: {:.1} GB/s)",
+            lm.line(),
+            frame_bytes as f64 / 1e9,
+            frame_bytes as f64 / (lm.p50 / 1e3) / 1e9
+        );
         println!("  step before the audio    {}", txt.line());
         println!("  Mimi decode              {}", dec.line());
         println!(
