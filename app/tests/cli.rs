@@ -731,6 +731,30 @@ fn tts_says_the_reference_text_whole_or_streamed() {
     args.extend(tts_args(&d, &voice));
     args.extend(["--out", s(&wav)]);
     assert_clean_failure(&parley(&args), "no words");
+    // A registry voice that is not downloaded says what to pull; an unknown name lists
+    // the registry's.
+    let home = tmp("tts-hf-home");
+    for (name, culprit) in [
+        ("robert", "parley models pull tts-voices"),
+        ("nobody", "robert"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_parley"))
+            .args([
+                "tts",
+                "Hello.",
+                "--model-dir",
+                &d,
+                "--voice",
+                name,
+                "--out",
+                s(&wav),
+            ])
+            .env("HF_HOME", &home)
+            .env_remove("HF_HUB_CACHE")
+            .output()
+            .expect("run");
+        assert_clean_failure(&out, culprit);
+    }
     // A model that does not speak text is refused by name.
     let stt = fixture_dir("stt-tiny");
     let mut args = vec!["tts", "Hello."];

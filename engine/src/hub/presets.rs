@@ -235,7 +235,9 @@ mod tests {
             assert!(p.total_bytes() > 0);
         }
         let tts = preset("tts-1.6b-en_fr").expect("tts");
-        assert!(!tts.supported && tts.mode == PresetMode::Tts);
+        assert!(tts.supported && tts.mode == PresetMode::Tts);
+        let voices = preset("tts-voices").expect("voices");
+        assert!(voices.files.iter().all(|f| f.role == FileRole::Voice));
         assert!(!preset("moshiko-q8-bnb").expect("bnb").supported);
         assert!(preset("moshiko-q8").expect("q8").supported);
         // The listen preset is the -candle repository, pinned: it has the end-of-turn head.
