@@ -507,9 +507,9 @@ fn bench_tts(b: TtsBench) -> Result<()> {
     let precision = b.precision.cpu()?;
     let t_load = Instant::now();
     let mut model = TtsModel::random(cfg, precision)?;
-    // Weights one frame reads: the temporal transformer and heads, and every depformer
-    // weight set (with 24 codebooks the schedule's sets 0..10 are all still used).
-    let frame_bytes = model.lm.weight_bytes_per_step();
+    // Weights one frame reads: the temporal transformer and heads once, and each
+    // codebook's depformer weight set (sets 8..10 serve eight steps each).
+    let frame_bytes = model.lm.weight_bytes_per_frame(b.codebooks);
     let mut mimi = Mimi::from_weights(&Weights::random(1), MimiConfig::default(), b.codebooks)?;
     mimi.set_weight_precision(b.precision.mimi_precision())?;
     let load_s = t_load.elapsed().as_secs_f64();

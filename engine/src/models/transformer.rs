@@ -793,6 +793,28 @@ impl StreamingTransformer {
             .sum()
     }
 
+    /// Bytes of the matrices one step of weight set `set` reads (per-step transformers).
+    pub fn weight_set_bytes(&self, set: usize) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                let pick = |n: usize| set.min(n.saturating_sub(1));
+                l.in_proj[pick(l.in_proj.len())].size_in_bytes()
+                    + l.out_proj[pick(l.out_proj.len())].size_in_bytes()
+                    + match &l.ff[pick(l.ff.len())] {
+                        FeedForward::Mlp { linear1, linear2 } => {
+                            linear1.size_in_bytes() + linear2.size_in_bytes()
+                        }
+                        FeedForward::Gated {
+                            linear_in,
+                            linear_out,
+                            ..
+                        } => linear_in.size_in_bytes() + linear_out.size_in_bytes(),
+                    }
+            })
+            .sum()
+    }
+
     pub fn state_bytes(&self) -> usize {
         self.rings
             .iter()

@@ -431,6 +431,28 @@ impl LmModel {
         n
     }
 
+    /// Bytes of weights one frame reads when the depformer generates `codebooks`: the
+    /// temporal transformer and heads once, and for each codebook the depformer weight
+    /// set, input projection and head its step uses (a set shared by several steps under
+    /// a schedule is read by each of them).
+    pub fn weight_bytes_per_frame(&self, codebooks: usize) -> usize {
+        let mut n = self.transformer.weight_bytes() + self.text_linear.weight.size_in_bytes();
+        n += self
+            .extra_heads
+            .iter()
+            .map(Matrix::size_in_bytes)
+            .sum::<usize>();
+        if let Some(d) = &self.depformer {
+            for k in 0..codebooks.min(d.heads.len()) {
+                let set = d.schedule.as_ref().map_or(k, |s| s[k]);
+                n += d.transformer.weight_set_bytes(set)
+                    + d.inputs[set.min(d.inputs.len() - 1)].size_in_bytes()
+                    + d.heads[k].weight.size_in_bytes();
+            }
+        }
+        n
+    }
+
     /// Clears the streaming state (attention rings and positions).
     pub fn reset(&mut self) {
         self.transformer.reset();
