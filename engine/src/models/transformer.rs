@@ -273,6 +273,21 @@ impl FeedForward {
     }
 }
 
+impl FeedForward {
+    fn size_in_bytes(&self) -> usize {
+        match self {
+            FeedForward::Mlp { linear1, linear2 } => {
+                linear1.size_in_bytes() + linear2.size_in_bytes()
+            }
+            FeedForward::Gated {
+                linear_in,
+                linear_out,
+                ..
+            } => linear_in.size_in_bytes() + linear_out.size_in_bytes(),
+        }
+    }
+}
+
 /// GELU with the exact erf (PyTorch's default), as candle computes it.
 fn gelu_erf(v: f32) -> f32 {
     (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v
@@ -776,19 +791,7 @@ impl StreamingTransformer {
                     )
                     .map(Matrix::size_in_bytes)
                     .sum::<usize>()
-                    + l.ff
-                        .iter()
-                        .map(|f| match f {
-                            FeedForward::Mlp { linear1, linear2 } => {
-                                linear1.size_in_bytes() + linear2.size_in_bytes()
-                            }
-                            FeedForward::Gated {
-                                linear_in,
-                                linear_out,
-                                ..
-                            } => linear_in.size_in_bytes() + linear_out.size_in_bytes(),
-                        })
-                        .sum::<usize>()
+                    + l.ff.iter().map(FeedForward::size_in_bytes).sum::<usize>()
             })
             .sum()
     }
@@ -801,16 +804,7 @@ impl StreamingTransformer {
                 let pick = |n: usize| set.min(n.saturating_sub(1));
                 l.in_proj[pick(l.in_proj.len())].size_in_bytes()
                     + l.out_proj[pick(l.out_proj.len())].size_in_bytes()
-                    + match &l.ff[pick(l.ff.len())] {
-                        FeedForward::Mlp { linear1, linear2 } => {
-                            linear1.size_in_bytes() + linear2.size_in_bytes()
-                        }
-                        FeedForward::Gated {
-                            linear_in,
-                            linear_out,
-                            ..
-                        } => linear_in.size_in_bytes() + linear_out.size_in_bytes(),
-                    }
+                    + l.ff[pick(l.ff.len())].size_in_bytes()
             })
             .sum()
     }

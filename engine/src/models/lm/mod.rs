@@ -413,12 +413,7 @@ impl LmModel {
     /// Bytes of weights one generation step reads: the temporal transformer, the text
     /// head and the extra heads, and every depformer step (embedding rows aside).
     pub fn weight_bytes_per_step(&self) -> usize {
-        let mut n = self.transformer.weight_bytes() + self.text_linear.weight.size_in_bytes();
-        n += self
-            .extra_heads
-            .iter()
-            .map(Matrix::size_in_bytes)
-            .sum::<usize>();
+        let mut n = self.temporal_weight_bytes();
         if let Some(d) = &self.depformer {
             n += d.transformer.weight_bytes();
             n += d.inputs.iter().map(Matrix::size_in_bytes).sum::<usize>();
@@ -436,12 +431,7 @@ impl LmModel {
     /// set, input projection and head its step uses (a set shared by several steps under
     /// a schedule is read by each of them).
     pub fn weight_bytes_per_frame(&self, codebooks: usize) -> usize {
-        let mut n = self.transformer.weight_bytes() + self.text_linear.weight.size_in_bytes();
-        n += self
-            .extra_heads
-            .iter()
-            .map(Matrix::size_in_bytes)
-            .sum::<usize>();
+        let mut n = self.temporal_weight_bytes();
         if let Some(d) = &self.depformer {
             for k in 0..codebooks.min(d.heads.len()) {
                 let set = d.schedule.as_ref().map_or(k, |s| s[k]);
@@ -451,6 +441,17 @@ impl LmModel {
             }
         }
         n
+    }
+
+    /// The temporal transformer's, the text head's and the extra heads' bytes.
+    fn temporal_weight_bytes(&self) -> usize {
+        self.transformer.weight_bytes()
+            + self.text_linear.weight.size_in_bytes()
+            + self
+                .extra_heads
+                .iter()
+                .map(Matrix::size_in_bytes)
+                .sum::<usize>()
     }
 
     /// Clears the streaming state (attention rings and positions).
