@@ -3,13 +3,13 @@
 //! conditioned on a voice through cross-attention and on `cfg` and `control` values summed
 //! into every step's input.
 //!
-//! This module holds the model and its conditioning. What is here so far: the voice files
-//! ([`Voice`]), the conditioners ([`Conditioners`]: the voice latents projected, unused
-//! speaker slots filled with the learnt padding, a sinusoidal position embedding added;
-//! the `cfg` and `control` lookup tables projected and summed) and the model
-//! ([`TtsModel`]) whose steps match the reference's (`tests/tts_reference.rs`). The text
-//! state machine, streaming input, the voices registry and `parley tts` are issue 13's
-//! remaining work.
+//! Here: the voice files ([`Voice`]), the conditioners ([`Conditioners`]: the voice
+//! latents projected, unused speaker slots filled with the learnt padding, a sinusoidal
+//! position embedding added; the `cfg` and `control` lookup tables projected and summed),
+//! the model ([`TtsModel`]), the reference's text procedure ([`script_to_entries`],
+//! [`StateMachine`]), generation one step at a time with words arriving while it runs
+//! ([`TtsStream`], [`WordFeed`]) and the decoding of its frames ([`TtsDecoder`]). Greedy,
+//! it gives the reference's tokens and audio (`tests/tts_reference.rs`). CPU only so far.
 
 use std::path::Path;
 
