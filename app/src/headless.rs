@@ -15,7 +15,7 @@ use parley_engine::compute::gpu::DeviceChoice;
 use parley_engine::compute::Dtype;
 use parley_engine::pipeline::{
     Canceller, Event, EventSink, Mode, Models, NullSink, PcmSource, Session, SessionOptions,
-    Speaker,
+    Speaker, TurnModels, TurnSettings,
 };
 use serde_json::{json, Value};
 
@@ -51,13 +51,55 @@ pub struct HeadlessArgs {
     device: DeviceChoice,
     #[arg(long, alias = "dtype", default_value = "auto")]
     precision: Dtype,
+    /// Turn-taking: silence (ms) after which speech is called stopped.
+    #[arg(long, default_value_t = TurnSettings::default().vad.min_silence_ms)]
+    min_silence_ms: f64,
+    /// Turn-taking: Smart Turn's probability at which a turn is complete.
+    #[arg(long, default_value_t = TurnSettings::default().smart_turn_threshold)]
+    smart_turn_threshold: f32,
+    /// Turn-taking: silence (ms) after which a turn is over whatever the models say.
+    #[arg(long, default_value_t = TurnSettings::default().max_pause_ms)]
+    max_pause_ms: f64,
+}
+
+/// The turn-taking settings the flags ask for, checked.
+fn turn_settings(args: &HeadlessArgs) -> Result<TurnSettings> {
+    let d = TurnSettings::default();
+    if !(100.0..=10_000.0).contains(&args.min_silence_ms) {
+        anyhow::bail!(
+            "--min-silence-ms {} is outside 100..=10000",
+            args.min_silence_ms
+        );
+    }
+    if !(0.0..=1.0).contains(&args.smart_turn_threshold) {
+        anyhow::bail!(
+            "--smart-turn-threshold {} is outside 0..=1",
+            args.smart_turn_threshold
+        );
+    }
+    if !(args.min_silence_ms..=60_000.0).contains(&args.max_pause_ms) {
+        anyhow::bail!(
+            "--max-pause-ms {} must be between --min-silence-ms and 60000",
+            args.max_pause_ms
+        );
+    }
+    Ok(TurnSettings {
+        vad: parley_engine::models::vad::VadSettings {
+            min_silence_ms: args.min_silence_ms,
+            ..d.vad
+        },
+        smart_turn_threshold: args.smart_turn_threshold,
+        max_pause_ms: args.max_pause_ms,
+        ..d
+    })
 }
 
 pub fn run(args: HeadlessArgs) -> Result<()> {
     if args.raw && args.audio == AudioIo::Mic {
         anyhow::bail!("--raw carries audio over stdin and stdout: it needs --audio stdin");
     }
-    let models = Models::load(
+    let settings = turn_settings(&args)?;
+    let mut models = Models::load(
         &args.model_dir,
         args.mode,
         args.device,
@@ -65,6 +107,9 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
         None,
     )
     .context("loading the models")?;
+    if settings != TurnSettings::default() {
+        models.turn = TurnModels::with_settings(settings);
+    }
     let (ev_tx, ev_rx) = bounded::<Event>(256);
     let mut opts = SessionOptions::default();
     // The stdin reader starts after the session, which sends `session.created` as it

@@ -736,3 +736,21 @@ fn duplex_response_cancel_clears_the_output_and_the_session_goes_on() {
         "a known message is no error"
     );
 }
+
+/// Turn-taking settings out of range are refused before anything starts, by name.
+#[test]
+fn turn_taking_settings_out_of_range_are_named() {
+    let args = listen_args();
+    for (flag, value) in [
+        ("--min-silence-ms", "5"),
+        ("--smart-turn-threshold", "1.5"),
+        ("--max-pause-ms", "200"),
+    ] {
+        let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+        a.extend([flag, value]);
+        let run = headless(&a, vec![close_line()], false);
+        assert!(!run.status.success(), "{flag} {value} was accepted");
+        assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+        assert!(run.stderr.contains(flag), "{flag}: {}", run.stderr);
+    }
+}
