@@ -17,7 +17,7 @@ struct Step {
     _p1: u32,
     _p2: u32,
     cs: array<vec4<f32>, 64>,
-    draws: array<vec4<f32>, 8>,
+    draws: array<vec4<f32>, 16>,
 }
 
 struct Params {
@@ -140,6 +140,46 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
             if (pj != 0.0) {
                 acc = acc + pj * inv * vring[(h * p.cap + j) * hd + e];
             }
+        }
+        attn[h * hd + e] = acc;
+    }
+}
+
+// Cross-attention of this step's queries (the first heads * head_dim values of `qkv`)
+// over a conditioning fixed for the utterance: `kring` holds its `cap` rows as
+// [cap][2 * heads * head_dim] (each row's keys, then its values, head by head, as the
+// key-value projection writes them). No position, no mask. One workgroup per head.
+@compute @workgroup_size(256)
+fn cross_attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let h = wg.x;
+    let hd = p.head_dim;
+    let d = p.heads * hd;
+    let inv_sqrt = 1.0 / sqrt(f32(hd));
+    let qb = h * hd;
+    var m = -3.4e38;
+    for (var j = lid; j < p.cap; j = j + WG) {
+        let kb = j * 2u * d + h * hd;
+        var acc = 0.0;
+        for (var e = 0u; e < hd; e = e + 1u) {
+            acc = acc + (qkv[qb + e] * inv_sqrt) * kring[kb + e];
+        }
+        m = max(m, acc);
+        scores[h * p.cap + j] = acc;
+    }
+    let mx = workgroup_reduce(lid, m, true);
+    var sum = 0.0;
+    for (var j = lid; j < p.cap; j = j + WG) {
+        let e = exp(scores[h * p.cap + j] - mx);
+        scores[h * p.cap + j] = e;
+        sum = sum + e;
+    }
+    let total = workgroup_reduce(lid, sum, false);
+    storageBarrier();
+    let inv = 1.0 / total;
+    for (var e = lid; e < hd; e = e + WG) {
+        var acc = 0.0;
+        for (var j = 0u; j < p.cap; j = j + 1u) {
+            acc = acc + scores[h * p.cap + j] * inv * kring[j * 2u * d + d + h * hd + e];
         }
         attn[h * hd + e] = acc;
     }

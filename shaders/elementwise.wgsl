@@ -1,5 +1,5 @@
 // Small vector operations of a model step: the SiLU gate of the feed-forward, the sums
-// of embedding rows, and the softmax of the extra heads.
+// of embedding rows, a vector added, and the softmax of the extra heads.
 
 struct Params {
     n: u32,
@@ -13,7 +13,9 @@ struct Params {
     chunk_rows: u32,
     // softmax_small: offset of the output in `out`.
     out_off: u32,
-    _p0: u32,
+    // embed_add: 1 sets `out` to the row (0 where the token is not in this chunk:
+    // single-chunk tables only) instead of adding it.
+    overwrite: u32,
     _p1: u32,
 }
 
@@ -62,8 +64,21 @@ fn embed_sum(@builtin(global_invocation_id) gid: vec3<u32>) {
 fn embed_add(@builtin(global_invocation_id) gid: vec3<u32>) {
     let k = gid.x;
     let t = tokens[p.token];
-    if (k >= p.n || t < p.rows || t >= p.rows + p.chunk_rows) { return; }
-    out[k] = out[k] + table_value((t - p.rows) * p.n, k);
+    if (k >= p.n) { return; }
+    if (t < p.rows || t >= p.rows + p.chunk_rows) {
+        if (p.overwrite != 0u) { out[k] = 0.0; }
+        return;
+    }
+    let v = table_value((t - p.rows) * p.n, k);
+    out[k] = select(out[k] + v, v, p.overwrite != 0u);
+}
+
+// out[k] += src[k] (a vector added to every step's input: the TTS's summed conditions).
+@compute @workgroup_size(64)
+fn add_vec(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let k = gid.x;
+    if (k >= p.n) { return; }
+    out[k] = out[k] + bitcast<f32>(src[k]);
 }
 
 // out[out_off + k] = softmax(src as f32)[k] for a short vector (the extra heads).

@@ -16,7 +16,7 @@ struct Step {
     _p1: u32,
     _p2: u32,
     cs: array<vec4<f32>, 64>,
-    draws: array<vec4<f32>, 8>,
+    draws: array<vec4<f32>, 16>,
 }
 
 struct Params {
@@ -170,4 +170,12 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
         if (!found) { pick = last; }
         tokens[p.slot] = pick;
     }
+}
+
+// The TTS: which of the two text tokens the CPU's state machine prepared is fed after
+// the prediction in tokens[0] (index 0 after a new-word prediction, 1 otherwise), into
+// tokens[p.slot]; the depformer's text embedding is picked by it.
+@compute @workgroup_size(1)
+fn tts_feed() {
+    tokens[p.slot] = select(1u, 0u, tokens[0] == 0u);
 }

@@ -273,9 +273,18 @@ fn every_copy_of_the_step_block_is_the_same() {
             copies[0].0
         );
     }
-    assert!(copies[0]
-        .1
-        .contains("cs: array<vec4<f32>, 64>, draws: array<vec4<f32>, 8>,"));
+    use parley_engine::compute::gpu::{MAX_DRAWS, MAX_ROPE_PAIRS, STEP_BLOCK_BYTES};
+    let fields = format!(
+        "cs: array<vec4<f32>, {}>, draws: array<vec4<f32>, {}>,",
+        MAX_ROPE_PAIRS / 2,
+        MAX_DRAWS / 4
+    );
+    assert!(
+        copies[0].1.contains(&fields),
+        "{} lacks {fields}",
+        copies[0].1
+    );
+    assert_eq!(STEP_BLOCK_BYTES, 32 + MAX_ROPE_PAIRS * 8 + MAX_DRAWS * 4);
 }
 
 /// Models opened one after another share one wgpu device while it is alive, and a new one

@@ -68,6 +68,7 @@ fn f32_parity(name: &str) {
         format: GpuFormat::F32,
         max_binding_bytes: Some(2048),
         read_logits: true,
+        ..Default::default()
     };
     let mut gen = gpu_gen(&gpu, name, opts);
     let gpu_steps = run(&mut gen, &inputs);
@@ -141,6 +142,7 @@ fn reduced_precision_formats_stay_within_their_tolerance() {
                 format,
                 max_binding_bytes: None,
                 read_logits: true,
+                ..Default::default()
             };
             let g = run(&mut gpu_gen(&gpu, name, opts), &inputs);
             let mut agreed = 0;
@@ -188,6 +190,7 @@ fn sampling_on_the_gpu_is_seeded_and_stays_in_the_top_k() {
         format: GpuFormat::F32,
         max_binding_bytes: None,
         read_logits: true,
+        ..Default::default()
     };
     let mk = || {
         LmGen::with_backend(

@@ -43,6 +43,9 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("elementwise.wgsl", "gate_silu"),
     ("elementwise.wgsl", "embed_sum"),
     ("elementwise.wgsl", "embed_add"),
+    ("elementwise.wgsl", "add_vec"),
+    ("attention.wgsl", "cross_attend"),
+    ("sample.wgsl", "tts_feed"),
     ("elementwise.wgsl", "softmax_small"),
     ("sample.wgsl", "sample"),
 ];
@@ -1037,14 +1040,17 @@ pub fn sample_once(gpu: &Gpu, logits: &[f32], temp: f32, top_k: usize, draw: f32
 }
 
 /// Size of the per-step block (`struct Step` in the shaders).
-pub const STEP_BLOCK_BYTES: usize = 32 + 64 * 16 + 32 * 4;
+pub const STEP_BLOCK_BYTES: usize = 32 + 64 * 16 + MAX_DRAWS * 4;
+
+/// Uniform draws one step carries: the text stream and up to 63 codebooks.
+pub const MAX_DRAWS: usize = 64;
 
 /// Most (cos, sin) pairs of a rotary table: head sizes up to 256.
 pub const MAX_ROPE_PAIRS: usize = 128;
 
 /// The per-step block: the stream position with its rotary table, the sampling settings
 /// and the uniform draws of this step (`struct Step` in the shaders).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct StepBlock {
     pub pos: u32,
     pub text_top_k: u32,
@@ -1053,7 +1059,21 @@ pub struct StepBlock {
     pub audio_temp: f32,
     /// (cos, sin) per rotary frequency.
     pub rope: Vec<(f32, f32)>,
-    pub draws: [f32; 32],
+    pub draws: [f32; MAX_DRAWS],
+}
+
+impl Default for StepBlock {
+    fn default() -> Self {
+        Self {
+            pos: 0,
+            text_top_k: 0,
+            audio_top_k: 0,
+            text_temp: 0.0,
+            audio_temp: 0.0,
+            rope: vec![],
+            draws: [0.0; MAX_DRAWS],
+        }
+    }
 }
 
 impl StepBlock {
