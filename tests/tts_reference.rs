@@ -10,7 +10,12 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
+#[path = "common/gpu.rs"]
+mod common_gpu;
+use common_gpu::any_gpu;
+
 use parley_engine::compute::cpu::WeightPrecision;
+use parley_engine::compute::gpu::GpuFormat;
 use parley_engine::models::lm::LmConfig;
 use parley_engine::models::tts::{TtsModel, Voice};
 
@@ -169,9 +174,24 @@ fn cases() -> serde_json::Value {
 /// the decoded speech.
 #[test]
 fn greedy_generation_matches_the_reference() {
+    greedy_generation_matches_the_reference_on(&mut model(), "CPU");
+}
+
+/// The same on the GPU (lavapipe in CI), f32 weights: the temporal step with its
+/// cross-attention over keys and values made on the GPU, the text predicted there, the
+/// depformer fed the text the state machine chose, all in one submit per step.
+#[test]
+fn greedy_generation_on_the_gpu_matches_the_reference() {
+    let Some(gpu) = any_gpu() else { return };
+    let mut m = model();
+    let n = m.lm.config().dep_q;
+    m.to_gpu(&gpu, GpuFormat::F32, n).expect("gpu");
+    greedy_generation_matches_the_reference_on(&mut m, "GPU");
+}
+
+fn greedy_generation_matches_the_reference_on(m: &mut TtsModel, on: &str) {
     use parley_engine::models::kyutai_config::ModelDir;
     use parley_engine::models::tts::{script_to_entries, TtsOptions};
-    let mut m = model();
     let d = ModelDir::open(&dir()).expect("dir");
     let tok = d.load_tokenizer().expect("tokenizer");
     let mut mimi = d.load_mimi().expect("mimi");
@@ -213,8 +233,8 @@ fn greedy_generation_matches_the_reference() {
         let log: Vec<Vec<i64>> = npy(&format!("{name}_text_log.npy")).to_vec2().expect("log");
         let predicted: Vec<i64> = out.predicted.iter().map(|&p| p as i64).collect();
         let fed: Vec<i64> = out.steps.iter().map(|s| s[0]).collect();
-        assert_eq!(predicted, log[0], "{name}: predicted text");
-        assert_eq!(fed, log[1], "{name}: fed text");
+        assert_eq!(predicted, log[0], "{on} {name}: predicted text");
+        assert_eq!(fed, log[1], "{on} {name}: fed text");
         assert_eq!(
             out.end_step,
             c["end_step"].as_u64().map(|e| e as usize),
@@ -227,7 +247,7 @@ fn greedy_generation_matches_the_reference() {
         let got: Vec<Vec<i64>> = (0..want.len())
             .map(|k| frames.iter().map(|f| f[k]).collect())
             .collect();
-        assert_eq!(got, want, "{name}: frames");
+        assert_eq!(got, want, "{on} {name}: frames");
         let times: Vec<usize> = out.transcript.iter().map(|w| w.1).collect();
         let want_times: Vec<usize> = c["transcript"]
             .as_array()
@@ -249,7 +269,7 @@ fn greedy_generation_matches_the_reference() {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         // The fixture holds 16-bit samples: 1.6e-5 of rounding on top of 1e-4.
-        assert!(worst < 1e-4 + 1.6e-5, "{name}: audio off by {worst}");
+        assert!(worst < 1e-4 + 1.6e-5, "{on} {name}: audio off by {worst}");
         assert!(pcm.iter().any(|v| v.abs() > 1e-3), "{name}: silent");
     }
 }
@@ -258,9 +278,23 @@ fn greedy_generation_matches_the_reference() {
 /// text at once: a step that needs a word waits for it, emitting nothing.
 #[test]
 fn streaming_words_in_equals_the_whole_text() {
+    streaming_words_in_equals_the_whole_text_on(&mut model());
+}
+
+/// On the GPU the steps that wait for words take two submits (the temporal step, then
+/// the depformer once the word is here) where the others take one: the same tokens.
+#[test]
+fn streaming_words_in_equals_the_whole_text_on_the_gpu() {
+    let Some(gpu) = any_gpu() else { return };
+    let mut m = model();
+    let n = m.lm.config().dep_q;
+    m.to_gpu(&gpu, GpuFormat::F32, n).expect("gpu");
+    streaming_words_in_equals_the_whole_text_on(&mut m);
+}
+
+fn streaming_words_in_equals_the_whole_text_on(m: &mut TtsModel) {
     use parley_engine::models::kyutai_config::ModelDir;
     use parley_engine::models::tts::{script_to_entries, Step, TtsOptions, TtsStream};
-    let mut m = model();
     let tok = ModelDir::open(&dir())
         .expect("dir")
         .load_tokenizer()
@@ -280,7 +314,7 @@ fn streaming_words_in_equals_the_whole_text() {
     // Only when asked (the latest possible), and one word every few steps (earlier).
     for every in [usize::MAX, 3] {
         m.condition(&[&v], "2.0").expect("condition");
-        let mut s = TtsStream::new(&mut m, 12.5, &opts).expect("stream");
+        let mut s = TtsStream::new(m, 12.5, &opts).expect("stream");
         let mut left = entries.clone().into_iter();
         let (mut steps, mut waits, mut frames) = (0usize, 0usize, 0usize);
         loop {

@@ -48,6 +48,9 @@ pub struct TtsBench {
     /// Rayon threads (all cores by default).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where the model steps: cpu, gpu (any adapter) or auto (Mimi stays on the CPU).
+    #[arg(long, default_value = "cpu")]
+    device: parley_engine::compute::gpu::DeviceChoice,
     #[arg(long)]
     json: bool,
 }
@@ -504,12 +507,32 @@ fn bench_tts(b: TtsBench) -> Result<()> {
                 b.preset
             )
         })?;
-    let precision = b.precision.cpu()?;
+    use parley_engine::compute::gpu::{select_device, Backend, GpuFormat};
+    let (backend, device_line) = select_device(b.device)?;
     let t_load = Instant::now();
-    let mut model = TtsModel::random(cfg, precision)?;
-    // Weights one frame reads: the temporal transformer and heads once, and each
-    // codebook's depformer weight set (sets 8..10 serve eight steps each).
-    let frame_bytes = model.lm.weight_bytes_per_frame(b.codebooks);
+    let (mut model, frame_bytes) = match &backend {
+        Backend::Cpu => {
+            let m = TtsModel::random(cfg, b.precision.cpu()?)?;
+            // Weights one frame reads: the temporal transformer and heads once, and
+            // each codebook's depformer weight set (sets 8..10 serve eight steps each).
+            let bytes = m.lm.weight_bytes_per_frame(b.codebooks);
+            (m, bytes)
+        }
+        Backend::Gpu(g) => {
+            let f = b.precision.gpu();
+            let host = match f {
+                GpuFormat::F32 | GpuFormat::F16 => {
+                    parley_engine::compute::cpu::WeightPrecision::F32
+                }
+                _ => parley_engine::compute::cpu::WeightPrecision::Bf16,
+            };
+            let mut m = TtsModel::random(cfg, host)?;
+            m.to_gpu(g, f, b.codebooks)?;
+            let bytes = m.gpu().map_or(0, |g| g.weight_bytes_per_step());
+            (m, bytes)
+        }
+    };
+    let dispatches = model.gpu().map(|g| g.dispatches_per_step());
     let mut mimi = Mimi::from_weights(&Weights::random(1), MimiConfig::default(), b.codebooks)?;
     mimi.set_weight_precision(b.precision.mimi_precision())?;
     let load_s = t_load.elapsed().as_secs_f64();
@@ -574,7 +597,8 @@ fn bench_tts(b: TtsBench) -> Result<()> {
     let cpu = parley_engine::compute::cpu::cpu_description();
     let report = serde_json::json!({
         "preset": b.preset, "precision": b.precision.to_string(), "codebooks": b.codebooks,
-        "threads": threads, "cpu": cpu, "load_s": load_s,
+        "threads": threads, "cpu": cpu, "device": device_line, "dispatches_per_step": dispatches,
+        "load_s": load_s,
         "step_ms": lm.json(), "step_before_audio_ms": txt.json(), "decode_ms": dec.json(),
         "frame_ms_p50": per_frame, "real_time_factor": per_frame / 80.0,
         "first_audio_ms": first_audio, "frames": audio_frames,
@@ -585,7 +609,7 @@ fn bench_tts(b: TtsBench) -> Result<()> {
         println!("{report}");
     } else {
         println!(
-            "{} ({}, {} codebooks, random weights), {threads} thread(s); {cpu}",
+            "{} ({}, {} codebooks, random weights), {threads} thread(s); {cpu}; {device_line}",
             b.preset, b.precision, b.codebooks
         );
         println!(

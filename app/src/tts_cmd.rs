@@ -9,7 +9,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use parley_engine::audio::file::write_wav_f32;
-use parley_engine::compute::gpu::DeviceChoice;
+use parley_engine::compute::cpu::WeightPrecision;
+use parley_engine::compute::gpu::{select_device, Backend, GpuFormat};
 use parley_engine::models::kyutai_config::ModelDir;
 use parley_engine::models::tts::{
     script_to_entries, Step, TtsDecoder, TtsModel, TtsOptions, TtsStream, Voice, WordFeed,
@@ -57,13 +58,23 @@ pub struct TtsArgs {
 }
 
 pub fn run(args: TtsArgs) -> Result<()> {
-    if args.run.device == DeviceChoice::Gpu {
-        bail!("the text-to-speech model runs on the CPU only so far: use --device cpu (or auto)");
-    }
     if !(0.0..=10.0).contains(&args.temp) {
         bail!("--temp {} is outside 0..=10", args.temp);
     }
-    let precision = args.run.precision.cpu()?;
+    let (backend, device_line) = select_device(args.run.device)?;
+    // On the GPU the host copy is f32 for f32 and f16 weights, else bf16 (the upload's
+    // source); the CPU keeps the conditioners and the text embeddings it prepares.
+    let (precision, gpu_format) = match &backend {
+        Backend::Cpu => (args.run.precision.cpu()?, None),
+        Backend::Gpu(_) => {
+            let f = args.run.precision.gpu();
+            let host = match f {
+                GpuFormat::F32 | GpuFormat::F16 => WeightPrecision::F32,
+                _ => WeightPrecision::Bf16,
+            };
+            (host, Some(f))
+        }
+    };
     let dir = ModelDir::open(&args.model_dir).context("opening the model directory")?;
     let cfg = dir.lm_config()?;
     if !cfg.is_tts() {
@@ -89,8 +100,16 @@ pub fn run(args: TtsArgs) -> Result<()> {
     mimi.set_weight_precision(args.run.precision.mimi_precision())?;
     let frame_rate = mimi.config().frame_rate;
     let sample_rate = mimi.sample_rate_hz();
+    match (&backend, gpu_format) {
+        (Backend::Gpu(g), Some(f)) => {
+            model
+                .to_gpu(g, f, codebooks)
+                .context("putting the model on the GPU")?;
+            eprintln!("{device_line}; weights: {f:?} on the GPU");
+        }
+        _ => eprintln!("{device_line}; weights: {precision:?}"),
+    }
     model.condition(&[&voice], &args.cfg)?;
-    eprintln!("device: CPU; weights: {precision:?}");
     let opts = TtsOptions {
         temp: args.temp,
         seed: args.seed,

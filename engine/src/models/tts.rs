@@ -16,6 +16,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::compute::cpu::{Matrix, WeightPrecision};
+use crate::models::lm::gpu::{GpuLm, GpuLmOptions};
 use crate::models::lm::{LmConfig, LmModel};
 use crate::models::transformer::add_sin_embedding;
 use crate::models::weights::Weights;
@@ -251,11 +252,14 @@ pub struct TtsConfig {
 }
 
 /// The model with its conditioners.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct TtsModel {
     pub lm: LmModel,
     pub conditioners: Conditioners,
     pub tts: TtsConfig,
+    /// The step on the GPU, when put there ([`Self::to_gpu`]); the CPU model keeps the
+    /// conditioners and the text state machine's embeddings.
+    gpu: Option<Box<GpuLm>>,
 }
 
 impl TtsModel {
@@ -297,16 +301,47 @@ impl TtsModel {
             lm,
             conditioners,
             tts,
+            gpu: None,
         })
     }
 
+    /// Puts the step on `gpu` with its weights in `format`, drawing `codebooks` audio
+    /// codebooks a step (a stream must ask for as many); condition after this.
+    pub fn to_gpu(
+        &mut self,
+        gpu: &std::sync::Arc<crate::compute::gpu::Gpu>,
+        format: crate::compute::gpu::GpuFormat,
+        codebooks: usize,
+    ) -> Result<()> {
+        let opts = GpuLmOptions {
+            format,
+            depformer_steps: Some(codebooks),
+            cross_rows: MAX_SPEAKERS * VOICE_FRAMES,
+            tts: true,
+            ..Default::default()
+        };
+        self.gpu = Some(Box::new(GpuLm::new(gpu, &self.lm, opts)?));
+        Ok(())
+    }
+
+    /// The GPU step, when the model is on one.
+    pub fn gpu(&self) -> Option<&GpuLm> {
+        self.gpu.as_deref()
+    }
+
     /// Conditions the model on `voices` with guidance `cfg` (and `control` "ok") for the
-    /// next utterance.
+    /// next utterance. On the GPU the conditioning's keys and values are made there.
     pub fn condition(&mut self, voices: &[&Voice], cfg: &str) -> Result<()> {
         let (src, n) = self.conditioners.cross_source(voices)?;
-        self.lm.set_cross_source(&src, n)?;
-        self.lm
-            .set_input_bias(Some(self.conditioners.condition_sum(cfg, "ok")?))
+        let bias = self.conditioners.condition_sum(cfg, "ok")?;
+        match &mut self.gpu {
+            Some(g) => {
+                g.set_cross_source(&src, n)?;
+                g.set_input_bias(&bias)?;
+            }
+            None => self.lm.set_cross_source(&src, n)?,
+        }
+        self.lm.set_input_bias(Some(bias))
     }
 }
 
@@ -859,6 +894,15 @@ impl<'m> TtsStream<'m> {
         let delay_steps = (model.tts.audio_delay * frame_rate) as usize;
         let machine = model.machine();
         model.lm.reset();
+        if let Some(g) = &mut model.gpu {
+            if g.depformer_steps() != codebooks {
+                return Err(Error::InvalidInput(format!(
+                    "{codebooks} codebooks asked of a model put on the GPU for {}",
+                    g.depformer_steps()
+                )));
+            }
+            g.reset();
+        }
         Ok(Self {
             machine,
             st: machine.new_state(vec![]),
@@ -928,22 +972,13 @@ impl<'m> TtsStream<'m> {
         {
             return Ok(Step::Done);
         }
+        if self.model.gpu.is_some() {
+            return self.step_gpu(t);
+        }
         let (pred, hidden) = match self.pending.take() {
             Some(p) => p,
             None => {
-                let cfg = self.model.lm.config();
-                let mut input = vec![if t == 0 {
-                    cfg.text_card as i64
-                } else {
-                    self.prev_text
-                }];
-                for (q, &prev) in self.prev_audio.iter().enumerate() {
-                    input.push(if t <= cfg.delays[q + 1] {
-                        cfg.card as i64
-                    } else {
-                        prev
-                    });
-                }
+                let input = self.input(t);
                 // On the pool: a step's many fork-joins among workers that are awake.
                 let lm = &mut self.model.lm;
                 let o = crate::compute::cpu::on_pool(|| lm.temporal_step(&input))?;
@@ -956,18 +991,111 @@ impl<'m> TtsStream<'m> {
             return Ok(Step::NeedWords);
         }
         let fed = self.machine.process(t, &mut self.st, pred);
-        let mut audio = vec![ZERO; self.codebooks];
+        let mut picked = vec![];
         if t >= delay_steps {
             let (audio_s, rng) = (self.audio_s, &mut self.rng);
             let (lm, n) = (&mut self.model.lm, self.codebooks);
-            let picked = crate::compute::cpu::on_pool(|| {
+            picked = crate::compute::cpu::on_pool(|| {
                 lm.depformer_step_first(n, fed, &hidden, |_, l| audio_s.choose(l, rng))
             })?;
-            let delays = &self.out.delays;
-            for (q, tok) in picked.into_iter().enumerate() {
-                if t >= delays[q + 1] + delay_steps {
-                    audio[q] = tok as i64;
+        }
+        Ok(self.record(t, pred, fed, &picked))
+    }
+
+    /// The step on the GPU: one submit when the step cannot wait for words (the two
+    /// texts the state machine may feed prepared, the GPU picking by its prediction);
+    /// otherwise the temporal step, then (once the words are here) the depformer.
+    fn step_gpu(&mut self, t: usize) -> Result<Step> {
+        let audio = t >= self.out.delay_steps;
+        let pred = match self.pending.take() {
+            // The temporal step ran; its hidden state waits on the GPU.
+            Some((pred, _)) => pred,
+            None => {
+                let input = self.input(t);
+                let mut draws = vec![self.draw(self.text_s)];
+                if audio && !self.waits_for_words(ids::NEW_WORD) {
+                    let fed = [ids::NEW_WORD, ids::PAD].map(|p| {
+                        let mut st = self.st.clone();
+                        self.machine.process(t, &mut st, p)
+                    });
+                    let emb = [
+                        self.model.lm.depformer_text_embedding(fed[0])?,
+                        self.model.lm.depformer_text_embedding(fed[1])?,
+                    ];
+                    for _ in 0..self.codebooks {
+                        draws.push(self.draw(self.audio_s));
+                    }
+                    let (text_s, audio_s) = (self.text_s, self.audio_s);
+                    let g = self.model.gpu.as_mut().expect("on the GPU");
+                    let o =
+                        g.tts_step(&input, text_s, audio_s, &draws, Some((&emb[0], &emb[1])))?;
+                    let pred = o.text_token;
+                    let fed_now = self.machine.process(t, &mut self.st, pred);
+                    debug_assert_eq!(fed_now, fed[usize::from(pred != ids::NEW_WORD)]);
+                    return Ok(self.record(t, pred, fed_now, &o.audio));
                 }
+                let (text_s, audio_s) = (self.text_s, self.audio_s);
+                let g = self.model.gpu.as_mut().expect("on the GPU");
+                g.tts_step(&input, text_s, audio_s, &draws, None)?
+                    .text_token
+            }
+        };
+        if self.waits_for_words(pred) {
+            self.pending = Some((pred, vec![]));
+            return Ok(Step::NeedWords);
+        }
+        let fed = self.machine.process(t, &mut self.st, pred);
+        let mut picked = vec![];
+        if audio {
+            let emb = self.model.lm.depformer_text_embedding(fed)?;
+            let mut draws = vec![0f32];
+            for _ in 0..self.codebooks {
+                draws.push(self.draw(self.audio_s));
+            }
+            let audio_s = self.audio_s;
+            let g = self.model.gpu.as_mut().expect("on the GPU");
+            picked = g.tts_depformer(&emb, audio_s, &draws)?;
+        }
+        Ok(self.record(t, pred, fed, &picked))
+    }
+
+    /// One uniform draw for a sampled stream, in the CPU path's order (none when greedy).
+    fn draw(&mut self, s: crate::models::lm::generator::Sampling) -> f32 {
+        use rand::Rng;
+        if s.temp > 0.0 {
+            (self.rng.random::<f64>() as f32).min(0.999_999_9)
+        } else {
+            0.0
+        }
+    }
+
+    /// The temporal step's input at step `t`: the text fed and the codebooks drawn
+    /// before, the initial tokens while the delays hold them.
+    fn input(&self, t: usize) -> Vec<i64> {
+        let cfg = self.model.lm.config();
+        let mut input = vec![if t == 0 {
+            cfg.text_card as i64
+        } else {
+            self.prev_text
+        }];
+        for (q, &prev) in self.prev_audio.iter().enumerate() {
+            input.push(if t <= cfg.delays[q + 1] {
+                cfg.card as i64
+            } else {
+                prev
+            });
+        }
+        input
+    }
+
+    /// Records step `t` (the text predicted and fed, the codebooks drawn, masked where
+    /// the delays say) and returns the frame it completed.
+    fn record(&mut self, t: usize, pred: u32, fed: i64, picked: &[u32]) -> Step {
+        let delay_steps = self.out.delay_steps;
+        let mut audio = vec![ZERO; self.codebooks];
+        for (q, &tok) in picked.iter().enumerate().take(self.codebooks) {
+            if t >= self.out.delays[q + 1] + delay_steps {
+                audio[q] = tok as i64;
             }
         }
         let mut step = vec![fed];
@@ -990,7 +1118,7 @@ impl<'m> TtsStream<'m> {
             );
             frame
         });
-        Ok(Step::Stepped { frame })
+        Step::Stepped { frame }
     }
 
     /// The generation so far.

@@ -1039,6 +1039,11 @@ impl GpuLm {
         self.state_bytes
     }
 
+    /// Depformer steps (codebooks drawn) each step runs.
+    pub fn depformer_steps(&self) -> usize {
+        self.dep_steps
+    }
+
     /// Kernel dispatches in one step.
     pub fn dispatches_per_step(&self) -> usize {
         self.program.dispatch_count()

@@ -375,6 +375,18 @@ impl LmModel {
         self.depformer_step_first(usize::MAX, text_token, hidden, choose)
     }
 
+    /// The depformer's embedding of text token `token` (what its first step adds to its
+    /// input).
+    pub fn depformer_text_embedding(&self, token: i64) -> Result<Vec<f32>> {
+        let dep = self
+            .depformer
+            .as_ref()
+            .ok_or_else(|| Error::InvalidInput("this model has no depformer".into()))?;
+        let mut x = vec![0f32; dep.transformer.d_model()];
+        dep.text_emb.add_to(token, &mut x)?;
+        Ok(x)
+    }
+
     /// Like [`Self::depformer_step`], for the first `n` codebooks only (a TTS asked for
     /// fewer codebooks, as Kyutai's own server runs it with 24 of 32).
     pub fn depformer_step_first(
