@@ -27,14 +27,52 @@ pub enum AudioIo {
     Stdin,
 }
 
+/// What a headless session does: a pipeline mode, or the TTS alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadlessMode {
+    Pipeline(Mode),
+    /// The TTS says the assistant's text (`conversation.item.create`).
+    Speak,
+}
+
+impl std::str::FromStr for HeadlessMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "speak" => Ok(Self::Speak),
+            other => other
+                .parse()
+                .map(Self::Pipeline)
+                .map_err(|_| format!("unknown mode `{other}` (duplex, listen or speak)")),
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct HeadlessArgs {
-    /// A model directory laid out like a Kyutai repository.
+    /// A model directory laid out like a Kyutai repository (the TTS's with --mode speak,
+    /// where --tts-model-dir may say it instead).
     #[arg(long)]
-    model_dir: PathBuf,
-    /// duplex (a Moshi-style model) or listen (a speech-to-text model).
+    model_dir: Option<PathBuf>,
+    /// duplex (a Moshi-style model), listen (a speech-to-text model) or speak (the
+    /// text-to-speech model says the assistant's text).
     #[arg(long, default_value = "duplex")]
-    mode: Mode,
+    mode: HeadlessMode,
+    /// The text-to-speech model's directory (laid out like kyutai/tts-1.6b-en_fr).
+    #[arg(long)]
+    tts_model_dir: Option<PathBuf>,
+    /// The TTS's voice: a file from kyutai/tts-voices or the name of a pulled one.
+    #[arg(long)]
+    voice: Option<String>,
+    /// The TTS's guidance value ("1.0" to "4.0" by 0.5 for the published model).
+    #[arg(long, default_value = "2.0")]
+    cfg: String,
+    /// Audio codebooks the TTS generates (all by default; 24 is faster).
+    #[arg(long)]
+    codebooks: Option<usize>,
+    /// The TTS's temperature (0: greedy).
+    #[arg(long, default_value_t = 0.6)]
+    temp: f32,
     #[arg(long, value_enum, default_value = "stdin")]
     audio: AudioIo,
     /// With --audio stdin: raw PCM16 LE 24 kHz mono on stdin, the reply as raw PCM16 on
@@ -98,15 +136,16 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
     if args.raw && args.audio == AudioIo::Mic {
         anyhow::bail!("--raw carries audio over stdin and stdout: it needs --audio stdin");
     }
+    let mode = match args.mode {
+        HeadlessMode::Speak => return run_speak(&args),
+        HeadlessMode::Pipeline(m) => m,
+    };
+    let Some(model_dir) = &args.model_dir else {
+        anyhow::bail!("--mode {mode} needs --model-dir");
+    };
     let settings = turn_settings(&args)?;
-    let mut models = Models::load(
-        &args.model_dir,
-        args.mode,
-        args.device,
-        args.precision,
-        None,
-    )
-    .context("loading the models")?;
+    let mut models = Models::load(model_dir, mode, args.device, args.precision, None)
+        .context("loading the models")?;
     if settings != TurnSettings::default() {
         models.turn = TurnModels::with_settings(settings);
     }
@@ -121,7 +160,7 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
             let dev = DeviceOptions::default();
             opts.audio_stats = Some(dev.stats.clone());
             let source = MicSource::open(args.input_device.as_deref(), dev.clone())?;
-            let sink: Box<dyn FrameSink> = if args.mode == Mode::Duplex {
+            let sink: Box<dyn FrameSink> = if mode == Mode::Duplex {
                 Box::new(SpeakerSink::open(args.output_device.as_deref(), dev)?)
             } else {
                 Box::new(NullSink)
@@ -194,6 +233,34 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
         Some(m) => anyhow::bail!("the session stopped early: {m}"),
         None => Ok(()),
     }
+}
+
+/// `--mode speak`: the TTS alone (`speak.rs`).
+fn run_speak(args: &HeadlessArgs) -> Result<()> {
+    if args.raw {
+        anyhow::bail!("--raw carries audio both ways; --mode speak takes text (JSON Lines)");
+    }
+    let Some(dir) = args.tts_model_dir.as_ref().or(args.model_dir.as_ref()) else {
+        anyhow::bail!("--mode speak needs --tts-model-dir (or --model-dir)");
+    };
+    if !(0.0..=10.0).contains(&args.temp) {
+        anyhow::bail!("--temp {} is outside 0..=10", args.temp);
+    }
+    let Some(voice) = &args.voice else {
+        anyhow::bail!(
+            "--mode speak needs --voice (a file from kyutai/tts-voices, or a pulled voice's name)"
+        );
+    };
+    crate::speak::run(crate::speak::SpeakArgs {
+        model_dir: dir,
+        voice,
+        cfg: &args.cfg,
+        codebooks: args.codebooks,
+        temp: args.temp,
+        device: args.device,
+        precision: args.precision,
+        speakers: (args.audio == AudioIo::Mic).then(|| args.output_device.clone()),
+    })
 }
 
 /// The JSON line of an event (OpenAI Realtime names where one fits).
@@ -287,7 +354,7 @@ pub fn to_json(e: &Event) -> Value {
     }
 }
 
-fn pcm16(pcm: &[f32]) -> Vec<u8> {
+pub(crate) fn pcm16(pcm: &[f32]) -> Vec<u8> {
     pcm.iter()
         .flat_map(|&v| ((v.clamp(-1.0, 1.0) * 32767.0).round() as i16).to_le_bytes())
         .collect()

@@ -6,6 +6,7 @@ mod latency;
 mod lm_cmd;
 mod mimi_cmd;
 mod models_cmd;
+mod speak;
 mod tts_cmd;
 mod ui;
 mod vad_cmd;

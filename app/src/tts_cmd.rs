@@ -84,7 +84,7 @@ pub fn run(args: TtsArgs) -> Result<()> {
             cfg.other.get("model_type")
         );
     }
-    let voice = Voice::load(&voice_path(&args.voice)?).context("loading the voice")?;
+    let voice = Voice::load(&Voice::resolve(&args.voice)?).context("loading the voice")?;
     let tokenizer = dir.load_tokenizer().context("loading the text tokenizer")?;
     let mut model = TtsModel::load(&dir.lm_weights()?, cfg, precision)
         .context("loading the text-to-speech model")?;
@@ -239,42 +239,6 @@ pub fn run(args: TtsArgs) -> Result<()> {
         bail!("the text was not finished within {} steps", steps);
     }
     Ok(())
-}
-
-/// A voice file: `voice` itself when it is a file, else a name from the `tts-voices`
-/// preset, in the Hugging Face cache once pulled.
-fn voice_path(voice: &str) -> Result<PathBuf> {
-    let path = PathBuf::from(voice);
-    if path.is_file() {
-        return Ok(path);
-    }
-    let preset = parley_engine::hub::preset("tts-voices")?;
-    // `expresso/ex03-ex01_happy_001_channel1_334s.wav.1e68beda@240.safetensors` is
-    // `expresso/ex03-ex01_happy_001_channel1_334s.wav`, `..._334s` or `ex03-..._334s`.
-    let names = |file: &str| -> Vec<String> {
-        let stem = file.split(".wav").next().unwrap_or(file).to_string();
-        let last = stem.rsplit('/').next().unwrap_or(&stem).to_string();
-        vec![format!("{stem}.wav"), stem, last]
-    };
-    let Some(file) = preset
-        .files
-        .iter()
-        .find(|f| names(&f.name).iter().any(|n| n == voice))
-    else {
-        let known: Vec<String> = preset
-            .files
-            .iter()
-            .map(|f| names(&f.name)[2].clone())
-            .collect();
-        bail!(
-            "voice `{voice}` is neither a file nor a voice of the tts-voices preset ({})",
-            known.join(", ")
-        );
-    };
-    let dir = parley_engine::hub::Hub::from_env()?
-        .local_dir(preset)
-        .with_context(|| format!("voice `{voice}`: run `parley models pull tts-voices` first"))?;
-    Ok(dir.join(&file.name))
 }
 
 /// Stdin as it arrives, in pieces of text (invalid UTF-8 is replaced, and said).

@@ -754,3 +754,138 @@ fn turn_taking_settings_out_of_range_are_named() {
         assert!(run.stderr.contains(flag), "{flag}: {}", run.stderr);
     }
 }
+
+fn speak_args() -> Vec<String> {
+    let d = fixture("tts-tiny");
+    vec![
+        "--mode".into(),
+        "speak".into(),
+        "--tts-model-dir".into(),
+        s(&d).into(),
+        "--voice".into(),
+        s(&d.join("voice_a.safetensors")).into(),
+        "--device".into(),
+        "cpu".into(),
+        "--precision".into(),
+        "f32".into(),
+        "--temp".into(),
+        "0".into(),
+    ]
+}
+
+fn line(v: Value) -> Vec<u8> {
+    let mut l = v.to_string().into_bytes();
+    l.push(b'\n');
+    l
+}
+
+/// The speech of response `id` from its `response.audio.delta` events.
+fn speech_of(events: &[Value], id: &str) -> Vec<i16> {
+    of_type(events, "response.audio.delta")
+        .iter()
+        .filter(|e| e["response_id"] == id)
+        .flat_map(|e| {
+            let b = base64::engine::general_purpose::STANDARD
+                .decode(e["delta"].as_str().expect("delta"))
+                .expect("base64");
+            b.chunks_exact(2)
+                .map(|c| i16::from_le_bytes([c[0], c[1]]))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// `--mode speak`: the assistant's text said as the reference says it, through
+/// `conversation.item.create` and through `response.create` with instructions, in order,
+/// with the words as `response.audio_transcript.delta`; bad lines are errors and the
+/// session goes on; `response.cancel` stops a long response.
+#[test]
+fn speak_mode_says_assistant_items_as_the_reference() {
+    let reference: Vec<i16> =
+        hound::WavReader::open(fixture("tts-tiny").join("s0_voice_a_audio.wav"))
+            .expect("wav")
+            .into_samples::<i16>()
+            .collect::<Result<_, _>>()
+            .expect("samples");
+    let args = speak_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let item = |role: &str, text: &str| {
+        line(
+            json!({"type": "conversation.item.create", "item": {"type": "message", "role": role,
+            "content": [{"type": "text", "text": text}]}}),
+        )
+    };
+    let input = vec![
+        item("assistant", "Hello, this is Parley."),
+        item("user", "Hi."),
+        line(json!({"type": "input_audio_buffer.append", "audio": "AAA="})),
+        b"not json\n".to_vec(),
+        line(
+            json!({"type": "response.create", "response": {"instructions": "Hello, this is Parley."}}),
+        ),
+        line(json!({"type": "session.close"})),
+    ];
+    let run = headless(&args, input, true);
+    assert!(run.status.success(), "{}", run.stderr);
+    let ev = events(&String::from_utf8(run.stdout).expect("utf-8"));
+    assert_eq!(ev[0]["type"], "session.created");
+    assert_eq!(ev[0]["session"]["mode"], "speak");
+    assert_eq!(ev.last().expect("last")["type"], "session.closed");
+    let errors = of_type(&ev, "error");
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(errors[0]["error"]["message"]
+        .as_str()
+        .expect("msg")
+        .contains("`user`"));
+    assert!(errors[1]["error"]["message"]
+        .as_str()
+        .expect("msg")
+        .contains("takes text"));
+    for id in ["resp_1", "resp_2"] {
+        let pcm = speech_of(&ev, id);
+        assert_eq!(pcm.len(), reference.len(), "{id}");
+        assert!(
+            pcm.iter().zip(&reference).all(|(a, b)| (a - b).abs() <= 2),
+            "{id}"
+        );
+        let words: String = of_type(&ev, "response.audio_transcript.delta")
+            .iter()
+            .filter(|e| e["response_id"] == id)
+            .map(|e| e["delta"].as_str().expect("delta"))
+            .collect();
+        assert_eq!(words, "Hello, this is Parley. ", "{id}");
+        let done: Vec<_> = of_type(&ev, "response.done")
+            .into_iter()
+            .filter(|e| e["response"]["id"] == id)
+            .collect();
+        assert_eq!(done.len(), 1, "{id}");
+        assert_eq!(done[0]["response"]["status"], "completed");
+    }
+    // Responses come in order: the second's first delta after the first's end.
+    let pos = |pred: &dyn Fn(&Value) -> bool| ev.iter().position(pred).expect("event");
+    assert!(
+        pos(&|e| e["type"] == "response.done" && e["response"]["id"] == "resp_1")
+            < pos(&|e| e["type"] == "response.audio.delta" && e["response_id"] == "resp_2")
+    );
+
+    // A cancel: a long text stops early, status cancelled, the transcript what was said.
+    let long = "Hello, this is Parley. ".repeat(8);
+    let input = vec![
+        item("assistant", &long),
+        line(json!({"type": "response.cancel"})),
+    ];
+    let run = headless(&args, input, false);
+    assert!(run.status.success(), "{}", run.stderr);
+    let ev = events(&String::from_utf8(run.stdout).expect("utf-8"));
+    let done = of_type(&ev, "response.done");
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0]["response"]["status"], "cancelled");
+    let said = of_type(&ev, "response.audio_transcript.done")[0]["transcript"]
+        .as_str()
+        .expect("transcript")
+        .to_string();
+    assert!(
+        long.starts_with(&said) && said.len() < long.trim().len(),
+        "{said:?}"
+    );
+}

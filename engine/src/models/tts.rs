@@ -38,6 +38,47 @@ pub struct Voice {
 }
 
 impl Voice {
+    /// Where voice `voice` is: a file, or the name of one of the `tts-voices` preset's
+    /// voices (its path without the `.1e68beda@240.safetensors` suffix, or its last part:
+    /// `robert`), which must have been pulled.
+    pub fn resolve(voice: &str) -> Result<std::path::PathBuf> {
+        let path = std::path::PathBuf::from(voice);
+        if path.is_file() {
+            return Ok(path);
+        }
+        let preset = crate::hub::preset("tts-voices")?;
+        // `expresso/ex03-ex01_happy_001_channel1_334s.wav.1e68beda@240.safetensors` is
+        // `expresso/ex03-ex01_happy_001_channel1_334s.wav`, `..._334s` or `ex03-..._334s`.
+        let names = |file: &str| -> Vec<String> {
+            let stem = file.split(".wav").next().unwrap_or(file).to_string();
+            let last = stem.rsplit('/').next().unwrap_or(&stem).to_string();
+            vec![format!("{stem}.wav"), stem, last]
+        };
+        let Some(file) = preset
+            .files
+            .iter()
+            .find(|f| names(&f.name).iter().any(|n| n == voice))
+        else {
+            let known: Vec<String> = preset
+                .files
+                .iter()
+                .map(|f| names(&f.name)[2].clone())
+                .collect();
+            return Err(Error::InvalidInput(format!(
+                "voice `{voice}` is neither a file nor a voice of the tts-voices preset ({})",
+                known.join(", ")
+            )));
+        };
+        let dir = crate::hub::Hub::from_env()?
+            .local_dir(preset)
+            .map_err(|e| {
+                Error::InvalidInput(format!(
+                    "voice `{voice}`: run `parley models pull tts-voices` first ({e})"
+                ))
+            })?;
+        Ok(dir.join(&file.name))
+    }
+
     /// A voice from its latent as the file holds it, `[VOICE_DIM][VOICE_FRAMES]` row-major
     /// (for benchmarks: random latents of the published shape).
     pub fn from_latent(latent: &[f32]) -> Result<Self> {
@@ -1119,6 +1160,11 @@ impl<'m> TtsStream<'m> {
             frame
         });
         Step::Stepped { frame }
+    }
+
+    /// Each word fed so far, with the step it was fed at.
+    pub fn transcript(&self) -> &[(String, usize)] {
+        &self.st.transcript
     }
 
     /// The generation so far.

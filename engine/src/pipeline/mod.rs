@@ -23,6 +23,7 @@ mod io;
 mod models;
 pub mod report;
 mod session;
+pub mod speak;
 mod stage;
 mod stages;
 pub mod turn;
