@@ -21,7 +21,7 @@ use super::settings::{Input, Settings};
 
 #[derive(Debug)]
 pub enum Command {
-    Start(Settings),
+    Start(Box<Settings>),
     Stop,
     /// List audio devices and GPU adapters.
     Probe,

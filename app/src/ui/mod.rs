@@ -125,7 +125,7 @@ impl ParleyApp {
 
     fn start(&mut self) {
         self.problems.clear();
-        self.engine.send(Command::Start(self.settings.clone()));
+        self.engine.send(Command::Start(Box::new(self.settings.clone())));
     }
 
     fn reset(&mut self) {
@@ -344,6 +344,24 @@ impl ParleyApp {
             );
         }
         ui.weak("Or a local directory laid out like the Kyutai repository.");
+        // The speaking model (the cascade's voice) and its voices.
+        ui.strong("Speech model");
+        if let Some(e) = self.models.speech_ui(ui, &mut self.settings) {
+            self.problems.push((
+                format!("download: {e}"),
+                "Check the network, or enter a local model directory.".into(),
+            ));
+        }
+        ui.add(
+            egui::TextEdit::singleline(&mut self.settings.tts_model_dir)
+                .hint_text("speech model directory")
+                .desired_width(f32::INFINITY),
+        );
+        ui.add(
+            egui::TextEdit::singleline(&mut self.settings.tts_voice)
+                .hint_text("voice: a name above or a .safetensors file")
+                .desired_width(f32::INFINITY),
+        );
         ui.separator();
         ui.heading("Compute");
         egui::ComboBox::from_label("Device")

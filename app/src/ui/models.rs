@@ -13,6 +13,9 @@ use parley_engine::pipeline::Mode;
 
 use super::settings::Settings;
 
+/// The preset holding the TTS's voices.
+const VOICES: &str = "tts-voices";
+
 /// The preset a new user is pointed to for each mode.
 pub fn recommended(mode: Mode) -> &'static str {
     match mode {
@@ -90,6 +93,13 @@ impl Manager {
         }
     }
 
+    /// Whether preset `name` is wholly downloaded (as of the last look at the cache).
+    pub fn is_complete(&self, name: &str) -> bool {
+        self.statuses
+            .get(name)
+            .is_some_and(PresetStatus::is_complete)
+    }
+
     pub fn busy(&self) -> bool {
         !self.pulls.is_empty()
     }
@@ -137,11 +147,60 @@ impl Manager {
 
     /// The Models section for `mode`: presets, their state, Download / Cancel / Use.
     pub fn ui(&mut self, ui: &mut egui::Ui, settings: &mut Settings, mode: Mode) -> Option<String> {
-        let mut problem = None;
         if let Err(e) = &self.hub {
             ui.colored_label(egui::Color32::LIGHT_RED, format!("model cache: {e}"));
         }
-        for p in presets().iter().filter(|p| p.mode == preset_mode(mode)) {
+        let chosen = match mode {
+            Mode::Duplex => &mut settings.duplex_model_dir,
+            Mode::Listen => &mut settings.listen_model_dir,
+        };
+        self.presets_ui(ui, preset_mode(mode), chosen, |_| true)
+    }
+
+    /// The speech (TTS) model's presets, then the voices of `tts-voices`, each with its
+    /// repository path; Use picks one once the voices are downloaded.
+    pub fn speech_ui(&mut self, ui: &mut egui::Ui, settings: &mut Settings) -> Option<String> {
+        let problem = self.presets_ui(ui, PresetMode::Tts, &mut settings.tts_model_dir, |p| {
+            p.name != VOICES
+        });
+        ui.strong("Voices");
+        let problem = self
+            .presets_ui(ui, PresetMode::Tts, &mut String::new(), |p| {
+                p.name == VOICES
+            })
+            .or(problem);
+        let Ok(preset) = parley_engine::hub::preset(VOICES) else {
+            return problem;
+        };
+        let downloaded = self.is_complete(VOICES);
+        for f in &preset.files {
+            let stem = f.name.split(".wav").next().unwrap_or(&f.name);
+            let name = stem.rsplit('/').next().unwrap_or(stem);
+            ui.horizontal_wrapped(|ui| {
+                ui.label(name)
+                    .on_hover_text(format!("{} in {}", f.name, preset.repo));
+                ui.weak(stem.rsplit_once('/').map_or("", |(dir, _)| dir));
+                if settings.tts_voice == name {
+                    ui.weak("(in use)");
+                } else if downloaded && ui.small_button("Use").clicked() {
+                    settings.tts_voice = name.to_string();
+                }
+            });
+        }
+        problem
+    }
+
+    /// The presets of `kind` that `keep` accepts: their state, Download / Cancel, and
+    /// Use (which sets `chosen` to the downloaded directory).
+    fn presets_ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        kind: PresetMode,
+        chosen: &mut String,
+        keep: impl Fn(&parley_engine::hub::Preset) -> bool,
+    ) -> Option<String> {
+        let mut problem = None;
+        for p in presets().iter().filter(|p| p.mode == kind && keep(p)) {
             ui.horizontal_wrapped(|ui| {
                 ui.label(&p.name)
                     .on_hover_text(format!("{} ({})", p.title, p.repo));
@@ -182,11 +241,9 @@ impl Manager {
                         ui.weak(format!("downloaded, {}", format_bytes(s.bytes_present())));
                         if let Some(dir) = &s.local_dir {
                             let dir = dir.display().to_string();
-                            let chosen = match mode {
-                                Mode::Duplex => &mut settings.duplex_model_dir,
-                                Mode::Listen => &mut settings.listen_model_dir,
-                            };
-                            if *chosen == dir {
+                            if p.name == VOICES {
+                                // Voices are chosen one by one below.
+                            } else if *chosen == dir {
                                 ui.weak("(in use)");
                             } else if ui.small_button("Use").clicked() {
                                 *chosen = dir;

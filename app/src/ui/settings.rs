@@ -21,6 +21,9 @@ pub struct Settings {
     /// Model directories for each mode (laid out like the Hub repository).
     pub duplex_model_dir: String,
     pub listen_model_dir: String,
+    /// The text-to-speech model's directory and its voice (a `tts-voices` name or a file).
+    pub tts_model_dir: String,
+    pub tts_voice: String,
     /// auto, gpu or cpu.
     pub device: String,
     /// auto, f32, f16, bf16, q8_0 or q4.
@@ -39,6 +42,8 @@ impl Default for Settings {
             mode: Mode::Duplex,
             duplex_model_dir: String::new(),
             listen_model_dir: String::new(),
+            tts_model_dir: String::new(),
+            tts_voice: String::new(),
             device: "auto".into(),
             precision: "auto".into(),
             input: Input::Device(None),

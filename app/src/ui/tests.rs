@@ -37,6 +37,7 @@ fn settings(mode: Mode) -> Settings {
         output_device: None,
         play_output: false,
         muted: false,
+        ..Settings::default()
     }
 }
 
@@ -213,6 +214,24 @@ fn the_model_manager_says_which_listen_model_detects_the_end_of_a_turn() {
     // stt-1b-en_fr (the -candle repository) has the head; the plain one and the 2.6B do not.
     assert_eq!(h.get_all_by_label("end of turn").count(), 1);
     assert_eq!(h.get_all_by_label("no end of turn").count(), 2);
+}
+
+/// The model manager lists the speech model and each registry voice with its repository
+/// folder.
+#[test]
+fn the_model_manager_lists_the_voices() {
+    let mut h = harness(settings(Mode::Listen));
+    h.run_steps(2);
+    h.get_by_label("tts-1.6b-en_fr");
+    h.get_by_label("tts-voices");
+    for (name, folder) in [
+        ("ex03-ex01_happy_001_channel1_334s", "expresso"),
+        ("freeform_speech_01", "ears/p004"),
+        ("robert", "voice-donations"),
+    ] {
+        h.get_by_label(name);
+        h.get_by_label(folder);
+    }
 }
 
 /// Renders the window mid-conversation (wgpu: lavapipe in CI); with PARLEY_SCREENSHOT set,
