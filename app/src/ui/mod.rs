@@ -125,7 +125,8 @@ impl ParleyApp {
 
     fn start(&mut self) {
         self.problems.clear();
-        self.engine.send(Command::Start(Box::new(self.settings.clone())));
+        self.engine
+            .send(Command::Start(Box::new(self.settings.clone())));
     }
 
     fn reset(&mut self) {
