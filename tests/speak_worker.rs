@@ -72,6 +72,7 @@ fn response(rx: &Receiver<SpeechEvent>, id: u64) -> (Vec<f32>, Vec<(String, f64)
             }
             d @ SpeechEvent::Done { .. } => return (pcm, words, d),
             SpeechEvent::Error { id: i, message } => panic!("response {i}: {message}"),
+            SpeechEvent::Skipped { id: i, words } => panic!("response {i} skipped {words:?}"),
         }
     }
 }

@@ -14,8 +14,8 @@ use parley_engine::audio::{FrameSink, FrameSource, FRAME_LEN_SAMPLES};
 use parley_engine::compute::gpu::DeviceChoice;
 use parley_engine::compute::Dtype;
 use parley_engine::pipeline::{
-    Canceller, Event, EventSink, Mode, Models, NullSink, PcmSource, Session, SessionOptions,
-    Speaker, TurnModels, TurnSettings,
+    Canceller, CascadeInbox, Event, EventSink, Mode, Models, NullSink, PcmSource, Session,
+    SessionOptions, Speaker, TurnModels, TurnSettings,
 };
 use serde_json::{json, Value};
 
@@ -73,6 +73,18 @@ pub struct HeadlessArgs {
     /// The TTS's temperature (0: greedy).
     #[arg(long, default_value_t = 0.6)]
     temp: f32,
+    /// The cascade's LLM: a GGUF chat model file (run in process by llama.cpp).
+    #[arg(long)]
+    llm: Option<PathBuf>,
+    /// The cascade's persona (the LLM's system prompt).
+    #[arg(long, default_value = parley_engine::llm::DEFAULT_SYSTEM_PROMPT)]
+    system_prompt: String,
+    /// The cascade's LLM temperature (0: greedy).
+    #[arg(long, default_value_t = 0.7)]
+    llm_temp: f32,
+    /// Past exchanges the cascade's LLM sees (older ones are dropped first).
+    #[arg(long, default_value_t = 8)]
+    history_turns: usize,
     #[arg(long, value_enum, default_value = "stdin")]
     audio: AudioIo,
     /// With --audio stdin: raw PCM16 LE 24 kHz mono on stdin, the reply as raw PCM16 on
@@ -149,6 +161,13 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
     if settings != TurnSettings::default() {
         models.turn = TurnModels::with_settings(settings);
     }
+    let inbox = if mode == Mode::Cascade {
+        let (c, inbox) = cascade_models(&args).context("loading the cascade's LLM and TTS")?;
+        models.cascade = Some(c);
+        Some(inbox)
+    } else {
+        None
+    };
     let (ev_tx, ev_rx) = bounded::<Event>(256);
     let mut opts = SessionOptions::default();
     // The stdin reader starts after the session, which sends `session.created` as it
@@ -160,7 +179,7 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
             let dev = DeviceOptions::default();
             opts.audio_stats = Some(dev.stats.clone());
             let source = MicSource::open(args.input_device.as_deref(), dev.clone())?;
-            let sink: Box<dyn FrameSink> = if mode == Mode::Duplex {
+            let sink: Box<dyn FrameSink> = if mode != Mode::Listen {
                 Box::new(SpeakerSink::open(args.output_device.as_deref(), dev)?)
             } else {
                 Box::new(NullSink)
@@ -175,7 +194,7 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
                 if raw {
                     read_raw(pcm_tx, events)
                 } else {
-                    read_json_lines(pcm_tx, events, cancel)
+                    read_json_lines(pcm_tx, events, cancel, inbox)
                 }
             });
             let sink: Box<dyn FrameSink> = if raw {
@@ -233,6 +252,47 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
         Some(m) => anyhow::bail!("the session stopped early: {m}"),
         None => Ok(()),
     }
+}
+
+/// The cascade's LLM (in process) and TTS, from the flags.
+fn cascade_models(
+    args: &HeadlessArgs,
+) -> Result<(parley_engine::pipeline::CascadeModels, CascadeInbox)> {
+    use parley_engine::llm::{local::LocalLlm, History, ReplyOptions};
+    use parley_engine::pipeline::speak::SpeakModels;
+    let Some(llm) = &args.llm else {
+        anyhow::bail!("--mode cascade needs --llm (a GGUF chat model file)");
+    };
+    let Some(tts_dir) = &args.tts_model_dir else {
+        anyhow::bail!(
+            "--mode cascade needs --tts-model-dir (a directory like kyutai/tts-1.6b-en_fr)"
+        );
+    };
+    let Some(voice) = &args.voice else {
+        anyhow::bail!("--mode cascade needs --voice (a file from kyutai/tts-voices, or a pulled voice's name)");
+    };
+    if !(0.0..=10.0).contains(&args.temp) || !(0.0..=10.0).contains(&args.llm_temp) {
+        anyhow::bail!("--temp and --llm-temp must be within 0..=10");
+    }
+    let llm = LocalLlm::load(llm, 0)?;
+    let mut speak = SpeakModels::load(
+        tts_dir,
+        voice,
+        &args.cfg,
+        args.device,
+        args.precision,
+        args.codebooks,
+    )?;
+    speak.opts.temp = args.temp;
+    Ok(parley_engine::pipeline::CascadeModels::new(
+        Box::new(llm),
+        speak,
+        History::new(args.system_prompt.clone(), args.history_turns),
+        ReplyOptions {
+            temperature: args.llm_temp,
+            ..ReplyOptions::default()
+        },
+    ))
 }
 
 /// `--mode speak`: the TTS alone (`speak.rs`).
@@ -321,6 +381,23 @@ pub fn to_json(e: &Event) -> Value {
         } => {
             json!({"type": "parley.turn_end", "source": source, "probability": probability, "audio_end_ms": ms(*time_s), "frame": frame})
         }
+        Event::ResponseText { text, frame } => {
+            json!({"type": "response.text.delta", "delta": text, "frame": frame})
+        }
+        Event::ResponseDone {
+            cancelled,
+            spoken,
+            frame,
+            timing,
+        } => json!({
+            "type": "response.done",
+            "response": {
+                "status": if *cancelled { "cancelled" } else { "completed" },
+                "transcript": spoken,
+                "timing_ms": timing,
+            },
+            "frame": frame,
+        }),
         Event::ReplyCancelled { dropped_frames } => {
             json!({"type": "output_audio_buffer.cleared", "dropped_frames": dropped_frames})
         }
@@ -377,8 +454,15 @@ fn client_error(events: &Sender<Event>, message: String) {
 /// JSON Lines on stdin: audio appends until `session.close` or the end of input;
 /// `response.cancel` drops the reply's queued audio. A line that cannot be used gets an
 /// `error` event and the session goes on.
-fn read_json_lines(pcm: Sender<Vec<f32>>, events: Sender<Event>, cancel: Canceller) {
+fn read_json_lines(
+    pcm: Sender<Vec<f32>>,
+    events: Sender<Event>,
+    cancel: Canceller,
+    inbox: Option<CascadeInbox>,
+) {
     let stdin = std::io::stdin();
+    // The cascade: a user's text item waits for `response.create`.
+    let mut user_text: Option<String> = None;
     for (n, line) in stdin.lock().lines().enumerate() {
         let line = match line {
             Ok(l) => l,
@@ -427,6 +511,29 @@ fn read_json_lines(pcm: Sender<Vec<f32>>, events: Sender<Event>, cancel: Cancell
                 }
             }
             Some("response.cancel") => cancel.cancel(),
+            Some("conversation.item.create") if inbox.is_some() => {
+                match user_item_text(&v["item"]) {
+                    Ok(t) => user_text = Some(t),
+                    Err(m) => client_error(&events, format!("stdin line {}: {m}", n + 1)),
+                }
+            }
+            Some("response.create") if inbox.is_some() => match user_text.take() {
+                Some(t) => {
+                    if let Some(i) = &inbox {
+                        if i.send(t).is_err() {
+                            break;
+                        }
+                    }
+                }
+                None => client_error(
+                    &events,
+                    format!(
+                        "stdin line {}: response.create with no user text item before it (the \
+                         spoken turns start replies by themselves)",
+                        n + 1
+                    ),
+                ),
+            },
             Some("session.close") => break,
             Some(other) => client_error(
                 &events,
@@ -439,6 +546,35 @@ fn read_json_lines(pcm: Sender<Vec<f32>>, events: Sender<Event>, cancel: Cancell
         }
     }
     // Dropping `pcm` ends the input: the session flushes and closes.
+}
+
+/// The text of a user message item whose content is `input_text` parts.
+fn user_item_text(item: &Value) -> std::result::Result<String, String> {
+    if item["role"].as_str() != Some("user") {
+        return Err(format!(
+            "the cascade takes user messages; this item's role is {}",
+            item["role"]
+        ));
+    }
+    let parts = item["content"]
+        .as_array()
+        .ok_or("an item without a `content` array")?;
+    let mut text = vec![];
+    for p in parts {
+        match (p["type"].as_str(), p["text"].as_str()) {
+            (Some("input_text" | "text"), Some(t)) => text.push(t),
+            _ => {
+                return Err(format!(
+                    "a content part {p}: `input_text` parts with a `text` string are taken"
+                ))
+            }
+        }
+    }
+    let text = text.join(" ");
+    if text.trim().is_empty() {
+        return Err("a user item with no text".into());
+    }
+    Ok(text)
 }
 
 /// Raw PCM16 LE on stdin until its end.

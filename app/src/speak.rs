@@ -167,6 +167,11 @@ fn speech_json(e: &SpeechEvent) -> Vec<Value> {
                 },
             }),
         ],
+        SpeechEvent::Skipped { id, words } => vec![json!({
+            "type": "parley.warning",
+            "response_id": resp(*id),
+            "message": format!("words this voice's tokenizer cannot say were skipped: {}", words.join(" ")),
+        })],
         SpeechEvent::Error { id, message } => vec![json!({
             "type": "error",
             "error": {"type": "invalid_request_error", "message": message, "response_id": resp(*id)},

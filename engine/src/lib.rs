@@ -4,6 +4,7 @@ pub mod audio;
 pub mod compute;
 pub mod error;
 pub mod hub;
+pub mod llm;
 pub mod models;
 pub mod npy;
 pub mod pipeline;

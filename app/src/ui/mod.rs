@@ -234,7 +234,8 @@ impl ParleyApp {
                     }
                 }
             }
-            Event::Audio { .. } => {}
+            // The cascade's reply text comes as the words are spoken (TextDelta).
+            Event::Audio { .. } | Event::ResponseText { .. } | Event::ResponseDone { .. } => {}
             Event::Metrics(m) => {
                 self.underruns = m.output_underruns;
                 self.deadline_misses += u64::from(m.deadline_missed);
@@ -336,7 +337,7 @@ impl ParleyApp {
             }
             let dir = match mode {
                 Mode::Duplex => &mut self.settings.duplex_model_dir,
-                Mode::Listen => &mut self.settings.listen_model_dir,
+                Mode::Listen | Mode::Cascade => &mut self.settings.listen_model_dir,
             };
             ui.add(
                 egui::TextEdit::singleline(dir)

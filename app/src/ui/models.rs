@@ -20,14 +20,14 @@ const VOICES: &str = "tts-voices";
 pub fn recommended(mode: Mode) -> &'static str {
     match mode {
         Mode::Duplex => "moshiko-bf16",
-        Mode::Listen => "stt-1b-en_fr",
+        Mode::Listen | Mode::Cascade => "stt-1b-en_fr",
     }
 }
 
 fn preset_mode(mode: Mode) -> PresetMode {
     match mode {
         Mode::Duplex => PresetMode::Duplex,
-        Mode::Listen => PresetMode::Listen,
+        Mode::Listen | Mode::Cascade => PresetMode::Listen,
     }
 }
 
@@ -152,7 +152,7 @@ impl Manager {
         }
         let chosen = match mode {
             Mode::Duplex => &mut settings.duplex_model_dir,
-            Mode::Listen => &mut settings.listen_model_dir,
+            Mode::Listen | Mode::Cascade => &mut settings.listen_model_dir,
         };
         self.presets_ui(ui, preset_mode(mode), chosen, |_| true)
     }

@@ -60,7 +60,7 @@ impl Settings {
     pub fn model_dir(&self) -> &str {
         match self.mode {
             Mode::Duplex => &self.duplex_model_dir,
-            Mode::Listen => &self.listen_model_dir,
+            Mode::Listen | Mode::Cascade => &self.listen_model_dir,
         }
     }
 }

@@ -463,13 +463,70 @@ pub fn text_entries(
     padding_between: usize,
     entries: &mut Vec<Entry>,
 ) -> Result<bool> {
+    text_entries_as(
+        tokenizer,
+        text,
+        frame_rate,
+        speaker,
+        padding_between,
+        entries,
+        None,
+    )
+}
+
+/// The tokens of `word`, or (leniently) of the nearest spelling the tokenizer knows: its
+/// lower case, then its lower case without the characters it does not know.
+fn lenient_tokens(
+    tokenizer: &crate::models::tokenizer::TextTokenizer,
+    word: &str,
+) -> Result<Option<Vec<u32>>> {
+    let known = |t: &[u32]| !t.is_empty() && !tokenizer.unk_id().is_some_and(|u| t.contains(&u));
+    let lower = word.to_lowercase();
+    for candidate in [word.to_string(), lower.clone()] {
+        let t = tokenizer.encode(&candidate)?;
+        if known(&t) {
+            return Ok(Some(t));
+        }
+    }
+    let mut kept = String::new();
+    for c in lower.chars() {
+        if known(&tokenizer.encode(&c.to_string())?) {
+            kept.push(c);
+        }
+    }
+    let t = tokenizer.encode(&kept)?;
+    Ok(known(&t).then_some(t))
+}
+
+/// [`text_entries`]; with `lenient` (text an LLM wrote, not a user's script) a word the
+/// tokenizer cannot say is respelt ([`lenient_tokens`]) or, failing that, skipped and
+/// recorded there instead of refused.
+#[allow(clippy::too_many_arguments)]
+pub fn text_entries_as(
+    tokenizer: &crate::models::tokenizer::TextTokenizer,
+    text: &str,
+    frame_rate: f64,
+    speaker: Option<u32>,
+    padding_between: usize,
+    entries: &mut Vec<Entry>,
+    mut lenient: Option<&mut Vec<String>>,
+) -> Result<bool> {
     let line = text
         .replace('\u{2019}', "'")
         .replace(':', " ")
         .replace(['(', ')'], "");
     let mut first = true;
     let mut add = |word: &str, entries: &mut Vec<Entry>| -> Result<()> {
-        let mut tokens = tokenizer.encode(word)?;
+        let mut tokens = match lenient.as_deref_mut() {
+            None => tokenizer.encode(word)?,
+            Some(skipped) => match lenient_tokens(tokenizer, word)? {
+                Some(t) => t,
+                None => {
+                    skipped.push(word.to_string());
+                    return Ok(());
+                }
+            },
+        };
         if tokens.is_empty() {
             return Err(Error::InvalidInput(format!(
                 "the word `{word}` has no tokens in this model's tokenizer"
@@ -532,9 +589,29 @@ pub fn text_entries(
 pub struct WordFeed {
     pending: String,
     started: bool,
+    /// With `Some`, words the tokenizer cannot say are respelt or skipped (and listed).
+    lenient: Option<Vec<String>>,
 }
 
 impl WordFeed {
+    /// A feed for text an LLM writes: a word the tokenizer cannot say (an emoji, another
+    /// alphabet) is respelt in lower case or without its unknown characters, or skipped,
+    /// rather than failing the whole reply ([`Self::take_skipped`] says which).
+    pub fn lenient() -> Self {
+        Self {
+            lenient: Some(vec![]),
+            ..Self::default()
+        }
+    }
+
+    /// The words skipped since the last call.
+    pub fn take_skipped(&mut self) -> Vec<String> {
+        self.lenient
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
     /// The entries of the whole words in `piece` and what came before it.
     pub fn push(
         &mut self,
@@ -577,7 +654,15 @@ impl WordFeed {
     ) -> Result<Vec<Entry>> {
         let mut out = vec![];
         let speaker = (!self.started).then_some(ids::MAIN);
-        if text_entries(tokenizer, text, frame_rate, speaker, 1, &mut out)? {
+        if text_entries_as(
+            tokenizer,
+            text,
+            frame_rate,
+            speaker,
+            1,
+            &mut out,
+            self.lenient.as_mut(),
+        )? {
             self.started = true;
         }
         Ok(out)

@@ -19,6 +19,7 @@
 //! model thread flushes the delays (silence through the models until every output due
 //! has come out), so nothing already received is dropped.
 
+mod cascade;
 mod io;
 mod models;
 pub mod report;
@@ -28,6 +29,7 @@ mod stage;
 mod stages;
 pub mod turn;
 
+pub use cascade::{CascadeInbox, CascadeModels};
 pub use io::{EventSink, NullSink, PcmSource};
 pub use models::{DuplexModel, ListenModel, Mode, Models};
 pub use session::{Canceller, Session, SessionOptions, Stopper};
@@ -35,6 +37,17 @@ pub use stage::{Composition, Frame, Outbox, Playout, Stage, Worker, PLAYOUT_MAX_
 pub use turn::{TurnModels, TurnSettings};
 
 use serde::Serialize;
+
+/// When a cascade reply's milestones came, in ms after the end of the user's turn was
+/// detected (None: not reached).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct ResponseTiming {
+    pub llm_first_token_ms: Option<f64>,
+    pub first_word_ms: Option<f64>,
+    pub tts_first_audio_ms: Option<f64>,
+    /// The first frame queued for the speaker was played (the output clock's tick).
+    pub first_audio_played_ms: Option<f64>,
+}
 
 /// Who is speaking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -122,6 +135,16 @@ pub enum Event {
     ResponseStarted {
         frame: u64,
         after_user_ms: Option<f64>,
+    },
+    /// A piece of the text the cascade's LLM is writing (not yet spoken).
+    ResponseText { text: String, frame: u64 },
+    /// The cascade's reply ended: completed, or cancelled by a barge-in; `spoken`: the
+    /// words whose audio played (what the history keeps).
+    ResponseDone {
+        cancelled: bool,
+        spoken: String,
+        frame: u64,
+        timing: ResponseTiming,
     },
     /// The reply was cancelled (barge-in, or the client asked): `dropped_frames` of audio
     /// that were queued for the speaker will not play.

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::cascade::{CascadeModels, CascadeStage};
 use super::stage::Composition;
 use super::stages::{DecodeStage, DuplexLmStage, EncodeStage, ReplyOnsetStage, SttStage};
 use super::turn::{TurnModels, TurnStage};
@@ -25,6 +26,8 @@ pub enum Mode {
     Duplex,
     /// Mimi + a speech-to-text model: live transcript, word times, end of turn.
     Listen,
+    /// Listen, then a text LLM's answer spoken by the TTS, with turn-taking and barge-in.
+    Cascade,
 }
 
 impl std::str::FromStr for Mode {
@@ -33,7 +36,10 @@ impl std::str::FromStr for Mode {
         match s {
             "duplex" => Ok(Self::Duplex),
             "listen" => Ok(Self::Listen),
-            other => Err(format!("unknown mode `{other}` (duplex or listen)")),
+            "cascade" => Ok(Self::Cascade),
+            other => Err(format!(
+                "unknown mode `{other}` (duplex, listen or cascade)"
+            )),
         }
     }
 }
@@ -43,6 +49,7 @@ impl std::fmt::Display for Mode {
         f.write_str(match self {
             Self::Duplex => "duplex",
             Self::Listen => "listen",
+            Self::Cascade => "cascade",
         })
     }
 }
@@ -76,6 +83,8 @@ pub struct Models {
     pub duplex: Option<DuplexModel>,
     /// Silero VAD and Smart Turn, where ONNX Runtime and the models are found.
     pub turn: TurnModels,
+    /// The cascade's LLM and TTS (the listen model hears); a session takes them.
+    pub cascade: Option<CascadeModels>,
     /// The line saying where the LM runs.
     pub device: String,
 }
@@ -85,6 +94,8 @@ impl Models {
     pub fn mode(&self) -> Mode {
         if self.duplex.is_some() {
             Mode::Duplex
+        } else if self.cascade.is_some() {
+            Mode::Cascade
         } else {
             Mode::Listen
         }
@@ -103,10 +114,11 @@ impl Models {
         let d = ModelDir::open(dir)?;
         let lm_cfg = d.lm_config()?;
         match (mode, lm_cfg.dep_q) {
-            (Mode::Listen, q) if q > 0 => {
+            (Mode::Listen | Mode::Cascade, q) if q > 0 => {
                 return Err(Error::config(
                     dir,
-                    "this model speaks (dep_q > 0): use --mode duplex",
+                    "this model speaks (dep_q > 0): use --mode duplex (the cascade hears with \
+                     a speech-to-text model)",
                 ))
             }
             (Mode::Duplex, 0) => {
@@ -128,7 +140,7 @@ impl Models {
             lm,
             match (mode, sampling) {
                 (_, Some(s)) => s,
-                (Mode::Listen, None) => GenConfig::default(),
+                (Mode::Listen | Mode::Cascade, None) => GenConfig::default(),
                 (Mode::Duplex, None) => d.gen_config(0),
             },
         );
@@ -160,7 +172,7 @@ impl Models {
                 "{preset} is a text-to-speech model: `parley bench tts` times it"
             )));
         }
-        if (mode == Mode::Listen) != (cfg.dep_q == 0) {
+        if (mode != Mode::Duplex) != (cfg.dep_q == 0) {
             return Err(Error::InvalidInput(format!(
                 "preset {preset} does not fit --mode {mode}"
             )));
@@ -198,7 +210,7 @@ impl Models {
         device: String,
     ) -> Self {
         let (listen, duplex) = match mode {
-            Mode::Listen => (
+            Mode::Listen | Mode::Cascade => (
                 Some(ListenModel {
                     gen,
                     tokenizer,
@@ -221,6 +233,7 @@ impl Models {
             listen,
             duplex,
             turn: TurnModels::load(),
+            cascade: None,
             device,
         }
     }
@@ -229,6 +242,7 @@ impl Models {
     ///
     /// - listen: encode (Mimi) → stt (the LM, words, the end-of-turn head) → turn
     /// - duplex: encode → lm (Moshi) → decode (Mimi) → turn → reply onset
+    /// - cascade: encode → stt → turn → cascade (the LLM and the TTS on their threads)
     pub fn compose(&mut self, mode: Mode) -> Result<Composition<'_>> {
         let rate = self.mimi.config().frame_rate;
         let (enc, dec) = self.mimi.halves();
@@ -258,6 +272,25 @@ impl Models {
                         Box::new(DecodeStage::new(dec)),
                         Box::new(TurnStage::new(turn)?),
                         Box::new(ReplyOnsetStage::default()),
+                    ],
+                    speaks: true,
+                }
+            }
+            Mode::Cascade => {
+                let m = self.listen.as_mut().ok_or_else(|| {
+                    Error::InvalidInput("the cascade needs a speech-to-text model".into())
+                })?;
+                let c = self.cascade.take().ok_or_else(|| {
+                    Error::InvalidInput(
+                        "the cascade needs its LLM and TTS (they serve one session)".into(),
+                    )
+                })?;
+                Composition {
+                    stages: vec![
+                        Box::new(EncodeStage::new(enc)),
+                        Box::new(SttStage::new(m, rate)),
+                        Box::new(TurnStage::new(turn)?),
+                        Box::new(CascadeStage::new(c)?),
                     ],
                     speaks: true,
                 }

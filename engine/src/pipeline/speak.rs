@@ -127,6 +127,8 @@ pub enum SpeechEvent {
         spoken: String,
         frames: usize,
     },
+    /// Words of response `id` the tokenizer cannot say, skipped.
+    Skipped { id: u64, words: Vec<String> },
     /// Response `id` failed (bad text, for example); the worker goes on.
     Error { id: u64, message: String },
 }
@@ -275,7 +277,8 @@ fn respond(
     first: String,
 ) -> Result<()> {
     let frame_rate = m.mimi.config().frame_rate;
-    let mut feed = WordFeed::default();
+    // Text from an LLM: a word the tokenizer cannot say is respelt or skipped, not fatal.
+    let mut feed = WordFeed::lenient();
     let mut stream = TtsStream::new(&mut m.tts, frame_rate, &m.opts)?;
     let (delays, delay_steps) = (stream.output().delays.clone(), stream.output().delay_steps);
     // The decoded frames dropped at the start (the acoustic codebooks' delay).
@@ -284,6 +287,12 @@ fn respond(
     let mut input_done = false;
     let mut words_in = 0usize;
     let tok = &m.tokenizer;
+    let skipped = |feed: &mut WordFeed| {
+        let words = feed.take_skipped();
+        if !words.is_empty() {
+            let _ = events.send(SpeechEvent::Skipped { id, words });
+        }
+    };
     let mut take = |c: Command,
                     stream: &mut TtsStream,
                     feed: &mut WordFeed,
@@ -293,11 +302,13 @@ fn respond(
         match c {
             Command::Say { id: i, text } if i == id && !*input_done => {
                 let e = feed.push(tok, &text, frame_rate)?;
+                skipped(feed);
                 words_in += e.len();
                 stream.push(e);
             }
             Command::End { id: i } if i == id && !*input_done => {
                 let e = feed.finish(tok, frame_rate)?;
+                skipped(feed);
                 words_in += e.len();
                 if words_in == 0 {
                     return Err(Error::InvalidInput(

@@ -50,6 +50,12 @@ pub struct Frame {
     pub reply_codes: Option<Vec<u32>>,
     /// The audio this step produced for the speaker, if any (also queued for playout).
     pub output: Option<Vec<f32>>,
+    /// The user's words the STT wrote at this step (reported frames only).
+    pub heard: Option<String>,
+    /// The turn-taking policy says the user started speaking at this frame.
+    pub speech_started: bool,
+    /// The turn-taking policy ended the user's turn at this frame.
+    pub turn_ended: bool,
 }
 
 impl Frame {
@@ -65,6 +71,9 @@ impl Frame {
             end_of_turn: None,
             reply_codes: None,
             output: None,
+            heard: None,
+            speech_started: false,
+            turn_ended: false,
         }
     }
 

@@ -99,6 +99,7 @@ impl Stage for SttStage<'_> {
         frame.text = text_token(&step, self.m.padding_id);
         if let (Some(t), true) = (frame.text, frame.reported) {
             if let Some(text) = piece(self.m.tokenizer.as_ref(), t) {
+                frame.heard = Some(text.clone());
                 out.send(Event::TextDelta {
                     speaker: Speaker::User,
                     text,

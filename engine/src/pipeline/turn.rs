@@ -225,6 +225,9 @@ pub struct TurnStage<'a> {
     waiting: usize,
     /// The head may fire (re-armed by text).
     head_armed: bool,
+    /// What this frame decided, for the stages after this one.
+    started_now: bool,
+    ended_now: bool,
 }
 
 impl<'a> TurnStage<'a> {
@@ -249,6 +252,8 @@ impl<'a> TurnStage<'a> {
             pauses: 0,
             waiting: 0,
             head_armed: true,
+            started_now: false,
+            ended_now: false,
         })
     }
 
@@ -269,6 +274,7 @@ impl<'a> TurnStage<'a> {
         }
         self.turn_open = false;
         self.pause = None;
+        self.ended_now = true;
         out.send(Event::TurnEnd {
             source,
             probability,
@@ -335,6 +341,7 @@ impl<'a> TurnStage<'a> {
                 }
                 self.turn_open = true;
                 self.pause = None;
+                self.started_now = true;
                 out.send(Event::SpeechStarted {
                     time_s,
                     frame,
@@ -444,6 +451,8 @@ impl Stage for TurnStage<'_> {
                 self.end_turn(TurnSource::Silence, 1.0, p.time_s, index, out);
             }
         }
+        frame.speech_started = std::mem::take(&mut self.started_now);
+        frame.turn_ended = std::mem::take(&mut self.ended_now);
         Ok(())
     }
 
