@@ -889,3 +889,94 @@ fn speak_mode_says_assistant_items_as_the_reference() {
         "{said:?}"
     );
 }
+
+/// `--mode cascade` with the real SmolLM2 (setup fetches it; skipped where it is missing,
+/// unless PARLEY_REQUIRE_LLM=1): a user turn given as text (`conversation.item.create`
+/// with `input_text`, then `response.create`) is answered by the LLM, whose words the
+/// tiny TTS speaks: `response.text.delta`, `response.audio_transcript.delta`,
+/// `response.audio.delta` with speech, `response.done`. A reply under way when the input
+/// ends is said to its end.
+#[test]
+fn cascade_mode_answers_a_text_turn_with_speech() {
+    let llm = parley_engine::llm::test_llm_path();
+    if !llm.is_file() {
+        assert!(
+            std::env::var_os("PARLEY_REQUIRE_LLM").is_none(),
+            "{} is missing",
+            llm.display()
+        );
+        eprintln!("skipping: {} is missing", llm.display());
+        return;
+    }
+    let tts = fixture("tts-tiny");
+    let args: Vec<String> = vec![
+        "--mode".into(),
+        "cascade".into(),
+        "--model-dir".into(),
+        s(&fixture("stt-tiny")).into(),
+        "--tts-model-dir".into(),
+        s(&tts).into(),
+        "--voice".into(),
+        s(&tts.join("voice_a.safetensors")).into(),
+        "--llm".into(),
+        s(&llm).into(),
+        "--llm-temp".into(),
+        "0".into(),
+        "--temp".into(),
+        "0".into(),
+        "--system-prompt".into(),
+        "You are a helpful assistant.".into(),
+        "--device".into(),
+        "cpu".into(),
+        "--precision".into(),
+        "f32".into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut input = vec![
+        line(json!({"type": "response.create"})),
+        line(
+            json!({"type": "conversation.item.create", "item": {"type": "message", "role": "assistant",
+            "content": [{"type": "text", "text": "Hi."}]}}),
+        ),
+        line(
+            json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": "What is the capital of France?"}]}}),
+        ),
+        line(json!({"type": "response.create"})),
+    ];
+    let silence = vec![0i16; FRAME_LEN_SAMPLES];
+    for _ in 0..10 {
+        input.push(append_line(&silence));
+    }
+    let run = headless(&args, input, false);
+    assert!(run.status.success(), "{}", run.stderr);
+    let ev = events(&String::from_utf8(run.stdout).expect("utf-8"));
+    assert_eq!(ev[0]["session"]["mode"], "cascade");
+    let errors = of_type(&ev, "error");
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    let text: String = of_type(&ev, "response.text.delta")
+        .iter()
+        .map(|e| e["delta"].as_str().expect("delta"))
+        .collect();
+    assert!(text.contains("Paris"), "{text}");
+    assert!(!of_type(&ev, "response.audio_transcript.delta").is_empty());
+    let done = of_type(&ev, "response.done");
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!(done[0]["response"]["status"], "completed");
+    assert!(done[0]["response"]["transcript"]
+        .as_str()
+        .expect("transcript")
+        .contains("Paris"));
+    let speech = of_type(&ev, "response.audio.delta")
+        .iter()
+        .filter(|e| {
+            let b = base64::engine::general_purpose::STANDARD
+                .decode(e["delta"].as_str().expect("delta"))
+                .expect("base64");
+            b.chunks_exact(2)
+                .any(|c| i16::from_le_bytes([c[0], c[1]]).unsigned_abs() > 30)
+        })
+        .count();
+    assert!(speech > 5, "{speech} frames of speech");
+    assert_eq!(ev.last().expect("last")["type"], "session.closed");
+}

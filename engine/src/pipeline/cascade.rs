@@ -19,6 +19,8 @@ use crate::Result;
 /// Frames of reply audio queued for the speaker at most: more waits in the TTS worker,
 /// so a barge-in has little to drop and memory stays bounded.
 const QUEUE_AHEAD_FRAMES: usize = 25;
+/// How long the end of the input waits for a reply under way.
+const FINISH_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What the cascade needs besides the listening stages.
 pub struct CascadeModels {
@@ -195,34 +197,15 @@ impl CascadeStage {
         self.finish_reply(true, played, frame, out);
     }
 
-    fn ms_since(t: Instant) -> Option<f64> {
-        Some(t.elapsed().as_secs_f64() * 1e3)
-    }
-}
-
-impl Stage for CascadeStage {
-    fn name(&self) -> &'static str {
-        "cascade"
-    }
-
-    fn on_frame(&mut self, frame: &mut Frame, out: &mut Outbox<'_>) -> Result<()> {
-        let index = frame.index;
-        if let Some(h) = &frame.heard {
-            self.heard.push_str(h);
-        }
-        if frame.speech_started && self.reply.is_some() {
-            self.barge_in(index, out);
-        }
-        if frame.turn_ended && self.reply.is_none() {
-            let user = std::mem::take(&mut self.heard);
-            self.start_reply(user, index, out);
-        }
-        while let Ok(text) = self.inbox.try_recv() {
-            if self.reply.is_some() {
-                self.barge_in(index, out);
+    /// The LLM's text and the TTS's speech that have come, the speech queued for the
+    /// speaker while fewer than `ahead` frames wait there.
+    fn pump(&mut self, index: u64, out: &mut Outbox<'_>, ahead: usize) -> Result<()> {
+        // The output clock has taken a frame of this reply: it is playing.
+        let waiting = out.queued_frames();
+        if let Some(r) = &mut self.reply {
+            if r.queued > waiting && r.timing.first_audio_played_ms.is_none() {
+                r.timing.first_audio_played_ms = Self::ms_since(r.turn_end);
             }
-            self.heard.clear();
-            self.start_reply(text, index, out);
         }
         // The LLM's text as it comes.
         while let Ok(e) = self.llm_events.try_recv() {
@@ -261,7 +244,7 @@ impl Stage for CascadeStage {
             }
         }
         // Its speech, a bounded way ahead of the speaker.
-        while out.queued_frames() < QUEUE_AHEAD_FRAMES {
+        while out.queued_frames() < ahead {
             let Ok(e) = self.speech.try_recv() else { break };
             let current = self.reply.as_ref().map(|r| r.id);
             match e {
@@ -313,6 +296,63 @@ impl Stage for CascadeStage {
                 }
                 _ => {}
             }
+        }
+        Ok(())
+    }
+
+    fn ms_since(t: Instant) -> Option<f64> {
+        Some(t.elapsed().as_secs_f64() * 1e3)
+    }
+}
+
+impl Stage for CascadeStage {
+    fn name(&self) -> &'static str {
+        "cascade"
+    }
+
+    fn on_frame(&mut self, frame: &mut Frame, out: &mut Outbox<'_>) -> Result<()> {
+        let index = frame.index;
+        if let Some(h) = &frame.heard {
+            self.heard.push_str(h);
+        }
+        if frame.speech_started && self.reply.is_some() {
+            self.barge_in(index, out);
+        }
+        if frame.turn_ended && self.reply.is_none() {
+            let user = std::mem::take(&mut self.heard);
+            self.start_reply(user, index, out);
+        }
+        while let Ok(text) = self.inbox.try_recv() {
+            if self.reply.is_some() {
+                self.barge_in(index, out);
+            }
+            self.heard.clear();
+            self.start_reply(text, index, out);
+        }
+        self.pump(index, out, QUEUE_AHEAD_FRAMES)
+    }
+
+    /// At the end of the input, a reply under way is said to its end (the output plays
+    /// it after the input), as a duplex model's delayed reply is flushed.
+    fn finish(&mut self, last: u64, out: &mut Outbox<'_>) -> Result<()> {
+        while let Ok(text) = self.inbox.try_recv() {
+            self.start_reply(text, last, out);
+        }
+        let t = Instant::now();
+        // Room for the whole reply: the output thread drains the queue after this.
+        let room = super::stage::PLAYOUT_MAX_FRAMES - 1;
+        while self.reply.is_some() && t.elapsed() < FINISH_LIMIT {
+            self.pump(last, out, room)?;
+            if out.queued_frames() >= room {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if self.reply.is_some() {
+            out.send(Event::Warning {
+                message: "the reply under way at the end of the input was cut short".into(),
+            });
+            self.cancel();
         }
         Ok(())
     }

@@ -45,7 +45,8 @@ pub struct ResponseTiming {
     pub llm_first_token_ms: Option<f64>,
     pub first_word_ms: Option<f64>,
     pub tts_first_audio_ms: Option<f64>,
-    /// The first frame queued for the speaker was played (the output clock's tick).
+    /// The output clock took the reply's first frame for the speaker (seen at the next
+    /// frame; None when the reply was queued after the input ended).
     pub first_audio_played_ms: Option<f64>,
 }
 
