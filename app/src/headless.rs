@@ -73,9 +73,17 @@ pub struct HeadlessArgs {
     /// The TTS's temperature (0: greedy).
     #[arg(long, default_value_t = 0.6)]
     temp: f32,
-    /// The cascade's LLM: a GGUF chat model file (run in process by llama.cpp).
+    /// The cascade's LLM: a GGUF chat model file (run in process by llama.cpp), or the URL
+    /// of an OpenAI-compatible chat endpoint that streams (`http://localhost:11434/v1`;
+    /// with --llm-model; a key from PARLEY_LLM_API_KEY or OPENAI_API_KEY).
     #[arg(long)]
-    llm: Option<PathBuf>,
+    llm: Option<String>,
+    /// The model an --llm URL serves.
+    #[arg(long)]
+    llm_model: Option<String>,
+    /// Seconds an --llm URL may keep the cascade waiting for its next bytes.
+    #[arg(long, default_value_t = 30.0)]
+    llm_timeout_s: f64,
     /// The cascade's persona (the LLM's system prompt).
     #[arg(long, default_value = parley_engine::llm::DEFAULT_SYSTEM_PROMPT)]
     system_prompt: String,
@@ -261,7 +269,7 @@ fn cascade_models(
     use parley_engine::llm::{local::LocalLlm, History, ReplyOptions};
     use parley_engine::pipeline::speak::SpeakModels;
     let Some(llm) = &args.llm else {
-        anyhow::bail!("--mode cascade needs --llm (a GGUF chat model file)");
+        anyhow::bail!("--mode cascade needs --llm (a GGUF chat model file, or an OpenAI-compatible endpoint's URL)");
     };
     let Some(tts_dir) = &args.tts_model_dir else {
         anyhow::bail!(
@@ -274,7 +282,26 @@ fn cascade_models(
     if !(0.0..=10.0).contains(&args.temp) || !(0.0..=10.0).contains(&args.llm_temp) {
         anyhow::bail!("--temp and --llm-temp must be within 0..=10");
     }
-    let llm = LocalLlm::load(llm, 0)?;
+    let llm: Box<dyn parley_engine::llm::ChatLlm> =
+        if llm.starts_with("http://") || llm.starts_with("https://") {
+            let Some(model) = &args.llm_model else {
+                anyhow::bail!("--llm {llm} is a URL: say which model it serves with --llm-model");
+            };
+            if !(0.1..=600.0).contains(&args.llm_timeout_s) {
+                anyhow::bail!(
+                    "--llm-timeout-s {} is outside 0.1..=600",
+                    args.llm_timeout_s
+                );
+            }
+            Box::new(parley_engine::llm::openai::OpenAiLlm::new(
+                llm,
+                model,
+                std::time::Duration::from_secs_f64(args.llm_timeout_s),
+            )?)
+        } else {
+            let path = std::path::Path::new(llm);
+            Box::new(LocalLlm::load(path, LocalLlm::gpu_layers())?)
+        };
     let mut speak = SpeakModels::load(
         tts_dir,
         voice,
@@ -285,7 +312,7 @@ fn cascade_models(
     )?;
     speak.opts.temp = args.temp;
     Ok(parley_engine::pipeline::CascadeModels::new(
-        Box::new(llm),
+        llm,
         speak,
         History::new(args.system_prompt.clone(), args.history_turns),
         ReplyOptions {
@@ -386,13 +413,19 @@ pub fn to_json(e: &Event) -> Value {
         }
         Event::ResponseDone {
             cancelled,
+            failed,
             spoken,
             frame,
             timing,
         } => json!({
             "type": "response.done",
             "response": {
-                "status": if *cancelled { "cancelled" } else { "completed" },
+                "status": match (cancelled, failed) {
+                    (true, _) => "cancelled",
+                    (false, Some(_)) => "failed",
+                    (false, None) => "completed",
+                },
+                "error": failed,
                 "transcript": spoken,
                 "timing_ms": timing,
             },

@@ -980,3 +980,72 @@ fn cascade_mode_answers_a_text_turn_with_speech() {
     assert!(speech > 5, "{speech} frames of speech");
     assert_eq!(ev.last().expect("last")["type"], "session.closed");
 }
+
+/// `--mode cascade --llm URL` against a server that answers 500: the reply is an `error`
+/// event naming the server and a `response.done` with status `failed`; the session goes
+/// on and closes normally.
+#[test]
+fn cascade_with_a_failing_llm_server_says_so_and_goes_on() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}/v1", l.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for s in l.incoming().take(2) {
+            let Ok(mut s) = s else { return };
+            let mut buf = [0u8; 8192];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(
+                b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 11\r\nConnection: close\r\n\r\nmodel crash",
+            );
+        }
+    });
+    let tts = fixture("tts-tiny");
+    let args: Vec<String> = vec![
+        "--mode".into(),
+        "cascade".into(),
+        "--model-dir".into(),
+        s(&fixture("stt-tiny")).into(),
+        "--tts-model-dir".into(),
+        s(&tts).into(),
+        "--voice".into(),
+        s(&tts.join("voice_a.safetensors")).into(),
+        "--llm".into(),
+        url.clone(),
+        "--llm-model".into(),
+        "test".into(),
+        "--device".into(),
+        "cpu".into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut input = vec![
+        line(
+            json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": "Hello?"}]}}),
+        ),
+        line(json!({"type": "response.create"})),
+    ];
+    let silence = vec![0i16; FRAME_LEN_SAMPLES];
+    for _ in 0..5 {
+        input.push(append_line(&silence));
+    }
+    let run = headless(&args, input, false);
+    assert!(run.status.success(), "{}", run.stderr);
+    let ev = events(&String::from_utf8(run.stdout).expect("utf-8"));
+    let errors = of_type(&ev, "error");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let m = errors[0]["error"]["message"].as_str().expect("message");
+    assert!(m.contains("500") && m.contains(&url), "{m}");
+    let done = of_type(&ev, "response.done");
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!(done[0]["response"]["status"], "failed");
+    assert_eq!(ev.last().expect("last")["type"], "session.closed");
+    // A URL needs the model's name.
+    let mut bad: Vec<&str> = args
+        .iter()
+        .copied()
+        .filter(|a| *a != "--llm-model" && *a != "test")
+        .collect();
+    bad.retain(|a| !a.is_empty());
+    let run = headless(&bad, vec![], false);
+    assert!(!run.status.success());
+    assert!(run.stderr.contains("--llm-model"), "{}", run.stderr);
+}

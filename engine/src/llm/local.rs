@@ -93,6 +93,15 @@ impl LocalLlm {
         })
     }
 
+    /// Layers to offload: all of them where llama.cpp was built with a GPU backend (the
+    /// `llm-vulkan` / `llm-metal` features) and one is present, else none.
+    pub fn gpu_layers() -> u32 {
+        match backend() {
+            Ok(b) if b.supports_gpu_offload() => 999,
+            _ => 0,
+        }
+    }
+
     /// The prompt the chat template makes of `messages`, ending with the assistant's turn.
     pub fn prompt(&self, messages: &[ChatMessage]) -> Result<String> {
         let chat = messages

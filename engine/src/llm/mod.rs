@@ -1,8 +1,10 @@
 //! The cascade's LLM: a chat model that writes the reply the TTS speaks, streamed piece by
 //! piece: a GGUF model run in process by llama.cpp ([`local::LocalLlm`]; Parley writes no
-//! LLM runtime of its own). [`History`] keeps the persona and the last turns.
+//! LLM runtime of its own), or any OpenAI-compatible chat endpoint that streams
+//! ([`openai::OpenAiLlm`]). [`History`] keeps the persona and the last turns.
 
 pub mod local;
+pub mod openai;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;

@@ -79,6 +79,8 @@ struct Reply {
     queued: usize,
     llm_done: bool,
     llm_text: String,
+    /// The LLM's error, if it failed.
+    error: Option<String>,
 }
 
 /// The stage; its LLM and TTS threads stop when it is dropped.
@@ -163,6 +165,7 @@ impl CascadeStage {
             queued: 0,
             llm_done: false,
             llm_text: String::new(),
+            error: None,
         });
     }
 
@@ -179,6 +182,7 @@ impl CascadeStage {
         self.history.push(r.user, spoken.clone());
         out.send(Event::ResponseDone {
             cancelled,
+            failed: r.error,
             spoken,
             frame,
             timing: r.timing,
@@ -221,9 +225,9 @@ impl CascadeStage {
                     out.send(Event::ResponseText { text, frame: index });
                 }
                 LlmEvent::Done { id, error } if Some(id) == current => {
-                    if let Some(m) = error {
+                    if let Some(m) = &error {
                         out.send(Event::Error {
-                            message: m,
+                            message: m.clone(),
                             fatal: false,
                         });
                     }
@@ -232,6 +236,7 @@ impl CascadeStage {
                         .as_mut()
                         .map(|r| {
                             r.llm_done = true;
+                            r.error = error;
                             r.llm_text.trim().is_empty()
                         })
                         .unwrap_or(false);

@@ -139,10 +139,12 @@ pub enum Event {
     },
     /// A piece of the text the cascade's LLM is writing (not yet spoken).
     ResponseText { text: String, frame: u64 },
-    /// The cascade's reply ended: completed, or cancelled by a barge-in; `spoken`: the
-    /// words whose audio played (what the history keeps).
+    /// The cascade's reply ended: completed, cancelled by a barge-in, or failed (the LLM's
+    /// error; what it wrote before is still spoken); `spoken`: the words whose audio
+    /// played (what the history keeps).
     ResponseDone {
         cancelled: bool,
+        failed: Option<String>,
         spoken: String,
         frame: u64,
         timing: ResponseTiming,
