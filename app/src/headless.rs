@@ -493,40 +493,26 @@ fn read_json_lines(
     cancel: Canceller,
     inbox: Option<CascadeInbox>,
 ) {
-    let stdin = std::io::stdin();
     // The cascade: a user's text item waits for `response.create`.
     let mut user_text: Option<String> = None;
-    for (n, line) in stdin.lock().lines().enumerate() {
-        let line = match line {
-            Ok(l) => l,
-            Err(e) => {
-                client_error(&events, format!("stdin line {}: {e}", n + 1));
-                break;
-            }
-        };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value = match serde_json::from_str(&line) {
-            Ok(v) => v,
-            Err(e) => {
-                client_error(&events, format!("stdin line {}: not JSON: {e}", n + 1));
-                continue;
-            }
-        };
-        match v.get("type").and_then(Value::as_str) {
+    let errors = events.clone();
+    json_lines(
+        |m| client_error(&errors, m),
+        |n, v| {
+            let n = n - 1;
+            match v.get("type").and_then(Value::as_str) {
             Some("input_audio_buffer.append") => {
                 let Some(b64) = v.get("audio").and_then(Value::as_str) else {
                     client_error(
                         &events,
                         format!("stdin line {}: input_audio_buffer.append without an `audio` string", n + 1),
                     );
-                    continue;
+                    return true;
                 };
                 match base64::engine::general_purpose::STANDARD.decode(b64) {
                     Ok(bytes) if bytes.len() % 2 == 0 => {
                         if pcm.send(from_pcm16(&bytes)).is_err() {
-                            break;
+                            return false;
                         }
                     }
                     Ok(bytes) => client_error(
@@ -545,7 +531,7 @@ fn read_json_lines(
             }
             Some("response.cancel") => cancel.cancel(),
             Some("conversation.item.create") if inbox.is_some() => {
-                match user_item_text(&v["item"]) {
+                match message_text(&v["item"], "user", "cascade") {
                     Ok(t) => user_text = Some(t),
                     Err(m) => client_error(&events, format!("stdin line {}: {m}", n + 1)),
                 }
@@ -554,7 +540,7 @@ fn read_json_lines(
                 Some(t) => {
                     if let Some(i) = &inbox {
                         if i.send(t).is_err() {
-                            break;
+                            return false;
                         }
                     }
                 }
@@ -567,7 +553,7 @@ fn read_json_lines(
                     ),
                 ),
             },
-            Some("session.close") => break,
+            Some("session.close") => return false,
             Some(other) => client_error(
                 &events,
                 format!(
@@ -577,16 +563,23 @@ fn read_json_lines(
             ),
             None => client_error(&events, format!("stdin line {}: no `type`", n + 1)),
         }
-    }
+            true
+        },
+    );
     // Dropping `pcm` ends the input: the session flushes and closes.
 }
 
-/// The text of a user message item whose content is `input_text` parts.
-fn user_item_text(item: &Value) -> std::result::Result<String, String> {
-    if item["role"].as_str() != Some("user") {
+/// The text of a Realtime message item of role `role` (its `text`, `input_text` or
+/// `output_text` content parts, joined by spaces); `mode` names the mode in errors.
+pub(crate) fn message_text(
+    item: &Value,
+    role: &str,
+    mode: &str,
+) -> std::result::Result<String, String> {
+    let got = item["role"].as_str().unwrap_or("");
+    if got != role {
         return Err(format!(
-            "the cascade takes user messages; this item's role is {}",
-            item["role"]
+            "the {mode} mode takes {role} messages; this item's role is `{got}`"
         ));
     }
     let parts = item["content"]
@@ -595,19 +588,47 @@ fn user_item_text(item: &Value) -> std::result::Result<String, String> {
     let mut text = vec![];
     for p in parts {
         match (p["type"].as_str(), p["text"].as_str()) {
-            (Some("input_text" | "text"), Some(t)) => text.push(t),
-            _ => {
+            (Some("text" | "input_text" | "output_text"), Some(t)) => text.push(t),
+            (t, _) => {
                 return Err(format!(
-                    "a content part {p}: `input_text` parts with a `text` string are taken"
+                    "a content part of type {t:?}: `text`, `input_text` or `output_text` \
+                     parts with a `text` string are taken"
                 ))
             }
         }
     }
     let text = text.join(" ");
     if text.trim().is_empty() {
-        return Err("a user item with no text".into());
+        return Err("an item with no text".into());
     }
     Ok(text)
+}
+
+/// JSON Lines on stdin, each parsed line given to `f` with its number (1-based) until it
+/// returns false or stdin ends; a line that is not JSON, or cannot be read, goes to
+/// `error` (reading stops at a read error).
+pub(crate) fn json_lines(error: impl Fn(String), mut f: impl FnMut(usize, Value) -> bool) {
+    for (n, line) in std::io::stdin().lock().lines().enumerate() {
+        let n = n + 1;
+        let line = match line {
+            Ok(l) => l,
+            Err(e) => {
+                error(format!("stdin line {n}: {e}"));
+                break;
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(&line) {
+            Ok(v) => {
+                if !f(n, v) {
+                    break;
+                }
+            }
+            Err(e) => error(format!("stdin line {n}: not JSON: {e}")),
+        }
+    }
 }
 
 /// Raw PCM16 LE on stdin until its end.

@@ -5,7 +5,7 @@
 //! (faster than real time where the machine allows) or plays it on the speakers with
 //! `--audio mic`. docs/headless.md has every event with an example.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -179,41 +179,6 @@ fn speech_json(e: &SpeechEvent) -> Vec<Value> {
     }
 }
 
-/// The text of a message item's content parts (`text`, `output_text` or `input_text`).
-fn item_text(item: &Value) -> Result<String, String> {
-    let role = item.get("role").and_then(Value::as_str).unwrap_or("");
-    if role != "assistant" {
-        return Err(format!(
-            "the speak mode says assistant messages; this item's role is `{role}` (a user's \
-             message needs the cascade mode)"
-        ));
-    }
-    let parts = item
-        .get("content")
-        .and_then(Value::as_array)
-        .ok_or("an item without a `content` array")?;
-    let mut text = vec![];
-    for p in parts {
-        match (
-            p.get("type").and_then(Value::as_str),
-            p.get("text").and_then(Value::as_str),
-        ) {
-            (Some("text" | "output_text" | "input_text"), Some(t)) => text.push(t),
-            (t, _) => {
-                return Err(format!(
-                    "a content part of type {t:?}: the speak mode takes `text`, `output_text` \
-                     or `input_text` parts with a `text` string"
-                ))
-            }
-        }
-    }
-    let text = text.join(" ");
-    if text.trim().is_empty() {
-        return Err("an item with no text to say".into());
-    }
-    Ok(text)
-}
-
 /// JSON Lines on stdin until `session.close` or its end.
 fn read_lines(speak: SpeakHandle, out: Sender<Out>) {
     let error = |message: String| {
@@ -240,34 +205,18 @@ fn read_lines(speak: SpeakHandle, out: Sender<Out>) {
         }
         true
     };
-    for (n, line) in std::io::stdin().lock().lines().enumerate() {
-        let n = n + 1;
-        let line = match line {
-            Ok(l) => l,
-            Err(e) => {
-                error(format!("stdin line {n}: {e}"));
-                break;
-            }
-        };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value = match serde_json::from_str(&line) {
-            Ok(v) => v,
-            Err(e) => {
-                error(format!("stdin line {n}: not JSON: {e}"));
-                continue;
-            }
-        };
+    crate::headless::json_lines(error, |n, v| {
         match v.get("type").and_then(Value::as_str) {
-            Some("conversation.item.create") => match item_text(&v["item"]) {
-                Ok(text) => {
-                    if !say(&text, &out) {
-                        break;
+            Some("conversation.item.create") => {
+                match crate::headless::message_text(&v["item"], "assistant", "speak") {
+                    Ok(text) => {
+                        if !say(&text, &out) {
+                            return false;
+                        }
                     }
+                    Err(m) => error(format!("stdin line {n}: {m}")),
                 }
-                Err(m) => error(format!("stdin line {n}: {m}")),
-            },
+            }
             Some("response.create") => {
                 match v["response"]["instructions"]
                     .as_str()
@@ -275,7 +224,7 @@ fn read_lines(speak: SpeakHandle, out: Sender<Out>) {
                 {
                     Some(text) => {
                         if !say(text, &out) {
-                            break;
+                            return false;
                         }
                     }
                     None => error(format!(
@@ -285,7 +234,7 @@ fn read_lines(speak: SpeakHandle, out: Sender<Out>) {
                 }
             }
             Some("response.cancel") => speak.cancel(last_id.get()),
-            Some("session.close") => break,
+            Some("session.close") => return false,
             Some("input_audio_buffer.append") => error(format!(
                 "stdin line {n}: the speak mode takes text, not audio (conversation.item.create)"
             )),
@@ -295,6 +244,7 @@ fn read_lines(speak: SpeakHandle, out: Sender<Out>) {
             )),
             None => error(format!("stdin line {n}: no `type`")),
         }
-    }
+        true
+    });
     // Dropping the handle lets the worker finish what it was given, then stop.
 }

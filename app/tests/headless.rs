@@ -890,6 +890,30 @@ fn speak_mode_says_assistant_items_as_the_reference() {
     );
 }
 
+/// The cascade's flags on the fixtures, with `llm` (a file or a URL) and `extra`.
+fn cascade_args(llm: &str, extra: &[&str]) -> Vec<String> {
+    let tts = fixture("tts-tiny");
+    let mut a: Vec<String> = [
+        "--mode",
+        "cascade",
+        "--model-dir",
+        s(&fixture("stt-tiny")),
+        "--tts-model-dir",
+        s(&tts),
+        "--voice",
+        s(&tts.join("voice_a.safetensors")),
+        "--llm",
+        llm,
+        "--device",
+        "cpu",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
+}
+
 /// `--mode cascade` with the real SmolLM2 (setup fetches it; skipped where it is missing,
 /// unless PARLEY_REQUIRE_LLM=1): a user turn given as text (`conversation.item.create`
 /// with `input_text`, then `response.create`) is answered by the LLM, whose words the
@@ -908,29 +932,19 @@ fn cascade_mode_answers_a_text_turn_with_speech() {
         eprintln!("skipping: {} is missing", llm.display());
         return;
     }
-    let tts = fixture("tts-tiny");
-    let args: Vec<String> = vec![
-        "--mode".into(),
-        "cascade".into(),
-        "--model-dir".into(),
-        s(&fixture("stt-tiny")).into(),
-        "--tts-model-dir".into(),
-        s(&tts).into(),
-        "--voice".into(),
-        s(&tts.join("voice_a.safetensors")).into(),
-        "--llm".into(),
-        s(&llm).into(),
-        "--llm-temp".into(),
-        "0".into(),
-        "--temp".into(),
-        "0".into(),
-        "--system-prompt".into(),
-        "You are a helpful assistant.".into(),
-        "--device".into(),
-        "cpu".into(),
-        "--precision".into(),
-        "f32".into(),
-    ];
+    let args = cascade_args(
+        s(&llm),
+        &[
+            "--llm-temp",
+            "0",
+            "--temp",
+            "0",
+            "--system-prompt",
+            "You are a helpful assistant.",
+            "--precision",
+            "f32",
+        ],
+    );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut input = vec![
         line(json!({"type": "response.create"})),
@@ -998,23 +1012,7 @@ fn cascade_with_a_failing_llm_server_says_so_and_goes_on() {
             );
         }
     });
-    let tts = fixture("tts-tiny");
-    let args: Vec<String> = vec![
-        "--mode".into(),
-        "cascade".into(),
-        "--model-dir".into(),
-        s(&fixture("stt-tiny")).into(),
-        "--tts-model-dir".into(),
-        s(&tts).into(),
-        "--voice".into(),
-        s(&tts.join("voice_a.safetensors")).into(),
-        "--llm".into(),
-        url.clone(),
-        "--llm-model".into(),
-        "test".into(),
-        "--device".into(),
-        "cpu".into(),
-    ];
+    let args = cascade_args(&url, &["--llm-model", "test"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut input = vec![
         line(

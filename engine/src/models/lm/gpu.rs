@@ -686,25 +686,9 @@ impl GpuLm {
         };
 
         // The whole step; with the TTS's way, the two halves on their own as well.
-        Self::plan_temporal(
-            &mut b,
-            model,
-            &opts,
-            &shared,
-            tables.len(),
-            table_format != GpuFormat::F32,
-            &text_row,
-            &bias,
-        )?;
-        if let Some(dep) = &dep {
-            Self::plan_depformer(&mut b, model, &shared, dep, dep_steps)?;
-        }
-        let (bytes, state_bytes) = (b.bytes, b.state_bytes);
-        let fresh = || Plan::new(gpu, STEP_BLOCK_BYTES);
-        let program = std::mem::replace(&mut b.plan, fresh()).build(gpu)?;
-        let (temporal_only, depformer_only) = if opts.tts {
+        let temporal = |b: &mut Builder| {
             Self::plan_temporal(
-                &mut b,
+                b,
                 model,
                 &opts,
                 &shared,
@@ -712,7 +696,17 @@ impl GpuLm {
                 table_format != GpuFormat::F32,
                 &text_row,
                 &bias,
-            )?;
+            )
+        };
+        temporal(&mut b)?;
+        if let Some(dep) = &dep {
+            Self::plan_depformer(&mut b, model, &shared, dep, dep_steps)?;
+        }
+        let (bytes, state_bytes) = (b.bytes, b.state_bytes);
+        let fresh = || Plan::new(gpu, STEP_BLOCK_BYTES);
+        let program = std::mem::replace(&mut b.plan, fresh()).build(gpu)?;
+        let (temporal_only, depformer_only) = if opts.tts {
+            temporal(&mut b)?;
             let t = std::mem::replace(&mut b.plan, fresh()).build(gpu)?;
             let dp = match &dep {
                 Some(dep) => {
