@@ -385,16 +385,17 @@ impl Drop for CascadeStage {
         if let Some(s) = &self.speak {
             s.cancel(u64::MAX);
         }
-        // Closing the job queue ends the LLM thread; dropping the handles, the TTS.
+        // Closing the job queue ends the LLM thread; dropping the handles, the TTS. Their
+        // event channels are closed first (fresh receivers put in their place), so a
+        // thread handing over an event cannot block the join: its send fails and it stops.
         self.jobs.take();
         self.speak.take();
-        // Unblock a TTS worker waiting to hand over a frame.
-        while self.speech.try_recv().is_ok() {}
+        drop(std::mem::replace(&mut self.llm_events, bounded(1).1));
+        drop(std::mem::replace(&mut self.speech, bounded(1).1));
         if let Some(t) = self.llm_thread.take() {
             let _ = t.join();
         }
         if let Some(t) = self.tts.take() {
-            while self.speech.try_recv().is_ok() {}
             t.join();
         }
     }
