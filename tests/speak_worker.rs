@@ -127,11 +127,13 @@ fn a_cancel_stops_at_once_and_the_next_response_is_whole() {
     let long = "Hello, this is Parley. ".repeat(6);
     speak.say(1, &long).expect("say");
     speak.end(1).expect("end");
-    // Text that has no words is an error for that response only.
+    // Text that has no words is an error for that response only; so is a response
+    // ended before any text came (it must not wait for ever).
     speak.say(2, "   ").expect("say");
     speak.end(2).expect("end");
-    speak.say(3, "Hello, this is Parley.").expect("say");
     speak.end(3).expect("end");
+    speak.say(4, "Hello, this is Parley.").expect("say");
+    speak.end(4).expect("end");
     let mut frames = 0;
     loop {
         match rx.recv_timeout(Duration::from_secs(60)).expect("event") {
@@ -170,7 +172,15 @@ fn a_cancel_stops_at_once_and_the_next_response_is_whole() {
         rx.recv_timeout(Duration::from_secs(60)),
         Ok(SpeechEvent::Done { id: 2, .. })
     ));
-    let (pcm, _, _) = response(&rx, 3);
+    match rx.recv_timeout(Duration::from_secs(60)).expect("event") {
+        SpeechEvent::Error { id: 3, message } => assert!(message.contains("no words"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        rx.recv_timeout(Duration::from_secs(60)),
+        Ok(SpeechEvent::Done { id: 3, .. })
+    ));
+    let (pcm, _, _) = response(&rx, 4);
     assert_close(&pcm, &reference("s0_voice_a_audio.wav"), "after the cancel");
     drop(speak);
     worker.join();

@@ -247,7 +247,11 @@ fn run(
     while let Some(c) = inbox.next() {
         let (id, text) = match c {
             Command::Say { id, text } if id > done_up_to => (id, text),
-            Command::End { id } if id > done_up_to => (id, String::new()),
+            Command::End { id } if id > done_up_to => {
+                // A response ended before any text: it has no words (an error below).
+                inbox.later.push_front(Command::End { id });
+                (id, String::new())
+            }
             _ => continue,
         };
         done_up_to = id;
