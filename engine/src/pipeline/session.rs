@@ -372,7 +372,9 @@ fn run_stages(comp: &mut Composition<'_>, input: &Receiver<InFrame>, ctx: &Ctx<'
     for s in &mut comp.stages {
         s.reset();
     }
-    let mut cancels_seen = ctx.requests.load(Ordering::Relaxed);
+    // The counter is the session's own, from 0: a cancel that came before the first frame
+    // (a client's line read while the models warmed up) is still reported.
+    let mut cancels_seen = 0;
     let mut run = |comp: &mut Composition<'_>, frame: Frame| -> Result<()> {
         let requested = ctx.requests.load(Ordering::Relaxed);
         if requested != cancels_seen {
