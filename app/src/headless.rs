@@ -51,8 +51,9 @@ impl std::str::FromStr for HeadlessMode {
 #[derive(Debug, Args)]
 pub struct HeadlessArgs {
     /// A model directory laid out like a Kyutai repository (the TTS's with --mode speak,
-    /// where --tts-model-dir may say it instead).
-    #[arg(long)]
+    /// where --tts-model-dir may say it instead; the STT's with --mode cascade, where
+    /// --stt-model-dir says the same).
+    #[arg(long, alias = "stt-model-dir")]
     model_dir: Option<PathBuf>,
     /// duplex (a Moshi-style model), listen (a speech-to-text model) or speak (the
     /// text-to-speech model says the assistant's text).
@@ -73,9 +74,10 @@ pub struct HeadlessArgs {
     /// The TTS's temperature (0: greedy).
     #[arg(long, default_value_t = 0.6)]
     temp: f32,
-    /// The cascade's LLM: a GGUF chat model file (run in process by llama.cpp), or the URL
-    /// of an OpenAI-compatible chat endpoint that streams (`http://localhost:11434/v1`;
-    /// with --llm-model; a key from PARLEY_LLM_API_KEY or OPENAI_API_KEY).
+    /// The cascade's LLM: a GGUF chat model file or a pulled LLM preset (`parley models
+    /// list`), run in process by llama.cpp, or the URL of an OpenAI-compatible chat
+    /// endpoint that streams (`http://localhost:11434/v1`; with --llm-model; a key from
+    /// PARLEY_LLM_API_KEY or OPENAI_API_KEY).
     #[arg(long)]
     llm: Option<String>,
     /// The model an --llm URL serves.
@@ -266,10 +268,10 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
 fn cascade_models(
     args: &HeadlessArgs,
 ) -> Result<(parley_engine::pipeline::CascadeModels, CascadeInbox)> {
-    use parley_engine::llm::{local::LocalLlm, History, ReplyOptions};
+    use parley_engine::llm::{History, ReplyOptions};
     use parley_engine::pipeline::speak::SpeakModels;
     let Some(llm) = &args.llm else {
-        anyhow::bail!("--mode cascade needs --llm (a GGUF chat model file, or an OpenAI-compatible endpoint's URL)");
+        anyhow::bail!("--mode cascade needs --llm (a GGUF chat model file, an LLM preset, or an OpenAI-compatible endpoint's URL)");
     };
     let Some(tts_dir) = &args.tts_model_dir else {
         anyhow::bail!(
@@ -282,26 +284,12 @@ fn cascade_models(
     if !(0.0..=10.0).contains(&args.temp) || !(0.0..=10.0).contains(&args.llm_temp) {
         anyhow::bail!("--temp and --llm-temp must be within 0..=10");
     }
-    let llm: Box<dyn parley_engine::llm::ChatLlm> =
-        if llm.starts_with("http://") || llm.starts_with("https://") {
-            let Some(model) = &args.llm_model else {
-                anyhow::bail!("--llm {llm} is a URL: say which model it serves with --llm-model");
-            };
-            if !(0.1..=600.0).contains(&args.llm_timeout_s) {
-                anyhow::bail!(
-                    "--llm-timeout-s {} is outside 0.1..=600",
-                    args.llm_timeout_s
-                );
-            }
-            Box::new(parley_engine::llm::openai::OpenAiLlm::new(
-                llm,
-                model,
-                std::time::Duration::from_secs_f64(args.llm_timeout_s),
-            )?)
-        } else {
-            let path = std::path::Path::new(llm);
-            Box::new(LocalLlm::load(path, LocalLlm::gpu_layers())?)
-        };
+    let llm = parley_engine::llm::LlmSource::parse(
+        llm,
+        args.llm_model.as_deref(),
+        std::time::Duration::try_from_secs_f64(args.llm_timeout_s).unwrap_or_default(),
+    )?
+    .open()?;
     let mut speak = SpeakModels::load(
         tts_dir,
         voice,

@@ -20,6 +20,8 @@ pub enum PresetMode {
     Duplex,
     /// Text to speech (Mimi + DSM TTS).
     Tts,
+    /// A text chat model (one GGUF file) for the cascade, run in process by llama.cpp.
+    Llm,
 }
 
 impl PresetMode {
@@ -28,6 +30,7 @@ impl PresetMode {
             Self::Listen => "listen",
             Self::Duplex => "duplex",
             Self::Tts => "tts",
+            Self::Llm => "llm",
         }
     }
 }
@@ -48,6 +51,8 @@ pub enum FileRole {
     Tokenizer,
     /// A TTS voice (`speaker_wavs` latents, kyutai/tts-voices).
     Voice,
+    /// A GGUF chat model for llama.cpp (its chat template inside).
+    Gguf,
 }
 
 /// One file of a preset, named by its path in the Hub repository.
@@ -102,6 +107,11 @@ impl Preset {
         self.files.iter().map(|f| f.size_bytes).sum()
     }
 
+    /// The chat model's file of an `llm` preset (validated: exactly one `gguf` file).
+    pub fn gguf_file(&self) -> Option<&PresetFile> {
+        self.files.iter().find(|f| f.role == FileRole::Gguf)
+    }
+
     /// Whether any file's registry size is an estimate.
     pub fn size_is_estimate(&self) -> bool {
         self.files.iter().any(|f| f.size_is_estimate)
@@ -135,6 +145,17 @@ impl Preset {
             if self.files[..i].iter().any(|g| g.name == f.name) {
                 return Err(format!("preset `{}` lists `{}` twice", self.name, f.name));
             }
+        }
+        let ggufs = self
+            .files
+            .iter()
+            .filter(|f| f.role == FileRole::Gguf)
+            .count();
+        if (self.mode == PresetMode::Llm) != (ggufs == 1 && self.files.len() == 1) {
+            return Err(format!(
+                "preset `{}`: an llm preset has exactly one file, of role gguf, and only llm presets have one",
+                self.name
+            ));
         }
         if !self.supported && self.unsupported_reason.as_deref().is_none_or(str::is_empty) {
             return Err(format!(
@@ -220,7 +241,10 @@ mod tests {
         ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
-        for p in all.iter().filter(|p| p.name != "tts-voices") {
+        for p in all
+            .iter()
+            .filter(|p| p.name != "tts-voices" && p.mode != PresetMode::Llm)
+        {
             assert!(p.files.iter().any(|f| f.role == FileRole::Lm), "{}", p.name);
             assert!(
                 p.files.iter().any(|f| f.role == FileRole::Mimi),
@@ -233,6 +257,13 @@ mod tests {
                 p.name
             );
             assert!(p.total_bytes() > 0);
+        }
+        let llms: Vec<&Preset> = all.iter().filter(|p| p.mode == PresetMode::Llm).collect();
+        assert!(llms.len() >= 3, "a few GGUF chat models for the cascade");
+        for p in llms {
+            let file = p.gguf_file().expect("gguf");
+            assert!(file.name.ends_with(".gguf") && file.size_bytes > 100_000_000);
+            assert_eq!(p.revision.len(), 40, "{} is pinned", p.name);
         }
         let tts = preset("tts-1.6b-en_fr").expect("tts");
         assert!(tts.supported && tts.mode == PresetMode::Tts);
@@ -335,6 +366,14 @@ mod tests {
             (
                 ok.replace("\"schema_version\": 1", "\"schema_version\": 2"),
                 "schema_version",
+            ),
+            (
+                ok.replace("\"listen\"", "\"llm\""),
+                "exactly one file, of role gguf",
+            ),
+            (
+                ok.replace("\"lm\"", "\"gguf\""),
+                "exactly one file, of role gguf",
             ),
         ] {
             let err = parse_registry(&json).expect_err(want).to_string();

@@ -8,8 +8,9 @@ pub mod openai;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::time::Duration;
 
-use crate::Result;
+use crate::{Error, Result};
 
 /// Who said a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +139,121 @@ impl History {
     }
 }
 
+/// Where the cascade's LLM comes from, as `--llm` (and the window's setting) says it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LlmSource {
+    /// A GGUF chat model file, run in process by llama.cpp.
+    File(PathBuf),
+    /// A registry preset of mode `llm` (`parley models pull NAME` downloads it).
+    Preset(String),
+    /// An OpenAI-compatible chat endpoint that streams; `timeout` bounds every wait for it.
+    Endpoint {
+        url: String,
+        model: String,
+        timeout: Duration,
+    },
+}
+
+impl LlmSource {
+    /// Reads `--llm`: a URL (`http://`, `https://`; then `model` names what it serves), the
+    /// name of an `llm` preset, or a GGUF file's path. An existing file wins over a preset
+    /// of the same name.
+    pub fn parse(spec: &str, model: Option<&str>, timeout: Duration) -> Result<Self> {
+        let spec = spec.trim();
+        if spec.starts_with("http://") || spec.starts_with("https://") {
+            let Some(model) = model.map(str::trim).filter(|m| !m.is_empty()) else {
+                return Err(Error::InvalidInput(format!(
+                    "LLM {spec} is a URL: say which model it serves (--llm-model)"
+                )));
+            };
+            if !(0.1..=600.0).contains(&timeout.as_secs_f64()) {
+                return Err(Error::InvalidInput(format!(
+                    "LLM {spec}: a timeout of {:.1} s is outside 0.1..=600",
+                    timeout.as_secs_f64()
+                )));
+            }
+            return Ok(Self::Endpoint {
+                url: spec.to_string(),
+                model: model.to_string(),
+                timeout,
+            });
+        }
+        if spec.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "no LLM given: a GGUF chat model file, an LLM preset ({}) or an endpoint's URL was expected",
+                llm_presets().join(", ")
+            )));
+        }
+        let path = PathBuf::from(spec);
+        if path.is_file() {
+            return Ok(Self::File(path));
+        }
+        if llm_presets().contains(&spec) {
+            return Ok(Self::Preset(spec.to_string()));
+        }
+        if spec.contains(['/', '\\']) || spec.ends_with(".gguf") {
+            return Err(Error::InvalidInput(format!(
+                "LLM {spec}: no such file (a GGUF chat model was expected)"
+            )));
+        }
+        Err(Error::InvalidInput(format!(
+            "LLM `{spec}` is neither a file, a URL nor an LLM preset ({})",
+            llm_presets().join(", ")
+        )))
+    }
+
+    /// The GGUF file a `File` or pulled `Preset` runs; `None` for an endpoint.
+    pub fn gguf_path(&self) -> Result<Option<PathBuf>> {
+        match self {
+            Self::File(p) => Ok(Some(p.clone())),
+            Self::Preset(name) => {
+                let preset = crate::hub::preset(name)?;
+                let Some(file) = preset.gguf_file() else {
+                    return Err(Error::InvalidInput(format!(
+                        "preset `{name}` is not an LLM preset"
+                    )));
+                };
+                let dir = crate::hub::Hub::from_env()?
+                    .local_dir(preset)
+                    .map_err(|e| {
+                        Error::InvalidInput(format!(
+                            "LLM preset `{name}`: run `parley models pull {name}` first ({e})"
+                        ))
+                    })?;
+                Ok(Some(dir.join(&file.name)))
+            }
+            Self::Endpoint { .. } => Ok(None),
+        }
+    }
+
+    /// Loads the model (llama.cpp, its GPU backend when built with one) or connects the
+    /// endpoint client.
+    pub fn open(&self) -> Result<Box<dyn ChatLlm>> {
+        if let Self::Endpoint {
+            url,
+            model,
+            timeout,
+        } = self
+        {
+            return Ok(Box::new(openai::OpenAiLlm::new(url, model, *timeout)?));
+        }
+        let path = self.gguf_path()?.unwrap_or_default();
+        Ok(Box::new(local::LocalLlm::load(
+            &path,
+            local::LocalLlm::gpu_layers(),
+        )?))
+    }
+}
+
+/// The names of the registry's LLM presets.
+pub fn llm_presets() -> Vec<&'static str> {
+    crate::hub::presets()
+        .iter()
+        .filter(|p| p.mode == crate::hub::PresetMode::Llm && p.supported)
+        .map(|p| p.name.as_str())
+        .collect()
+}
+
 /// Where the test LLM (SmolLM2-135M-Instruct, Q4_1) is: `PARLEY_TEST_LLM`, or where
 /// `scripts/setup.sh` puts it (`~/.cache/parley/llm/`, or under `$XDG_CACHE_HOME`).
 pub fn test_llm_path() -> PathBuf {
@@ -182,6 +298,38 @@ impl WordCutter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn llm_sources_are_told_apart_and_bad_ones_named() {
+        let t = Duration::from_secs(30);
+        let url = LlmSource::parse("http://localhost:11434/v1", Some("qwen"), t).expect("url");
+        assert!(matches!(url, LlmSource::Endpoint { ref model, .. } if model == "qwen"));
+        let err = LlmSource::parse("https://x/v1", None, t).expect_err("no model");
+        assert!(err.to_string().contains("--llm-model"), "{err}");
+        let err = LlmSource::parse("http://x/v1", Some("m"), Duration::ZERO).expect_err("0 s");
+        assert!(err.to_string().contains("timeout"), "{err}");
+        let preset = llm_presets()[0];
+        assert_eq!(
+            LlmSource::parse(preset, None, t).expect("preset"),
+            LlmSource::Preset(preset.to_string())
+        );
+        let file = std::env::temp_dir().join(format!("parley-llm-{}.gguf", std::process::id()));
+        std::fs::write(&file, b"GGUF").expect("write");
+        let spec = file.to_string_lossy().to_string();
+        assert_eq!(
+            LlmSource::parse(&spec, None, t).expect("file"),
+            LlmSource::File(file.clone())
+        );
+        std::fs::remove_file(&file).ok();
+        let err = LlmSource::parse(&spec, None, t).expect_err("gone");
+        assert!(err.to_string().contains("no such file"), "{err}");
+        let err = LlmSource::parse("gpt-9", None, t).expect_err("unknown");
+        assert!(
+            err.to_string().contains("gpt-9") && err.to_string().contains(preset),
+            "{err}"
+        );
+        assert!(LlmSource::parse(" ", None, t).is_err());
+    }
 
     #[test]
     fn history_keeps_the_last_turns_and_counts_the_dropped() {
