@@ -92,6 +92,16 @@ fn run(
     feed: impl Fn(usize) -> Vec<f32> + Send + 'static,
     on_event: impl Fn(&Event, &CascadeInbox, &AtomicUsize) -> bool,
 ) -> Vec<Event> {
+    run_and_return(m, &inbox, feed, on_event).0
+}
+
+/// [`run`], giving back the models the session returns.
+fn run_and_return(
+    m: Models,
+    inbox: &CascadeInbox,
+    feed: impl Fn(usize) -> Vec<f32> + Send + 'static,
+    on_event: impl Fn(&Event, &CascadeInbox, &AtomicUsize) -> bool,
+) -> (Vec<Event>, Models) {
     let (pcm_tx, pcm_rx) = bounded::<Vec<f32>>(8);
     let (ev_tx, ev_rx): (_, Receiver<Event>) = bounded(1024);
     let session = Session::start(
@@ -120,7 +130,7 @@ fn run(
     let mut events = vec![];
     for e in ev_rx.iter() {
         let end = matches!(e, Event::Ended { .. });
-        if on_event(&e, &inbox, &phase) {
+        if on_event(&e, inbox, &phase) {
             stop.store(true, Ordering::SeqCst);
         }
         events.push(e);
@@ -129,8 +139,8 @@ fn run(
         }
     }
     feeder.join().expect("feeder");
-    session.join().expect("join");
-    events
+    let models = session.join().expect("join");
+    (events, models)
 }
 
 fn reply_text(events: &[Event]) -> String {
@@ -143,11 +153,10 @@ fn reply_text(events: &[Event]) -> String {
         .collect()
 }
 
-#[test]
-fn a_text_turn_gets_a_spoken_answer_from_the_real_llm() {
-    let Some((m, inbox)) = models() else { return };
+/// One session in which the user types "What is the capital of France?".
+fn ask_the_capital(m: Models, inbox: &CascadeInbox) -> (Vec<Event>, Models) {
     let silence = |_| vec![0f32; FRAME];
-    let events = run(m, inbox, silence, |e, inbox, phase| {
+    run_and_return(m, inbox, silence, |e, inbox, phase| {
         // Once the session runs, the user's turn as text.
         if matches!(e, Event::Started { .. }) && phase.swap(1, Ordering::SeqCst) == 0 {
             inbox
@@ -155,9 +164,22 @@ fn a_text_turn_gets_a_spoken_answer_from_the_real_llm() {
                 .expect("inbox");
         }
         matches!(e, Event::ResponseDone { .. })
-    });
+    })
+}
+
+#[test]
+fn a_text_turn_gets_a_spoken_answer_from_the_real_llm() {
+    let Some((m, inbox)) = models() else { return };
+    let (events, m) = ask_the_capital(m, &inbox);
     let text = reply_text(&events);
     assert!(text.contains("Paris"), "{text}");
+    // The session hands the LLM and the TTS back for the next one, with a fresh history:
+    // the same question gets the same (greedy) answer.
+    let back = m.cascade.as_ref().expect("the cascade's models come back");
+    assert_eq!(back.history.turns().count(), 0, "a new conversation");
+    assert_eq!(m.mode(), Mode::Cascade);
+    let (again, _) = ask_the_capital(m, &inbox);
+    assert_eq!(reply_text(&again), text);
     let done = events
         .iter()
         .find_map(|e| match e {

@@ -15,7 +15,9 @@ use parley_engine::audio::virtual_device::{FileSource, Pace};
 use parley_engine::audio::{AudioEvent, FrameSink, FrameSource, FRAME_LEN_SAMPLES};
 use parley_engine::compute::gpu::DeviceChoice;
 use parley_engine::compute::Dtype;
-use parley_engine::pipeline::{Event, Mode, Models, NullSink, Session, SessionOptions, Stopper};
+use parley_engine::pipeline::{
+    CascadeInbox, Event, Mode, Models, NullSink, Session, SessionOptions, Stopper,
+};
 
 use super::settings::{Input, Settings};
 
@@ -23,6 +25,8 @@ use super::settings::{Input, Settings};
 pub enum Command {
     Start(Box<Settings>),
     Stop,
+    /// A user turn typed rather than said (cascade mode).
+    Say(String),
     /// List audio devices and GPU adapters.
     Probe,
 }
@@ -112,13 +116,17 @@ struct Running {
     stopper: Stopper,
     forward: std::thread::JoinHandle<()>,
     key: Key,
+    /// Where typed turns go (cascade mode).
+    inbox: Option<CascadeInbox>,
 }
 
-/// What models were loaded for: directory, mode, device, precision.
-type Key = (String, Mode, String, String);
+/// What models were loaded for: directory, mode, device, precision, and for the cascade
+/// its LLM, endpoint model, speech model directory and voice.
+type Key = (String, Mode, String, String, String);
 
-/// Models kept between sessions, keyed by what they were loaded for.
-type Cache = Option<(Key, Models)>;
+/// Models kept between sessions, keyed by what they were loaded for, with the cascade's
+/// text inbox.
+type Cache = Option<(Key, Models, Option<CascadeInbox>)>;
 
 fn controller(
     commands: Receiver<Command>,
@@ -153,6 +161,18 @@ fn controller(
                 }
                 send(FromEngine::Status(Status::Stopped));
             }
+            Command::Say(text) => {
+                let sent = running
+                    .as_ref()
+                    .and_then(|r| r.inbox.as_ref())
+                    .is_some_and(|i| i.try_send(text).is_ok());
+                if !sent {
+                    send(FromEngine::Problem {
+                        what: "the message was not sent".into(),
+                        hint: "Typed messages go to a running Cascade session: pick Cascade and press Start (or wait for the reply under way).".into(),
+                    });
+                }
+            }
             Command::Start(settings) => {
                 if let Some(r) = running.take() {
                     cache = finish(r);
@@ -177,7 +197,7 @@ fn finish(r: Running) -> Cache {
     r.stopper.stop();
     let models = r.session.join().ok();
     let _ = r.forward.join();
-    models.map(|m| (r.key, m))
+    models.map(|m| (r.key, m, r.inbox))
 }
 
 fn start(
@@ -195,9 +215,23 @@ fn start(
             "Choose one in Models (a directory laid out like the Kyutai repository), or pull a preset with `parley models pull`.".into(),
         ));
     }
-    let key = (dir.clone(), s.mode, s.device.clone(), s.precision.clone());
-    let models = match cache.take() {
-        Some((k, m)) if k == key => m,
+    let cascade_key = if s.mode == Mode::Cascade {
+        check_cascade(s)?;
+        [&s.llm, &s.llm_model, &s.tts_model_dir, &s.tts_voice]
+            .map(|v| v.trim())
+            .join("\n")
+    } else {
+        String::new()
+    };
+    let key = (
+        dir.clone(),
+        s.mode,
+        s.device.clone(),
+        s.precision.clone(),
+        cascade_key,
+    );
+    let (mut models, mut inbox) = match cache.take() {
+        Some((k, m, inbox)) if k == key => (m, inbox),
         _ => {
             send(FromEngine::Status(Status::Loading(format!(
                 "loading {dir}"
@@ -210,14 +244,27 @@ fn start(
                 .precision
                 .parse()
                 .map_err(|e: String| (e, "Pick a weight format in Settings.".into()))?;
-            Models::load(Path::new(&dir), s.mode, device, dtype, None).map_err(|e| {
+            let m = Models::load(Path::new(&dir), s.mode, device, dtype, None).map_err(|e| {
                 (
                     format!("the model failed to load: {e}"),
                     format!("Check the {} model directory in Models: it needs config.json, the model and Mimi weights and the tokenizer, for a {} model.", s.mode, if s.mode == Mode::Duplex { "Moshi-style" } else { "speech-to-text" }),
                 )
-            })?
+            })?;
+            (m, None)
         }
     };
+    if s.mode == Mode::Cascade && models.cascade.is_none() {
+        send(FromEngine::Status(Status::Loading(format!(
+            "loading the LLM ({}) and the speech model",
+            s.llm.trim()
+        ))));
+        let (c, i) = load_cascade(s)?;
+        models.cascade = Some(c);
+        inbox = Some(i);
+    }
+    if let Some(c) = &mut models.cascade {
+        c.history.system = s.persona.clone();
+    }
     let (audio_tx, audio_rx) = event_channel();
     let mut opts = SessionOptions {
         drop_events_when_full: true,
@@ -259,7 +306,7 @@ fn start(
         inner: source,
         muted: muted.clone(),
     });
-    let sink: Box<dyn FrameSink> = if s.mode == Mode::Duplex
+    let sink: Box<dyn FrameSink> = if matches!(s.mode, Mode::Duplex | Mode::Cascade)
         && s.play_output
         && matches!(s.input, Input::Device(_))
     {
@@ -321,5 +368,79 @@ fn start(
         stopper,
         forward,
         key,
+        inbox,
     })
+}
+
+/// What the cascade needs besides the listen model, or what is missing and where to set it.
+fn check_cascade(s: &Settings) -> Result<(), (String, String)> {
+    let missing =
+        |what: &str, hint: &str| Err((format!("no {what} for Cascade mode"), hint.into()));
+    if s.llm.trim().is_empty() {
+        return missing(
+            "LLM",
+            "Under Cascade on the left: press Use beside a downloaded LLM, or enter a GGUF file or an endpoint's URL.",
+        );
+    }
+    if s.tts_model_dir.trim().is_empty() {
+        return missing(
+            "speech model",
+            "Under Speech model on the left: download tts-1.6b-en_fr and press Use, or enter its directory.",
+        );
+    }
+    if s.tts_voice.trim().is_empty() {
+        return missing(
+            "voice",
+            "Under Speech model on the left: download the voices and press Use beside one, or enter a voice file.",
+        );
+    }
+    Ok(())
+}
+
+/// The cascade's LLM and speech model, as the settings say.
+fn load_cascade(
+    s: &Settings,
+) -> Result<(parley_engine::pipeline::CascadeModels, CascadeInbox), (String, String)> {
+    use parley_engine::llm::{History, LlmSource, ReplyOptions};
+    use parley_engine::pipeline::speak::SpeakModels;
+    let llm = LlmSource::parse(
+        &s.llm,
+        Some(s.llm_model.as_str()),
+        std::time::Duration::from_secs(30),
+    )
+    .and_then(|src| src.open())
+    .map_err(|e| {
+        (
+            format!("the LLM: {e}"),
+            "Under Cascade on the left: use a downloaded LLM preset, a GGUF chat model file, or an OpenAI-compatible endpoint's URL with the model it serves.".into(),
+        )
+    })?;
+    let device: DeviceChoice = s
+        .device
+        .parse()
+        .map_err(|e: String| (e, "Pick auto, gpu or cpu.".into()))?;
+    let dtype: Dtype = s
+        .precision
+        .parse()
+        .map_err(|e: String| (e, "Pick a weight format in Settings.".into()))?;
+    let speak = SpeakModels::load(
+        Path::new(s.tts_model_dir.trim()),
+        s.tts_voice.trim(),
+        "2.0",
+        device,
+        dtype,
+        None,
+    )
+    .map_err(|e| {
+        (
+            format!("the speech model: {e}"),
+            "Check the speech model directory (laid out like kyutai/tts-1.6b-en_fr) and the voice under Speech model.".into(),
+        )
+    })?;
+    Ok(parley_engine::pipeline::CascadeModels::new(
+        llm,
+        speak,
+        History::new(s.persona.clone(), 8),
+        ReplyOptions::default(),
+    ))
 }

@@ -37,6 +37,8 @@ pub enum Item {
         text: String,
         after_user_ms: Option<f64>,
     },
+    /// A turn the user typed (cascade mode).
+    Typed(String),
     /// A turn marker.
     Marker(String),
 }
@@ -63,6 +65,8 @@ pub struct ParleyApp {
     first_frame_reported: bool,
     last_output_peak: f32,
     models: models::Manager,
+    /// What the user is typing (cascade mode).
+    pub typing: String,
 }
 
 /// How the conversation names what ended a turn.
@@ -120,6 +124,7 @@ impl ParleyApp {
             first_frame_reported: false,
             last_output_peak: 0.0,
             models: models::Manager::new(),
+            typing: String::new(),
         }
     }
 
@@ -235,7 +240,28 @@ impl ParleyApp {
                 }
             }
             // The cascade's reply text comes as the words are spoken (TextDelta).
-            Event::Audio { .. } | Event::ResponseText { .. } | Event::ResponseDone { .. } => {}
+            Event::Audio { .. } | Event::ResponseText { .. } => {}
+            Event::ResponseDone {
+                cancelled, timing, ..
+            } => {
+                // The cascade's latency: end of turn to the first audio at the speaker.
+                let heard = timing.first_audio_played_ms.or(timing.tts_first_audio_ms);
+                if let Some(ms) = heard {
+                    self.responses_ms.push(ms);
+                }
+                if let Some(Item::Model { after_user_ms, .. }) = self
+                    .conversation
+                    .iter_mut()
+                    .rev()
+                    .find(|i| matches!(i, Item::Model { .. }))
+                {
+                    *after_user_ms = heard;
+                }
+                if cancelled {
+                    self.conversation
+                        .push(Item::Marker("reply cut short: you spoke".into()));
+                }
+            }
             Event::Metrics(m) => {
                 self.underruns = m.output_underruns;
                 self.deadline_misses += u64::from(m.deadline_missed);
@@ -265,6 +291,11 @@ impl ParleyApp {
                 .on_hover_text("Mimi + a Moshi-style model: it listens and speaks at once");
             ui.selectable_value(&mut self.settings.mode, Mode::Listen, "Listen")
                 .on_hover_text("Mimi + a speech-to-text model: live transcript");
+            ui.selectable_value(&mut self.settings.mode, Mode::Cascade, "Cascade")
+                .on_hover_text(
+                    "speech to text, then an LLM of your choice, then text to speech: \
+                     it listens, thinks and answers in a voice",
+                );
             if self.settings.mode != before && self.is_running() {
                 // Switching mode restarts the session with the other model.
                 self.start();
@@ -300,7 +331,7 @@ impl ParleyApp {
                 Status::Stopped => ("Stopped".to_string(), egui::Color32::GRAY),
                 Status::Loading(what) => (format!("Loading: {what}"), egui::Color32::YELLOW),
                 Status::Running { mode, .. } => {
-                    if *mode == Mode::Duplex && self.last_output_peak > 0.05 {
+                    if *mode != Mode::Listen && self.last_output_peak > 0.05 {
                         (
                             "Speaking".to_string(),
                             egui::Color32::from_rgb(80, 160, 255),
@@ -364,6 +395,7 @@ impl ParleyApp {
                 .hint_text("voice: a name above or a .safetensors file")
                 .desired_width(f32::INFINITY),
         );
+        self.cascade_settings(ui);
         ui.separator();
         ui.heading("Compute");
         egui::ComboBox::from_label("Device")
@@ -441,6 +473,48 @@ impl ParleyApp {
             self.engine.send(Command::Probe);
         }
         ui.weak("Changes apply at the next Start.");
+    }
+
+    /// The cascade's LLM (a preset, a GGUF file or an endpoint) and persona; it listens
+    /// with the listen model and speaks with the speech model above.
+    fn cascade_settings(&mut self, ui: &mut egui::Ui) {
+        ui.strong("Cascade LLM");
+        if let Some(e) = self.models.llm_ui(ui, &mut self.settings) {
+            self.problems.push((
+                format!("download: {e}"),
+                "Check the network, or enter a GGUF file or an endpoint's URL.".into(),
+            ));
+        }
+        ui.add(
+            egui::TextEdit::singleline(&mut self.settings.llm)
+                .hint_text("LLM: a preset above, a .gguf file or http://host/v1")
+                .desired_width(f32::INFINITY),
+        );
+        if self.settings.llm.trim().starts_with("http") {
+            ui.add(
+                egui::TextEdit::singleline(&mut self.settings.llm_model)
+                    .hint_text("the model the endpoint serves")
+                    .desired_width(f32::INFINITY),
+            );
+        }
+        ui.label("Persona");
+        ui.add(
+            egui::TextEdit::multiline(&mut self.settings.persona)
+                .desired_rows(3)
+                .desired_width(f32::INFINITY),
+        )
+        .on_hover_text("the LLM's system prompt; the default keeps answers short and speakable");
+    }
+
+    /// Sends what was typed as the user's turn (cascade mode).
+    fn send_typed(&mut self) {
+        let text = self.typing.trim().to_string();
+        if text.is_empty() {
+            return;
+        }
+        self.typing.clear();
+        self.conversation.push(Item::Typed(text.clone()));
+        self.engine.send(Command::Say(text));
     }
 
     fn latency_panel(&mut self, ui: &mut egui::Ui) {
@@ -568,6 +642,9 @@ impl ParleyApp {
                         (Status::Running { .. }, Mode::Duplex) => {
                             "Listening: speak, and Parley answers."
                         }
+                        (Status::Running { .. }, Mode::Cascade) => {
+                            "Listening: speak (or type below), and Parley answers when you have finished."
+                        }
                         _ => "Press Start to talk.",
                     });
                 }
@@ -602,6 +679,12 @@ impl ParleyApp {
                                 }
                             });
                         }
+                        Item::Typed(text) => {
+                            ui.horizontal_wrapped(|ui| {
+                                ui.strong("You:");
+                                ui.label(text.as_str()).on_hover_text("typed");
+                            });
+                        }
                         Item::Marker(m) => {
                             ui.vertical_centered(|ui| ui.weak(format!("-- {m} --")));
                         }
@@ -621,18 +704,22 @@ impl eframe::App for ParleyApp {
             match r {
                 Ok(dir) => {
                     let preset_mode = parley_engine::hub::preset(&name).map(|p| p.mode);
-                    let slot = match preset_mode {
+                    // An LLM preset is named, not given by its directory.
+                    let (slot, value) = match preset_mode {
                         Ok(parley_engine::hub::PresetMode::Duplex) => {
-                            Some(&mut self.settings.duplex_model_dir)
+                            (Some(&mut self.settings.duplex_model_dir), dir)
                         }
                         Ok(parley_engine::hub::PresetMode::Listen) => {
-                            Some(&mut self.settings.listen_model_dir)
+                            (Some(&mut self.settings.listen_model_dir), dir)
                         }
-                        _ => None,
+                        Ok(parley_engine::hub::PresetMode::Llm) => {
+                            (Some(&mut self.settings.llm), name.clone())
+                        }
+                        _ => (None, dir),
                     };
                     if let Some(slot) = slot {
                         if slot.trim().is_empty() {
-                            *slot = dir;
+                            *slot = value;
                         }
                     }
                 }
@@ -698,6 +785,22 @@ impl eframe::App for ParleyApp {
                 egui::Color32::from_rgb(90, 200, 90),
             );
             ui.separator();
+            if self.settings.mode == Mode::Cascade {
+                egui::Panel::bottom("typing").show(ui, |ui| {
+                    ui.horizontal(|ui| {
+                        let edit = ui.add(
+                            egui::TextEdit::singleline(&mut self.typing)
+                                .hint_text("type to Parley")
+                                .desired_width(ui.available_width() - 60.0),
+                        );
+                        let enter =
+                            edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+                        if ui.button("Send").clicked() || enter {
+                            self.send_typed();
+                        }
+                    });
+                });
+            }
             self.conversation_view(ui);
         });
         if self.is_running() {

@@ -190,8 +190,14 @@ impl Manager {
         problem
     }
 
+    /// The LLM presets for the cascade; Use puts the preset's name in `settings.llm`.
+    pub fn llm_ui(&mut self, ui: &mut egui::Ui, settings: &mut Settings) -> Option<String> {
+        self.presets_ui(ui, PresetMode::Llm, &mut settings.llm, |_| true)
+    }
+
     /// The presets of `kind` that `keep` accepts: their state, Download / Cancel, and
-    /// Use (which sets `chosen` to the downloaded directory).
+    /// Use (which sets `chosen` to the downloaded directory, or to the name of an LLM
+    /// preset, which `--llm` takes as it is).
     fn presets_ui(
         &mut self,
         ui: &mut egui::Ui,
@@ -240,7 +246,11 @@ impl Manager {
                     Some(s) if s.is_complete() => {
                         ui.weak(format!("downloaded, {}", format_bytes(s.bytes_present())));
                         if let Some(dir) = &s.local_dir {
-                            let dir = dir.display().to_string();
+                            let dir = if p.mode == PresetMode::Llm {
+                                p.name.clone()
+                            } else {
+                                dir.display().to_string()
+                            };
                             if p.name == VOICES {
                                 // Voices are chosen one by one below.
                             } else if *chosen == dir {

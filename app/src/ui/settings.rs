@@ -24,6 +24,13 @@ pub struct Settings {
     /// The text-to-speech model's directory and its voice (a `tts-voices` name or a file).
     pub tts_model_dir: String,
     pub tts_voice: String,
+    /// The cascade's LLM: a GGUF chat model file, an LLM preset's name (`llm-qwen2.5-1.5b`)
+    /// or an OpenAI-compatible endpoint's URL.
+    pub llm: String,
+    /// The model an endpoint URL serves (`--llm-model`).
+    pub llm_model: String,
+    /// The cascade's persona: the LLM's system prompt.
+    pub persona: String,
     /// auto, gpu or cpu.
     pub device: String,
     /// auto, f32, f16, bf16, q8_0 or q4.
@@ -44,6 +51,9 @@ impl Default for Settings {
             listen_model_dir: String::new(),
             tts_model_dir: String::new(),
             tts_voice: String::new(),
+            llm: String::new(),
+            llm_model: String::new(),
+            persona: parley_engine::llm::DEFAULT_SYSTEM_PROMPT.into(),
             device: "auto".into(),
             precision: "auto".into(),
             input: Input::Device(None),

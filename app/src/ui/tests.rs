@@ -348,3 +348,94 @@ fn a_preset_downloads_from_the_window_and_is_used() {
     h.get_by_label("(in use)");
     let _ = std::fs::remove_dir_all(&home);
 }
+
+/// Cascade mode in the window: the fixture STT hears (silence here), the test LLM
+/// (SmolLM2-135M) answers a typed turn, the fixture TTS says it; the reply and its latency
+/// show, and a second session reuses the loaded models.
+#[test]
+fn cascade_mode_answers_a_typed_turn() {
+    let llm = parley_engine::llm::test_llm_path();
+    if !llm.is_file() {
+        assert!(
+            std::env::var_os("PARLEY_REQUIRE_LLM").is_none(),
+            "{} is missing: run scripts/setup.sh",
+            llm.display()
+        );
+        eprintln!("skipping: {} is missing", llm.display());
+        return;
+    }
+    // 30 s of silence played at real-time pace: the session runs while the reply comes.
+    let silence =
+        std::env::temp_dir().join(format!("parley-ui-silence-{}.wav", std::process::id()));
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 24_000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(&silence, spec).expect("wav");
+    for _ in 0..24_000 * 30 {
+        w.write_sample(0i16).expect("sample");
+    }
+    w.finalize().expect("wav");
+    let tts = root().join("tests/fixtures/tts-tiny");
+    let mut s = settings(Mode::Listen);
+    s.tts_model_dir = tts.display().to_string();
+    s.tts_voice = tts.join("voice_a.safetensors").display().to_string();
+    s.llm = llm.display().to_string();
+    s.input = Input::File {
+        path: silence.display().to_string(),
+        realtime: true,
+    };
+    let mut h = harness(s);
+    h.step();
+    // The LLM presets are offered beside the file field.
+    h.get_by_label("llm-qwen2.5-1.5b");
+    h.get_by_label("Cascade").click();
+    h.step();
+    for round in 0..2 {
+        h.get_by_label("Start").click();
+        run_until(&mut h, "the cascade running", |a| {
+            matches!(
+                a.status,
+                Status::Running {
+                    mode: Mode::Cascade,
+                    ..
+                }
+            )
+        });
+        h.state_mut().typing = "What is the capital of France?".into();
+        h.step();
+        h.get_by_label("Send").click();
+        let replies = round + 1;
+        run_until(&mut h, "the spoken reply", |a| {
+            a.responses_ms.len() >= replies
+        });
+        let app = h.state();
+        assert!(app.problems.is_empty(), "{:?}", app.problems);
+        let reply = app
+            .conversation
+            .iter()
+            .rev()
+            .find_map(|i| match i {
+                Item::Model {
+                    text,
+                    after_user_ms,
+                } => Some((text.trim().to_string(), *after_user_ms)),
+                _ => None,
+            })
+            .expect("a reply");
+        assert!(!reply.0.is_empty() && reply.1.is_some(), "{reply:?}");
+        assert!(app
+            .conversation
+            .contains(&Item::Typed("What is the capital of France?".into())));
+        assert!(
+            h.query_all_by_label(&reply.0).next().is_some(),
+            "{} is not shown",
+            reply.0
+        );
+        h.get_by_label("Stop").click();
+        run_until(&mut h, "the session's end", |a| !a.is_running());
+    }
+    std::fs::remove_file(&silence).ok();
+}

@@ -38,6 +38,9 @@ impl std::fmt::Debug for CascadeModels {
     }
 }
 
+/// Where a cascade stage leaves its models when it ends, for the next session.
+pub(crate) type CascadeSlot = Arc<std::sync::Mutex<Option<CascadeModels>>>;
+
 /// Where a client sends a user turn as text (a Realtime `input_text` item).
 pub type CascadeInbox = Sender<String>;
 
@@ -98,6 +101,9 @@ pub struct CascadeStage {
     reply: Option<Reply>,
     next_id: u64,
     frame_rate: f64,
+    /// What the models came with, to hand them back whole.
+    reply_opts: ReplyOptions,
+    give_back: Option<CascadeSlot>,
 }
 
 impl CascadeStage {
@@ -133,7 +139,15 @@ impl CascadeStage {
             reply: None,
             next_id: 0,
             frame_rate,
+            reply_opts: m.reply,
+            give_back: None,
         })
+    }
+
+    /// When the stage ends, its LLM and TTS (and the history) go to `slot`.
+    pub(crate) fn give_back_to(mut self, slot: CascadeSlot) -> Self {
+        self.give_back = Some(slot);
+        self
     }
 
     fn start_reply(&mut self, user: String, frame: u64, out: &Outbox<'_>) {
@@ -392,11 +406,22 @@ impl Drop for CascadeStage {
         self.speak.take();
         drop(std::mem::replace(&mut self.llm_events, bounded(1).1));
         drop(std::mem::replace(&mut self.speech, bounded(1).1));
-        if let Some(t) = self.llm_thread.take() {
-            let _ = t.join();
-        }
-        if let Some(t) = self.tts.take() {
-            t.join();
+        let llm = self.llm_thread.take().and_then(|t| t.join().ok());
+        let speak = self.tts.take().and_then(TtsWorker::join);
+        if let (Some(slot), Some(llm), Some(speak)) = (self.give_back.take(), llm, speak) {
+            let (models, _) = CascadeModels::new(
+                llm,
+                speak,
+                std::mem::replace(&mut self.history, History::new("", 1)),
+                self.reply_opts,
+            );
+            let models = CascadeModels {
+                inbox: std::mem::replace(&mut self.inbox, bounded(1).1),
+                ..models
+            };
+            if let Ok(mut s) = slot.lock() {
+                *s = Some(models);
+            }
         }
     }
 }

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::cascade::{CascadeModels, CascadeStage};
+use super::cascade::{CascadeModels, CascadeSlot, CascadeStage};
 use super::stage::Composition;
 use super::stages::{DecodeStage, DuplexLmStage, EncodeStage, ReplyOnsetStage, SttStage};
 use super::turn::{TurnModels, TurnStage};
@@ -83,8 +83,10 @@ pub struct Models {
     pub duplex: Option<DuplexModel>,
     /// Silero VAD and Smart Turn, where ONNX Runtime and the models are found.
     pub turn: TurnModels,
-    /// The cascade's LLM and TTS (the listen model hears); a session takes them.
+    /// The cascade's LLM and TTS (the listen model hears); a session takes them and
+    /// hands them back through `cascade_back` when its stage ends.
     pub cascade: Option<CascadeModels>,
+    cascade_back: CascadeSlot,
     /// The line saying where the LM runs.
     pub device: String,
 }
@@ -234,6 +236,7 @@ impl Models {
             duplex,
             turn: TurnModels::load(),
             cascade: None,
+            cascade_back: CascadeSlot::default(),
             device,
         }
     }
@@ -290,7 +293,7 @@ impl Models {
                         Box::new(EncodeStage::new(enc)),
                         Box::new(SttStage::new(m, rate)),
                         Box::new(TurnStage::new(turn)?),
-                        Box::new(CascadeStage::new(c)?),
+                        Box::new(CascadeStage::new(c)?.give_back_to(self.cascade_back.clone())),
                     ],
                     speaks: true,
                 }
@@ -308,5 +311,13 @@ impl Models {
             m.gen.reset();
         }
         self.turn.reset();
+        // The cascade's LLM and TTS, back from the stage, for a new conversation.
+        if self.cascade.is_none() {
+            let back = self.cascade_back.lock().map(|mut b| b.take());
+            self.cascade = back.ok().flatten();
+        }
+        if let Some(c) = &mut self.cascade {
+            c.history.clear();
+        }
     }
 }

@@ -193,7 +193,7 @@ impl SpeechCanceller {
 /// The TTS on a thread of its own. It says what it is given and stops once every
 /// [`SpeakHandle`] is gone.
 pub struct TtsWorker {
-    thread: JoinHandle<()>,
+    thread: JoinHandle<SpeakModels>,
 }
 
 impl TtsWorker {
@@ -215,9 +215,10 @@ impl TtsWorker {
         ))
     }
 
-    /// Waits for the worker to say everything it was given (every handle must be gone).
-    pub fn join(self) {
-        let _ = self.thread.join();
+    /// Waits for the worker to say everything it was given (every handle must be gone);
+    /// gives its models back for another worker (none if it panicked).
+    pub fn join(self) -> Option<SpeakModels> {
+        self.thread.join().ok()
     }
 }
 
@@ -238,7 +239,7 @@ fn run(
     rx: Receiver<Command>,
     cancelled: Arc<AtomicU64>,
     events: Sender<SpeechEvent>,
-) {
+) -> SpeakModels {
     let mut inbox = Inbox {
         rx,
         later: VecDeque::new(),
@@ -269,6 +270,7 @@ fn run(
             });
         }
     }
+    m
 }
 
 /// Says response `id`, starting with `first`, taking its further text from the inbox.
