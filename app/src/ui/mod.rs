@@ -67,6 +67,9 @@ pub struct ParleyApp {
     models: models::Manager,
     /// What the user is typing (cascade mode).
     pub typing: String,
+    /// The cascade's reply being spoken: its place in the conversation, so its words
+    /// stay together while the user's partial text comes and goes.
+    open_reply: Option<usize>,
 }
 
 /// How the conversation names what ended a turn.
@@ -125,6 +128,7 @@ impl ParleyApp {
             last_output_peak: 0.0,
             models: models::Manager::new(),
             typing: String::new(),
+            open_reply: None,
         }
     }
 
@@ -135,6 +139,7 @@ impl ParleyApp {
     }
 
     fn reset(&mut self) {
+        self.open_reply = None;
         self.conversation.clear();
         self.metrics.clear();
         self.responses_ms.clear();
@@ -182,13 +187,19 @@ impl ParleyApp {
                         partial.push((frame, text));
                     }
                 }
-                Speaker::Assistant => match self.conversation.last_mut() {
-                    Some(Item::Model { text: t, .. }) => t.push_str(&text),
-                    _ => self.conversation.push(Item::Model {
-                        text,
-                        after_user_ms: None,
-                    }),
-                },
+                Speaker::Assistant => {
+                    let open = self.open_reply.and_then(|i| self.conversation.get_mut(i));
+                    match open {
+                        Some(Item::Model { text: t, .. }) => t.push_str(&text),
+                        _ => match self.conversation.last_mut() {
+                            Some(Item::Model { text: t, .. }) => t.push_str(&text),
+                            _ => self.conversation.push(Item::Model {
+                                text,
+                                after_user_ms: None,
+                            }),
+                        },
+                    }
+                }
             },
             Event::Word {
                 text,
@@ -229,6 +240,16 @@ impl ParleyApp {
                     text: String::new(),
                     after_user_ms,
                 });
+                // A cascade reply ends with ResponseDone; a duplex model just speaks on.
+                if matches!(
+                    self.status,
+                    Status::Running {
+                        mode: Mode::Cascade,
+                        ..
+                    }
+                ) {
+                    self.open_reply = Some(self.conversation.len() - 1);
+                }
             }
             Event::Levels { input, output, .. } => {
                 self.last_output_peak = output.iter().copied().fold(0.0, f32::max);
@@ -249,11 +270,9 @@ impl ParleyApp {
                 if let Some(ms) = heard {
                     self.responses_ms.push(ms);
                 }
-                if let Some(Item::Model { after_user_ms, .. }) = self
-                    .conversation
-                    .iter_mut()
-                    .rev()
-                    .find(|i| matches!(i, Item::Model { .. }))
+                let open = self.open_reply.take();
+                if let Some(Item::Model { after_user_ms, .. }) =
+                    open.and_then(|i| self.conversation.get_mut(i))
                 {
                     *after_user_ms = heard;
                 }
@@ -278,7 +297,7 @@ impl ParleyApp {
                     "The session goes on.".into()
                 },
             )),
-            Event::Ended { .. } => {}
+            Event::Ended { .. } => self.open_reply = None,
         }
     }
 

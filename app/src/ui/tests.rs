@@ -426,6 +426,13 @@ fn cascade_mode_answers_a_typed_turn() {
             })
             .expect("a reply");
         assert!(!reply.0.is_empty() && reply.1.is_some(), "{reply:?}");
+        // One item holds the whole reply, whatever the STT heard meanwhile.
+        let replies_shown = app
+            .conversation
+            .iter()
+            .filter(|i| matches!(i, Item::Model { .. }))
+            .count();
+        assert_eq!(replies_shown, replies, "{:?}", app.conversation);
         assert!(app
             .conversation
             .contains(&Item::Typed("What is the capital of France?".into())));
