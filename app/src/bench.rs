@@ -20,7 +20,7 @@ pub enum BenchCommand {
     /// Stream a recording through the real pipeline on the virtual audio device and
     /// report what a person would feel (compute per frame, word emission, end of turn,
     /// response latency), with a timeline plot.
-    Latency(crate::latency::LatencyArgs),
+    Latency(Box<crate::latency::LatencyArgs>),
     /// Load a model directory's language model in one precision and report the time and
     /// the peak resident memory it took (Linux: /proc/self/status). With --write-layout,
     /// first write random weights in a published layout
@@ -125,7 +125,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Mimi(b) => bench_mimi(b),
         BenchCommand::Lm(b) => bench_lm(b),
-        BenchCommand::Latency(a) => crate::latency::run(a),
+        BenchCommand::Latency(a) => crate::latency::run(*a),
         BenchCommand::Load(b) => bench_load(b),
         BenchCommand::Tts(b) => bench_tts(b),
     }

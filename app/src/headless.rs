@@ -59,42 +59,10 @@ pub struct HeadlessArgs {
     /// text-to-speech model says the assistant's text).
     #[arg(long, default_value = "duplex")]
     mode: HeadlessMode,
-    /// The text-to-speech model's directory (laid out like kyutai/tts-1.6b-en_fr).
-    #[arg(long)]
-    tts_model_dir: Option<PathBuf>,
-    /// The TTS's voice: a file from kyutai/tts-voices or the name of a pulled one.
-    #[arg(long)]
-    voice: Option<String>,
-    /// The TTS's guidance value ("1.0" to "4.0" by 0.5 for the published model).
-    #[arg(long, default_value = "2.0")]
-    cfg: String,
-    /// Audio codebooks the TTS generates (all by default; 24 is faster).
-    #[arg(long)]
-    codebooks: Option<usize>,
-    /// The TTS's temperature (0: greedy).
-    #[arg(long, default_value_t = 0.6)]
-    temp: f32,
-    /// The cascade's LLM: a GGUF chat model file or a pulled LLM preset (`parley models
-    /// list`), run in process by llama.cpp, or the URL of an OpenAI-compatible chat
-    /// endpoint that streams (`http://localhost:11434/v1`; with --llm-model; a key from
-    /// PARLEY_LLM_API_KEY or OPENAI_API_KEY).
-    #[arg(long)]
-    llm: Option<String>,
-    /// The model an --llm URL serves.
-    #[arg(long)]
-    llm_model: Option<String>,
-    /// Seconds an --llm URL may keep the cascade waiting for its next bytes.
-    #[arg(long, default_value_t = 30.0)]
-    llm_timeout_s: f64,
-    /// The cascade's persona (the LLM's system prompt).
-    #[arg(long, default_value = parley_engine::llm::DEFAULT_SYSTEM_PROMPT)]
-    system_prompt: String,
-    /// The cascade's LLM temperature (0: greedy).
-    #[arg(long, default_value_t = 0.7)]
-    llm_temp: f32,
-    /// Past exchanges the cascade's LLM sees (older ones are dropped first).
-    #[arg(long, default_value_t = 8)]
-    history_turns: usize,
+    #[command(flatten)]
+    speech: crate::cascade_args::SpeechArgs,
+    #[command(flatten)]
+    llm: crate::cascade_args::LlmArgs,
     #[arg(long, value_enum, default_value = "stdin")]
     audio: AudioIo,
     /// With --audio stdin: raw PCM16 LE 24 kHz mono on stdin, the reply as raw PCM16 on
@@ -172,7 +140,13 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
         models.turn = TurnModels::with_settings(settings);
     }
     let inbox = if mode == Mode::Cascade {
-        let (c, inbox) = cascade_models(&args).context("loading the cascade's LLM and TTS")?;
+        let (c, inbox) = crate::cascade_args::cascade_models(
+            &args.speech,
+            &args.llm,
+            args.device,
+            args.precision,
+        )
+        .context("loading the cascade's LLM and TTS")?;
         models.cascade = Some(c);
         Some(inbox)
     } else {
@@ -264,64 +238,19 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
     }
 }
 
-/// The cascade's LLM (in process) and TTS, from the flags.
-fn cascade_models(
-    args: &HeadlessArgs,
-) -> Result<(parley_engine::pipeline::CascadeModels, CascadeInbox)> {
-    use parley_engine::llm::{History, ReplyOptions};
-    use parley_engine::pipeline::speak::SpeakModels;
-    let Some(llm) = &args.llm else {
-        anyhow::bail!("--mode cascade needs --llm (a GGUF chat model file, an LLM preset, or an OpenAI-compatible endpoint's URL)");
-    };
-    let Some(tts_dir) = &args.tts_model_dir else {
-        anyhow::bail!(
-            "--mode cascade needs --tts-model-dir (a directory like kyutai/tts-1.6b-en_fr)"
-        );
-    };
-    let Some(voice) = &args.voice else {
-        anyhow::bail!("--mode cascade needs --voice (a file from kyutai/tts-voices, or a pulled voice's name)");
-    };
-    if !(0.0..=10.0).contains(&args.temp) || !(0.0..=10.0).contains(&args.llm_temp) {
-        anyhow::bail!("--temp and --llm-temp must be within 0..=10");
-    }
-    let llm = parley_engine::llm::LlmSource::parse(
-        llm,
-        args.llm_model.as_deref(),
-        std::time::Duration::try_from_secs_f64(args.llm_timeout_s).unwrap_or_default(),
-    )?
-    .open()?;
-    let mut speak = SpeakModels::load(
-        tts_dir,
-        voice,
-        &args.cfg,
-        args.device,
-        args.precision,
-        args.codebooks,
-    )?;
-    speak.opts.temp = args.temp;
-    Ok(parley_engine::pipeline::CascadeModels::new(
-        llm,
-        speak,
-        History::new(args.system_prompt.clone(), args.history_turns),
-        ReplyOptions {
-            temperature: args.llm_temp,
-            ..ReplyOptions::default()
-        },
-    ))
-}
-
 /// `--mode speak`: the TTS alone (`speak.rs`).
 fn run_speak(args: &HeadlessArgs) -> Result<()> {
     if args.raw {
         anyhow::bail!("--raw carries audio both ways; --mode speak takes text (JSON Lines)");
     }
-    let Some(dir) = args.tts_model_dir.as_ref().or(args.model_dir.as_ref()) else {
+    let sp = &args.speech;
+    let Some(dir) = sp.tts_model_dir.as_ref().or(args.model_dir.as_ref()) else {
         anyhow::bail!("--mode speak needs --tts-model-dir (or --model-dir)");
     };
-    if !(0.0..=10.0).contains(&args.temp) {
-        anyhow::bail!("--temp {} is outside 0..=10", args.temp);
+    if !(0.0..=10.0).contains(&sp.temp) {
+        anyhow::bail!("--temp {} is outside 0..=10", sp.temp);
     }
-    let Some(voice) = &args.voice else {
+    let Some(voice) = &sp.voice else {
         anyhow::bail!(
             "--mode speak needs --voice (a file from kyutai/tts-voices, or a pulled voice's name)"
         );
@@ -329,9 +258,9 @@ fn run_speak(args: &HeadlessArgs) -> Result<()> {
     crate::speak::run(crate::speak::SpeakArgs {
         model_dir: dir,
         voice,
-        cfg: &args.cfg,
-        codebooks: args.codebooks,
-        temp: args.temp,
+        cfg: &sp.cfg,
+        codebooks: sp.codebooks,
+        temp: sp.temp,
         device: args.device,
         precision: args.precision,
         speakers: (args.audio == AudioIo::Mic).then(|| args.output_device.clone()),

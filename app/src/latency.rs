@@ -29,8 +29,9 @@ pub enum PaceArg {
 pub struct LatencyArgs {
     /// The recording to stream (any format `parley` reads).
     input: PathBuf,
-    /// A model directory laid out like a Kyutai repository.
-    #[arg(long, conflicts_with = "preset")]
+    /// A model directory laid out like a Kyutai repository (the STT's in cascade mode,
+    /// where --stt-model-dir says the same).
+    #[arg(long, alias = "stt-model-dir", conflicts_with = "preset")]
     model_dir: Option<PathBuf>,
     /// A full-size architecture with random weights instead (stt-1b-en_fr for listen,
     /// moshi-7b for duplex): its timings are real, its words are not.
@@ -59,18 +60,60 @@ pub struct LatencyArgs {
     device: DeviceChoice,
     #[arg(long, alias = "dtype", default_value = "auto")]
     precision: Dtype,
+    /// Cascade mode: the speech model, as in `parley headless --mode cascade`.
+    #[command(flatten)]
+    speech: crate::cascade_args::SpeechArgs,
+    /// Cascade mode: the LLM, as in `parley headless --mode cascade`.
+    #[command(flatten)]
+    llm: crate::cascade_args::LlmArgs,
+    /// Cascade mode: the published TTS architecture (tts-1.6b-en_fr) at full size with
+    /// random weights, instead of --tts-model-dir: its timings are real, its speech noise.
+    #[arg(long, conflicts_with = "tts_model_dir")]
+    tts_preset: Option<String>,
+    /// Seconds of silence played after the recording (default: 8 in cascade mode, so the
+    /// reply to the last turn is heard at the frame clock; 0 otherwise).
+    #[arg(long)]
+    tail_s: Option<f64>,
+    /// The SentencePiece model a --tts-preset reads text with (a TTS repository's
+    /// tokenizer, or tests/fixtures/tts-tiny/tokenizer.model).
+    #[arg(long)]
+    tts_tokenizer: Option<PathBuf>,
 }
 
 pub fn run(args: LatencyArgs) -> Result<()> {
-    let pcm = read_audio_24k(&args.input)?;
+    let mut pcm = read_audio_24k(&args.input)?;
+    let tail_s = args
+        .tail_s
+        .unwrap_or(if args.mode == Mode::Cascade { 8.0 } else { 0.0 });
+    if !(0.0..=600.0).contains(&tail_s) {
+        bail!("--tail-s {tail_s} is outside 0..=600");
+    }
+    pcm.resize(pcm.len() + (tail_s * 24_000.0) as usize, 0.0);
     let alignment = args.alignment.as_deref().map(Alignment::load).transpose()?;
-    let models = match (&args.model_dir, &args.preset) {
+    let mut models = match (&args.model_dir, &args.preset) {
         (Some(dir), None) => Models::load(dir, args.mode, args.device, args.precision, None)
             .context("loading the models")?,
         (None, Some(p)) => Models::random(args.mode, p, args.device, args.precision)?,
         _ => bail!("say which model: --model-dir DIR, or --preset NAME --random-weights"),
     };
     let _ = args.random_weights;
+    // The inbox of typed turns is not used: the recording's turns are the user's.
+    let _inbox = if args.mode == Mode::Cascade {
+        let (c, inbox) = crate::cascade_args::harness_cascade(
+            &args.speech,
+            &args.llm,
+            args.tts_preset.as_deref(),
+            args.tts_tokenizer.as_deref(),
+            args.device,
+            args.precision,
+        )
+        .context("loading the cascade's LLM and TTS")?;
+        eprintln!("cascade: {c:?}; speech: {}", c.speak.description);
+        models.cascade = Some(c);
+        Some(inbox)
+    } else {
+        None
+    };
     let device = models.device.clone();
     eprintln!("{device}");
     let realtime = args.pace == PaceArg::Realtime;

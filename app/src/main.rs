@@ -1,6 +1,7 @@
 //! `parley`: the command line (and, later, the desktop app).
 
 mod bench;
+mod cascade_args;
 mod headless;
 mod latency;
 mod lm_cmd;

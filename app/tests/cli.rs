@@ -493,6 +493,77 @@ fn latency_harness_reports_and_plots_both_modes() {
     }
 }
 
+/// The harness runs the cascade on the recording (fixture STT and TTS, the test LLM) and
+/// reports each reply's milestones after the end of the user's speech.
+#[test]
+fn latency_harness_reports_the_cascade_stages() {
+    let llm = parley_engine::llm::test_llm_path();
+    if !llm.is_file() {
+        assert!(
+            std::env::var_os("PARLEY_REQUIRE_LLM").is_none(),
+            "{} is missing: run scripts/setup.sh",
+            llm.display()
+        );
+        eprintln!("skipping: {} is missing", llm.display());
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let tts = fixture_dir("tts-tiny");
+    let report = tmp("lat_cascade.json");
+    let out = parley_ok(&[
+        "bench",
+        "latency",
+        s(&root.join("assets/speech/dialogue.wav")),
+        "--alignment",
+        s(&root.join("assets/speech/dialogue.json")),
+        "--mode",
+        "cascade",
+        "--stt-model-dir",
+        s(&fixture_dir("stt-tiny")),
+        "--tts-model-dir",
+        s(&tts),
+        "--voice",
+        s(&tts.join("voice_a.safetensors")),
+        "--llm",
+        s(&llm),
+        "--llm-temp",
+        "0",
+        "--pace",
+        "fast",
+        "--device",
+        "cpu",
+        "--precision",
+        "f32",
+        "--report",
+        s(&report),
+    ]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("LLM first token"), "{table}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json");
+    // The recording's two turns each get a reply (the first may be cut short by the
+    // second turn), matched to its turn, with the LLM's and the TTS's milestones.
+    let replies = r["cascade"].as_array().expect("cascade");
+    assert!(!replies.is_empty(), "{r}");
+    for reply in replies {
+        assert!(reply["turn"].as_u64().is_some(), "{reply}");
+        assert!(
+            reply["timing"]["llm_first_token_ms"].as_f64().is_some(),
+            "{reply}"
+        );
+    }
+    let milestones: Vec<&str> = r["cascade_stages_ms"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .filter_map(|m| m["milestone"].as_str())
+        .collect();
+    assert!(
+        milestones.starts_with(&["end of turn detected", "LLM first token"]),
+        "{milestones:?}"
+    );
+}
+
 /// `parley` with no command opens the real window: under a virtual X server (Xvfb) it
 /// draws its first frame. Skips, saying why, where Xvfb is not installed.
 #[test]

@@ -67,8 +67,18 @@ impl CascadeModels {
 }
 
 enum LlmEvent {
-    Piece { id: u64, text: String },
-    Done { id: u64, error: Option<String> },
+    Piece {
+        id: u64,
+        text: String,
+    },
+    /// The reply's first complete word went to the TTS.
+    FirstWord {
+        id: u64,
+    },
+    Done {
+        id: u64,
+        error: Option<String>,
+    },
 }
 
 struct Reply {
@@ -238,6 +248,13 @@ impl CascadeStage {
                     }
                     out.send(Event::ResponseText { text, frame: index });
                 }
+                LlmEvent::FirstWord { id } if Some(id) == current => {
+                    if let Some(r) = &mut self.reply {
+                        r.timing
+                            .first_word_ms
+                            .get_or_insert_with(|| Self::ms_since(r.turn_end).unwrap_or_default());
+                    }
+                }
                 LlmEvent::Done { id, error } if Some(id) == current => {
                     if let Some(m) = &error {
                         out.send(Event::Error {
@@ -278,9 +295,6 @@ impl CascadeStage {
                 }
                 SpeechEvent::Word { id, text, start_s } if Some(id) == current => {
                     if let Some(r) = &mut self.reply {
-                        r.timing
-                            .first_word_ms
-                            .get_or_insert_with(|| Self::ms_since(r.turn_end).unwrap_or_default());
                         r.words
                             .push((text.clone(), (start_s * self.frame_rate).round() as usize));
                     }
@@ -452,6 +466,9 @@ fn run_llm(
         });
         let words = cutter.push(piece);
         if !words.trim().is_empty() {
+            if !said {
+                let _ = events.send(LlmEvent::FirstWord { id });
+            }
             said = true;
             if speak.say(id, &words).is_err() {
                 return false;
@@ -462,6 +479,9 @@ fn run_llm(
     let rest = cutter.finish();
     if !stop() {
         if !rest.trim().is_empty() {
+            if !said {
+                let _ = events.send(LlmEvent::FirstWord { id });
+            }
             said = true;
             let _ = speak.say(id, &rest);
         }

@@ -42,8 +42,11 @@ use serde::Serialize;
 /// detected (None: not reached).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct ResponseTiming {
+    /// The LLM's first piece of text arrived.
     pub llm_first_token_ms: Option<f64>,
+    /// The LLM's first complete word went to the TTS.
     pub first_word_ms: Option<f64>,
+    /// The TTS's first frame of speech arrived.
     pub tts_first_audio_ms: Option<f64>,
     /// The output clock took the reply's first frame for the speaker (seen at the next
     /// frame; None when the reply was queued after the input ended).

@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Event, FrameMetrics, Mode, Speaker, TurnSettings, TurnSource};
+use super::{Event, FrameMetrics, Mode, ResponseTiming, Speaker, TurnSettings, TurnSource};
 use crate::audio::{FRAME_LEN_SAMPLES, SAMPLE_RATE_HZ};
 use crate::{Error, Result};
 
@@ -139,6 +139,39 @@ pub struct LatencyReport {
     pub response_latency_ms: Option<Percentiles>,
     /// Where the turns came from: the alignment, or the input's energy.
     pub turns_from: String,
+    /// Cascade mode: each reply, with its milestones.
+    pub cascade: Vec<CascadeReply>,
+    /// Cascade mode: each milestone in ms after the end of the user's speech (replies
+    /// matched to a turn), in the order they come.
+    pub cascade_stages_ms: Vec<CascadeStage>,
+}
+
+/// One reply of the cascade.
+#[derive(Debug, Clone, Serialize)]
+pub struct CascadeReply {
+    /// The user turn it answers (the last to end before the decision), and its end in the
+    /// input, seconds.
+    pub turn: Option<usize>,
+    pub turn_end_s: Option<f64>,
+    /// When the end of the turn was decided (felt), seconds on the input's clock.
+    pub decided_s: f64,
+    /// The cascade's own milestones, ms after the decision.
+    pub timing: ResponseTiming,
+    /// When the reply's first audible frame went to the speaker (its write time, seconds
+    /// from the session's start).
+    pub heard_s: Option<f64>,
+    pub cancelled: bool,
+    pub failed: Option<String>,
+    /// What was said (the history keeps this).
+    pub spoken: String,
+}
+
+/// One cascade milestone over the replies, in ms after the end of the user's speech.
+#[derive(Debug, Clone, Serialize)]
+pub struct CascadeStage {
+    pub milestone: &'static str,
+    pub replies: usize,
+    pub ms: Percentiles,
 }
 
 /// One turn-taking detector (or the combined policy) scored on an aligned recording.
@@ -394,6 +427,8 @@ impl LatencyReport {
         }
         let resp: Vec<f64> = response.iter().filter_map(|t| t.delay_ms).collect();
         let verdicts = turn_verdicts(rec, &metrics);
+        let cascade = cascade_replies(rec, &metrics, &turns);
+        let cascade_stages_ms = cascade_stages(&cascade);
         Self {
             mode: rec.mode,
             pace: if rec.realtime { "realtime" } else { "fast" }.into(),
@@ -410,6 +445,8 @@ impl LatencyReport {
             response,
             response_latency_ms: (!resp.is_empty()).then(|| Percentiles::of(&resp)),
             turns_from,
+            cascade,
+            cascade_stages_ms,
         }
     }
 
@@ -492,6 +529,22 @@ impl LatencyReport {
                 );
             }
         }
+        if !self.cascade.is_empty() {
+            s += &format!(
+                "cascade: {} replies ({} cut short by the user, {} failed); ms after the end of the user's speech:\n",
+                self.cascade.len(),
+                self.cascade.iter().filter(|r| r.cancelled).count(),
+                self.cascade.iter().filter(|r| r.failed.is_some()).count()
+            );
+            for st in &self.cascade_stages_ms {
+                s += &format!(
+                    "{:<28} {} ({} replies)\n",
+                    format!("  {}", st.milestone),
+                    p(&st.ms),
+                    st.replies
+                );
+            }
+        }
         if let Some(r) = &self.response_latency_ms {
             s += &format!(
                 "response latency (ms, end of turn to first model audio): p50 {:.0}, max {:.0} over {} turns (turns from {})\n",
@@ -503,6 +556,101 @@ impl LatencyReport {
         }
         s
     }
+}
+
+/// The cascade's replies in the events: each `ResponseStarted` (the decision) with the
+/// `ResponseDone` that ends it, matched to the turn that ended last before the decision,
+/// and the first audible frame the speaker got after it.
+fn cascade_replies(
+    rec: &SessionRecord,
+    metrics: &[FrameMetrics],
+    turns: &[AlignedTurn],
+) -> Vec<CascadeReply> {
+    if rec.mode != Mode::Cascade {
+        return vec![];
+    }
+    let audible: Vec<bool> = rec
+        .output_24k
+        .chunks(FRAME_LEN_SAMPLES)
+        .map(|c| (c.iter().map(|v| v * v).sum::<f32>() / c.len() as f32).sqrt() > 0.01)
+        .collect();
+    let mut out = vec![];
+    let mut decided = None;
+    for e in rec.events {
+        match e {
+            Event::ResponseStarted { frame, .. } => decided = Some(rec.felt_s(metrics, *frame)),
+            Event::ResponseDone {
+                cancelled,
+                failed,
+                spoken,
+                timing,
+                ..
+            } => {
+                let Some(decided_s) = decided.take() else {
+                    continue;
+                };
+                let turn = turns
+                    .iter()
+                    .rposition(|t| t.end_s - TURN_END_WINDOW_S <= decided_s);
+                let heard_s = (0..audible.len().min(rec.output_times_s.len()))
+                    .find(|&k| audible[k] && rec.output_times_s[k] >= decided_s)
+                    .map(|k| rec.output_times_s[k]);
+                out.push(CascadeReply {
+                    turn,
+                    turn_end_s: turn.map(|i| turns[i].end_s),
+                    decided_s,
+                    timing: *timing,
+                    heard_s,
+                    cancelled: *cancelled,
+                    failed: failed.clone(),
+                    spoken: spoken.clone(),
+                });
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Each milestone of the replies matched to a turn, in ms after the end of its speech.
+fn cascade_stages(replies: &[CascadeReply]) -> Vec<CascadeStage> {
+    let after = |pick: &dyn Fn(&CascadeReply, f64) -> Option<f64>| -> Vec<f64> {
+        replies
+            .iter()
+            .filter_map(|r| {
+                let end = r.turn_end_s?;
+                let eot_ms = (r.decided_s - end) * 1e3;
+                pick(r, eot_ms)
+            })
+            .collect()
+    };
+    let rows: [(&'static str, Vec<f64>); 5] = [
+        ("end of turn detected", after(&|_, eot| Some(eot))),
+        (
+            "LLM first token",
+            after(&|r, eot| r.timing.llm_first_token_ms.map(|m| eot + m)),
+        ),
+        (
+            "first word complete",
+            after(&|r, eot| r.timing.first_word_ms.map(|m| eot + m)),
+        ),
+        (
+            "TTS first audio",
+            after(&|r, eot| r.timing.tts_first_audio_ms.map(|m| eot + m)),
+        ),
+        (
+            "first audio at the speaker",
+            after(&|r, _| Some((r.heard_s? - r.turn_end_s?) * 1e3)),
+        ),
+    ];
+    rows.into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(milestone, v)| CascadeStage {
+            milestone,
+            replies: v.len(),
+            ms: Percentiles::of(&v),
+        })
+        .collect()
 }
 
 /// What the table calls a stage.
@@ -747,5 +895,82 @@ mod tests {
         let r = LatencyReport::compute(&rec, Some(&a), "test");
         let d = r.response[0].delay_ms.expect("reply");
         assert!((d - (1.68 + 0.03 - 1.0) * 1e3).abs() < 1e-6, "{d}");
+    }
+
+    #[test]
+    fn cascade_milestones_count_from_the_end_of_the_speech() {
+        // A turn ends at 1.0 s; the end of turn is decided at frame 14 (felt at 1.2 s +
+        // 30 ms of compute); the reply's first audible frame goes out at 2.5 s.
+        let mut events: Vec<Event> = (0..40).map(|f| metrics(f, 20.0)).collect();
+        events.push(Event::ResponseStarted {
+            frame: 14,
+            after_user_ms: None,
+        });
+        let timing = ResponseTiming {
+            llm_first_token_ms: Some(300.0),
+            first_word_ms: Some(400.0),
+            tts_first_audio_ms: Some(900.0),
+            first_audio_played_ms: Some(1000.0),
+        };
+        events.push(Event::ResponseDone {
+            cancelled: false,
+            failed: None,
+            spoken: "Paris.".into(),
+            frame: 30,
+            timing,
+        });
+        let input = vec![0f32; 40 * FRAME_LEN_SAMPLES];
+        let mut out = vec![0f32; 40 * FRAME_LEN_SAMPLES];
+        out[25 * FRAME_LEN_SAMPLES..30 * FRAME_LEN_SAMPLES]
+            .iter_mut()
+            .for_each(|v| *v = 0.1);
+        // Output frame k is written at 0.1 k s: frame 25 at 2.5 s.
+        let times: Vec<f64> = (0..40).map(|k| k as f64 * 0.1).collect();
+        let rec = SessionRecord {
+            mode: Mode::Cascade,
+            realtime: false,
+            events: &events,
+            input_24k: &input,
+            output_24k: &out,
+            output_times_s: &times,
+        };
+        let a = Alignment {
+            turns: vec![AlignedTurn {
+                start_s: 0.0,
+                end_s: 1.0,
+            }],
+            words: vec![],
+            pauses: vec![],
+        };
+        let r = LatencyReport::compute(&rec, Some(&a), "test");
+        assert_eq!(r.cascade.len(), 1);
+        let reply = &r.cascade[0];
+        assert_eq!((reply.turn, reply.spoken.as_str()), (Some(0), "Paris."));
+        let eot = (1.2 + 0.03 - 1.0) * 1e3;
+        let want = [
+            ("end of turn detected", eot),
+            ("LLM first token", eot + 300.0),
+            ("first word complete", eot + 400.0),
+            ("TTS first audio", eot + 900.0),
+            ("first audio at the speaker", 1500.0),
+        ];
+        assert_eq!(r.cascade_stages_ms.len(), want.len());
+        for (st, (name, ms)) in r.cascade_stages_ms.iter().zip(want) {
+            assert_eq!(st.milestone, name);
+            assert!(
+                (st.ms.p50 - ms).abs() < 1e-6,
+                "{name}: {} != {ms}",
+                st.ms.p50
+            );
+        }
+        assert!(r.table().contains("first audio at the speaker"));
+        // Other modes have no cascade section.
+        let duplex = SessionRecord {
+            mode: Mode::Duplex,
+            ..rec
+        };
+        assert!(LatencyReport::compute(&duplex, Some(&a), "test")
+            .cascade
+            .is_empty());
     }
 }

@@ -64,24 +64,10 @@ impl SpeakModels {
                 "{codebooks} codebooks: this model generates 1 to {dep_q}"
             )));
         }
-        let (backend, line) = select_device(device)?;
-        let (mut tts, description) = match &backend {
-            Backend::Cpu => {
-                let p = precision.cpu()?;
-                let m = TtsModel::load(&d.lm_weights()?, lm_cfg, p)?;
-                (m, format!("{line}; weights: {p}"))
-            }
-            Backend::Gpu(g) => {
-                let f = precision.gpu();
-                let host = match f {
-                    GpuFormat::F32 | GpuFormat::F16 => crate::compute::cpu::WeightPrecision::F32,
-                    _ => crate::compute::cpu::WeightPrecision::Bf16,
-                };
-                let mut m = TtsModel::load(&d.lm_weights()?, lm_cfg, host)?;
-                m.to_gpu(g, f, codebooks)?;
-                (m, format!("{line}; weights: {f:?} on the GPU"))
-            }
-        };
+        let weights = d.lm_weights()?;
+        let (mut tts, description) = place(device, precision, codebooks, |p| {
+            TtsModel::load(&weights, lm_cfg.clone(), p)
+        })?;
         tts.condition(&[&voice], cfg)?;
         let mut mimi = d.load_mimi()?;
         mimi.set_num_codebooks(codebooks)?;
@@ -96,6 +82,91 @@ impl SpeakModels {
             },
             description,
         })
+    }
+}
+
+impl SpeakModels {
+    /// The published architecture `preset` (tts-1.6b-en_fr) at full size with random
+    /// weights, a random voice and the published Mimi's shape, saying text through the
+    /// SentencePiece model `tokenizer`: for the latency harness, whose timings do not
+    /// depend on the values (its speech is noise).
+    pub fn random(
+        preset: &str,
+        tokenizer: &Path,
+        device: DeviceChoice,
+        precision: Dtype,
+        codebooks: Option<usize>,
+    ) -> Result<Self> {
+        use crate::models::lm::LmConfig;
+        use crate::models::mimi::MimiConfig;
+        use crate::models::weights::Weights;
+        let cfg = LmConfig::preset(preset)
+            .filter(LmConfig::is_tts)
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "`{preset}` is not a text-to-speech preset (tts-1.6b-en_fr is)"
+                ))
+            })?;
+        let codebooks = codebooks.unwrap_or(cfg.dep_q);
+        if codebooks == 0 || codebooks > cfg.dep_q {
+            return Err(Error::InvalidInput(format!(
+                "{codebooks} codebooks: this model generates 1 to {}",
+                cfg.dep_q
+            )));
+        }
+        let tokenizer = TextTokenizer::load(tokenizer)?;
+        let (mut tts, description) = place(device, precision, codebooks, |p| {
+            TtsModel::random(cfg.clone(), p)
+        })?;
+        // A fixed pseudo-random latent of the published shape.
+        let mut seed = 11u32;
+        let latent: Vec<f32> = (0..crate::models::tts::VOICE_DIM
+            * crate::models::tts::VOICE_FRAMES)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect();
+        tts.condition(&[&Voice::from_latent(&latent)?], "2.0")?;
+        let mut mimi = Mimi::from_weights(&Weights::random(1), MimiConfig::default(), codebooks)?;
+        mimi.set_weight_precision(precision.mimi_precision())?;
+        Ok(Self {
+            tts,
+            mimi,
+            tokenizer,
+            opts: TtsOptions {
+                codebooks,
+                ..TtsOptions::default()
+            },
+            description: format!("{description}; random weights ({preset})"),
+        })
+    }
+}
+
+/// The TTS `make` builds (in the host precision it is given) on `device`: on the CPU in
+/// `precision`, or moved to the GPU in its format; with the line saying where it runs.
+fn place(
+    device: DeviceChoice,
+    precision: Dtype,
+    codebooks: usize,
+    make: impl Fn(crate::compute::cpu::WeightPrecision) -> Result<TtsModel>,
+) -> Result<(TtsModel, String)> {
+    let (backend, line) = select_device(device)?;
+    match &backend {
+        Backend::Cpu => {
+            let p = precision.cpu()?;
+            Ok((make(p)?, format!("{line}; weights: {p}")))
+        }
+        Backend::Gpu(g) => {
+            let f = precision.gpu();
+            let host = match f {
+                GpuFormat::F32 | GpuFormat::F16 => crate::compute::cpu::WeightPrecision::F32,
+                _ => crate::compute::cpu::WeightPrecision::Bf16,
+            };
+            let mut m = make(host)?;
+            m.to_gpu(g, f, codebooks)?;
+            Ok((m, format!("{line}; weights: {f:?} on the GPU")))
+        }
     }
 }
 
