@@ -17,7 +17,8 @@ use parley_engine::llm::local::LocalLlm;
 use parley_engine::llm::{test_llm_path, History, ReplyOptions};
 use parley_engine::pipeline::speak::SpeakModels;
 use parley_engine::pipeline::{
-    CascadeInbox, CascadeModels, Event, EventSink, Mode, Models, PcmSource, Session, SessionOptions,
+    CascadeInbox, CascadeModels, Event, EventSink, Mode, Models, PcmSource, Session,
+    SessionOptions, Speaker,
 };
 
 const FRAME: usize = 1920;
@@ -275,4 +276,74 @@ fn user_speech_during_a_reply_cancels_it_and_keeps_what_was_played() {
         .filter(|e| matches!(e, Event::Audio { pcm, .. } if pcm.iter().any(|v| v.abs() > 1e-3)))
         .count();
     assert!(after <= 1, "{after} frames of speech after the cancel");
+}
+
+/// At the end of a spoken turn the STT brings out the words its 0.5 s delay still holds
+/// (steps on silence at once, the frame after the decision), and the reply answers them
+/// all: the turn the LLM gets is everything the STT wrote up to that frame, and that
+/// frame carries the flush's extra steps.
+#[test]
+fn a_spoken_turn_is_answered_with_its_last_words() {
+    let Some((m, inbox)) = models() else { return };
+    let speech = Arc::new(speech());
+    let sp = speech.clone();
+    // The dialogue's first turn (it ends at 3.76 s), then silence.
+    let turn_end = (3.9 * 24_000.0) as usize;
+    let feed = move |i: usize| {
+        let k = (i % 100_000) * FRAME;
+        if k + FRAME <= turn_end {
+            sp[k..k + FRAME].to_vec()
+        } else {
+            vec![0f32; FRAME]
+        }
+    };
+    let events = run(m, inbox, feed, |e, _, _| {
+        matches!(e, Event::ResponseDone { .. })
+    });
+    let decided = events
+        .iter()
+        .find_map(|e| match e {
+            Event::TurnEnd { frame, .. } => Some(*frame),
+            _ => None,
+        })
+        .expect("an end of turn");
+    let (asked, at) = events
+        .iter()
+        .find_map(|e| match e {
+            Event::UserTurn {
+                text,
+                frame,
+                typed: false,
+            } => Some((text.clone(), *frame)),
+            _ => None,
+        })
+        .expect("the user's turn");
+    assert_eq!(
+        at,
+        decided + 1,
+        "the turn goes to the LLM the frame after the decision"
+    );
+    let heard: String = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::TextDelta {
+                speaker: Speaker::User,
+                text,
+                frame,
+            } if *frame <= at => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked, heard.trim());
+    // A frame's own step writes one piece at most; the flush's steps wrote more.
+    let in_flush_frame = events
+        .iter()
+        .filter(
+            |e| matches!(e, Event::TextDelta { speaker: Speaker::User, frame, .. } if *frame == at),
+        )
+        .count();
+    assert!(
+        in_flush_frame >= 2,
+        "{in_flush_frame} pieces in the flush frame"
+    );
 }

@@ -157,6 +157,9 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
     // The stdin reader starts after the session, which sends `session.created` as it
     // starts: an error about a bad line can never come before it.
     let mut reader = None;
+    // Where a signal says that the stdin audio has ended (the reader may be waiting for a
+    // line that never comes).
+    let mut end_input = None;
     let (source, sink): (Box<dyn FrameSource>, Box<dyn FrameSink>) = match args.audio {
         AudioIo::Mic => {
             // One set of counters for both streams, reported with every frame's metrics.
@@ -172,6 +175,8 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
         }
         AudioIo::Stdin => {
             let (pcm_tx, pcm_rx) = bounded::<Vec<f32>>(64);
+            let end = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            end_input = Some(end.clone());
             let events = ev_tx.clone();
             let raw = args.raw;
             reader = Some(move |cancel: Canceller| {
@@ -186,7 +191,7 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
             } else {
                 Box::new(EventSink::new(ev_tx.clone()))
             };
-            (Box::new(PcmSource::new(pcm_rx)), sink)
+            (Box::new(PcmSource::new(pcm_rx).ending_on(end)), sink)
         }
     };
     let session = Session::start(models, source, sink, ev_tx, opts)?;
@@ -203,10 +208,17 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
             return Err(e).context("starting the stdin reader");
         }
     }
-    // Ctrl-C ends the input: the session flushes and closes as at the end of a file.
+    // Ctrl-C, SIGTERM and SIGHUP end the input: the session flushes and closes as at the
+    // end of a file.
     let stopper = session.stopper();
-    if let Err(e) = ctrlc::set_handler(move || stopper.stop()) {
-        eprintln!("warning: Ctrl-C will not flush the session: {e}");
+    if let Err(e) = ctrlc::set_handler(move || {
+        stopper.stop();
+        if let Some(end) = &end_input {
+            // The stdin source may be waiting for audio that never comes.
+            end.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }) {
+        eprintln!("warning: Ctrl-C, SIGTERM and SIGHUP will not flush the session: {e}");
     }
     // Events go to stdout, or to stderr when stdout carries raw audio.
     let mut out: Box<dyn Write> = if args.raw {
@@ -325,6 +337,15 @@ pub fn to_json(e: &Event) -> Value {
         } => {
             json!({"type": "parley.turn_end", "source": source, "probability": probability, "audio_end_ms": ms(*time_s), "frame": frame})
         }
+        Event::UserTurn { text, typed, frame } => {
+            let part = if *typed {
+                json!({"type": "input_text", "text": text})
+            } else {
+                json!({"type": "input_audio", "transcript": text})
+            };
+            json!({"type": "conversation.item.created", "frame": frame,
+                   "item": {"type": "message", "role": "user", "content": [part]}})
+        }
         Event::ResponseText { text, frame } => {
             json!({"type": "response.text.delta", "delta": text, "frame": frame})
         }
@@ -428,7 +449,7 @@ fn read_json_lines(
                 };
                 match base64::engine::general_purpose::STANDARD.decode(b64) {
                     Ok(bytes) if bytes.len() % 2 == 0 => {
-                        if pcm.send(from_pcm16(&bytes)).is_err() {
+                        if !bytes.is_empty() && pcm.send(from_pcm16(&bytes)).is_err() {
                             return false;
                         }
                     }
@@ -521,23 +542,91 @@ pub(crate) fn message_text(
     Ok(text)
 }
 
+/// The longest line the headless modes read: 16 MiB holds two minutes of audio in one
+/// `input_audio_buffer.append` (base64 PCM16 at 24 kHz), far more than any client sends.
+pub(crate) const MAX_LINE_BYTES: usize = 16 << 20;
+
+/// One line of `input` (without its newline) into `line`, reading at most
+/// `MAX_LINE_BYTES` of it: `Ok(None)` at the end, `Ok(Some(false))` for a longer line
+/// (the rest of it is read and dropped, a piece at a time).
+pub(crate) fn bounded_line(
+    input: &mut impl BufRead,
+    line: &mut Vec<u8>,
+) -> std::io::Result<Option<bool>> {
+    line.clear();
+    let n = input
+        .by_ref()
+        .take(MAX_LINE_BYTES as u64 + 1)
+        .read_until(b'\n', line)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+        return Ok(Some(true));
+    }
+    if line.len() <= MAX_LINE_BYTES {
+        // The last line, without a newline.
+        return Ok(Some(true));
+    }
+    line.clear();
+    loop {
+        let buf = input.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(Some(false));
+        }
+        match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                input.consume(i + 1);
+                return Ok(Some(false));
+            }
+            None => {
+                let k = buf.len();
+                input.consume(k);
+            }
+        }
+    }
+}
+
 /// JSON Lines on stdin, each parsed line given to `f` with its number (1-based) until it
-/// returns false or stdin ends; a line that is not JSON, or cannot be read, goes to
-/// `error` (reading stops at a read error).
-pub(crate) fn json_lines(error: impl Fn(String), mut f: impl FnMut(usize, Value) -> bool) {
-    for (n, line) in std::io::stdin().lock().lines().enumerate() {
-        let n = n + 1;
-        let line = match line {
-            Ok(l) => l,
+/// returns false or stdin ends. A line that is not JSON, not UTF-8 or longer than
+/// [`MAX_LINE_BYTES`] goes to `error` and reading goes on; a read error goes to `error`
+/// and ends it.
+pub(crate) fn json_lines(error: impl Fn(String), f: impl FnMut(usize, Value) -> bool) {
+    json_lines_from(&mut std::io::stdin().lock(), error, f);
+}
+
+/// [`json_lines`] from any reader.
+pub(crate) fn json_lines_from(
+    input: &mut impl BufRead,
+    error: impl Fn(String),
+    mut f: impl FnMut(usize, Value) -> bool,
+) {
+    let mut buf = vec![];
+    for n in 1.. {
+        let whole = match bounded_line(input, &mut buf) {
+            Ok(None) => break,
+            Ok(Some(whole)) => whole,
             Err(e) => {
                 error(format!("stdin line {n}: {e}"));
                 break;
             }
         };
+        if !whole {
+            error(format!(
+                "stdin line {n} is longer than {} MiB: skipped (send audio in smaller appends)",
+                MAX_LINE_BYTES >> 20
+            ));
+            continue;
+        }
+        let Ok(line) = std::str::from_utf8(&buf) else {
+            error(format!("stdin line {n} is not UTF-8 text: skipped"));
+            continue;
+        };
         if line.trim().is_empty() {
             continue;
         }
-        match serde_json::from_str(&line) {
+        match serde_json::from_str(line) {
             Ok(v) => {
                 if !f(n, v) {
                     break;
@@ -563,7 +652,7 @@ fn read_raw(pcm: Sender<Vec<f32>>, events: Sender<Event>) {
                 if bytes.len() % 2 == 1 {
                     carry = bytes.pop();
                 }
-                if pcm.send(from_pcm16(&bytes)).is_err() {
+                if !bytes.is_empty() && pcm.send(from_pcm16(&bytes)).is_err() {
                     break;
                 }
             }
@@ -595,5 +684,39 @@ impl FrameSink for RawStdoutSink {
         std::io::stdout()
             .flush()
             .map_err(|e| parley_engine::Error::InvalidInput(format!("stdout: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bad lines (not UTF-8, too long, not JSON) are errors, each once, and the lines
+    /// after them are still read.
+    #[test]
+    fn bad_lines_are_named_and_reading_goes_on() {
+        let mut input = b"{\"a\":1}\n\xff\xfe not utf-8\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', MAX_LINE_BYTES + 10));
+        input.extend(b"\nnot json\n\n{\"a\":2}");
+        let errors = std::cell::RefCell::new(vec![]);
+        let mut seen = vec![];
+        json_lines_from(
+            &mut std::io::BufReader::with_capacity(4096, &input[..]),
+            |e| errors.borrow_mut().push(e),
+            |n, v| {
+                seen.push((n, v["a"].as_i64()));
+                true
+            },
+        );
+        assert_eq!(seen, [(1, Some(1)), (6, Some(2))]);
+        let errors = errors.into_inner();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors[0].contains("line 2 is not UTF-8"), "{}", errors[0]);
+        assert!(
+            errors[1].contains("line 3 is longer than 16 MiB"),
+            "{}",
+            errors[1]
+        );
+        assert!(errors[2].contains("line 4: not JSON"), "{}", errors[2]);
     }
 }

@@ -974,6 +974,14 @@ fn cascade_mode_answers_a_text_turn_with_speech() {
         .collect();
     assert!(text.contains("Paris"), "{text}");
     assert!(!of_type(&ev, "response.audio_transcript.delta").is_empty());
+    // The turn the LLM answered, as a user item.
+    let asked = of_type(&ev, "conversation.item.created");
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0]["item"]["role"], "user");
+    assert_eq!(
+        asked[0]["item"]["content"][0],
+        json!({"type": "input_text", "text": "What is the capital of France?"})
+    );
     let done = of_type(&ev, "response.done");
     assert_eq!(done.len(), 1, "{done:?}");
     assert_eq!(done[0]["response"]["status"], "completed");
@@ -1046,4 +1054,53 @@ fn cascade_with_a_failing_llm_server_says_so_and_goes_on() {
     let run = headless(&bad, vec![], false);
     assert!(!run.status.success());
     assert!(run.stderr.contains("--llm-model"), "{}", run.stderr);
+}
+
+/// SIGTERM and SIGHUP end a headless session as Ctrl-C and the end of input do: the
+/// session flushes, `session.closed` is the last line, and the exit is clean.
+#[cfg(unix)]
+#[test]
+fn sigterm_and_sighup_close_the_session_cleanly() {
+    use std::io::{BufRead, BufReader};
+    for signal in ["TERM", "HUP"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_parley"))
+            .args(["headless", "--mode", "listen", "--device", "cpu"])
+            .arg("--model-dir")
+            .arg(fixture("stt-tiny"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start parley headless");
+        // Stdin stays open: only the signal can end the session.
+        let stdin = child.stdin.take().expect("stdin");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let first = lines.next().expect("a line").expect("read");
+        assert!(first.contains("session.created"), "{first}");
+        let killed = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let rest: Vec<String> = lines.map_while(Result::ok).collect();
+            let _ = tx.send(rest);
+        });
+        let rest = match rx.recv_timeout(HANG_TIMEOUT) {
+            Ok(r) => r,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("SIG{signal}: the session did not close");
+            }
+        };
+        let status = child.wait().expect("wait");
+        drop(stdin);
+        let last = rest.last().cloned().unwrap_or_default();
+        assert!(
+            last.contains("\"session.closed\""),
+            "SIG{signal}: last line {last}"
+        );
+        assert!(status.success(), "SIG{signal}: {status}");
+    }
 }

@@ -261,7 +261,8 @@ impl ParleyApp {
                 }
             }
             // The cascade's reply text comes as the words are spoken (TextDelta).
-            Event::Audio { .. } | Event::ResponseText { .. } => {}
+            // The user's words are shown as they come (and a typed turn when sent).
+            Event::Audio { .. } | Event::ResponseText { .. } | Event::UserTurn { .. } => {}
             Event::ResponseDone {
                 cancelled, timing, ..
             } => {

@@ -88,6 +88,12 @@ impl WordStream {
         }
     }
 
+    /// The model's clock went `seconds` ahead of the input's (steps on silence the input
+    /// does not have, to bring words out early): later times are taken back by as much.
+    pub fn shift(&mut self, seconds: f64) {
+        self.offset_s += seconds;
+    }
+
     /// Time in seconds of frame position `pos`.
     pub fn time_s(&self, pos: f64) -> f64 {
         (pos / self.frame_rate_hz - self.offset_s).max(0.0)

@@ -114,6 +114,10 @@ pub struct CascadeStage {
     /// What the models came with, to hand them back whole.
     reply_opts: ReplyOptions,
     give_back: Option<CascadeSlot>,
+    /// The STT brings out its last words at the frame after an end of turn.
+    awaits_flush: bool,
+    /// An end of turn waiting for them: when and at which frame it was decided.
+    pending_turn: Option<(Instant, u64)>,
 }
 
 impl CascadeStage {
@@ -151,7 +155,16 @@ impl CascadeStage {
             frame_rate,
             reply_opts: m.reply,
             give_back: None,
+            awaits_flush: false,
+            pending_turn: None,
         })
+    }
+
+    /// At an end of turn, waits for the STT's flush ([`Frame::stt_flushed`], the next
+    /// frame) so the reply answers the turn's last words too.
+    pub(crate) fn awaiting_stt_flush(mut self) -> Self {
+        self.awaits_flush = true;
+        self
     }
 
     /// When the stage ends, its LLM and TTS (and the history) go to `slot`.
@@ -160,10 +173,24 @@ impl CascadeStage {
         self
     }
 
-    fn start_reply(&mut self, user: String, frame: u64, out: &Outbox<'_>) {
+    /// Starts the reply to `user` (typed, or heard), whose turn was decided at `decided`
+    /// (at frame `frame`), now at frame `now`.
+    fn start_reply(
+        &mut self,
+        user: String,
+        typed: bool,
+        (decided, frame): (Instant, u64),
+        now: u64,
+        out: &Outbox<'_>,
+    ) {
         if user.trim().is_empty() {
             return;
         }
+        out.send(Event::UserTurn {
+            text: user.trim().to_string(),
+            typed,
+            frame: now,
+        });
         self.next_id += 1;
         let id = self.next_id;
         let messages = self.history.messages_for(user.trim());
@@ -183,7 +210,7 @@ impl CascadeStage {
         self.reply = Some(Reply {
             id,
             user: user.trim().to_string(),
-            turn_end: Instant::now(),
+            turn_end: decided,
             timing: ResponseTiming::default(),
             words: vec![],
             queued: 0,
@@ -352,15 +379,24 @@ impl Stage for CascadeStage {
             self.barge_in(index, out);
         }
         if frame.turn_ended && self.reply.is_none() {
-            let user = std::mem::take(&mut self.heard);
-            self.start_reply(user, index, out);
+            self.pending_turn = Some((Instant::now(), index));
+        }
+        // The turn's words are all in once the STT has flushed (the frame after the end
+        // of turn; a frame more if the flush did not come).
+        if let Some((decided, at)) = self.pending_turn {
+            if !self.awaits_flush || frame.stt_flushed || index > at + 1 {
+                self.pending_turn = None;
+                let user = std::mem::take(&mut self.heard);
+                self.start_reply(user, false, (decided, at), index, out);
+            }
         }
         while let Ok(text) = self.inbox.try_recv() {
             if self.reply.is_some() {
                 self.barge_in(index, out);
             }
+            self.pending_turn = None;
             self.heard.clear();
-            self.start_reply(text, index, out);
+            self.start_reply(text, true, (Instant::now(), index), index, out);
         }
         self.pump(index, out, QUEUE_AHEAD_FRAMES)
     }
@@ -368,8 +404,12 @@ impl Stage for CascadeStage {
     /// At the end of the input, a reply under way is said to its end (the output plays
     /// it after the input), as a duplex model's delayed reply is flushed.
     fn finish(&mut self, last: u64, out: &mut Outbox<'_>) -> Result<()> {
+        if let Some(decided) = self.pending_turn.take() {
+            let user = std::mem::take(&mut self.heard);
+            self.start_reply(user, false, decided, last, out);
+        }
         while let Ok(text) = self.inbox.try_recv() {
-            self.start_reply(text, last, out);
+            self.start_reply(text, true, (Instant::now(), last), last, out);
         }
         let t = Instant::now();
         // Room for the whole reply: the output thread drains the queue after this.
@@ -402,6 +442,7 @@ impl Stage for CascadeStage {
 
     fn reset(&mut self) {
         self.cancel();
+        self.pending_turn = None;
         self.heard.clear();
         self.history.clear();
     }

@@ -1,7 +1,10 @@
 //! Frame sources and sinks made of channels: audio that arrives in pieces of any size
 //! (headless stdin), and output frames that leave as events.
 
-use crossbeam_channel::{Receiver, Sender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::Event;
 use crate::audio::{FrameSink, FrameSource, FRAME_LEN_SAMPLES};
@@ -15,6 +18,7 @@ pub struct PcmSource {
     rx: Receiver<Vec<f32>>,
     pending: Vec<f32>,
     ended: bool,
+    end: Option<Arc<AtomicBool>>,
 }
 
 impl PcmSource {
@@ -23,16 +27,29 @@ impl PcmSource {
             rx,
             pending: Vec::with_capacity(4 * FRAME_LEN_SAMPLES),
             ended: false,
+            end: None,
         }
+    }
+
+    /// The input also ends when `end` is set while no audio waits (a signal handler's
+    /// way: the sender may be held by a thread blocked on its own input).
+    pub fn ending_on(mut self, end: Arc<AtomicBool>) -> Self {
+        self.end = Some(end);
+        self
     }
 }
 
 impl FrameSource for PcmSource {
     fn next_frame(&mut self, frame: &mut [f32; FRAME_LEN_SAMPLES]) -> Result<bool> {
         while self.pending.len() < FRAME_LEN_SAMPLES && !self.ended {
-            match self.rx.recv() {
+            match self.rx.recv_timeout(std::time::Duration::from_millis(50)) {
                 Ok(chunk) => self.pending.extend_from_slice(&chunk),
-                Err(_) => self.ended = true,
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.end.as_ref().is_some_and(|e| e.load(Ordering::SeqCst)) {
+                        self.ended = true;
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => self.ended = true,
             }
         }
         if self.pending.is_empty() {

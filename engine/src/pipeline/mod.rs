@@ -140,6 +140,13 @@ pub enum Event {
         frame: u64,
         after_user_ms: Option<f64>,
     },
+    /// The user's turn the cascade answers, as the LLM gets it: the STT's words up to the
+    /// end of the turn (its last ones brought out at once by the flush), or a typed item.
+    UserTurn {
+        text: String,
+        typed: bool,
+        frame: u64,
+    },
     /// A piece of the text the cascade's LLM is writing (not yet spoken).
     ResponseText { text: String, frame: u64 },
     /// The cascade's reply ended: completed, cancelled by a barge-in, or failed (the LLM's

@@ -5,7 +5,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::cascade::{CascadeModels, CascadeSlot, CascadeStage};
-use super::stage::Composition;
+use super::stage::{Composition, FlushRequest};
 use super::stages::{DecodeStage, DuplexLmStage, EncodeStage, ReplyOnsetStage, SttStage};
 use super::turn::{TurnModels, TurnStage};
 use crate::compute::gpu::{select_device, DeviceChoice};
@@ -288,12 +288,18 @@ impl Models {
                         "the cascade needs its LLM and TTS (they serve one session)".into(),
                     )
                 })?;
+                // At an end of turn the STT brings out its last words before the reply.
+                let flush = FlushRequest::default();
                 Composition {
                     stages: vec![
                         Box::new(EncodeStage::new(enc)),
-                        Box::new(SttStage::new(m, rate)),
-                        Box::new(TurnStage::new(turn)?),
-                        Box::new(CascadeStage::new(c)?.give_back_to(self.cascade_back.clone())),
+                        Box::new(SttStage::new(m, rate).flushing(flush.clone())),
+                        Box::new(TurnStage::new(turn)?.flushing_stt(flush)),
+                        Box::new(
+                            CascadeStage::new(c)?
+                                .give_back_to(self.cascade_back.clone())
+                                .awaiting_stt_flush(),
+                        ),
                     ],
                     speaks: true,
                 }

@@ -155,6 +155,8 @@ pub struct CascadeReply {
     pub turn_end_s: Option<f64>,
     /// When the end of the turn was decided (felt), seconds on the input's clock.
     pub decided_s: f64,
+    /// The user's turn as the LLM got it.
+    pub user: String,
     /// The cascade's own milestones, ms after the decision.
     pub timing: ResponseTiming,
     /// When the reply's first audible frame went to the speaker (its write time, seconds
@@ -574,10 +576,12 @@ fn cascade_replies(
         .chunks(FRAME_LEN_SAMPLES)
         .map(|c| (c.iter().map(|v| v * v).sum::<f32>() / c.len() as f32).sqrt() > 0.01)
         .collect();
-    let mut out = vec![];
-    let mut decided = None;
+    // Each reply: its decision, the user's turn it answers, and how it ended.
+    let mut replies = vec![];
+    let (mut decided, mut asked) = (None, String::new());
     for e in rec.events {
         match e {
+            Event::UserTurn { text, .. } => asked = text.clone(),
             Event::ResponseStarted { frame, .. } => decided = Some(rec.felt_s(metrics, *frame)),
             Event::ResponseDone {
                 cancelled,
@@ -586,30 +590,49 @@ fn cascade_replies(
                 timing,
                 ..
             } => {
-                let Some(decided_s) = decided.take() else {
-                    continue;
-                };
-                let turn = turns
-                    .iter()
-                    .rposition(|t| t.end_s - TURN_END_WINDOW_S <= decided_s);
-                let heard_s = (0..audible.len().min(rec.output_times_s.len()))
-                    .find(|&k| audible[k] && rec.output_times_s[k] >= decided_s)
-                    .map(|k| rec.output_times_s[k]);
-                out.push(CascadeReply {
-                    turn,
-                    turn_end_s: turn.map(|i| turns[i].end_s),
-                    decided_s,
-                    timing: *timing,
-                    heard_s,
-                    cancelled: *cancelled,
-                    failed: failed.clone(),
-                    spoken: spoken.clone(),
-                });
+                if let Some(decided_s) = decided.take() {
+                    replies.push((
+                        decided_s,
+                        std::mem::take(&mut asked),
+                        *cancelled,
+                        failed,
+                        spoken,
+                        *timing,
+                    ));
+                }
             }
             _ => {}
         }
     }
-    out
+    let starts: Vec<f64> = replies.iter().map(|r| r.0).collect();
+    replies
+        .into_iter()
+        .enumerate()
+        .map(
+            |(i, (decided_s, user, cancelled, failed, spoken, timing))| {
+                let turn = turns
+                    .iter()
+                    .rposition(|t| t.end_s - TURN_END_WINDOW_S <= decided_s);
+                // Its audio: between its decision and the next reply's.
+                let until = starts.get(i + 1).copied().unwrap_or(f64::INFINITY);
+                let heard_s = (0..audible.len().min(rec.output_times_s.len()))
+                    .map(|k| (k, rec.output_times_s[k]))
+                    .find(|&(k, t)| audible[k] && t >= decided_s && t < until)
+                    .map(|(_, t)| t);
+                CascadeReply {
+                    turn,
+                    turn_end_s: turn.map(|i| turns[i].end_s),
+                    decided_s,
+                    user,
+                    timing,
+                    heard_s,
+                    cancelled,
+                    failed: failed.clone(),
+                    spoken: spoken.clone(),
+                }
+            },
+        )
+        .collect()
 }
 
 /// Each milestone of the replies matched to a turn, in ms after the end of its speech.
@@ -902,6 +925,11 @@ mod tests {
         // A turn ends at 1.0 s; the end of turn is decided at frame 14 (felt at 1.2 s +
         // 30 ms of compute); the reply's first audible frame goes out at 2.5 s.
         let mut events: Vec<Event> = (0..40).map(|f| metrics(f, 20.0)).collect();
+        events.push(Event::UserTurn {
+            text: "What is the capital of France?".into(),
+            typed: false,
+            frame: 15,
+        });
         events.push(Event::ResponseStarted {
             frame: 14,
             after_user_ms: None,
@@ -946,6 +974,7 @@ mod tests {
         assert_eq!(r.cascade.len(), 1);
         let reply = &r.cascade[0];
         assert_eq!((reply.turn, reply.spoken.as_str()), (Some(0), "Paris."));
+        assert_eq!(reply.user, "What is the capital of France?");
         let eot = (1.2 + 0.03 - 1.0) * 1e3;
         let want = [
             ("end of turn detected", eot),

@@ -56,6 +56,9 @@ pub struct Frame {
     pub speech_started: bool,
     /// The turn-taking policy ended the user's turn at this frame.
     pub turn_ended: bool,
+    /// The STT brought out the words it still held after an end of turn (a
+    /// [`FlushRequest`]): `heard` now has the turn's last words.
+    pub stt_flushed: bool,
 }
 
 impl Frame {
@@ -74,12 +77,39 @@ impl Frame {
             heard: None,
             speech_started: false,
             turn_ended: false,
+            stt_flushed: false,
         }
     }
 
     /// A frame of silence.
     pub fn silence(index: u64) -> Self {
         Self::new(index, vec![0.0; FRAME_LEN_SAMPLES], Instant::now())
+    }
+}
+
+/// After an end of turn, the turn stage asks the STT stage (at the next frame) to bring out
+/// the words its delay still holds: the STT steps on silence at once instead of waiting
+/// for the audio clock. The request carries the silence already heard since the user
+/// stopped, which the delay needs no more steps for.
+#[derive(Debug, Clone, Default)]
+pub struct FlushRequest(std::sync::Arc<AtomicU64>);
+
+impl FlushRequest {
+    /// No request pending.
+    const NONE: u64 = 0;
+
+    /// Asks for a flush; `silence_s` of silence followed the user's last speech.
+    pub fn request(&self, silence_s: f64) {
+        let ms = (silence_s.max(0.0) * 1e3).round() as u64;
+        self.0.store(ms.saturating_add(1), Ordering::SeqCst);
+    }
+
+    /// The pending request's silence in seconds, clearing it.
+    pub fn take(&self) -> Option<f64> {
+        match self.0.swap(Self::NONE, Ordering::SeqCst) {
+            Self::NONE => None,
+            v => Some((v - 1) as f64 / 1e3),
+        }
     }
 }
 

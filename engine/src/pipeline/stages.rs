@@ -2,7 +2,7 @@
 //! duplex LM, and the reply-onset detector. Turn-taking is in [`super::turn`].
 
 use super::models::{DuplexModel, ListenModel};
-use super::stage::{Frame, HeadReading, Outbox, Stage};
+use super::stage::{FlushRequest, Frame, HeadReading, Outbox, Stage};
 use super::{Event, Speaker};
 use crate::audio::FRAME_LEN_SAMPLES;
 use crate::models::lm::generator::GenStep;
@@ -60,6 +60,9 @@ pub struct SttStage<'a> {
     frame_rate_hz: f64,
     words: WordStream,
     steps: u64,
+    /// Mimi's codes for a frame of silence (the first prefix frame's), for the flush.
+    silence_codes: Option<Vec<u32>>,
+    flush: Option<FlushRequest>,
 }
 
 impl<'a> SttStage<'a> {
@@ -69,37 +72,31 @@ impl<'a> SttStage<'a> {
             m,
             frame_rate_hz,
             steps: 0,
+            silence_codes: None,
+            flush: None,
         };
         s.words = WordStream::new(frame_rate_hz, s.m.padding_id, s.offset_s());
         s
+    }
+
+    /// Answers `flush` requests (an end of turn): the words the model's delay still holds
+    /// come out at once, from steps on silence, instead of up to the delay later.
+    pub fn flushing(mut self, flush: FlushRequest) -> Self {
+        self.flush = Some(flush);
+        self
     }
 
     /// Seconds of model time before the input's time 0 (the reference STT procedure).
     fn offset_s(&self) -> f64 {
         (self.prefix_frames() as f64 / self.frame_rate_hz).trunc() + self.m.stt.audio_delay_seconds
     }
-}
 
-impl Stage for SttStage<'_> {
-    fn name(&self) -> &'static str {
-        "stt"
-    }
-
-    fn prefix_frames(&self) -> usize {
-        (self.m.stt.audio_silence_prefix_seconds * self.frame_rate_hz).ceil() as usize
-    }
-
-    fn flush_frames(&self) -> usize {
-        (self.m.stt.audio_delay_seconds * self.frame_rate_hz).ceil() as usize
-    }
-
-    fn on_frame(&mut self, frame: &mut Frame, out: &mut Outbox<'_>) -> Result<()> {
-        let step = self.m.gen.step(&frame.codes)?;
-        self.steps += 1;
-        frame.text = text_token(&step, self.m.padding_id);
-        if let (Some(t), true) = (frame.text, frame.reported) {
+    /// Reports the words a step completes and (on reported frames) its text, as of
+    /// `frame`.
+    fn report(&mut self, step: &GenStep, frame: &mut Frame, out: &Outbox<'_>) -> Result<()> {
+        if let (Some(t), true) = (text_token(step, self.m.padding_id), frame.reported) {
             if let Some(text) = piece(self.m.tokenizer.as_ref(), t) {
-                frame.heard = Some(text.clone());
+                frame.heard.get_or_insert_with(String::new).push_str(&text);
                 out.send(Event::TextDelta {
                     speaker: Speaker::User,
                     text,
@@ -118,6 +115,51 @@ impl Stage for SttStage<'_> {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// The flush: as many steps on silence as the delay still needs after `silence_s` of
+    /// silence (one more for the token's own step), at most the whole delay.
+    fn flush_now(&mut self, silence_s: f64, frame: &mut Frame, out: &Outbox<'_>) -> Result<()> {
+        let delay = self.m.stt.audio_delay_seconds;
+        let steps = (((delay - silence_s).max(0.0) * self.frame_rate_hz).ceil() as usize + 1)
+            .min(self.flush_frames());
+        // Said even when there is nothing to step on: the cascade waits for it.
+        frame.stt_flushed = true;
+        let Some(codes) = self.silence_codes.clone() else {
+            return Ok(());
+        };
+        for _ in 0..steps {
+            let step = self.m.gen.step(&codes)?;
+            self.report(&step, frame, out)?;
+        }
+        // The model's clock is now ahead of the input's by these steps.
+        self.words.shift(steps as f64 / self.frame_rate_hz);
+        Ok(())
+    }
+}
+
+impl Stage for SttStage<'_> {
+    fn name(&self) -> &'static str {
+        "stt"
+    }
+
+    fn prefix_frames(&self) -> usize {
+        (self.m.stt.audio_silence_prefix_seconds * self.frame_rate_hz).ceil() as usize
+    }
+
+    fn flush_frames(&self) -> usize {
+        (self.m.stt.audio_delay_seconds * self.frame_rate_hz).ceil() as usize
+    }
+
+    fn on_frame(&mut self, frame: &mut Frame, out: &mut Outbox<'_>) -> Result<()> {
+        if !frame.reported && self.silence_codes.is_none() {
+            self.silence_codes = Some(frame.codes.clone());
+        }
+        let step = self.m.gen.step(&frame.codes)?;
+        self.steps += 1;
+        frame.text = text_token(&step, self.m.padding_id);
+        self.report(&step, frame, out)?;
         frame.end_of_turn = step
             .extra_heads
             .get(END_OF_TURN_HEAD)
@@ -126,6 +168,11 @@ impl Stage for SttStage<'_> {
                 probability,
                 time_s: (self.steps as f64 / self.frame_rate_hz - self.offset_s()).max(0.0),
             });
+        if let Some(silence_s) = self.flush.as_ref().and_then(FlushRequest::take) {
+            if frame.reported && !frame.flushing {
+                self.flush_now(silence_s, frame, out)?;
+            }
+        }
         Ok(())
     }
 
@@ -151,6 +198,7 @@ impl Stage for SttStage<'_> {
         self.m.gen.reset();
         self.words = WordStream::new(self.frame_rate_hz, self.m.padding_id, self.offset_s());
         self.steps = 0;
+        self.silence_codes = None;
     }
 }
 

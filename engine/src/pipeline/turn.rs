@@ -26,7 +26,7 @@
 
 use std::time::Duration;
 
-use super::stage::{Frame, Outbox, Stage, Worker};
+use super::stage::{FlushRequest, Frame, Outbox, Stage, Worker};
 use super::stages::rms;
 use super::{Event, TurnSource};
 use crate::audio::FRAME_LEN_SAMPLES;
@@ -228,6 +228,8 @@ pub struct TurnStage<'a> {
     /// What this frame decided, for the stages after this one.
     started_now: bool,
     ended_now: bool,
+    /// Where an end of turn asks the STT to bring out its last words (the cascade).
+    flush: Option<FlushRequest>,
 }
 
 impl<'a> TurnStage<'a> {
@@ -254,7 +256,15 @@ impl<'a> TurnStage<'a> {
             head_armed: true,
             started_now: false,
             ended_now: false,
+            flush: None,
         })
+    }
+
+    /// At each end of turn, asks the STT stage through `flush` for the words it still
+    /// holds (the cascade, which answers the turn's whole text).
+    pub fn flushing_stt(mut self, flush: FlushRequest) -> Self {
+        self.flush = Some(flush);
+        self
     }
 
     fn settings(&self) -> TurnSettings {
@@ -275,6 +285,11 @@ impl<'a> TurnStage<'a> {
         self.turn_open = false;
         self.pause = None;
         self.ended_now = true;
+        if let Some(f) = &self.flush {
+            // The silence heard since `time_s`, up to the end of this frame.
+            let heard_to_s = (frame + 1) as f64 * FRAME_MS / 1e3;
+            f.request(heard_to_s - time_s);
+        }
         out.send(Event::TurnEnd {
             source,
             probability,
