@@ -1,5 +1,6 @@
 //! `parley bench mimi`: streaming encode and decode per 80 ms frame.
 
+use crate::out::outln;
 use std::process::Command;
 use std::time::Instant;
 
@@ -190,9 +191,9 @@ fn bench_load(b: LoadBench) -> Result<()> {
         "weights_per_step_gb": model.weight_bytes_per_step() as f64 / 1e9,
     });
     if b.json {
-        println!("{report}");
+        outln!("{report}");
     } else {
-        println!(
+        outln!(
             "{} in {}: loaded in {secs:.1} s; resident {:.2} GB after (from {:.2} GB), peak {:.2} GB ({:.3}x the model's own growth); {:.2} GB of weights per step; CPU {}",
             b.model_dir.display(),
             b.precision,
@@ -290,7 +291,7 @@ fn bench_lm(b: LmBench) -> Result<()> {
         ),
     };
     if b.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "bench": "lm", "model": what, "dtype": b.dtype.to_string(), "device": device_name,
@@ -303,29 +304,33 @@ fn bench_lm(b: LmBench) -> Result<()> {
             })
         );
     } else {
-        println!(
+        outln!(
             "lm step, {what}, {} weights, {device_name}, {} steps",
-            b.dtype, b.steps
+            b.dtype,
+            b.steps
         );
-        println!(
+        outln!(
             "  ms per step: mean {:.2}  p50 {:.2}  p90 {:.2}  max {:.2}",
-            s.mean, s.p50, s.p90, s.max
+            s.mean,
+            s.p50,
+            s.p90,
+            s.max
         );
-        println!(
+        outln!(
             "  weights read per step {:.3} GB -> {gbs:.1} GB/s effective (p50); {bw_what} {bw:.1} GB/s ({:.0}%)",
             bytes as f64 / 1e9,
             100.0 * gbs / bw
         );
-        println!(
+        outln!(
             "  with the attention cache ({:.3} GB, read whole at full context): {gbs_all:.1} GB/s ({:.0}%)",
             cache_bytes as f64 / 1e9,
             100.0 * gbs_all / bw
         );
-        println!("  {cpu}");
+        outln!("  {cpu}");
         if dispatches > 0 {
-            println!("  {dispatches} kernel dispatches in one submit per step");
+            outln!("  {dispatches} kernel dispatches in one submit per step");
         }
-        println!("  model built in {load_s:.1} s");
+        outln!("  model built in {load_s:.1} s");
     }
     Ok(())
 }
@@ -407,7 +412,7 @@ fn bench_mimi(b: MimiBench) -> Result<()> {
     let rtf = tot.mean / frame_ms;
     let cpu = parley_engine::compute::cpu::cpu_description();
     if b.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "bench": "mimi", "weights": what, "threads": threads,
@@ -418,25 +423,28 @@ fn bench_mimi(b: MimiBench) -> Result<()> {
             })
         );
     } else {
-        println!(
+        outln!(
             "mimi streaming, {what}, {:?} weights, {} codebooks, {threads} thread(s), {} frames of {frame_ms:.0} ms",
             b.source.precision,
             mimi.num_codebooks(),
             b.frames
         );
-        println!("            mean    p50    p90    max  (ms per frame)");
+        outln!("            mean    p50    p90    max  (ms per frame)");
         for (name, s) in [("encode", enc), ("decode", dec), ("total", tot)] {
-            println!(
+            outln!(
                 "  {name:<8} {:>6.2} {:>6.2} {:>6.2} {:>6.2}",
-                s.mean, s.p50, s.p90, s.max
+                s.mean,
+                s.p50,
+                s.p90,
+                s.max
             );
         }
-        println!("  real-time factor {rtf:.3} (total mean / {frame_ms:.0} ms)");
-        println!("  {cpu}");
+        outln!("  real-time factor {rtf:.3} (total mean / {frame_ms:.0} ms)");
+        outln!("  {cpu}");
         if !layers.is_empty() {
-            println!("  by layer (mean ms per frame, in order):");
+            outln!("  by layer (mean ms per frame, in order):");
             for l in &layers {
-                println!(
+                outln!(
                     "    {:>6.2}  {}",
                     l["ms_per_frame"].as_f64().unwrap_or(0.0),
                     l["layer"].as_str().unwrap_or("")
@@ -606,21 +614,23 @@ fn bench_tts(b: TtsBench) -> Result<()> {
         "read_gbs": frame_bytes as f64 / (lm.p50 / 1e3) / 1e9,
     });
     if b.json {
-        println!("{report}");
+        outln!("{report}");
     } else {
-        println!(
+        outln!(
             "{} ({}, {} codebooks, random weights), {threads} thread(s); {cpu}; {device_line}",
-            b.preset, b.precision, b.codebooks
+            b.preset,
+            b.precision,
+            b.codebooks
         );
-        println!(
+        outln!(
             "  step with the depformer  {} ({:.2} GB of weights: {:.1} GB/s)",
             lm.line(),
             frame_bytes as f64 / 1e9,
             frame_bytes as f64 / (lm.p50 / 1e3) / 1e9
         );
-        println!("  step before the audio    {}", txt.line());
-        println!("  Mimi decode              {}", dec.line());
-        println!(
+        outln!("  step before the audio    {}", txt.line());
+        outln!("  Mimi decode              {}", dec.line());
+        outln!(
             "  per 80 ms frame {per_frame:.1} ms (p50): real-time factor {:.2}; first audio {:.0} ms after the first word",
             per_frame / 80.0,
             first_audio.unwrap_or(f64::NAN)

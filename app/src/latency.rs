@@ -3,6 +3,7 @@
 //! word emission and end-of-turn delays, response latency. A JSON report, a table, and a
 //! timeline plot.
 
+use crate::out::{out, outln};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -162,15 +163,15 @@ pub fn run(args: LatencyArgs) -> Result<()> {
     let report = LatencyReport::compute(&record, alignment.as_ref(), &device);
     std::fs::write(&args.report, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", args.report.display()))?;
-    print!("{}", report.table());
-    println!("report -> {}", args.report.display());
+    out!("{}", report.table());
+    outln!("report -> {}", args.report.display());
     if let Some(out) = &args.out {
         rec.write_wav(out)?;
     }
     if let Some(plot) = &args.plot {
         draw(plot, &record, &report, alignment.as_ref())
             .with_context(|| format!("drawing {}", plot.display()))?;
-        println!("plot -> {}", plot.display());
+        outln!("plot -> {}", plot.display());
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `parley stt` and `parley moshi`: the delayed-streams models over a recording.
 
+use crate::out::outln;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -123,13 +124,13 @@ pub fn stt(args: SttArgs) -> Result<()> {
     let elapsed = start.elapsed().as_secs_f64();
     if json {
         for w in &transcript.words {
-            println!(
+            outln!(
                 "{}",
                 serde_json::json!({"type": "word", "text": w.text, "start": ms(w.start_s), "end": ms(w.end_s)})
             );
         }
     } else {
-        println!();
+        outln!();
     }
     if let Some(path) = &args.dump_tokens {
         npy::write_i64_1d(path, &transcript.tokens)?;

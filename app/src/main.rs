@@ -7,12 +7,15 @@ mod latency;
 mod lm_cmd;
 mod mimi_cmd;
 mod models_cmd;
+mod out;
 mod speak;
 mod tts_cmd;
 mod ui;
 mod vad_cmd;
 
 use std::process::ExitCode;
+
+use out::outln;
 
 use clap::{Parser, Subcommand};
 
@@ -69,13 +72,13 @@ enum Command {
 
 fn devices() -> anyhow::Result<()> {
     let list = parley_engine::audio::device::list_devices()?;
-    println!("audio ({}):", list.host);
+    outln!("audio ({}):", list.host);
     for (what, devs) in [("input", &list.inputs), ("output", &list.outputs)] {
         if devs.is_empty() {
-            println!("  no {what} devices");
+            outln!("  no {what} devices");
         }
         for d in devs {
-            println!(
+            outln!(
                 "  {what:<6} {}{}",
                 d.name,
                 if d.is_default { "  (default)" } else { "" }
@@ -83,7 +86,7 @@ fn devices() -> anyhow::Result<()> {
         }
     }
     for line in parley_engine::compute::gpu::describe_choices() {
-        println!("--device {line}");
+        outln!("--device {line}");
     }
     Ok(())
 }

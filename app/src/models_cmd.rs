@@ -2,6 +2,7 @@
 //! from the Hugging Face Hub into its usual cache (`HF_HOME`, `HF_HUB_CACHE`,
 //! `HF_ENDPOINT` and `HF_TOKEN` are honoured).
 
+use crate::out::outln;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -41,7 +42,7 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
         ModelsCommand::Path { preset: name } => {
             let p = preset(&name)?;
             let dir = Hub::from_env()?.local_dir(p)?;
-            println!("{}", dir.display());
+            outln!("{}", dir.display());
             Ok(())
         }
     }
@@ -49,12 +50,15 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
 
 fn list() -> Result<()> {
     let hub = Hub::from_env()?;
-    println!("cache: {}", hub.config().cache_dir.display());
+    outln!("cache: {}", hub.config().cache_dir.display());
     // The name column as wide as the longest preset name.
     let w = presets().iter().map(|p| p.name.len()).max().unwrap_or(6);
-    println!(
+    outln!(
         "{:<w$} {:<7} {:>9}  {:<9}  LOCAL",
-        "PRESET", "MODE", "SIZE", "SUPPORTED"
+        "PRESET",
+        "MODE",
+        "SIZE",
+        "SUPPORTED"
     );
     let mut estimated = false;
     for p in presets() {
@@ -79,7 +83,7 @@ fn list() -> Result<()> {
         } else {
             "not downloaded".to_string()
         };
-        println!(
+        outln!(
             "{:<w$} {:<7} {:>9}  {:<9}  {}",
             p.name,
             p.mode.as_str(),
@@ -89,13 +93,13 @@ fn list() -> Result<()> {
         );
     }
     if estimated {
-        println!(
+        outln!(
             "~ size estimated (computed from the architecture, or taken from a sibling repository)"
         );
     }
     for p in presets().iter().filter(|p| !p.supported) {
         if let Some(reason) = &p.unsupported_reason {
-            println!("{} is not supported: {reason}", p.name);
+            outln!("{} is not supported: {reason}", p.name);
         }
     }
     Ok(())
@@ -162,7 +166,7 @@ fn pull(args: PullArgs) -> Result<()> {
     match result {
         Ok(dir) => {
             eprintln!("{} is ready", p.name);
-            println!("{}", dir.display());
+            outln!("{}", dir.display());
             Ok(())
         }
         Err(e @ parley_engine::Error::Cancelled { .. }) => Err(e).context(format!(

@@ -228,3 +228,24 @@ fn pull_refuses_unsupported_presets_and_reports_an_unreachable_hub() {
         "{stderr}"
     );
 }
+
+/// A closed stdout (`parley models list | (exit 0)`) ends the command with one message and
+/// a non-zero exit, not a panic.
+#[test]
+fn a_closed_stdout_is_an_error_not_a_panic() {
+    let home = tmp_home("closed-stdout");
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args(["models", "list"])
+        .env("HF_HOME", &home)
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(writer)
+        .output()
+        .expect("run parley");
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("writing to stdout"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.matches("error:").count(), 1, "{err}");
+}
