@@ -25,6 +25,49 @@ pub struct MonoAudio {
     pub sample_rate_hz: u32,
 }
 
+/// Sample rates an audio file may have (telephone speech to studio masters).
+pub const SAMPLE_RATES_HZ: std::ops::RangeInclusive<u32> = 4_000..=384_000;
+/// Channels an audio file may have.
+pub const MAX_CHANNELS: usize = 64;
+/// The longest audio read: 4 hours (at 48 kHz mono, 2.8 GB of f32), so a small compressed
+/// file that decodes to endless samples is an error rather than exhausted memory.
+pub const MAX_DURATION_S: u64 = 4 * 3600;
+
+/// The checks every file's stream passes before its samples are trusted.
+fn check_stream(path: &Path, sample_rate_hz: u32, channels: usize) -> Result<()> {
+    if !SAMPLE_RATES_HZ.contains(&sample_rate_hz) {
+        return Err(Error::audio(
+            path,
+            format!(
+                "a sample rate of {sample_rate_hz} Hz ({} to {} Hz expected)",
+                SAMPLE_RATES_HZ.start(),
+                SAMPLE_RATES_HZ.end()
+            ),
+        ));
+    }
+    if channels == 0 || channels > MAX_CHANNELS {
+        return Err(Error::audio(
+            path,
+            format!("{channels} channels (1 to {MAX_CHANNELS} expected)"),
+        ));
+    }
+    Ok(())
+}
+
+/// An error once `samples` (mono) at `sample_rate_hz` pass [`MAX_DURATION_S`].
+fn check_length(path: &Path, samples: usize, sample_rate_hz: u32) -> Result<()> {
+    if samples as u64 > MAX_DURATION_S * u64::from(sample_rate_hz) {
+        return Err(Error::audio(
+            path,
+            format!(
+                "more than {} hours of audio (at most that is read)",
+                MAX_DURATION_S / 3600
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads `path` (any supported format, rate and channel count) as 24 kHz mono.
 pub fn read_audio_24k(path: &Path) -> Result<Vec<f32>> {
     let audio = read_audio_mono(path)?;
@@ -60,13 +103,9 @@ fn read_wav(path: &Path) -> Result<MonoAudio> {
         other => Error::audio(path, format!("not a readable WAV file: {other}")),
     })?;
     let spec = reader.spec();
-    if spec.channels == 0 || spec.sample_rate == 0 {
-        return Err(Error::audio(
-            path,
-            "WAV header has zero channels or zero sample rate",
-        ));
-    }
     let channels = spec.channels as usize;
+    // (Its samples are bounded by the file's size: PCM is not compressed.)
+    check_stream(path, spec.sample_rate, channels)?;
     let corrupt = |e: hound::Error| Error::audio(path, format!("corrupt WAV data: {e}"));
     let interleaved: Vec<f32> = match spec.sample_format {
         hound::SampleFormat::Float => reader
@@ -130,7 +169,9 @@ fn read_with_symphonia(path: &Path) -> Result<MonoAudio> {
             Err(e) => return Err(Error::audio(path, format!("decoding failed: {e}"))),
         };
         let spec = *decoded.spec();
-        sample_rate_hz.get_or_insert(spec.rate);
+        let rate = *sample_rate_hz.get_or_insert(spec.rate);
+        check_stream(path, rate, spec.channels.count())?;
+        check_length(path, pcm.len() + decoded.frames(), rate)?;
         let mut buf = SampleBuffer::<f32>::new(decoded.capacity() as u64, spec);
         buf.copy_interleaved_ref(decoded);
         pcm.extend(downmix(buf.samples(), spec.channels.count().max(1)));
@@ -244,6 +285,38 @@ mod tests {
                 "{name}: {crossings} zero crossings"
             );
         }
+    }
+
+    /// A header's sample rate or channel count out of sense is an error naming it, before
+    /// anything is sized from it (2^31 - 1 Hz once took gigabytes to resample).
+    #[test]
+    fn absurd_headers_are_named_errors() {
+        for (rate, channels, want) in [
+            (
+                2_147_483_647,
+                1,
+                "a sample rate of 2147483647 Hz (4000 to 384000 Hz expected)",
+            ),
+            (1, 1, "a sample rate of 1 Hz"),
+            (24_000, 65, "65 channels (1 to 64 expected)"),
+        ] {
+            let path = tmp(&format!("absurd-{rate}-{channels}.wav"));
+            let spec = hound::WavSpec {
+                channels,
+                sample_rate: rate,
+                bits_per_sample: 16,
+                sample_format: hound::SampleFormat::Int,
+            };
+            let mut w = hound::WavWriter::create(&path, spec).expect("create");
+            for _ in 0..channels as usize * 100 {
+                w.write_sample(0i16).expect("sample");
+            }
+            w.finalize().expect("finalize");
+            let err = read_audio_24k(&path).expect_err(want).to_string();
+            assert!(err.contains(want) && err.contains("absurd-"), "{err}");
+        }
+        assert!(check_length(Path::new("x"), 4 * 3600 * 8000 + 1, 8000).is_err());
+        assert!(check_length(Path::new("x"), 4 * 3600 * 8000, 8000).is_ok());
     }
 
     #[test]
