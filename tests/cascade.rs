@@ -14,7 +14,7 @@ use crossbeam_channel::{bounded, Receiver};
 use parley_engine::compute::gpu::DeviceChoice;
 use parley_engine::compute::Dtype;
 use parley_engine::llm::local::LocalLlm;
-use parley_engine::llm::{test_llm_path, History, ReplyOptions};
+use parley_engine::llm::{History, ReplyOptions};
 use parley_engine::pipeline::speak::SpeakModels;
 use parley_engine::pipeline::{
     CascadeInbox, CascadeModels, Event, EventSink, Mode, Models, PcmSource, Session,
@@ -30,16 +30,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn models() -> Option<(Models, CascadeInbox)> {
-    let llm = test_llm_path();
-    if !llm.is_file() {
-        assert!(
-            std::env::var_os("PARLEY_REQUIRE_LLM").is_none(),
-            "{} is missing: run scripts/setup.sh",
-            llm.display()
-        );
-        eprintln!("skipping: {} is missing", llm.display());
-        return None;
-    }
+    let llm = parley_engine::llm::test_llm()?;
     let mut m = Models::load(
         &fixture("stt-tiny"),
         Mode::Cascade,

@@ -4,23 +4,10 @@
 //! PARLEY_REQUIRE_LLM=1 (CI), where a missing model fails.
 
 use parley_engine::llm::local::LocalLlm;
-use parley_engine::llm::{test_llm_path, ChatLlm, ChatMessage, History, ReplyOptions, Role};
+use parley_engine::llm::{test_llm, ChatLlm, ChatMessage, History, ReplyOptions, Role};
 
 fn llm() -> Option<LocalLlm> {
-    let path = test_llm_path();
-    if !path.is_file() {
-        assert!(
-            std::env::var_os("PARLEY_REQUIRE_LLM").is_none(),
-            "{} is missing: run scripts/setup.sh",
-            path.display()
-        );
-        eprintln!(
-            "skipping: {} is missing (scripts/setup.sh fetches it)",
-            path.display()
-        );
-        return None;
-    }
-    Some(LocalLlm::load(&path, 0).expect("load"))
+    Some(LocalLlm::load(&test_llm()?, 0).expect("load"))
 }
 
 fn greedy() -> ReplyOptions {

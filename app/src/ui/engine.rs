@@ -236,14 +236,7 @@ fn start(
             send(FromEngine::Status(Status::Loading(format!(
                 "loading {dir}"
             ))));
-            let device: DeviceChoice = s
-                .device
-                .parse()
-                .map_err(|e: String| (e, "Pick auto, gpu or cpu.".into()))?;
-            let dtype: Dtype = s
-                .precision
-                .parse()
-                .map_err(|e: String| (e, "Pick a weight format in Settings.".into()))?;
+            let (device, dtype) = compute(s)?;
             let m = Models::load(Path::new(&dir), s.mode, device, dtype, None).map_err(|e| {
                 (
                     format!("the model failed to load: {e}"),
@@ -372,6 +365,19 @@ fn start(
     })
 }
 
+/// The device and weight format the settings name.
+fn compute(s: &Settings) -> Result<(DeviceChoice, Dtype), (String, String)> {
+    let device: DeviceChoice = s
+        .device
+        .parse()
+        .map_err(|e: String| (e, "Pick auto, gpu or cpu.".into()))?;
+    let dtype: Dtype = s
+        .precision
+        .parse()
+        .map_err(|e: String| (e, "Pick a weight format in Settings.".into()))?;
+    Ok((device, dtype))
+}
+
 /// What the cascade needs besides the listen model, or what is missing and where to set it.
 fn check_cascade(s: &Settings) -> Result<(), (String, String)> {
     let missing =
@@ -415,14 +421,7 @@ fn load_cascade(
             "Under Cascade on the left: use a downloaded LLM preset, a GGUF chat model file, or an OpenAI-compatible endpoint's URL with the model it serves.".into(),
         )
     })?;
-    let device: DeviceChoice = s
-        .device
-        .parse()
-        .map_err(|e: String| (e, "Pick auto, gpu or cpu.".into()))?;
-    let dtype: Dtype = s
-        .precision
-        .parse()
-        .map_err(|e: String| (e, "Pick a weight format in Settings.".into()))?;
+    let (device, dtype) = compute(s)?;
     let speak = SpeakModels::load(
         Path::new(s.tts_model_dir.trim()),
         s.tts_voice.trim(),

@@ -267,6 +267,26 @@ pub fn test_llm_path() -> PathBuf {
     base.join("parley/llm/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
+/// For tests: the test LLM's path, or None (saying so on stderr) where setup has not
+/// fetched it. With `PARLEY_REQUIRE_LLM` set (CI) a missing model panics instead, so a
+/// test cannot pass by skipping.
+pub fn test_llm() -> Option<PathBuf> {
+    let path = test_llm_path();
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("PARLEY_REQUIRE_LLM").is_none(),
+        "{} is missing: run scripts/setup.sh",
+        path.display()
+    );
+    eprintln!(
+        "skipping: {} is missing (scripts/setup.sh fetches it)",
+        path.display()
+    );
+    None
+}
+
 /// Cuts text streamed in pieces into what may be spoken: whole words only (a word is
 /// complete once whitespace follows it), so the TTS never starts a word that is still
 /// being written. `finish` gives the last word.

@@ -58,12 +58,7 @@ impl SpeakModels {
         let voice = Voice::load(&Voice::resolve(voice)?)?;
         let tokenizer = d.load_tokenizer()?;
         let dep_q = lm_cfg.dep_q;
-        let codebooks = codebooks.unwrap_or(dep_q);
-        if codebooks == 0 || codebooks > dep_q {
-            return Err(Error::InvalidInput(format!(
-                "{codebooks} codebooks: this model generates 1 to {dep_q}"
-            )));
-        }
+        let codebooks = checked_codebooks(codebooks, dep_q)?;
         let weights = d.lm_weights()?;
         let (mut tts, description) = place(device, precision, codebooks, |p| {
             TtsModel::load(&weights, lm_cfg.clone(), p)
@@ -107,13 +102,7 @@ impl SpeakModels {
                     "`{preset}` is not a text-to-speech preset (tts-1.6b-en_fr is)"
                 ))
             })?;
-        let codebooks = codebooks.unwrap_or(cfg.dep_q);
-        if codebooks == 0 || codebooks > cfg.dep_q {
-            return Err(Error::InvalidInput(format!(
-                "{codebooks} codebooks: this model generates 1 to {}",
-                cfg.dep_q
-            )));
-        }
+        let codebooks = checked_codebooks(codebooks, cfg.dep_q)?;
         let tokenizer = TextTokenizer::load(tokenizer)?;
         let (mut tts, description) = place(device, precision, codebooks, |p| {
             TtsModel::random(cfg.clone(), p)
@@ -141,6 +130,17 @@ impl SpeakModels {
             description: format!("{description}; random weights ({preset})"),
         })
     }
+}
+
+/// The codebooks asked for (all `dep_q` when None), within what the model generates.
+fn checked_codebooks(codebooks: Option<usize>, dep_q: usize) -> Result<usize> {
+    let codebooks = codebooks.unwrap_or(dep_q);
+    if codebooks == 0 || codebooks > dep_q {
+        return Err(Error::InvalidInput(format!(
+            "{codebooks} codebooks: this model generates 1 to {dep_q}"
+        )));
+    }
+    Ok(codebooks)
 }
 
 /// The TTS `make` builds (in the host precision it is given) on `device`: on the CPU in
