@@ -82,6 +82,12 @@ pub struct LatencyArgs {
 }
 
 pub fn run(args: LatencyArgs) -> Result<()> {
+    for out in [Some(&args.report), args.plot.as_ref(), args.out.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        parley_engine::outfile::refuse_overwriting(out, &args.input)?;
+    }
     let mut pcm = read_audio_24k(&args.input)?;
     let tail_s = args
         .tail_s
@@ -161,16 +167,21 @@ pub fn run(args: LatencyArgs) -> Result<()> {
         output_times_s: &times,
     };
     let report = LatencyReport::compute(&record, alignment.as_ref(), &device);
-    std::fs::write(&args.report, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("writing {}", args.report.display()))?;
+    let json = serde_json::to_string_pretty(&report)?;
+    parley_engine::outfile::write_atomically(&args.report, |tmp| {
+        std::fs::write(tmp, &json).map_err(|e| parley_engine::Error::io(&args.report, e))
+    })?;
     out!("{}", report.table());
     outln!("report -> {}", args.report.display());
     if let Some(out) = &args.out {
         rec.write_wav(out)?;
     }
     if let Some(plot) = &args.plot {
-        draw(plot, &record, &report, alignment.as_ref())
-            .with_context(|| format!("drawing {}", plot.display()))?;
+        parley_engine::outfile::write_atomically(plot, |tmp| {
+            draw(tmp, &record, &report, alignment.as_ref()).map_err(|e| {
+                parley_engine::Error::InvalidInput(format!("drawing {}: {e:#}", plot.display()))
+            })
+        })?;
         outln!("plot -> {}", plot.display());
     }
     Ok(())

@@ -179,6 +179,7 @@ pub struct MoshiArgs {
 }
 
 pub fn moshi(args: MoshiArgs) -> Result<()> {
+    parley_engine::outfile::refuse_overwriting(&args.out, &args.input)?;
     let pcm = read_audio_24k(&args.input)?;
     let (dir, mut mimi, lm) = load_models(&args.model_dir, &args.run)?;
     let tokenizer = dir.load_tokenizer().context("loading the text tokenizer")?;

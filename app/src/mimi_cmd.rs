@@ -119,6 +119,7 @@ pub fn run(cmd: MimiCommand) -> Result<()> {
             eprintln!("wrote random Mimi weights -> {}", out.display());
         }
         MimiCommand::Encode { input, out, source } => {
+            parley_engine::outfile::refuse_overwriting(&out, &input)?;
             let pcm = read_audio_24k(&input)?;
             let mut mimi = source.load()?;
             let start = Instant::now();
@@ -134,6 +135,7 @@ pub fn run(cmd: MimiCommand) -> Result<()> {
             );
         }
         MimiCommand::Decode { codes, out, source } => {
+            parley_engine::outfile::refuse_overwriting(&out, &codes)?;
             let mut mimi = source.load()?;
             let rows = npy::read_u32_2d(&codes, mimi.cardinality() as u32)?;
             if rows.len() > mimi.total_codebooks() {

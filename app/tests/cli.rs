@@ -837,3 +837,63 @@ fn tts_says_the_reference_text_whole_or_streamed() {
     args.extend(["--model-dir", s(&stt), "--voice", &voice, "--out", s(&wav)]);
     assert_clean_failure(&parley(&args), "not a text-to-speech model");
 }
+
+/// `--out` naming the input (by any path) is refused before anything is written, and a
+/// failed write leaves the previous output as it was: outputs go through a temporary file
+/// renamed into place.
+#[test]
+fn outputs_never_replace_their_input_or_a_good_file_with_half_of_one() {
+    let wav = fixture_dir("mimi-tiny").join("input.wav");
+    let copy = tmp("self_input.wav");
+    std::fs::copy(&wav, &copy).expect("copy");
+    let before = std::fs::read(&copy).expect("read");
+    let aliased = copy
+        .parent()
+        .expect("dir")
+        .join(".")
+        .join(copy.file_name().expect("name"));
+    let out = parley(&[
+        "mimi",
+        "encode",
+        s(&copy),
+        "--model-dir",
+        s(&fixture_dir("mimi-tiny")),
+        "--out",
+        s(&aliased),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is the input file"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&copy).expect("read"),
+        before,
+        "the input is intact"
+    );
+    // A decode into a directory that cannot take the file fails and leaves nothing.
+    let codes = tmp("self_codes.npy");
+    parley_ok(&[
+        "mimi",
+        "encode",
+        s(&copy),
+        "--model-dir",
+        s(&fixture_dir("mimi-tiny")),
+        "--out",
+        s(&codes),
+    ]);
+    let first = std::fs::read(&codes).expect("codes");
+    let missing_dir = tmp("no-such-dir").join("out.wav");
+    let out = parley(&[
+        "mimi",
+        "decode",
+        s(&codes),
+        "--model-dir",
+        s(&fixture_dir("mimi-tiny")),
+        "--out",
+        s(&missing_dir),
+    ]);
+    assert!(!out.status.success());
+    assert!(!missing_dir.exists());
+    assert_eq!(std::fs::read(&codes).expect("codes"), first);
+}

@@ -7,6 +7,7 @@ pub mod hub;
 pub mod llm;
 pub mod models;
 pub mod npy;
+pub mod outfile;
 pub mod pipeline;
 pub mod profile;
 

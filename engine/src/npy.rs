@@ -22,7 +22,12 @@ pub fn write_i64_2d(path: &Path, rows: &[Vec<u32>]) -> Result<()> {
     }
     let flat: Vec<i64> = rows.iter().flatten().map(|&v| v as i64).collect();
     let t = Tensor::from_vec(flat, (rows.len(), cols), &Device::Cpu)?;
-    t.write_npy(path).map_err(|e| npy_err(path, e))
+    write_tensor(path, &t)
+}
+
+/// Writes `t` to `path` through a temporary file renamed into place.
+fn write_tensor(path: &Path, t: &Tensor) -> Result<()> {
+    crate::outfile::write_atomically(path, |tmp| t.write_npy(tmp).map_err(|e| npy_err(path, e)))
 }
 
 /// Writes a 2-D int64 array of signed values (rows of equal length).
@@ -33,14 +38,14 @@ pub fn write_i64_2d_signed(path: &Path, rows: &[Vec<i64>]) -> Result<()> {
     }
     let flat: Vec<i64> = rows.iter().flatten().copied().collect();
     let t = Tensor::from_vec(flat, (rows.len(), cols), &Device::Cpu)?;
-    t.write_npy(path).map_err(|e| npy_err(path, e))
+    write_tensor(path, &t)
 }
 
 /// Writes a 1-D int64 array.
 pub fn write_i64_1d(path: &Path, values: &[u32]) -> Result<()> {
     let flat: Vec<i64> = values.iter().map(|&v| v as i64).collect();
     let t = Tensor::from_vec(flat, values.len(), &Device::Cpu)?;
-    t.write_npy(path).map_err(|e| npy_err(path, e))
+    write_tensor(path, &t)
 }
 
 /// Reads a 2-D array of non-negative integers (any integer dtype) below `max_exclusive`.

@@ -209,21 +209,12 @@ pub fn write_wav_f32(path: &Path, pcm: &[f32], sample_rate_hz: u32) -> Result<()
     };
     // Written beside the target and renamed into place: a failure never leaves half a
     // file where the output should be.
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp",
-        path.file_name()
-            .map_or("out.wav".into(), |n| n.to_string_lossy())
-    ));
-    let write = || -> Result<()> {
-        let mut writer = hound::WavWriter::create(&tmp, spec).map_err(wrap)?;
+    crate::outfile::write_atomically(path, |tmp| {
+        let mut writer = hound::WavWriter::create(tmp, spec).map_err(wrap)?;
         for &s in pcm {
             writer.write_sample(s).map_err(wrap)?;
         }
-        writer.finalize().map_err(wrap)?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-    };
-    write().inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
+        writer.finalize().map_err(wrap)
     })
 }
 

@@ -298,9 +298,11 @@ impl Weights {
             .iter()
             .map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?)))
             .collect::<Result<HashMap<_, _>>>()?;
-        candle_core::safetensors::save(&tensors, path).map_err(|e| Error::Safetensors {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
+        crate::outfile::write_atomically(path, |tmp| {
+            candle_core::safetensors::save(&tensors, tmp).map_err(|e| Error::Safetensors {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })
         })
     }
 
