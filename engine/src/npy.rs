@@ -56,6 +56,7 @@ pub fn read_u32_2d(path: &Path, max_exclusive: u32) -> Result<Vec<Vec<u32>>> {
             std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
         ));
     }
+    check_header(path)?;
     let t = Tensor::read_npy(path)
         .map_err(|e| npy_err(path, format!("not a readable .npy file: {e}")))?;
     if t.rank() != 2 {
@@ -87,9 +88,105 @@ pub fn read_u32_2d(path: &Path, max_exclusive: u32) -> Result<Vec<Vec<u32>>> {
     Ok(out)
 }
 
+/// Checks that the header's shape and element size describe exactly the bytes the file
+/// holds, before a reader sizes anything from them (a 1.4 KB file may claim 2^62 x 2^62).
+fn check_header(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let bad = |reason: String| npy_err(path, reason);
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut head = vec![0u8; 12];
+    f.read_exact(&mut head)
+        .map_err(|_| bad("too short for a .npy header".into()))?;
+    if &head[..6] != b"\x93NUMPY" {
+        return Err(bad("not a .npy file (no \\x93NUMPY magic)".into()));
+    }
+    let (prefix, header_len) = match head[6] {
+        1 => (10u64, u64::from(u16::from_le_bytes([head[8], head[9]]))),
+        2 | 3 => (
+            12u64,
+            u64::from(u32::from_le_bytes([head[8], head[9], head[10], head[11]])),
+        ),
+        v => return Err(bad(format!(".npy format version {v} (1 to 3 expected)"))),
+    };
+    if prefix + header_len > file_len || header_len > 1 << 16 {
+        return Err(bad(format!(
+            "a header of {header_len} bytes in a file of {file_len}"
+        )));
+    }
+    // The header text: what of it the first 12 bytes hold (v1), then the rest.
+    let mut all = head[prefix as usize..].to_vec();
+    all.truncate(header_len as usize);
+    let mut rest = vec![0u8; header_len as usize - all.len()];
+    f.read_exact(&mut rest).map_err(|e| Error::io(path, e))?;
+    all.extend(rest);
+    let text = String::from_utf8_lossy(&all);
+    let field = |key: &str| text.find(key).map(|i| &text[i + key.len()..]);
+    let descr = field("'descr':")
+        .and_then(|r| r.split('\'').nth(1))
+        .ok_or_else(|| bad("the header has no 'descr'".into()))?;
+    let itemsize: u64 = descr
+        .trim_start_matches(['<', '>', '|', '='])
+        .get(1..)
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| bad(format!("element type '{descr}' is not a number type")))?;
+    let dims = field("'shape':")
+        .and_then(|r| Some(&r[r.find('(')? + 1..r.find(')')?]))
+        .ok_or_else(|| bad("the header has no 'shape'".into()))?;
+    let mut count = 1u64;
+    for d in dims.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let n: u64 = d
+            .parse()
+            .map_err(|_| bad(format!("shape ({dims}) is not a list of sizes")))?;
+        count = count.saturating_mul(n);
+    }
+    let need = count.saturating_mul(itemsize);
+    let have = file_len - prefix - header_len;
+    if need != have {
+        return Err(bad(format!(
+            "the header's shape ({dims}) of '{descr}' needs {need} bytes of data; the file holds {have}"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A header whose shape claims more (or less) than the file holds is an error naming
+    /// both, before any reader sizes a buffer from it.
+    #[test]
+    fn a_header_claiming_more_than_the_file_holds_is_refused() {
+        let dir = std::env::temp_dir().join(format!("parley-npy-hdr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("codes.npy");
+        write_i64_2d(&path, &[vec![1, 2, 3], vec![4, 5, 6]]).expect("write");
+        check_header(&path).expect("a true header");
+        let bytes = std::fs::read(&path).expect("read");
+        // The shape's numbers, however the writer spelt them ("(2,3,)").
+        let key = &b"'shape': ("[..];
+        let from = bytes
+            .windows(key.len())
+            .position(|w| w == key)
+            .expect("the shape is in the header")
+            + key.len();
+        let to = from + bytes[from..].iter().position(|&b| b == b')').expect(")");
+        let mut forged = bytes[..from].to_vec();
+        forged.extend_from_slice(b"4611686018427387904, 4611686018427387904");
+        forged.extend_from_slice(&bytes[to..]);
+        // Keep the header's declared (v1) length true to the longer text.
+        let extra = forged.len() - bytes.len();
+        let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize + extra;
+        forged[8..10].copy_from_slice(&(len as u16).to_le_bytes());
+        std::fs::write(&path, &forged).expect("write");
+        let err = read_u32_2d(&path, 2048).expect_err("forged").to_string();
+        assert!(
+            err.contains("needs") && err.contains("the file holds 48"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     #[test]
     fn round_trip_and_range_check() {
