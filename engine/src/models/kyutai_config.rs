@@ -225,8 +225,12 @@ impl ModelDir {
 
     /// `stt_config`, with the reference script's defaults.
     pub fn stt_config(&self) -> Result<SttConfig> {
-        serde_json::from_value(serde_json::Value::Object(self.config.stt_config.clone()))
-            .map_err(|e| Error::config(self.config_path(), format!("stt_config: {e}")))
+        let c: SttConfig =
+            serde_json::from_value(serde_json::Value::Object(self.config.stt_config.clone()))
+                .map_err(|e| Error::config(self.config_path(), format!("stt_config: {e}")))?;
+        c.validate()
+            .map_err(|reason| Error::config(self.config_path(), reason))?;
+        Ok(c)
     }
 
     /// The directory's Mimi with its config and codebook count.
@@ -262,6 +266,50 @@ mod tests {
             .tts_config
             .insert("multistream".into(), serde_json::json!(true));
         assert_eq!(dir.mimi_num_codebooks(), 16);
+    }
+
+    /// A negative, huge or absent-minded stt_config is an error naming the field (a delay
+    /// of 1e12 s once stepped the model for ever).
+    #[test]
+    fn stt_config_out_of_sense_is_named() {
+        let tmp = std::env::temp_dir().join(format!("parley-sttcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).expect("dir");
+        for (cfg, field) in [
+            (
+                r#"{"audio_delay_seconds": -1}"#,
+                "audio_delay_seconds is -1",
+            ),
+            (r#"{"audio_delay_seconds": 1e12}"#, "audio_delay_seconds"),
+            (
+                r#"{"audio_silence_prefix_seconds": 1e9}"#,
+                "audio_silence_prefix_seconds",
+            ),
+        ] {
+            std::fs::write(
+                tmp.join("config.json"),
+                format!(r#"{{"stt_config": {cfg}}}"#),
+            )
+            .expect("write");
+            let dir = ModelDir::open(&tmp).expect("open");
+            let err = dir.stt_config().expect_err(cfg).to_string();
+            assert!(
+                err.contains(field)
+                    && err.contains("config.json")
+                    && err.contains("expected 0 to 60"),
+                "{err}"
+            );
+        }
+        std::fs::write(
+            tmp.join("config.json"),
+            r#"{"stt_config": {"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 1.0}}"#,
+        )
+        .expect("write");
+        let ok = ModelDir::open(&tmp)
+            .expect("open")
+            .stt_config()
+            .expect("sane");
+        assert_eq!(ok.audio_delay_seconds, 0.5);
+        std::fs::remove_dir_all(&tmp).ok();
     }
 
     #[test]

@@ -31,6 +31,31 @@ impl Default for SttConfig {
     }
 }
 
+impl SttConfig {
+    /// The longest silence prefix or delay taken, in seconds (the published models use 1 s
+    /// and 0.5 or 2.5 s): a larger one would step the model for ever.
+    pub const MAX_SECONDS: f64 = 60.0;
+
+    /// Each field finite and within 0..=[`Self::MAX_SECONDS`], or what is wrong.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        for (name, v) in [
+            (
+                "audio_silence_prefix_seconds",
+                self.audio_silence_prefix_seconds,
+            ),
+            ("audio_delay_seconds", self.audio_delay_seconds),
+        ] {
+            if !(v.is_finite() && (0.0..=Self::MAX_SECONDS).contains(&v)) {
+                return Err(format!(
+                    "stt_config.{name} is {v}; expected 0 to {} seconds",
+                    Self::MAX_SECONDS
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A transcribed word with its time span in the input audio, in seconds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Word {
