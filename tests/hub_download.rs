@@ -451,3 +451,35 @@ fn a_pull_on_its_own_thread_reports_and_cancels() {
     let err = handle.join().expect_err("cancelled");
     assert!(matches!(err, Error::Cancelled { .. }), "{err:?}");
 }
+
+/// A server that trickles a byte at a time (which no read timeout catches) fails the
+/// pull at the progress deadline, saying how little came; the next pull resumes.
+#[test]
+fn a_trickling_server_fails_at_the_progress_deadline() {
+    let server = hub_with_fixture();
+    let home = tmp_home("trickle");
+    let hub = client(&home, &server.url);
+    let p = preset(REPO, &FILES);
+    server.trickle(Some(Duration::from_millis(20)));
+    let opts = PullOptions {
+        stall_window: Duration::from_millis(500),
+        stall_min_bytes: 1024,
+        ..options(0)
+    };
+    let t = std::time::Instant::now();
+    let err = pull(&hub, &p, &opts).0.expect_err("too slow").to_string();
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        err.contains("in the last 0.5 s") && err.contains("at least expected"),
+        "{err}"
+    );
+    server.trickle(None);
+    let dir = pull(&hub, &p, &opts).0.expect("pull");
+    for f in FILES {
+        assert_eq!(std::fs::read(dir.join(f)).expect("read"), fixture(f), "{f}");
+    }
+}

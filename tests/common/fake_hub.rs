@@ -89,6 +89,8 @@ struct State {
     truncate_next: HashMap<String, usize>,
     corrupt: HashSet<String>,
     ignore_range: bool,
+    /// Send bodies a byte at a time, this long apart.
+    trickle: Option<std::time::Duration>,
 }
 
 pub struct FakeHub {
@@ -158,6 +160,11 @@ impl FakeHub {
         });
     }
 
+    /// Send every body one byte at a time, `every` apart (None: at once).
+    pub fn trickle(&self, every: Option<std::time::Duration>) {
+        self.with(|s| s.trickle = every);
+    }
+
     /// Answer ranged requests with the whole file (200), as some servers do.
     pub fn ignore_range(&self, on: bool) {
         self.with(|s| s.ignore_range = on);
@@ -196,6 +203,8 @@ struct Reply {
     body: Vec<u8>,
     /// Bytes of `body` actually sent before closing (fault injection).
     send_only: Option<usize>,
+    /// Send the body a byte at a time, this long apart (fault injection).
+    trickle: Option<std::time::Duration>,
 }
 
 impl Reply {
@@ -205,6 +214,7 @@ impl Reply {
             headers: Vec::new(),
             body: Vec::new(),
             send_only: None,
+            trickle: None,
         }
     }
 
@@ -352,6 +362,7 @@ fn body_reply(st: &mut State, file: &FakeFile, req: &Request) -> Reply {
     };
     if req.method == "GET" {
         reply.send_only = st.truncate_next.remove(&file.name);
+        reply.trickle = st.trickle;
     }
     reply.header("Accept-Ranges", "bytes")
 }
@@ -382,7 +393,20 @@ fn send(mut stream: TcpStream, method: &str, reply: Reply) {
             .send_only
             .unwrap_or(reply.body.len())
             .min(reply.body.len());
-        let _ = stream.write_all(&reply.body[..n]);
+        match reply.trickle {
+            Some(every) => {
+                for b in &reply.body[..n] {
+                    if stream.write_all(std::slice::from_ref(b)).is_err() {
+                        return;
+                    }
+                    let _ = stream.flush();
+                    std::thread::sleep(every);
+                }
+            }
+            None => {
+                let _ = stream.write_all(&reply.body[..n]);
+            }
+        }
     }
     let _ = stream.flush();
     let _ = stream.shutdown(Shutdown::Write);

@@ -207,6 +207,11 @@ pub struct PullOptions {
     pub retry_delay: Duration,
     /// Least time between two `Downloading` progress reports.
     pub progress_interval: Duration,
+    /// The progress deadline: a transfer that brings fewer than `stall_min_bytes` in any
+    /// `stall_window` is an error (the connection's read timeout alone lets a server that
+    /// trickles a byte at a time hold a pull for ever).
+    pub stall_window: Duration,
+    pub stall_min_bytes: u64,
 }
 
 impl Default for PullOptions {
@@ -216,6 +221,8 @@ impl Default for PullOptions {
             retries: 3,
             retry_delay: Duration::from_secs(2),
             progress_interval: Duration::from_millis(100),
+            stall_window: Duration::from_secs(60),
+            stall_min_bytes: 64 << 10,
         }
     }
 }
@@ -710,9 +717,28 @@ impl Hub {
             let mut reader = body.reader;
             let mut buf = vec![0u8; CHUNK_BYTES];
             let mut last_report = Instant::now();
+            // The progress deadline's window: when it began, and `done` then.
+            let mut window = (Instant::now(), done);
             report((PullPhase::Downloading, done));
             while done < remote.size {
                 check_cancel_file(&options.cancel, target)?;
+                if window.0.elapsed() >= options.stall_window {
+                    if done - window.1 < options.stall_min_bytes {
+                        file.flush().map_err(|e| Error::io(&part, e))?;
+                        return Err(Error::Download {
+                            file: target.label(),
+                            reason: format!(
+                                "the server sent {} in the last {} s ({} at least expected) after {} of {}: too slow to finish; pull again to resume",
+                                format_bytes(done - window.1),
+                                options.stall_window.as_secs_f64(),
+                                format_bytes(options.stall_min_bytes),
+                                format_bytes(done),
+                                format_bytes(remote.size)
+                            ),
+                        });
+                    }
+                    window = (Instant::now(), done);
+                }
                 let n = match reader.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => n,
