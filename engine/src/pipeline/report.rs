@@ -613,9 +613,11 @@ fn cascade_replies(
                 let turn = turns
                     .iter()
                     .rposition(|t| t.end_s - TURN_END_WINDOW_S <= decided_s);
-                // Its audio: between its decision and the next reply's.
+                // Its audio: between its decision and the next reply's, if the TTS made any
+                // (a reply cut short before its first frame was never heard).
                 let until = starts.get(i + 1).copied().unwrap_or(f64::INFINITY);
                 let heard_s = (0..audible.len().min(rec.output_times_s.len()))
+                    .filter(|_| timing.tts_first_audio_ms.is_some())
                     .map(|k| (k, rec.output_times_s[k]))
                     .find(|&(k, t)| audible[k] && t >= decided_s && t < until)
                     .map(|(_, t)| t);
