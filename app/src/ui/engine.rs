@@ -61,6 +61,7 @@ pub struct Engine {
     tx: Sender<Command>,
     rx: Receiver<FromEngine>,
     pub muted: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -78,11 +79,15 @@ impl Engine {
         let spawned = std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || controller(cmd_rx, out_tx, m, repaint));
-        let engine = Self { tx, rx, muted };
-        if let Err(e) = spawned {
-            eprintln!("parley: cannot start the engine thread: {e}");
+        let thread = spawned
+            .map_err(|e| eprintln!("parley: cannot start the engine thread: {e}"))
+            .ok();
+        Self {
+            tx,
+            rx,
+            muted,
+            thread,
         }
-        engine
     }
 
     pub fn send(&self, c: Command) {
@@ -92,6 +97,18 @@ impl Engine {
     /// Everything that arrived since the last call; never blocks.
     pub fn drain(&self) -> Vec<FromEngine> {
         self.rx.try_iter().collect()
+    }
+}
+
+/// Closing the window ends the controller: its session stops and its models (llama.cpp's
+/// among them) are freed before the process exits, not while exit tears the libraries
+/// down (which corrupted the heap at the end of a test run).
+impl Drop for Engine {
+    fn drop(&mut self) {
+        drop(std::mem::replace(&mut self.tx, unbounded().0));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
