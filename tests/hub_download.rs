@@ -483,3 +483,28 @@ fn a_trickling_server_fails_at_the_progress_deadline() {
         assert_eq!(std::fs::read(dir.join(f)).expect("read"), fixture(f), "{f}");
     }
 }
+
+/// A server whose ETag is not a hash (a weak validator, as many web servers send) cannot be
+/// checked: the pull fails naming what it sent, downloads nothing and the preset is not ready.
+#[test]
+fn an_etag_that_is_not_a_hash_is_refused() {
+    let server = hub_with_fixture();
+    let home = tmp_home("weak-etag");
+    let hub = client(&home, &server.url);
+    let p = preset(REPO, &FILES);
+    server.etag_override(Some("W/\"5f3c-1a2b\""));
+    let err = pull(&hub, &p, &options(0)).0.expect_err("unverifiable").to_string();
+    assert!(
+        err.contains("`5f3c-1a2b`") && err.contains("could not be verified"),
+        "{err}"
+    );
+    assert!(hub.status(&p).files.iter().all(|f| f.state == FileState::Missing));
+    assert!(!server.log().iter().any(|r| r.method == "GET"), "{:?}", server.log());
+    // A path in the ETag never reaches the cache's file names.
+    server.etag_override(Some("\"../../escape\""));
+    let err = pull(&hub, &p, &options(0)).0.expect_err("path").to_string();
+    assert!(err.contains("`../../escape`"), "{err}");
+    assert!(!home.join("escape").exists());
+    server.etag_override(None);
+    pull(&hub, &p, &options(0)).0.expect("the Hub's own ETags");
+}

@@ -91,6 +91,8 @@ struct State {
     ignore_range: bool,
     /// Send bodies a byte at a time, this long apart.
     trickle: Option<std::time::Duration>,
+    /// Give every file this ETag (as a server that is not the Hub might).
+    etag: Option<String>,
 }
 
 pub struct FakeHub {
@@ -163,6 +165,11 @@ impl FakeHub {
     /// Send every body one byte at a time, `every` apart (None: at once).
     pub fn trickle(&self, every: Option<std::time::Duration>) {
         self.with(|s| s.trickle = every);
+    }
+
+    /// Give every file this ETag instead of its hash (None: the Hub's ETags).
+    pub fn etag_override(&self, etag: Option<&str>) {
+        self.with(|s| s.etag = etag.map(str::to_string));
     }
 
     /// Answer ranged requests with the whole file (200), as some servers do.
@@ -287,7 +294,10 @@ fn route(st: &mut State, req: &Request, base: &str) -> Reply {
             .filter(|r| r.commit == segs[2])
             .and_then(|r| r.files.iter().find(|f| f.name == segs[3]).cloned());
         return match file {
-            Some(f) => body_reply(st, &f, req).header("ETag", format!("\"{}\"", f.git_sha1())),
+            Some(f) => {
+                let etag = st.etag.clone().unwrap_or_else(|| format!("\"{}\"", f.git_sha1()));
+                body_reply(st, &f, req).header("ETag", etag)
+            }
             None => Reply::error(404, "EntryNotFound"),
         };
     }
@@ -316,7 +326,10 @@ fn route(st: &mut State, req: &Request, base: &str) -> Reply {
         Reply::new(302)
             .header("Location", format!("{base}/cdn/{}", file.sha256()))
             .header("X-Repo-Commit", commit)
-            .header("X-Linked-Etag", format!("\"{}\"", file.sha256()))
+            .header(
+                "X-Linked-Etag",
+                st.etag.clone().unwrap_or_else(|| format!("\"{}\"", file.sha256())),
+            )
             .header("X-Linked-Size", file.bytes.len().to_string())
             .header("ETag", format!("\"{}\"", file.git_sha1()))
     } else {

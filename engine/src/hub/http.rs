@@ -297,8 +297,9 @@ fn remote_from(resp: &ureq::Response, fallback: &str) -> std::result::Result<Rem
         .header("X-Linked-Etag")
         .or_else(|| resp.header("ETag"))
         .map(unquote)
-        .filter(|e| !e.is_empty() && !e.contains('/'))
         .ok_or("the Hub's answer has no ETag")?;
+    // Also what keeps a hostile ETag (`../x`) out of the blob's path.
+    super::integrity::check_etag(&etag)?;
     let size = header_u64(resp, "X-Linked-Size")
         .or_else(|| header_u64(resp, "Content-Length"))
         .ok_or("the Hub's answer has no size (X-Linked-Size or Content-Length)")?;

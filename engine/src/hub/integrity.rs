@@ -6,29 +6,43 @@
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
-/// The running hash of a file being downloaded, chosen from its ETag.
+/// The running hash of a file being downloaded, chosen from its ETag. Every file is
+/// checked: an ETag of another form is refused before anything is downloaded
+/// ([`check_etag`]), since the size alone would let any bytes of the right length in.
 pub(crate) enum Hasher {
     Sha256(Sha256),
     GitSha1(Sha1),
-    /// An ETag of another form: only the size can be checked.
-    None,
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// `Ok` when `etag` (unquoted) is a hash Parley can check the bytes against; otherwise what
+/// was wrong, naming what the server sent.
+pub(crate) fn check_etag(etag: &str) -> Result<(), String> {
+    if is_hex(etag, 64) || is_hex(etag, 40) {
+        Ok(())
+    } else {
+        let shown: String = etag.chars().take(80).collect();
+        Err(format!(
+            "the server's ETag `{}`{} is neither a sha256 (64 hex digits, as the Hub gives LFS files) nor a git blob id (40 hex digits): the file's bytes could not be verified, so nothing was downloaded",
+            shown.escape_debug(),
+            if etag.chars().count() > 80 { "..." } else { "" }
+        ))
+    }
+}
+
 impl Hasher {
-    /// A hasher for a file of `size` bytes whose ETag is `etag`.
-    pub fn for_etag(etag: &str, size: u64) -> Self {
-        if is_hex(etag, 64) {
-            Self::Sha256(Sha256::new())
-        } else if is_hex(etag, 40) {
+    /// A hasher for a file of `size` bytes whose ETag is `etag`, or what is wrong with it.
+    pub fn for_etag(etag: &str, size: u64) -> Result<Self, String> {
+        check_etag(etag)?;
+        if etag.len() == 64 {
+            Ok(Self::Sha256(Sha256::new()))
+        } else {
             let mut h = Sha1::new();
             h.update(format!("blob {size}\0").as_bytes());
-            Self::GitSha1(h)
-        } else {
-            Self::None
+            Ok(Self::GitSha1(h))
         }
     }
 
@@ -37,7 +51,6 @@ impl Hasher {
         match self {
             Self::Sha256(_) => "sha256",
             Self::GitSha1(_) => "git blob sha1",
-            Self::None => "none",
         }
     }
 
@@ -45,18 +58,16 @@ impl Hasher {
         match self {
             Self::Sha256(h) => h.update(bytes),
             Self::GitSha1(h) => h.update(bytes),
-            Self::None => {}
         }
     }
 
-    /// The hex digest, or `None` when the ETag gave nothing to check.
-    pub fn finish(self) -> Option<String> {
+    /// The hex digest.
+    pub fn finish(self) -> String {
         let bytes: Vec<u8> = match self {
             Self::Sha256(h) => h.finalize().to_vec(),
             Self::GitSha1(h) => h.finalize().to_vec(),
-            Self::None => return None,
         };
-        Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 
@@ -65,10 +76,10 @@ mod tests {
     use super::*;
 
     fn digest(etag: &str, data: &[u8]) -> Option<String> {
-        let mut h = Hasher::for_etag(etag, data.len() as u64);
+        let mut h = Hasher::for_etag(etag, data.len() as u64).ok()?;
         h.update(&data[..data.len() / 2]);
         h.update(&data[data.len() / 2..]);
-        h.finish()
+        Some(h.finish())
     }
 
     #[test]
@@ -85,5 +96,9 @@ mod tests {
             Some("ce013625030ba8dba906f756967f9e9ca394464a")
         );
         assert_eq!(digest("W/\"abc\"", b"x"), None);
+        assert_eq!(digest(&"g".repeat(64), b"x"), None);
+        assert_eq!(digest(&"0".repeat(63), b"x"), None);
+        let err = check_etag("\"1a2b-5f3c\"").expect_err("not a hash");
+        assert!(err.contains("`\\\"1a2b-5f3c\\\"`") && err.contains("verified"), "{err}");
     }
 }

@@ -686,8 +686,14 @@ impl Hub {
         }
 
         // Hash what is already there, so the new bytes only need hashing once.
-        let mut hasher = Hasher::for_etag(&remote.etag, remote.size);
-        if have > 0 && !matches!(hasher, Hasher::None) {
+        let new_hasher = || {
+            Hasher::for_etag(&remote.etag, remote.size).map_err(|reason| Error::Download {
+                file: target.label(),
+                reason,
+            })
+        };
+        let mut hasher = new_hasher()?;
+        if have > 0 {
             report((PullPhase::Checking, have));
             file.seek(SeekFrom::Start(0))
                 .map_err(|e| Error::io(&part, e))?;
@@ -709,7 +715,7 @@ impl Hub {
             if body.start != have {
                 // The server sent the whole file: start the part file over.
                 file.set_len(0).map_err(|e| Error::io(&part, e))?;
-                hasher = Hasher::for_etag(&remote.etag, remote.size);
+                hasher = new_hasher()?;
                 done = 0;
             }
             file.seek(SeekFrom::Start(done))
@@ -779,16 +785,15 @@ impl Hub {
             });
         }
         let algorithm = hasher.algorithm();
-        if let Some(found) = hasher.finish() {
-            if !found.eq_ignore_ascii_case(&remote.etag) {
-                let _ = std::fs::remove_file(&part);
-                return Err(Error::CorruptDownload {
-                    file: target.label(),
-                    algorithm: algorithm.to_string(),
-                    expected: remote.etag.clone(),
-                    found,
-                });
-            }
+        let found = hasher.finish();
+        if !found.eq_ignore_ascii_case(&remote.etag) {
+            let _ = std::fs::remove_file(&part);
+            return Err(Error::CorruptDownload {
+                file: target.label(),
+                algorithm: algorithm.to_string(),
+                expected: remote.etag.clone(),
+                found,
+            });
         }
         let blob = cache.blob(&remote.etag);
         std::fs::rename(&part, &blob).map_err(|e| Error::io(&blob, e))
