@@ -904,3 +904,92 @@ fn outputs_never_replace_their_input_or_a_good_file_with_half_of_one() {
     assert!(!missing_dir.exists());
     assert_eq!(std::fs::read(&codes).expect("codes"), first);
 }
+
+/// Copies `from` (a flat directory) to a fresh `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).expect("dir");
+    for e in std::fs::read_dir(from).expect("read dir") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+    }
+}
+
+/// Messages of the list: each names the file (or tensor) at fault, says what was
+/// expected, and says it once.
+#[test]
+fn messages_name_the_culprit_once() {
+    let input = fixtures().join("input.wav");
+    let stt = fixture_dir("stt-tiny");
+    let once = |out: &Output, what: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.matches(what).count(), 1, "`{what}` once: {stderr}");
+    };
+
+    let empty = tmp("empty.wav");
+    std::fs::write(&empty, b"").expect("write");
+    let out = parley(&["stt", s(&empty), "--model-dir", s(&stt)]);
+    assert_clean_failure(&out, "empty.wav: the file is empty");
+    let short = tmp("short.wav");
+    std::fs::write(&short, b"RIFF\x24\x00\x00\x00WAVE").expect("write");
+    let out = parley(&["stt", s(&short), "--model-dir", s(&stt)]);
+    assert_clean_failure(&out, "ends after 12 bytes, within its header");
+
+    let missing = tmp("missing.wav");
+    let out = parley(&["stt", s(&missing), "--model-dir", s(&stt)]);
+    assert_clean_failure(&out, "missing.wav");
+    once(&out, "No such file");
+    let out = parley(&[
+        "mimi",
+        "decode",
+        s(&tmp("missing.npy")),
+        "--model-dir",
+        s(&fixtures()),
+        "--out",
+        s(&tmp("y.wav")),
+    ]);
+    assert_clean_failure(&out, "missing.npy");
+    once(&out, "no such file");
+
+    // Without config.json: the message is about config.json, not about a Mimi file.
+    let no_config = tmp("no-config");
+    copy_dir(&stt, &no_config);
+    std::fs::remove_file(no_config.join("config.json")).expect("rm");
+    let out = parley(&["stt", s(&input), "--model-dir", s(&no_config)]);
+    assert_clean_failure(&out, "config.json");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("missing") && stderr.contains("needs its config.json"),
+        "{stderr}"
+    );
+
+    // A NaN in a weight the STT reads: the tensor is named.
+    let nan = tmp("nan-weights");
+    copy_dir(&stt, &nan);
+    let path = nan.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).expect("read");
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Value =
+        serde_json::from_slice(&bytes[8..8 + header_len]).expect("header");
+    let (name, offset, nan_bits) = header
+        .as_object()
+        .expect("object")
+        .iter()
+        .filter(|(k, _)| k.as_str() == "text_emb.weight")
+        .find_map(|(k, v)| {
+            let bits: &[u8] = match v["dtype"].as_str()? {
+                "F32" => &[0x00, 0x00, 0xc0, 0x7f],
+                "BF16" => &[0xc0, 0x7f],
+                "F16" => &[0x00, 0x7e],
+                _ => return None,
+            };
+            Some((k.clone(), v["data_offsets"][0].as_u64()? as usize, bits))
+        })
+        .expect("a float tensor");
+    let at = 8 + header_len + offset;
+    bytes[at..at + nan_bits.len()].copy_from_slice(nan_bits);
+    std::fs::write(&path, bytes).expect("write");
+    let out = parley(&["stt", s(&input), "--model-dir", s(&nan)]);
+    assert_clean_failure(&out, &format!("`{name}`"));
+    assert_clean_failure(&out, "non-finite value (NaN or infinity) at element 0");
+}

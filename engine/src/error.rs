@@ -43,6 +43,16 @@ pub enum Error {
     #[error("config {path}: {reason}")]
     Config { path: PathBuf, reason: String },
 
+    #[error(
+        "{path}: tensor `{name}` of shape {shape:?} holds a non-finite value (NaN or infinity) at element {index}: the checkpoint is corrupt (a published one holds none)"
+    )]
+    NonFinite {
+        path: PathBuf,
+        name: String,
+        shape: Vec<usize>,
+        index: usize,
+    },
+
     #[error("audio {path}: {reason}")]
     Audio { path: PathBuf, reason: String },
 

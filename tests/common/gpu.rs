@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use parley_engine::compute::gpu::{select, Backend, DeviceChoice, Gpu};
+use parley_engine::compute::gpu::{backends, select, Backend, DeviceChoice, Gpu};
 
 pub fn any_gpu() -> Option<Arc<Gpu>> {
-    match select(DeviceChoice::Gpu, wgpu::Backends::all()) {
+    match select(DeviceChoice::Gpu, backends()) {
         Ok((Backend::Gpu(g), line)) => {
             eprintln!("{line}");
             Some(g)

@@ -99,6 +99,21 @@ pub fn read_audio_mono(path: &Path) -> Result<MonoAudio> {
 
 fn read_wav(path: &Path) -> Result<MonoAudio> {
     let reader = hound::WavReader::open(path).map_err(|e| match e {
+        // hound says a header ends early with an `Other` error of this text.
+        hound::Error::IoError(io)
+            if io.kind() == std::io::ErrorKind::UnexpectedEof
+                || io.to_string() == "Failed to read enough bytes." =>
+        {
+            let len = std::fs::metadata(path).map_or(0, |m| m.len());
+            if len == 0 {
+                Error::audio(path, "the file is empty (0 bytes), not a WAV file")
+            } else {
+                Error::audio(
+                    path,
+                    format!("not a readable WAV file: it ends after {len} bytes, within its header (a RIFF/WAVE header with `fmt ` and `data` chunks expected)"),
+                )
+            }
+        }
         hound::Error::IoError(io) => Error::io(path, io),
         other => Error::audio(path, format!("not a readable WAV file: {other}")),
     })?;

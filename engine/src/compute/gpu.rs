@@ -104,8 +104,15 @@ fn rank(t: wgpu::DeviceType) -> u8 {
     }
 }
 
-/// Picks and opens the device for `choice` among every backend wgpu has (Vulkan, Metal,
-/// DX12, GL). Returns the backend and the line to log.
+/// The backends searched for a device: Vulkan, Metal and DX12 (wgpu's primary ones), or
+/// what `WGPU_BACKEND` names. Not GL: its compute support is partial (no subgroups, smaller
+/// storage limits) and the kernels are neither written nor tested for it.
+pub fn backends() -> wgpu::Backends {
+    wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY)
+}
+
+/// Picks and opens the device for `choice` among the backends of [`backends`]. Returns the
+/// backend and the line to log.
 ///
 /// One wgpu device per process: while a device opened here is alive (held by a model), a
 /// later call that it satisfies shares it instead of opening another, so the models of a
@@ -114,7 +121,7 @@ pub fn select_device(choice: DeviceChoice) -> Result<(Backend, String)> {
     static SHARED: std::sync::Mutex<Option<(std::sync::Weak<Gpu>, String)>> =
         std::sync::Mutex::new(None);
     if choice == DeviceChoice::Cpu {
-        return select(choice, wgpu::Backends::all());
+        return select(choice, backends());
     }
     let mut shared = SHARED
         .lock()
@@ -125,7 +132,7 @@ pub fn select_device(choice: DeviceChoice) -> Result<(Backend, String)> {
             return Ok((Backend::Gpu(gpu), line.clone()));
         }
     }
-    let (backend, line) = select(choice, wgpu::Backends::all())?;
+    let (backend, line) = select(choice, backends())?;
     if let Backend::Gpu(g) = &backend {
         *shared = Some((Arc::downgrade(g), line.clone()));
     }

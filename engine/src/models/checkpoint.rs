@@ -201,6 +201,7 @@ impl Checkpoint {
                         path: self.path.clone(),
                         reason: format!("tensor `{name}`: {e}"),
                     })?;
+                self.check_finite(name, &shape, quantized_non_finite(&q)?)?;
                 Ok(Raw::Quantized(q))
             }
             (StoredDType::Dense(dtype), _) => {
@@ -211,16 +212,23 @@ impl Checkpoint {
                 let n = (end - start) as usize / dtype.size_in_bytes();
                 let t = match dtype {
                     DType::F32 => {
-                        Tensor::from_vec(self.read_vec::<f32>(n, name)?, shape, &Device::Cpu)?
+                        let v = self.read_vec::<f32>(n, name)?;
+                        let bad = first_non_finite(bytemuck::cast_slice::<f32, u32>(&v), 0x7f80_0000);
+                        self.check_finite(name, &shape, bad)?;
+                        Tensor::from_vec(v, shape, &Device::Cpu)?
                     }
                     DType::F16 => {
-                        Tensor::from_vec(self.read_vec::<half::f16>(n, name)?, shape, &Device::Cpu)?
+                        let v = self.read_vec::<half::f16>(n, name)?;
+                        let bad = first_non_finite(bytemuck::cast_slice::<_, u16>(&v), 0x7c00);
+                        self.check_finite(name, &shape, bad)?;
+                        Tensor::from_vec(v, shape, &Device::Cpu)?
                     }
-                    _ => Tensor::from_vec(
-                        self.read_vec::<half::bf16>(n, name)?,
-                        shape,
-                        &Device::Cpu,
-                    )?,
+                    _ => {
+                        let v = self.read_vec::<half::bf16>(n, name)?;
+                        let bad = first_non_finite(bytemuck::cast_slice::<_, u16>(&v), 0x7f80);
+                        self.check_finite(name, &shape, bad)?;
+                        Tensor::from_vec(v, shape, &Device::Cpu)?
+                    }
                 };
                 Ok(Raw::Dense(t))
             }
@@ -228,6 +236,19 @@ impl Checkpoint {
                 path: self.path.clone(),
                 name: name.to_string(),
                 found: other.name(),
+            }),
+        }
+    }
+
+    /// An error naming the tensor when `bad` holds the index of a non-finite value.
+    fn check_finite(&self, name: &str, shape: &[usize], bad: Option<usize>) -> Result<()> {
+        match bad {
+            None => Ok(()),
+            Some(index) => Err(Error::NonFinite {
+                path: self.path.clone(),
+                name: name.to_string(),
+                shape: shape.to_vec(),
+                index,
             }),
         }
     }
@@ -246,6 +267,53 @@ impl Checkpoint {
             })?;
         Ok(v)
     }
+}
+
+/// The index of the first value whose exponent bits (`exponent_mask`) are all set: NaN or
+/// infinity in IEEE formats (f32 `0x7f80_0000`, f16 `0x7c00`, bf16 `0x7f80`). Checked a
+/// block at a time with a branch-free OR, which the compiler vectorises, so a checkpoint
+/// costs a fraction of the time its bytes take to read.
+fn first_non_finite<T>(bits: &[T], exponent_mask: T) -> Option<usize>
+where
+    T: Copy + PartialEq + std::ops::BitAnd<Output = T>,
+{
+    const BLOCK: usize = 4096;
+    bits.chunks(BLOCK).enumerate().find_map(|(b, chunk)| {
+        let any = chunk
+            .iter()
+            .fold(false, |any, &x| any | ((x & exponent_mask) == exponent_mask));
+        any.then(|| {
+            b * BLOCK
+                + chunk
+                    .iter()
+                    .position(|&x| (x & exponent_mask) == exponent_mask)
+                    .unwrap_or(0)
+        })
+    })
+}
+
+/// The first non-finite weight of a GGML-quantized tensor, as an element index. The block
+/// formats that start with their f16 scale (q8_0, q4_0, q4_1, q5_0, q5_1: what Kyutai's
+/// and llama.cpp's files use for these models) are checked on the scales in place (a
+/// block's values are integers times its scale, so they are finite when it is; q4_1's and
+/// q5_1's second f16, the minimum, is checked too); other formats are dequantized.
+fn quantized_non_finite(q: &QTensor) -> Result<Option<usize>> {
+    let dtype = q.dtype();
+    let halves: usize = match dtype {
+        GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q5_0 => 1,
+        GgmlDType::Q4_1 | GgmlDType::Q5_1 => 2,
+        _ => {
+            let t = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            return Ok(first_non_finite(bytemuck::cast_slice::<f32, u32>(&t), 0x7f80_0000));
+        }
+    };
+    let data = q.data()?;
+    let block_bytes = dtype.type_size();
+    Ok(data.chunks_exact(block_bytes).enumerate().find_map(|(b, block)| {
+        (0..halves)
+            .any(|h| u16::from_le_bytes([block[2 * h], block[2 * h + 1]]) & 0x7c00 == 0x7c00)
+            .then(|| b * dtype.block_size())
+    }))
 }
 
 /// Parses and checks a safetensors header: its length against the file, every tensor's
@@ -653,5 +721,45 @@ mod tests {
         let mut c = Checkpoint::open(&path).expect("opens");
         let err = c.read("x").expect_err("int8").to_string();
         assert!(err.contains("I8") && err.contains('x'), "{err}");
+    }
+
+    /// NaN or infinity anywhere in a weight is an error naming the tensor and where, in
+    /// every stored format (f32, f16, bf16; a q8_0 block whose scale overflowed f16).
+    #[test]
+    fn non_finite_weights_are_named() {
+        let n = 5120;
+        let mut v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        v[4500] = f32::NAN;
+        let nan = Tensor::from_vec(v.clone(), (40, 128), &Device::Cpu).expect("t");
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let path = tmp(&format!("nan-{dtype:?}.safetensors"));
+            let t = nan.to_dtype(dtype).expect("dtype");
+            candle_core::safetensors::save(&HashMap::from([("w.nan".to_string(), t)]), &path)
+                .expect("save");
+            let mut c = Checkpoint::open(&path).expect("open");
+            let err = c.read("w.nan").expect_err("NaN").to_string();
+            assert!(
+                err.contains("`w.nan`") && err.contains("element 4500") && err.contains("[40, 128]"),
+                "{dtype:?}: {err}"
+            );
+        }
+        v[4500] = f32::INFINITY;
+        assert_eq!(first_non_finite(bytemuck::cast_slice::<f32, u32>(&v), 0x7f80_0000), Some(4500));
+        v[4500] = -f32::MAX;
+        assert_eq!(first_non_finite(bytemuck::cast_slice::<f32, u32>(&v), 0x7f80_0000), None);
+
+        // q8_0: a block whose largest value is beyond f16's range / 127 gets an infinite scale.
+        v[4500] = 1e9;
+        let big = Tensor::from_vec(v, (40, 128), &Device::Cpu).expect("t");
+        let q = QTensor::quantize(&big, GgmlDType::Q8_0).expect("quantize");
+        let path = tmp("inf.gguf");
+        let mut f = File::create(&path).expect("create");
+        gguf_file::write(&mut f, &[], &[("w.inf", &q)]).expect("gguf");
+        drop(f);
+        let mut c = Checkpoint::open(&path).expect("open");
+        let err = c.read("w.inf").expect_err("inf").to_string();
+        assert!(err.contains("`w.inf`") && err.contains("element 4480"), "{err}");
+        let fine = QTensor::quantize(&nan.ones_like().expect("ones"), GgmlDType::Q8_0).expect("q");
+        assert_eq!(quantized_non_finite(&fine).expect("check"), None);
     }
 }

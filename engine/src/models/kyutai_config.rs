@@ -98,6 +98,17 @@ impl ModelDir {
         let path = self.root.join(name);
         if path.is_file() {
             Ok(path)
+        } else if self.is_legacy_moshi() {
+            Err(Error::config(
+                self.root.join("config.json"),
+                format!(
+                    "missing, so {} was taken for Kyutai's Moshi 7B repository without one \
+                     (it holds {}), but `{name}` of that repository is not there either; \
+                     for any other model, the directory needs its config.json",
+                    self.root.display(),
+                    self.config.moshi_name.as_deref().unwrap_or(DEFAULT_MOSHI_NAME)
+                ),
+            ))
         } else {
             Err(Error::config(
                 self.root.join("config.json"),
