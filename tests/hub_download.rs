@@ -493,13 +493,24 @@ fn an_etag_that_is_not_a_hash_is_refused() {
     let hub = client(&home, &server.url);
     let p = preset(REPO, &FILES);
     server.etag_override(Some("W/\"5f3c-1a2b\""));
-    let err = pull(&hub, &p, &options(0)).0.expect_err("unverifiable").to_string();
+    let err = pull(&hub, &p, &options(0))
+        .0
+        .expect_err("unverifiable")
+        .to_string();
     assert!(
         err.contains("`5f3c-1a2b`") && err.contains("could not be verified"),
         "{err}"
     );
-    assert!(hub.status(&p).files.iter().all(|f| f.state == FileState::Missing));
-    assert!(!server.log().iter().any(|r| r.method == "GET"), "{:?}", server.log());
+    assert!(hub
+        .status(&p)
+        .files
+        .iter()
+        .all(|f| f.state == FileState::Missing));
+    assert!(
+        !server.log().iter().any(|r| r.method == "GET"),
+        "{:?}",
+        server.log()
+    );
     // A path in the ETag never reaches the cache's file names.
     server.etag_override(Some("\"../../escape\""));
     let err = pull(&hub, &p, &options(0)).0.expect_err("path").to_string();

@@ -317,7 +317,7 @@ fn lm_commands_reject_bad_model_directories() {
     let input = fixtures().join("input.wav");
     // A codec-only directory: its config.json describes no language model.
     let out = parley(&["stt", s(&input), "--model-dir", s(&fixtures())]);
-    assert_clean_failure(&out, "num_layers must be set");
+    assert_clean_failure(&out, "num_layers is 0 or missing");
     let broken = tmp("broken-model");
     std::fs::create_dir_all(&broken).expect("dir");
     for f in [

@@ -295,7 +295,10 @@ fn route(st: &mut State, req: &Request, base: &str) -> Reply {
             .and_then(|r| r.files.iter().find(|f| f.name == segs[3]).cloned());
         return match file {
             Some(f) => {
-                let etag = st.etag.clone().unwrap_or_else(|| format!("\"{}\"", f.git_sha1()));
+                let etag = st
+                    .etag
+                    .clone()
+                    .unwrap_or_else(|| format!("\"{}\"", f.git_sha1()));
                 body_reply(st, &f, req).header("ETag", etag)
             }
             None => Reply::error(404, "EntryNotFound"),
@@ -328,7 +331,9 @@ fn route(st: &mut State, req: &Request, base: &str) -> Reply {
             .header("X-Repo-Commit", commit)
             .header(
                 "X-Linked-Etag",
-                st.etag.clone().unwrap_or_else(|| format!("\"{}\"", file.sha256())),
+                st.etag
+                    .clone()
+                    .unwrap_or_else(|| format!("\"{}\"", file.sha256())),
             )
             .header("X-Linked-Size", file.bytes.len().to_string())
             .header("ETag", format!("\"{}\"", file.git_sha1()))

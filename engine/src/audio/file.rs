@@ -119,8 +119,36 @@ fn read_wav(path: &Path) -> Result<MonoAudio> {
     })?;
     let spec = reader.spec();
     let channels = spec.channels as usize;
-    // (Its samples are bounded by the file's size: PCM is not compressed.)
     check_stream(path, spec.sample_rate, channels)?;
+    // hound takes the header's sample size as it is.
+    let bits_ok = match spec.sample_format {
+        hound::SampleFormat::Int => (8..=32).contains(&spec.bits_per_sample),
+        hound::SampleFormat::Float => spec.bits_per_sample == 32,
+    };
+    if !bits_ok {
+        return Err(Error::audio(
+            path,
+            format!(
+                "{} bits per {:?} sample (8 to 32 bit integers or 32-bit floats expected)",
+                spec.bits_per_sample, spec.sample_format
+            ),
+        ));
+    }
+    // The header's length is checked before anything is sized from it (a sparse file can
+    // hold gigabytes of claimed samples); the reader reads no more than the file holds.
+    check_length(path, reader.duration() as usize, spec.sample_rate)?;
+    let claimed = u64::from(reader.len()) * u64::from(spec.bits_per_sample.div_ceil(8));
+    let file_len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    if claimed > file_len {
+        return Err(Error::audio(
+            path,
+            format!(
+                "the header claims {claimed} bytes of samples, more than the file's {file_len} bytes (a truncated file?)"
+            ),
+        ));
+    }
     let corrupt = |e: hound::Error| Error::audio(path, format!("corrupt WAV data: {e}"));
     let interleaved: Vec<f32> = match spec.sample_format {
         hound::SampleFormat::Float => reader

@@ -99,6 +99,9 @@ mod tests {
         assert_eq!(digest(&"g".repeat(64), b"x"), None);
         assert_eq!(digest(&"0".repeat(63), b"x"), None);
         let err = check_etag("\"1a2b-5f3c\"").expect_err("not a hash");
-        assert!(err.contains("`\\\"1a2b-5f3c\\\"`") && err.contains("verified"), "{err}");
+        assert!(
+            err.contains("`\\\"1a2b-5f3c\\\"`") && err.contains("verified"),
+            "{err}"
+        );
     }
 }

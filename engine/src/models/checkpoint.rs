@@ -213,7 +213,8 @@ impl Checkpoint {
                 let t = match dtype {
                     DType::F32 => {
                         let v = self.read_vec::<f32>(n, name)?;
-                        let bad = first_non_finite(bytemuck::cast_slice::<f32, u32>(&v), 0x7f80_0000);
+                        let bad =
+                            first_non_finite(bytemuck::cast_slice::<f32, u32>(&v), 0x7f80_0000);
                         self.check_finite(name, &shape, bad)?;
                         Tensor::from_vec(v, shape, &Device::Cpu)?
                     }
@@ -279,9 +280,9 @@ where
 {
     const BLOCK: usize = 4096;
     bits.chunks(BLOCK).enumerate().find_map(|(b, chunk)| {
-        let any = chunk
-            .iter()
-            .fold(false, |any, &x| any | ((x & exponent_mask) == exponent_mask));
+        let any = chunk.iter().fold(false, |any, &x| {
+            any | ((x & exponent_mask) == exponent_mask)
+        });
         any.then(|| {
             b * BLOCK
                 + chunk
@@ -303,17 +304,26 @@ fn quantized_non_finite(q: &QTensor) -> Result<Option<usize>> {
         GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q5_0 => 1,
         GgmlDType::Q4_1 | GgmlDType::Q5_1 => 2,
         _ => {
-            let t = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
-            return Ok(first_non_finite(bytemuck::cast_slice::<f32, u32>(&t), 0x7f80_0000));
+            let t = q
+                .dequantize(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            return Ok(first_non_finite(
+                bytemuck::cast_slice::<f32, u32>(&t),
+                0x7f80_0000,
+            ));
         }
     };
     let data = q.data()?;
     let block_bytes = dtype.type_size();
-    Ok(data.chunks_exact(block_bytes).enumerate().find_map(|(b, block)| {
-        (0..halves)
-            .any(|h| u16::from_le_bytes([block[2 * h], block[2 * h + 1]]) & 0x7c00 == 0x7c00)
-            .then(|| b * dtype.block_size())
-    }))
+    Ok(data
+        .chunks_exact(block_bytes)
+        .enumerate()
+        .find_map(|(b, block)| {
+            (0..halves)
+                .any(|h| u16::from_le_bytes([block[2 * h], block[2 * h + 1]]) & 0x7c00 == 0x7c00)
+                .then(|| b * dtype.block_size())
+        }))
 }
 
 /// Parses and checks a safetensors header: its length against the file, every tensor's
@@ -739,14 +749,22 @@ mod tests {
             let mut c = Checkpoint::open(&path).expect("open");
             let err = c.read("w.nan").expect_err("NaN").to_string();
             assert!(
-                err.contains("`w.nan`") && err.contains("element 4500") && err.contains("[40, 128]"),
+                err.contains("`w.nan`")
+                    && err.contains("element 4500")
+                    && err.contains("[40, 128]"),
                 "{dtype:?}: {err}"
             );
         }
         v[4500] = f32::INFINITY;
-        assert_eq!(first_non_finite(bytemuck::cast_slice::<f32, u32>(&v), 0x7f80_0000), Some(4500));
+        assert_eq!(
+            first_non_finite(bytemuck::cast_slice::<f32, u32>(&v), 0x7f80_0000),
+            Some(4500)
+        );
         v[4500] = -f32::MAX;
-        assert_eq!(first_non_finite(bytemuck::cast_slice::<f32, u32>(&v), 0x7f80_0000), None);
+        assert_eq!(
+            first_non_finite(bytemuck::cast_slice::<f32, u32>(&v), 0x7f80_0000),
+            None
+        );
 
         // q8_0: a block whose largest value is beyond f16's range / 127 gets an infinite scale.
         v[4500] = 1e9;
@@ -758,7 +776,10 @@ mod tests {
         drop(f);
         let mut c = Checkpoint::open(&path).expect("open");
         let err = c.read("w.inf").expect_err("inf").to_string();
-        assert!(err.contains("`w.inf`") && err.contains("element 4480"), "{err}");
+        assert!(
+            err.contains("`w.inf`") && err.contains("element 4480"),
+            "{err}"
+        );
         let fine = QTensor::quantize(&nan.ones_like().expect("ones"), GgmlDType::Q8_0).expect("q");
         assert_eq!(quantized_non_finite(&fine).expect("check"), None);
     }

@@ -106,7 +106,10 @@ impl ModelDir {
                      (it holds {}), but `{name}` of that repository is not there either; \
                      for any other model, the directory needs its config.json",
                     self.root.display(),
-                    self.config.moshi_name.as_deref().unwrap_or(DEFAULT_MOSHI_NAME)
+                    self.config
+                        .moshi_name
+                        .as_deref()
+                        .unwrap_or(DEFAULT_MOSHI_NAME)
                 ),
             ))
         } else {

@@ -337,7 +337,10 @@ impl LmConfig {
 
     fn validate_as(&self, tts: bool) -> std::result::Result<(), String> {
         let check = |ok: bool, msg: &str| if ok { Ok(()) } else { Err(msg.to_string()) };
-        check(self.num_layers > 0, "num_layers must be set")?;
+        check(
+            self.num_layers > 0,
+            "num_layers is 0 or missing; expected at least 1 (a config.json without it describes no language model)",
+        )?;
         check(
             self.delays.len() == self.num_codebooks(),
             &format!(

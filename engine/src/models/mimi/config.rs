@@ -256,6 +256,84 @@ impl MimiConfig {
         self.frame_size() / self.hop_length()
     }
 
+    /// Every size and rate within sense before anything is computed or allocated from it
+    /// (a product of `ratios` that overflows, a context of 2^40 steps, a NaN rotary
+    /// period): an error naming the field. The bounds are far above Kyutai's Mimi
+    /// (24 kHz, 12.5 Hz, ratios [8, 6, 5, 4], 64 filters, dimension 512, 32 codebooks of
+    /// 2048, 8 layers of d_model 512, context 250, max_period 10000).
+    fn check_ranges(&self) -> std::result::Result<(), String> {
+        let (s, q, t) = (&self.seanet, &self.quantizer, &self.transformer);
+        let within = |name: &str, v: usize, lo: usize, hi: usize| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("{name} is {v}; expected {lo} to {hi}"))
+            }
+        };
+        within("sample_rate", self.sample_rate as usize, 1000, 384_000)?;
+        if !(self.frame_rate.is_finite() && self.frame_rate >= 1.0 && self.frame_rate <= 1000.0) {
+            return Err(format!(
+                "frame_rate is {}; expected 1 to 1000 (Hz)",
+                self.frame_rate
+            ));
+        }
+        within("seanet.ratios' length", s.ratios.len(), 1, 16)?;
+        for &r in &s.ratios {
+            within("a seanet.ratios entry", r, 1, 64)?;
+        }
+        let hop = s
+            .ratios
+            .iter()
+            .try_fold(1usize, |p, &r| p.checked_mul(r).filter(|&p| p <= 1 << 20));
+        if hop.is_none() {
+            return Err("seanet.ratios multiply to more than 2^20 samples".into());
+        }
+        within("seanet.dimension", s.dimension, 1, 8192)?;
+        within("seanet.n_filters", s.n_filters, 1, 8192)?;
+        within("seanet.n_residual_layers", s.n_residual_layers, 0, 16)?;
+        within("seanet.compress", s.compress, 1, 16)?;
+        within("seanet.dilation_base", s.dilation_base, 1, 16)?;
+        within("seanet.kernel_size", s.kernel_size, 1, 64)?;
+        within("seanet.last_kernel_size", s.last_kernel_size, 1, 64)?;
+        within("seanet.residual_kernel_size", s.residual_kernel_size, 1, 64)?;
+        // The widest convolution: n_filters doubled at each of the ratios' stages.
+        if s.ratios.len() as u32 >= usize::BITS
+            || s.n_filters
+                .checked_shl(s.ratios.len() as u32)
+                .is_none_or(|c| c > 1 << 16)
+        {
+            return Err(format!(
+                "seanet.n_filters {} doubled over {} stages passes 65536 channels",
+                s.n_filters,
+                s.ratios.len()
+            ));
+        }
+        within("quantizer.n_q", q.n_q, 1, 64)?;
+        within("quantizer.n_q_semantic", q.n_q_semantic, 0, 64)?;
+        within("quantizer.bins", q.bins, 1, 1 << 16)?;
+        within("quantizer.dimension", q.dimension, 1, 8192)?;
+        within("transformer.d_model", t.d_model, 1, 8192)?;
+        within("transformer.num_heads", t.num_heads, 1, t.d_model)?;
+        within("transformer.num_layers", t.num_layers, 0, 64)?;
+        within("transformer.dim_feedforward", t.dim_feedforward, 1, 1 << 16)?;
+        if let Some(c) = t.context {
+            within("transformer.context", c, 1, 100_000)?;
+        }
+        if !(t.max_period.is_finite() && t.max_period > 1.0 && t.max_period <= 1e9) {
+            return Err(format!(
+                "transformer.max_period is {}; expected above 1 and at most 1e9",
+                t.max_period
+            ));
+        }
+        if !(t.positional_scale.is_finite()) {
+            return Err("transformer.positional_scale must be a finite number".into());
+        }
+        if t.layer_scale.is_some_and(|l| !l.is_finite()) {
+            return Err("transformer.layer_scale must be a finite number".into());
+        }
+        Ok(())
+    }
+
     /// Checks that this is a model the engine can run, naming the first thing that is not.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let s = &self.seanet;
@@ -270,9 +348,8 @@ impl MimiConfig {
                 return Err(format!("unsupported key `{section}.{key}`"));
             }
         }
+        self.check_ranges()?;
         let check = |ok: bool, msg: &str| if ok { Ok(()) } else { Err(msg.to_string()) };
-        check(self.sample_rate > 0, "sample_rate must be positive")?;
-        check(self.frame_rate > 0.0, "frame_rate must be positive")?;
         check(
             self.channels == 1 && s.channels == 1,
             "only mono models (channels = 1) are supported",
