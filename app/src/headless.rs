@@ -422,6 +422,61 @@ fn client_error(events: &Sender<Event>, message: String) {
     });
 }
 
+/// What one client line asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum ClientEvent {
+    /// `input_audio_buffer.append`: its PCM16 samples.
+    Append(Vec<f32>),
+    /// `response.cancel`.
+    Cancel,
+    /// `conversation.item.create` with a user message (cascade).
+    UserText(String),
+    /// `response.create` (cascade).
+    CreateResponse,
+    /// `session.close`.
+    Close,
+}
+
+/// The client event a JSON line holds, or what is wrong with it. `cascade`: the cascade
+/// mode's text turns are taken.
+pub(crate) fn client_event(v: &Value, cascade: bool) -> std::result::Result<ClientEvent, String> {
+    let kind = match v.get("type") {
+        None => return Err("no `type`".into()),
+        Some(Value::String(t)) => t.as_str(),
+        Some(other) => return Err(format!("`type` is {other}, not a string")),
+    };
+    match kind {
+        "input_audio_buffer.append" => {
+            let b64 = v
+                .get("audio")
+                .and_then(Value::as_str)
+                .ok_or("input_audio_buffer.append without an `audio` string")?;
+            match base64::engine::general_purpose::STANDARD.decode(b64) {
+                Ok(bytes) if bytes.len() % 2 == 0 => Ok(ClientEvent::Append(from_pcm16(&bytes))),
+                Ok(bytes) => Err(format!(
+                    "{} bytes of audio is not whole PCM16 samples",
+                    bytes.len()
+                )),
+                Err(e) => Err(format!("`audio` is not base64: {e}")),
+            }
+        }
+        "response.cancel" => Ok(ClientEvent::Cancel),
+        "conversation.item.create" if cascade => {
+            message_text(&v["item"], "user", "cascade").map(ClientEvent::UserText)
+        }
+        "response.create" if cascade => Ok(ClientEvent::CreateResponse),
+        "session.close" => Ok(ClientEvent::Close),
+        other => Err(format!(
+            "unknown event type `{other}` (input_audio_buffer.append, response.cancel or session.close{})",
+            if cascade {
+                ", and conversation.item.create and response.create in the cascade mode"
+            } else {
+                ""
+            }
+        )),
+    }
+}
+
 /// JSON Lines on stdin: audio appends until `session.close` or the end of input;
 /// `response.cancel` drops the reply's queued audio. A line that cannot be used gets an
 /// `error` event and the session goes on.
@@ -437,70 +492,31 @@ fn read_json_lines(
     json_lines(
         |m| client_error(&errors, m),
         |n, v| {
-            let n = n - 1;
-            match v.get("type").and_then(Value::as_str) {
-            Some("input_audio_buffer.append") => {
-                let Some(b64) = v.get("audio").and_then(Value::as_str) else {
-                    client_error(
-                        &events,
-                        format!("stdin line {}: input_audio_buffer.append without an `audio` string", n + 1),
-                    );
-                    return true;
-                };
-                match base64::engine::general_purpose::STANDARD.decode(b64) {
-                    Ok(bytes) if bytes.len() % 2 == 0 => {
-                        if !bytes.is_empty() && pcm.send(from_pcm16(&bytes)).is_err() {
-                            return false;
-                        }
+            match client_event(&v, inbox.is_some()) {
+                Ok(ClientEvent::Append(samples)) => {
+                    if !samples.is_empty() && pcm.send(samples).is_err() {
+                        return false;
                     }
-                    Ok(bytes) => client_error(
-                        &events,
-                        format!(
-                            "stdin line {}: {} bytes of audio is not whole PCM16 samples",
-                            n + 1,
-                            bytes.len()
-                        ),
-                    ),
-                    Err(e) => client_error(
-                        &events,
-                        format!("stdin line {}: `audio` is not base64: {e}", n + 1),
-                    ),
                 }
-            }
-            Some("response.cancel") => cancel.cancel(),
-            Some("conversation.item.create") if inbox.is_some() => {
-                match message_text(&v["item"], "user", "cascade") {
-                    Ok(t) => user_text = Some(t),
-                    Err(m) => client_error(&events, format!("stdin line {}: {m}", n + 1)),
-                }
-            }
-            Some("response.create") if inbox.is_some() => match user_text.take() {
-                Some(t) => {
-                    if let Some(i) = &inbox {
+                Ok(ClientEvent::Cancel) => cancel.cancel(),
+                Ok(ClientEvent::UserText(t)) => user_text = Some(t),
+                Ok(ClientEvent::CreateResponse) => match (user_text.take(), &inbox) {
+                    (Some(t), Some(i)) => {
                         if i.send(t).is_err() {
                             return false;
                         }
                     }
-                }
-                None => client_error(
-                    &events,
-                    format!(
-                        "stdin line {}: response.create with no user text item before it (the \
-                         spoken turns start replies by themselves)",
-                        n + 1
+                    _ => client_error(
+                        &events,
+                        format!(
+                            "stdin line {n}: response.create with no user text item before it (the \
+                             spoken turns start replies by themselves)"
+                        ),
                     ),
-                ),
-            },
-            Some("session.close") => return false,
-            Some(other) => client_error(
-                &events,
-                format!(
-                    "stdin line {}: unknown event type `{other}` (input_audio_buffer.append, response.cancel or session.close)",
-                    n + 1
-                ),
-            ),
-            None => client_error(&events, format!("stdin line {}: no `type`", n + 1)),
-        }
+                },
+                Ok(ClientEvent::Close) => return false,
+                Err(m) => client_error(&events, format!("stdin line {n}: {m}")),
+            }
             true
         },
     );
@@ -718,5 +734,122 @@ mod tests {
             errors[1]
         );
         assert!(errors[2].contains("line 4: not JSON"), "{}", errors[2]);
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn config() -> ProptestConfig {
+            let base = ProptestConfig {
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            };
+            if std::env::var_os("PROPTEST_CASES").is_some() {
+                base
+            } else {
+                ProptestConfig {
+                    cases: 256,
+                    rng_seed: proptest::test_runner::RngSeed::Fixed(0x4ead1e55),
+                    ..base
+                }
+            }
+        }
+
+        /// A line as a hostile client might send it: JSON of the right shape with
+        /// fields of any type, JSON of any shape, or bytes.
+        fn line() -> impl Strategy<Value = Vec<u8>> {
+            let kind = prop_oneof![
+                Just(serde_json::json!("input_audio_buffer.append")),
+                Just(serde_json::json!("response.cancel")),
+                Just(serde_json::json!("conversation.item.create")),
+                Just(serde_json::json!("response.create")),
+                Just(serde_json::json!("session.close")),
+                Just(serde_json::json!("session.update")),
+                Just(serde_json::json!(5)),
+                Just(Value::Null),
+                Just(serde_json::json!(["input_audio_buffer.append"])),
+            ];
+            let audio = prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..64).prop_map(|b| serde_json::json!(
+                    base64::engine::general_purpose::STANDARD.encode(b)
+                )),
+                "[ -~]{0,40}".prop_map(|s| serde_json::json!(s)),
+                Just(serde_json::json!(12)),
+                Just(Value::Null),
+            ];
+            let item = prop_oneof![
+                "[ -~]{0,20}".prop_map(|t| serde_json::json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": t}]})),
+                Just(serde_json::json!({"role": "assistant", "content": []})),
+                Just(serde_json::json!({"role": "user", "content": [{"type": "input_audio"}]})),
+                Just(serde_json::json!({"role": "user", "content": "text"})),
+                Just(serde_json::json!(7)),
+            ];
+            let json = (kind, audio, item, any::<bool>()).prop_map(|(k, a, i, extra)| {
+                let mut v = serde_json::json!({"type": k, "audio": a, "item": i});
+                if extra {
+                    v["event_id"] = serde_json::json!({"nested": [1, 2, {"x": null}]});
+                }
+                v.to_string().into_bytes()
+            });
+            prop_oneof![
+                4 => json,
+                1 => prop::collection::vec(any::<u8>(), 0..80),
+                1 => "[ -~]{0,80}".prop_map(String::into_bytes),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            /// Every event is taken or refused with a reason; audio holds whole samples.
+            #[test]
+            fn client_events_are_taken_or_refused(l in line(), cascade in any::<bool>()) {
+                if let Ok(v) = serde_json::from_slice::<Value>(&l) {
+                    match client_event(&v, cascade) {
+                        Ok(ClientEvent::Append(pcm)) => {
+                            let b64 = v["audio"].as_str().expect("audio");
+                            let bytes = base64::engine::general_purpose::STANDARD.decode(b64).expect("b64");
+                            prop_assert_eq!(pcm.len() * 2, bytes.len());
+                            prop_assert!(pcm.iter().all(|x| (-1.0..1.0).contains(x)));
+                        }
+                        Ok(ClientEvent::UserText(t)) => prop_assert!(cascade && !t.trim().is_empty()),
+                        Ok(ClientEvent::CreateResponse) => prop_assert!(cascade),
+                        Ok(_) => {}
+                        Err(m) => prop_assert!(!m.is_empty()),
+                    }
+                }
+            }
+
+            /// A stream of such lines: each non-blank line is either handed on as JSON or
+            /// is one error, in order, and nothing after a bad line is lost.
+            #[test]
+            fn every_line_is_read_or_reported_once(lines in prop::collection::vec(line(), 0..20)) {
+                let mut input = vec![];
+                for l in &lines {
+                    let l: Vec<u8> = l.iter().copied().filter(|&b| b != b'\n').collect();
+                    input.extend_from_slice(&l);
+                    input.push(b'\n');
+                }
+                let expected = input
+                    .split(|&b| b == b'\n')
+                    .filter(|l| std::str::from_utf8(l).map_or(true, |t| !t.trim().is_empty()))
+                    .count();
+                let errors = std::cell::RefCell::new(0usize);
+                let mut seen = 0usize;
+                let mut last = 0usize;
+                json_lines_from(
+                    &mut std::io::BufReader::with_capacity(16, &input[..]),
+                    |_| *errors.borrow_mut() += 1,
+                    |n, _| {
+                        assert!(n > last);
+                        last = n;
+                        seen += 1;
+                        true
+                    },
+                );
+                prop_assert_eq!(seen + errors.into_inner(), expected);
+            }
+        }
     }
 }

@@ -4,7 +4,7 @@
 //! timeline plot.
 
 use crate::out::{out, outln};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -82,11 +82,30 @@ pub struct LatencyArgs {
 }
 
 pub fn run(args: LatencyArgs) -> Result<()> {
-    for out in [Some(&args.report), args.plot.as_ref(), args.out.as_ref()]
+    let outputs: Vec<&Path> = [Some(&args.report), args.plot.as_ref(), args.out.as_ref()]
         .into_iter()
         .flatten()
-    {
-        parley_engine::outfile::refuse_overwriting(out, &args.input)?;
+        .map(PathBuf::as_path)
+        .collect();
+    let inputs: Vec<&Path> = [
+        Some(&args.input),
+        args.alignment.as_ref(),
+        args.model_dir.as_ref(),
+        args.tts_tokenizer.as_ref(),
+        args.speech.tts_model_dir.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(PathBuf::as_path)
+    .collect();
+    parley_engine::outfile::check_outputs(&outputs, &inputs)?;
+    if let Some(p) = &args.plot {
+        if !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
+            bail!(
+                "--plot {}: the plot is a PNG image; give a path ending in .png",
+                p.display()
+            );
+        }
     }
     let mut pcm = read_audio_24k(&args.input)?;
     let tail_s = args
@@ -95,8 +114,13 @@ pub fn run(args: LatencyArgs) -> Result<()> {
     if !(0.0..=600.0).contains(&tail_s) {
         bail!("--tail-s {tail_s} is outside 0..=600");
     }
+    let recording_s = pcm.len() as f64 / 24_000.0;
     pcm.resize(pcm.len() + (tail_s * 24_000.0) as usize, 0.0);
-    let alignment = args.alignment.as_deref().map(Alignment::load).transpose()?;
+    let alignment = args
+        .alignment
+        .as_deref()
+        .map(|a| Alignment::load(a, recording_s))
+        .transpose()?;
     let mut models = match (&args.model_dir, &args.preset) {
         (Some(dir), None) => Models::load(dir, args.mode, args.device, args.precision, None)
             .context("loading the models")?,
@@ -217,7 +241,7 @@ fn draw(
     );
     let root = root.titled(&title, ("sans-serif", 22))?;
     let panels = root.split_evenly((4, 1));
-    let err = |e: plotters::drawing::DrawingAreaErrorKind<_>| anyhow::anyhow!("{e:?}");
+    let err = |e: plotters::drawing::DrawingAreaErrorKind<_>| anyhow::anyhow!("{e}");
 
     // Waveforms as per-pixel min/max envelopes.
     let wave = |area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,

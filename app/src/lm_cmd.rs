@@ -71,6 +71,9 @@ fn load_models(model_dir: &Path, run: &RunArgs) -> Result<(ModelDir, Mimi, LmBac
 }
 
 pub fn stt(args: SttArgs) -> Result<()> {
+    if let Some(d) = &args.dump_tokens {
+        parley_engine::outfile::check_outputs(&[d], &[&args.input, &args.model_dir])?;
+    }
     let pcm = read_audio_24k(&args.input)?;
     let (dir, mimi, lm) = load_models(&args.model_dir, &args.run)?;
     if lm.config().dep_q != 0 {
@@ -179,7 +182,17 @@ pub struct MoshiArgs {
 }
 
 pub fn moshi(args: MoshiArgs) -> Result<()> {
-    parley_engine::outfile::refuse_overwriting(&args.out, &args.input)?;
+    for (flag, t) in [("--temp", args.temp), ("--temp-text", args.temp_text)] {
+        if let Some(t) = t {
+            if !(0.0..=10.0).contains(&t) {
+                bail!("{flag} {t} is outside 0..=10");
+            }
+        }
+    }
+    let outputs: Vec<&Path> = std::iter::once(args.out.as_path())
+        .chain(args.dump_tokens.as_deref())
+        .collect();
+    parley_engine::outfile::check_outputs(&outputs, &[&args.input, &args.model_dir])?;
     let pcm = read_audio_24k(&args.input)?;
     let (dir, mut mimi, lm) = load_models(&args.model_dir, &args.run)?;
     let tokenizer = dir.load_tokenizer().context("loading the text tokenizer")?;

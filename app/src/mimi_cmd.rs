@@ -1,6 +1,6 @@
 //! `parley mimi encode|decode`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -38,6 +38,15 @@ pub struct MimiSource {
 }
 
 impl MimiSource {
+    /// The files and directory this source reads (outputs must not overwrite them).
+    pub fn inputs(&self) -> Vec<&Path> {
+        [&self.model_dir, &self.weights, &self.config]
+            .into_iter()
+            .flatten()
+            .map(PathBuf::as_path)
+            .collect()
+    }
+
     pub fn load(&self) -> Result<Mimi> {
         let mut mimi = match (&self.model_dir, &self.weights) {
             (Some(dir), None) => ModelDir::open(dir)
@@ -102,6 +111,9 @@ pub fn run(cmd: MimiCommand) -> Result<()> {
             dtype,
             seed,
         } => {
+            if let Some(c) = &config {
+                parley_engine::outfile::check_outputs(&[&out], &[c])?;
+            }
             let cfg = match &config {
                 Some(c) => MimiConfig::from_json_file(c)?,
                 None => MimiConfig::default(),
@@ -119,7 +131,9 @@ pub fn run(cmd: MimiCommand) -> Result<()> {
             eprintln!("wrote random Mimi weights -> {}", out.display());
         }
         MimiCommand::Encode { input, out, source } => {
-            parley_engine::outfile::refuse_overwriting(&out, &input)?;
+            let mut inputs = source.inputs();
+            inputs.push(&input);
+            parley_engine::outfile::check_outputs(&[&out], &inputs)?;
             let pcm = read_audio_24k(&input)?;
             let mut mimi = source.load()?;
             let start = Instant::now();
@@ -135,7 +149,9 @@ pub fn run(cmd: MimiCommand) -> Result<()> {
             );
         }
         MimiCommand::Decode { codes, out, source } => {
-            parley_engine::outfile::refuse_overwriting(&out, &codes)?;
+            let mut inputs = source.inputs();
+            inputs.push(&codes);
+            parley_engine::outfile::check_outputs(&[&out], &inputs)?;
             let mut mimi = source.load()?;
             let rows = npy::read_u32_2d(&codes, mimi.cardinality() as u32)?;
             if rows.len() > mimi.total_codebooks() {

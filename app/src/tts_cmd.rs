@@ -3,7 +3,7 @@
 //! as it is produced.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -61,6 +61,14 @@ pub fn run(args: TtsArgs) -> Result<()> {
     if !(0.0..=10.0).contains(&args.temp) {
         bail!("--temp {} is outside 0..=10", args.temp);
     }
+    let voice_path = Voice::resolve(&args.voice)?;
+    let out_path = PathBuf::from(&args.out);
+    let outputs: Vec<&Path> = (args.out != "-")
+        .then_some(out_path.as_path())
+        .into_iter()
+        .chain(args.dump_tokens.as_deref())
+        .collect();
+    parley_engine::outfile::check_outputs(&outputs, &[&args.model_dir, &voice_path])?;
     let (backend, device_line) = select_device(args.run.device)?;
     // On the GPU the host copy is f32 for f32 and f16 weights, else bf16 (the upload's
     // source); the CPU keeps the conditioners and the text embeddings it prepares.
@@ -84,7 +92,7 @@ pub fn run(args: TtsArgs) -> Result<()> {
             cfg.other.get("model_type")
         );
     }
-    let voice = Voice::load(&Voice::resolve(&args.voice)?).context("loading the voice")?;
+    let voice = Voice::load(&voice_path).context("loading the voice")?;
     let tokenizer = dir.load_tokenizer().context("loading the text tokenizer")?;
     let mut model = TtsModel::load(&dir.lm_weights()?, cfg, precision)
         .context("loading the text-to-speech model")?;
@@ -164,14 +172,10 @@ pub fn run(args: TtsArgs) -> Result<()> {
                             .iter()
                             .flat_map(|&v| ((v * 32767.0).round() as i16).to_le_bytes())
                             .collect();
-                        if stdout
+                        stdout
                             .write_all(&bytes)
                             .and_then(|()| stdout.flush())
-                            .is_err()
-                        {
-                            // The reader has gone: nothing more is wanted.
-                            break;
-                        }
+                            .context("writing speech to stdout")?;
                     } else {
                         speech.extend(pcm);
                     }
@@ -209,6 +213,15 @@ pub fn run(args: TtsArgs) -> Result<()> {
         }
     }
     let out = stream.into_output();
+    if out.end_step.is_none() {
+        // Nothing written: a file of half the text would pass for the whole.
+        bail!(
+            "the text was not finished within {} steps ({:.0} s of speech){}",
+            out.steps.len(),
+            samples_out as f64 / sample_rate as f64,
+            if raw { "" } else { "; no file was written" }
+        );
+    }
     if !raw {
         write_wav_f32(&PathBuf::from(&args.out), &speech, sample_rate)?;
     }
@@ -235,9 +248,6 @@ pub fn run(args: TtsArgs) -> Result<()> {
             format!(" -> {}", args.out)
         }
     );
-    if out.end_step.is_none() {
-        bail!("the text was not finished within {} steps", steps);
-    }
     Ok(())
 }
 

@@ -870,7 +870,7 @@ fn outputs_never_replace_their_input_or_a_good_file_with_half_of_one() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("is the input file"),
+        !out.status.success() && err.contains("is the input"),
         "{err}"
     );
     assert_eq!(
@@ -992,4 +992,231 @@ fn messages_name_the_culprit_once() {
     let out = parley(&["stt", s(&input), "--model-dir", s(&nan)]);
     assert_clean_failure(&out, &format!("`{name}`"));
     assert_clean_failure(&out, "non-finite value (NaN or infinity) at element 0");
+}
+
+/// The hostile-input pass's data-loss cases: an output over any input of the command (a
+/// model's file, the voice, the recording through another flag), two outputs on one
+/// file, a device or `-` as a file, a link (its target is written); a full stdout; bad
+/// numbers and alignments. Each is refused with a message before any work, and leaves
+/// every file as it was.
+#[test]
+fn outputs_never_overwrite_any_input_and_bad_arguments_are_named() {
+    let input = fixtures().join("input.wav");
+    let mimi_dir = tmp("hostile-mimi");
+    copy_dir(&fixture_dir("mimi-tiny"), &mimi_dir);
+    let stt_dir = tmp("hostile-stt");
+    copy_dir(&fixture_dir("stt-tiny"), &stt_dir);
+    let tts_dir = tmp("hostile-tts");
+    copy_dir(&fixture_dir("tts-tiny"), &tts_dir);
+    let recording = tmp("hostile-input.wav");
+    std::fs::copy(&input, &recording).expect("copy");
+    let snapshot = |d: &Path| -> Vec<(PathBuf, Vec<u8>)> {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .expect("dir")
+            .map(|e| {
+                let p = e.expect("entry").path();
+                let b = std::fs::read(&p).expect("read");
+                (p, b)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = [snapshot(&mimi_dir), snapshot(&stt_dir), snapshot(&tts_dir)];
+    let rec_before = std::fs::read(&recording).expect("read");
+
+    let weights = mimi_dir.join("mimi.safetensors");
+    let out = parley(&[
+        "mimi",
+        "encode",
+        s(&recording),
+        "--model-dir",
+        s(&mimi_dir),
+        "--out",
+        s(&weights),
+    ]);
+    assert_clean_failure(&out, "is the input");
+    let out = parley(&[
+        "stt",
+        s(&recording),
+        "--model-dir",
+        s(&stt_dir),
+        "--dump-tokens",
+        s(&recording),
+    ]);
+    assert_clean_failure(&out, "is the input");
+    let voice = tts_dir.join("voice_a.safetensors");
+    let out = parley(&[
+        "tts",
+        "hello",
+        "--model-dir",
+        s(&tts_dir),
+        "--voice",
+        s(&voice),
+        "--out",
+        s(&voice),
+    ]);
+    assert_clean_failure(&out, "is the input");
+    let same = tmp("same.out");
+    let out = parley(&[
+        "moshi",
+        s(&recording),
+        "--model-dir",
+        s(&fixture_dir("moshi-tiny")),
+        "--out",
+        s(&same),
+        "--dump-tokens",
+        s(&same),
+    ]);
+    assert_clean_failure(&out, "two outputs are the same file");
+    let out = parley(&[
+        "mimi",
+        "encode",
+        s(&recording),
+        "--model-dir",
+        s(&mimi_dir),
+        "--out",
+        "/dev/null",
+    ]);
+    assert_clean_failure(&out, "not a regular file");
+    let codes = tmp("hostile-codes.npy");
+    parley_ok(&[
+        "mimi",
+        "encode",
+        s(&recording),
+        "--model-dir",
+        s(&mimi_dir),
+        "--out",
+        s(&codes),
+    ]);
+    let out = parley(&[
+        "mimi",
+        "decode",
+        s(&codes),
+        "--model-dir",
+        s(&mimi_dir),
+        "--out",
+        "-",
+    ]);
+    assert_clean_failure(&out, "output `-`");
+    assert!(!Path::new("-").exists());
+    let out = parley(&[
+        "mimi",
+        "decode",
+        s(&codes),
+        "--model-dir",
+        s(&mimi_dir),
+        "--out",
+        s(&tmp("no-such-folder").join("x.wav")),
+    ]);
+    assert_clean_failure(&out, "does not exist");
+    // Through a link: the target gets the output, the link stays.
+    let target = tmp("link-target.wav");
+    std::fs::write(&target, b"old").expect("write");
+    let link = tmp("link.wav");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&target, &link).expect("link");
+    parley_ok(&[
+        "mimi",
+        "decode",
+        s(&codes),
+        "--model-dir",
+        s(&mimi_dir),
+        "--out",
+        s(&link),
+    ]);
+    assert!(std::fs::symlink_metadata(&link)
+        .expect("meta")
+        .file_type()
+        .is_symlink());
+    assert!(std::fs::read(&target).expect("target").starts_with(b"RIFF"));
+
+    // A config naming a file outside its directory.
+    let escape = tmp("hostile-escape");
+    copy_dir(&fixture_dir("stt-tiny"), &escape);
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(escape.join("config.json")).expect("config"))
+            .expect("json");
+    cfg["mimi_name"] = serde_json::json!("../hostile-stt/mimi.safetensors");
+    std::fs::write(escape.join("config.json"), cfg.to_string()).expect("write");
+    let out = parley(&["stt", s(&recording), "--model-dir", s(&escape)]);
+    assert_clean_failure(&out, "not a plain file name");
+
+    // Numbers and alignments out of sense.
+    for (flag, v) in [("--temp", "NaN"), ("--temp-text", "-1")] {
+        let arg = format!("{flag}={v}");
+        let out = parley(&[
+            "moshi",
+            s(&recording),
+            "--model-dir",
+            s(&fixture_dir("moshi-tiny")),
+            "--out",
+            s(&tmp("t.wav")),
+            &arg,
+        ]);
+        assert_clean_failure(&out, flag);
+    }
+    let align = tmp("bad-align.json");
+    std::fs::write(
+        &align,
+        r#"{"turns": [{"start_s": 0.5, "end_s": 900}], "words": []}"#,
+    )
+    .expect("write");
+    let out = parley(&[
+        "bench",
+        "latency",
+        s(&recording),
+        "--model-dir",
+        s(&stt_dir),
+        "--mode",
+        "listen",
+        "--alignment",
+        s(&align),
+        "--pace",
+        "fast",
+        "--device",
+        "cpu",
+        "--report",
+        s(&tmp("r.json")),
+    ]);
+    assert_clean_failure(&out, "not within the recording");
+    let out = parley(&[
+        "bench",
+        "latency",
+        s(&recording),
+        "--model-dir",
+        s(&stt_dir),
+        "--mode",
+        "listen",
+        "--pace",
+        "fast",
+        "--report",
+        s(&tmp("r.json")),
+        "--plot",
+        s(&tmp("p.txt")),
+    ]);
+    assert_clean_failure(&out, "ending in .png");
+
+    // Speech to a full stdout: an error, not a quiet end.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let out = Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args(["tts", "hello world", "--out", "-"])
+        .args(tts_args(
+            s(&fixture_dir("tts-tiny")),
+            s(&fixture_dir("tts-tiny").join("voice_a.safetensors")),
+        ))
+        .stdout(full)
+        .output()
+        .expect("run");
+    assert_clean_failure(&out, "writing speech to stdout");
+
+    assert_eq!(
+        [snapshot(&mimi_dir), snapshot(&stt_dir), snapshot(&tts_dir)],
+        before,
+        "no input changed"
+    );
+    assert_eq!(std::fs::read(&recording).expect("read"), rec_before);
 }

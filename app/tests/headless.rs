@@ -639,7 +639,7 @@ fn raw_mode_replies_with_the_json_mode_audio() {
 fn bad_model_directories_fail_cleanly() {
     let missing = tmp("no-such-model");
     let cases = [
-        (s(&missing).to_string(), "listen", "not a directory"),
+        (s(&missing).to_string(), "listen", "no such directory"),
         // A model that does not speak cannot run a duplex session.
         (
             s(&fixture("stt-tiny")).to_string(),

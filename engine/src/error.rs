@@ -59,6 +59,10 @@ pub enum Error {
     #[error("{path}: {reason}")]
     Npy { path: PathBuf, reason: String },
 
+    /// An input file (an alignment, a tokenizer, a voice) that is not what was expected.
+    #[error("{path}: {reason}")]
+    BadFile { path: PathBuf, reason: String },
+
     /// A live audio device could not be listed, opened or driven.
     #[error("audio device `{device}`: {reason}")]
     AudioDevice { device: String, reason: String },

@@ -88,6 +88,11 @@ pub fn read_u32_2d(path: &Path, max_exclusive: u32) -> Result<Vec<Vec<u32>>> {
     Ok(out)
 }
 
+/// The most values a `.npy` input may hold (16.8 million: codes of 4 hours at 64
+/// codebooks fit), so a file, however large on disk (a sparse one costs nothing), never
+/// sizes more than 128 MB of memory.
+pub const MAX_VALUES: u64 = 1 << 24;
+
 /// Checks that the header's shape and element size describe exactly the bytes the file
 /// holds, before a reader sizes anything from them (a 1.4 KB file may claim 2^62 x 2^62).
 fn check_header(path: &Path) -> Result<()> {
@@ -123,8 +128,9 @@ fn check_header(path: &Path) -> Result<()> {
     let text = String::from_utf8_lossy(&all);
     let field = |key: &str| text.find(key).map(|i| &text[i + key.len()..]);
     let descr = field("'descr':")
-        .and_then(|r| r.split('\'').nth(1))
-        .ok_or_else(|| bad("the header has no 'descr'".into()))?;
+        .and_then(|r| r.trim_start().strip_prefix('\''))
+        .and_then(|r| r.split('\'').next())
+        .ok_or_else(|| bad("the header has no 'descr' string (such as '<i8')".into()))?;
     let itemsize: u64 = descr
         .trim_start_matches(['<', '>', '|', '='])
         .get(1..)
@@ -145,6 +151,11 @@ fn check_header(path: &Path) -> Result<()> {
     if need != have {
         return Err(bad(format!(
             "the header's shape ({dims}) of '{descr}' needs {need} bytes of data; the file holds {have}"
+        )));
+    }
+    if count > MAX_VALUES {
+        return Err(bad(format!(
+            "the header's shape ({dims}) holds {count} values; at most {MAX_VALUES} are read (4 hours of 64 codebooks at 12.5 Hz is 11.5 million)"
         )));
     }
     Ok(())
@@ -185,6 +196,32 @@ mod tests {
             err.contains("needs") && err.contains("the file holds 48"),
             "{err}"
         );
+        // A true header over a (sparse) file too large to read: refused before reading.
+        let big = dir.join("big.npy");
+        write_i64_2d(&big, &vec![vec![0; 3]; 8]).expect("write");
+        let bytes = std::fs::read(&big).expect("read");
+        let from = bytes
+            .windows(key.len())
+            .position(|w| w == key)
+            .expect("shape")
+            + key.len();
+        let to = from + bytes[from..].iter().position(|&b| b == b')').expect(")");
+        let header_end = bytes.len() - 8 * 3 * 8;
+        let mut forged = bytes[..from].to_vec();
+        forged.extend_from_slice(b"8, 4194304");
+        forged.extend_from_slice(&bytes[to..header_end]);
+        let extra = forged.len() - header_end;
+        let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize + extra;
+        forged[8..10].copy_from_slice(&(len as u16).to_le_bytes());
+        std::fs::write(&big, &forged).expect("write");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&big)
+            .expect("open");
+        f.set_len((forged.len() + 8 * 4194304 * 8) as u64)
+            .expect("sparse");
+        let err = read_u32_2d(&big, 2048).expect_err("too big").to_string();
+        assert!(err.contains("at most 16777216"), "{err}");
         std::fs::remove_dir_all(&dir).ok();
     }
 

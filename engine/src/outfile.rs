@@ -24,37 +24,136 @@ fn temporary(path: &Path) -> PathBuf {
     path.with_file_name(tmp)
 }
 
-/// Writes `path` through `write`, which is given a temporary path beside it; renames the
-/// result into place once `write` succeeded, and removes it otherwise.
-pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+/// Where an output to `path` goes: `path` itself, or for a symbolic link the file it
+/// points to (the link stays a link). An error for a path that names something other than
+/// a regular file (a directory, a device such as /dev/full, a FIFO, a socket), which a
+/// rename would replace.
+fn destination(path: &Path) -> Result<PathBuf> {
     if path.as_os_str().is_empty() || path.file_name().is_none() {
         return Err(Error::InvalidInput(format!(
             "output path `{}` names no file",
             path.display()
         )));
     }
-    let tmp = temporary(path);
-    let r = write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if path.as_os_str() == "-" {
+        return Err(Error::InvalidInput(
+            "output `-`: this output is a file, not stdout (write ./- for a file named -)".into(),
+        ));
+    }
+    let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    let target = if is_link {
+        match std::fs::canonicalize(path) {
+            Ok(t) => t,
+            // A dangling link: the file it names, relative to the link's directory.
+            Err(_) => {
+                let to = std::fs::read_link(path).map_err(|e| Error::io(path, e))?;
+                path.parent().unwrap_or(Path::new(".")).join(to)
+            }
+        }
+    } else {
+        path.to_path_buf()
+    };
+    if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(Error::InvalidInput(format!(
+                "the output {}: its folder {} does not exist",
+                path.display(),
+                dir.display()
+            )));
+        }
+    }
+    match std::fs::metadata(&target) {
+        Ok(m) if !m.is_file() => {
+            let kind = if m.is_dir() {
+                "a directory"
+            } else {
+                "not a regular file (a device, FIFO or socket)"
+            };
+            Err(Error::InvalidInput(format!(
+                "the output {} is {kind}: outputs are written to regular files",
+                path.display()
+            )))
+        }
+        _ => Ok(target),
+    }
+}
+
+/// Writes `path` through `write`, which is given a temporary path beside it; renames the
+/// result into place once `write` succeeded (keeping a previous file's permissions), and
+/// removes it otherwise. A symbolic link's target is written, not the link replaced.
+pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let target = destination(path)?;
+    let previous = std::fs::metadata(&target).ok().map(|m| m.permissions());
+    let tmp = temporary(&target);
+    let r = write(&tmp)
+        .and_then(|()| match previous {
+            Some(p) => std::fs::set_permissions(&tmp, p).map_err(|e| Error::io(&tmp, e)),
+            None => Ok(()),
+        })
+        .and_then(|()| std::fs::rename(&tmp, &target).map_err(|e| Error::io(path, e)));
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     r
 }
 
+/// Every file `input` stands for: itself, or for a directory (a model directory) the
+/// files in it.
+fn files_of(input: &Path) -> Vec<PathBuf> {
+    match std::fs::read_dir(input) {
+        Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+        Err(_) => vec![input.to_path_buf()],
+    }
+}
+
+/// An error when an output is one of the inputs (the same file by any path, or a file of
+/// an input directory) or two outputs are the same file: the command would destroy what
+/// it is made from, or write one output over another. Checked before any work.
+pub fn check_outputs(outputs: &[&Path], inputs: &[&Path]) -> Result<()> {
+    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+    for (i, out) in outputs.iter().enumerate() {
+        destination(out)?;
+        if let Some(o) = canonical(out) {
+            for input in inputs {
+                for f in files_of(input) {
+                    if canonical(&f).as_ref() == Some(&o) {
+                        return Err(Error::InvalidInput(format!(
+                            "the output {} is the input {}: choose another output path",
+                            out.display(),
+                            f.display()
+                        )));
+                    }
+                }
+            }
+        }
+        for other in &outputs[..i] {
+            let same = match (canonical(out), canonical(other)) {
+                (Some(a), Some(b)) => a == b,
+                // Not there yet: compare as written, with the directory resolved.
+                _ => {
+                    let abs = |p: &Path| {
+                        let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
+                        dir.map_or(std::env::current_dir().ok(), canonical)
+                            .map(|d| d.join(p.file_name().unwrap_or_default()))
+                    };
+                    abs(out).is_some() && abs(out) == abs(other)
+                }
+            };
+            if same {
+                return Err(Error::InvalidInput(format!(
+                    "two outputs are the same file, {}: give each its own path",
+                    out.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// An error when `out` is `input` (the same file by any path): the output would destroy
 /// what it is made from.
 pub fn refuse_overwriting(out: &Path, input: &Path) -> Result<()> {
-    let same = match (std::fs::canonicalize(out), std::fs::canonicalize(input)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    if same {
-        return Err(Error::InvalidInput(format!(
-            "the output {} is the input file: choose another output path",
-            out.display()
-        )));
-    }
-    Ok(())
+    check_outputs(&[out], &[input])
 }
 
 #[cfg(test)]
@@ -92,6 +191,78 @@ mod tests {
         )
         .is_err());
         assert!(refuse_overwriting(&dir.join("other.npy"), &out).is_ok());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Outputs never replace what is not a regular file, follow symbolic links, keep a
+    /// previous file's permissions, and are refused when they are an input's file or each
+    /// other.
+    #[cfg(unix)]
+    #[test]
+    fn special_files_links_permissions_and_inputs() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("parley-outfile2-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let write = |p: &Path, bytes: &'static [u8]| {
+            write_atomically(p, |tmp| {
+                std::fs::write(tmp, bytes).map_err(|e| Error::io(tmp, e))
+            })
+        };
+        // A device (what /dev/full would have become), a directory, a FIFO, `-`.
+        let err = write(Path::new("/dev/null"), b"x")
+            .expect_err("device")
+            .to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::metadata("/dev/null")
+            .expect("null")
+            .file_type()
+            .is_char_device());
+        let err = write(&dir, b"x").expect_err("dir").to_string();
+        assert!(err.contains("a directory"), "{err}");
+        let fifo = dir.join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if made.is_ok_and(|s| s.success()) {
+            let err = write(&fifo, b"x").expect_err("fifo").to_string();
+            assert!(err.contains("not a regular file"), "{err}");
+            assert!(!std::fs::metadata(&fifo).expect("fifo").is_file());
+        }
+        assert!(write(Path::new("-"), b"x").is_err());
+
+        // A link: its target is written and it stays a link.
+        let target = dir.join("target.npy");
+        std::fs::write(&target, b"old").expect("target");
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let link = dir.join("link.npy");
+        std::os::unix::fs::symlink("target.npy", &link).expect("link");
+        write(&link, b"new").expect("through the link");
+        assert!(std::fs::symlink_metadata(&link)
+            .expect("meta")
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(&target).expect("read"), b"new");
+        let mode = std::fs::metadata(&target)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "permissions kept");
+
+        // An output that is a file of an input directory, or the same as another output.
+        let model = dir.join("model");
+        std::fs::create_dir_all(&model).expect("model");
+        std::fs::write(model.join("voice.safetensors"), b"v").expect("voice");
+        let err = check_outputs(&[&model.join("voice.safetensors")], &[&model])
+            .expect_err("input file")
+            .to_string();
+        assert!(err.contains("is the input"), "{err}");
+        assert!(check_outputs(&[&model.join("new.wav")], &[&model]).is_ok());
+        let a = dir.join("a.wav");
+        let err = check_outputs(&[&a, &dir.join(".").join("a.wav")], &[])
+            .expect_err("same outputs")
+            .to_string();
+        assert!(err.contains("two outputs"), "{err}");
+        assert!(check_outputs(&[&a, &dir.join("b.npy")], &[]).is_ok());
         std::fs::remove_dir_all(&dir).ok();
     }
 }

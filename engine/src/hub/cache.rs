@@ -96,8 +96,9 @@ impl RepoCache {
             return Some(revision.to_string());
         }
         let text = std::fs::read_to_string(self.dir.join("refs").join(revision)).ok()?;
+        // Only a commit hash becomes a path component (not `../..` from an edited ref).
         let commit = text.trim();
-        (!commit.is_empty()).then(|| commit.to_string())
+        is_commit_hash(commit).then(|| commit.to_string())
     }
 
     /// The snapshot's copy of `file` when present (a symlink resolving to a file, or a
@@ -149,9 +150,16 @@ impl RepoCache {
 
     /// Parley's record for this revision (empty when none or unreadable: it is a hint).
     pub fn record(&self) -> RevisionRecord {
-        self.all_records()
+        let mut record = self
+            .all_records()
             .remove(self.repo.revision())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        // An entry whose ETag is not a hash (an edited file) would name a path: dropped,
+        // so the file is looked up on the Hub again.
+        record
+            .files
+            .retain(|_, f| super::integrity::check_etag(&f.etag).is_ok());
+        record
     }
 
     fn all_records(&self) -> BTreeMap<String, RevisionRecord> {
@@ -223,6 +231,13 @@ mod tests {
         let commit = "0123456789abcdef0123456789abcdef01234567";
         cache.write_ref(commit).expect("ref");
         assert_eq!(cache.local_commit().as_deref(), Some(commit));
+        cache.write_ref("../../../etc").expect("ref");
+        assert_eq!(
+            cache.local_commit(),
+            None,
+            "a ref that is not a commit hash"
+        );
+        cache.write_ref(commit).expect("ref");
 
         std::fs::create_dir_all(cache.blobs_dir()).expect("blobs");
         std::fs::write(cache.blob("e1"), b"hello").expect("blob");
@@ -259,11 +274,20 @@ mod tests {
         rec.files.insert(
             "model.safetensors".into(),
             FileRecord {
-                etag: "e".into(),
+                etag: "e".repeat(64),
                 size: 7,
             },
         );
+        // An entry edited to name a path is not taken.
+        rec.files.insert(
+            "config.json".into(),
+            FileRecord {
+                etag: "../../escape".into(),
+                size: 3,
+            },
+        );
         main.save_record(&rec).expect("save");
+        assert!(!main.record().files.contains_key("config.json"));
         other
             .save_record(&RevisionRecord {
                 commit: "c2".into(),

@@ -147,9 +147,11 @@ impl Client {
                 }
             }
             let fallback = commit_seen.as_deref().unwrap_or(revision);
-            return remote_from(&resp, fallback).map_err(|reason| Error::Download {
-                file: target.label(),
-                reason: format!("{url}: {reason}"),
+            return remote_from(|name| resp.header(name), fallback).map_err(|reason| {
+                Error::Download {
+                    file: target.label(),
+                    reason: format!("{url}: {reason}"),
+                }
             });
         }
         Err(Error::Download {
@@ -279,10 +281,6 @@ fn origin(url: &str) -> &str {
     }
 }
 
-fn header_u64(resp: &ureq::Response, name: &str) -> Option<u64> {
-    resp.header(name).and_then(|v| v.trim().parse().ok())
-}
-
 fn unquote(etag: &str) -> String {
     etag.trim()
         .trim_start_matches("W/")
@@ -290,26 +288,33 @@ fn unquote(etag: &str) -> String {
         .to_string()
 }
 
-/// The metadata in a HEAD answer; `fallback` is the commit to use when the answer names
-/// none (a commit-hash revision, or one an earlier answer of the redirect chain gave).
-fn remote_from(resp: &ureq::Response, fallback: &str) -> std::result::Result<Remote, String> {
-    let etag = resp
-        .header("X-Linked-Etag")
-        .or_else(|| resp.header("ETag"))
+/// The metadata in a HEAD answer, whose headers `header` gives; `fallback` is the commit to
+/// use when the answer names none (a commit-hash revision, or one an earlier answer of the
+/// redirect chain gave).
+fn remote_from<'a>(
+    header: impl Fn(&str) -> Option<&'a str>,
+    fallback: &str,
+) -> std::result::Result<Remote, String> {
+    let number = |name: &str| header(name).and_then(|v| v.trim().parse::<u64>().ok());
+    let etag = header("X-Linked-Etag")
+        .or_else(|| header("ETag"))
         .map(unquote)
         .ok_or("the Hub's answer has no ETag")?;
     // Also what keeps a hostile ETag (`../x`) out of the blob's path.
     super::integrity::check_etag(&etag)?;
-    let size = header_u64(resp, "X-Linked-Size")
-        .or_else(|| header_u64(resp, "Content-Length"))
+    let size = number("X-Linked-Size")
+        .or_else(|| number("Content-Length"))
         .ok_or("the Hub's answer has no size (X-Linked-Size or Content-Length)")?;
-    let commit = match resp.header("X-Repo-Commit") {
+    let commit = match header("X-Repo-Commit") {
         Some(c) if !c.trim().is_empty() => c.trim().to_string(),
         _ if super::cache::is_commit_hash(fallback) => fallback.to_string(),
         _ => return Err("the Hub's answer has no X-Repo-Commit".into()),
     };
-    if commit.contains('/') || commit.contains("..") {
-        return Err(format!("bad commit `{commit}`"));
+    if !super::cache::is_commit_hash(&commit) {
+        return Err(format!(
+            "the Hub's X-Repo-Commit `{}` is not a commit hash (40 hex digits)",
+            commit.chars().take(80).collect::<String>().escape_debug()
+        ));
     }
     Ok(Remote { commit, etag, size })
 }
@@ -367,5 +372,56 @@ mod tests {
         assert_eq!(unquote("\"abc\""), "abc");
         assert!(explain_status(404, "EntryNotFound", "").contains("no such file"));
         assert!(explain_status(401, "", "").contains("HF_TOKEN"));
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn header_value() -> impl Strategy<Value = Option<String>> {
+            prop_oneof![
+                Just(None),
+                Just(Some("\"".to_string() + &"ab".repeat(32) + "\"")),
+                Just(Some("W/\"".to_string() + &"0".repeat(40) + "\"")),
+                Just(Some("0123456789abcdef0123456789abcdef01234567".to_string())),
+                Just(Some("../../x".to_string())),
+                Just(Some("18446744073709551616".to_string())),
+                Just(Some(" 42 ".to_string())),
+                Just(Some("-1".to_string())),
+                "[ -~]{0,70}".prop_map(Some),
+                "[0-9a-f]{38,66}".prop_map(Some),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: if std::env::var_os("PROPTEST_CASES").is_some() { ProptestConfig::default().cases } else { 512 },
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            /// Whatever a server answers, the metadata is refused or holds a checkable
+            /// hash, a size and a commit hash, none of which can leave the cache's folders.
+            #[test]
+            fn hub_answers_are_checked(
+                headers in prop::collection::vec(header_value(), 5),
+                fallback in prop_oneof![Just(String::new()), Just("main".to_string()), "[0-9a-f]{40}"],
+                range in "[ -~]{0,40}",
+            ) {
+                let names = ["X-Linked-Etag", "ETag", "X-Linked-Size", "Content-Length", "X-Repo-Commit"];
+                let get = |name: &str| {
+                    names
+                        .iter()
+                        .position(|n| *n == name)
+                        .and_then(|i| headers[i].as_deref())
+                };
+                if let Ok(r) = remote_from(get, &fallback) {
+                    prop_assert!(super::super::super::integrity::check_etag(&r.etag).is_ok());
+                    prop_assert!(super::super::super::cache::is_commit_hash(&r.commit));
+                    prop_assert!(!r.etag.contains('/') && !r.commit.contains('/'));
+                }
+                let _ = parse_content_range(&range);
+            }
+        }
     }
 }

@@ -62,8 +62,17 @@ impl ModelDir {
     /// file names; one that holds `model.q8.gguf` (kyutai/moshiko-candle-q8) likewise,
     /// with that file as the LM.
     pub fn open(root: &Path) -> Result<Self> {
+        if !root.exists() {
+            return Err(Error::config(
+                root,
+                "no such directory (a model directory was expected)",
+            ));
+        }
         if !root.is_dir() {
-            return Err(Error::config(root, "not a directory"));
+            return Err(Error::config(
+                root,
+                "not a directory (a model directory was expected)",
+            ));
         }
         let path = root.join("config.json");
         if !path.exists() {
@@ -95,9 +104,24 @@ impl ModelDir {
     }
 
     fn file(&self, name: &str) -> Result<PathBuf> {
+        // A plain file name: a config never reaches outside its directory (`../x`, `/x`).
+        if Path::new(name).file_name().and_then(|n| n.to_str()) != Some(name) {
+            return Err(Error::config(
+                self.root.join("config.json"),
+                format!("names `{name}`, which is not a plain file name in the model directory"),
+            ));
+        }
         let path = self.root.join(name);
         if path.is_file() {
             Ok(path)
+        } else if path.exists() {
+            Err(Error::config(
+                self.root.join("config.json"),
+                format!(
+                    "names `{name}`, which in {} is not a file",
+                    self.root.display()
+                ),
+            ))
         } else if self.is_legacy_moshi() {
             Err(Error::config(
                 self.root.join("config.json"),

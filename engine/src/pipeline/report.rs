@@ -41,10 +41,42 @@ pub struct AlignedWord {
 }
 
 impl Alignment {
-    pub fn load(path: &std::path::Path) -> Result<Self> {
+    /// Reads an alignment of a recording of `duration_s` seconds: every time must be a
+    /// finite number within the recording (a second of slack at its end), each span's
+    /// start no later than its end, the turns in order.
+    pub fn load(path: &std::path::Path, duration_s: f64) -> Result<Self> {
+        let bad = |reason: String| Error::BadFile {
+            path: path.to_path_buf(),
+            reason,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text)
-            .map_err(|e| Error::config(path, format!("not an alignment: {e}")))
+        let a: Self = serde_json::from_str(&text).map_err(|e| {
+            bad(format!(
+                "not an alignment (a JSON object with `turns` and `words`: spans of `start_s` and `end_s`): {e}"
+            ))
+        })?;
+        let spans = a
+            .turns
+            .iter()
+            .map(|t| ("turn", t.start_s, t.end_s))
+            .chain(a.pauses.iter().map(|t| ("pause", t.start_s, t.end_s)))
+            .chain(a.words.iter().map(|w| ("word", w.start_s, w.end_s)));
+        for (i, (what, start, end)) in spans.enumerate() {
+            if !(start.is_finite() && end.is_finite() && 0.0 <= start && start <= end)
+                || end > duration_s + 1.0
+            {
+                return Err(bad(format!(
+                    "a {what} (span {i}) from {start} s to {end} s is not within the recording's {duration_s:.2} s (0 <= start <= end expected)"
+                )));
+            }
+        }
+        if let Some(w) = a.turns.windows(2).find(|w| w[1].start_s < w[0].start_s) {
+            return Err(bad(format!(
+                "the turns are not in order: one at {} s follows one at {} s",
+                w[1].start_s, w[0].start_s
+            )));
+        }
+        Ok(a)
     }
 }
 
