@@ -110,6 +110,7 @@ fn whole_or_in_pieces_the_reference_speech_with_its_words() {
             SpeechEvent::Done {
                 id,
                 cancelled: false,
+                failed: false,
                 spoken: "Hello, this is Parley.".into(),
                 frames: want.len() / 1920,
             }
@@ -148,6 +149,7 @@ fn a_cancel_stops_at_once_and_the_next_response_is_whole() {
                 cancelled,
                 spoken,
                 frames: n,
+                ..
             } => {
                 assert_eq!(id, 1);
                 assert!(cancelled);
@@ -170,7 +172,11 @@ fn a_cancel_stops_at_once_and_the_next_response_is_whole() {
     }
     assert!(matches!(
         rx.recv_timeout(Duration::from_secs(60)),
-        Ok(SpeechEvent::Done { id: 2, .. })
+        Ok(SpeechEvent::Done {
+            id: 2,
+            failed: true,
+            ..
+        })
     ));
     match rx.recv_timeout(Duration::from_secs(60)).expect("event") {
         SpeechEvent::Error { id: 3, message } => assert!(message.contains("no words"), "{message}"),
@@ -178,7 +184,11 @@ fn a_cancel_stops_at_once_and_the_next_response_is_whole() {
     }
     assert!(matches!(
         rx.recv_timeout(Duration::from_secs(60)),
-        Ok(SpeechEvent::Done { id: 3, .. })
+        Ok(SpeechEvent::Done {
+            id: 3,
+            failed: true,
+            ..
+        })
     ));
     let (pcm, _, _) = response(&rx, 4);
     assert_close(&pcm, &reference("s0_voice_a_audio.wav"), "after the cancel");

@@ -236,8 +236,10 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
         {
             fatal.get_or_insert_with(|| message.clone());
         }
-        writeln!(out, "{}", to_json(&e))?;
-        out.flush()?;
+        let stream = if args.raw { "stderr" } else { "stdout" };
+        writeln!(out, "{}", to_json(&e))
+            .and_then(|()| out.flush())
+            .with_context(|| format!("writing events to {stream}"))?;
         if ended {
             break;
         }

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 
 use out::outln;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 // Debug builds check that the real-time audio callbacks never allocate: an allocation
 // inside `assert_no_alloc` aborts (AllocDisabler wraps the system allocator).
@@ -91,9 +91,27 @@ fn devices() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The command line, where every option that takes a value takes a negative number too
+/// (`--temp -1` reaches the option's own range check, which names it, instead of clap's
+/// "unexpected argument '-1'").
+fn parse_cli() -> Cli {
+    fn negatives(cmd: clap::Command) -> clap::Command {
+        cmd.mut_args(|a| {
+            if a.get_action().takes_values() && !a.is_positional() {
+                a.allow_negative_numbers(true)
+            } else {
+                a
+            }
+        })
+        .mut_subcommands(negatives)
+    }
+    let matches = negatives(Cli::command()).get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 fn main() -> ExitCode {
     ui::mark_process_start();
-    let cli = Cli::parse();
+    let cli = parse_cli();
     let result = match cli.command {
         Some(Command::Mimi(cmd)) => mimi_cmd::run(cmd),
         Some(Command::Bench(cmd)) => bench::run(cmd),

@@ -64,6 +64,12 @@ impl MimiSource {
         if let Some(n) = self.codebooks {
             mimi.set_num_codebooks(n)?;
         }
+        if !matches!(self.precision, WeightPrecision::F32 | WeightPrecision::Bf16) {
+            bail!(
+                "--precision {:?}: Mimi runs in f32 or bf16 (its quantized formats are not checked against the reference)",
+                self.precision
+            );
+        }
         mimi.set_weight_precision(self.precision)?;
         Ok(mimi)
     }

@@ -59,9 +59,9 @@ pub fn run(args: SpeakArgs) -> Result<()> {
     };
     let mut out = std::io::stdout().lock();
     let mut write = |v: &Value| -> Result<()> {
-        writeln!(out, "{v}")?;
-        out.flush()?;
-        Ok(())
+        writeln!(out, "{v}")
+            .and_then(|()| out.flush())
+            .map_err(|e| anyhow::anyhow!("writing events to stdout: {e}"))
     };
     write(
         &json!({"type": "session.created", "session": {"mode": "speak", "device": models.description}}),
@@ -153,6 +153,7 @@ fn speech_json(e: &SpeechEvent) -> Vec<Value> {
         SpeechEvent::Done {
             id,
             cancelled,
+            failed,
             spoken,
             frames,
         } => vec![
@@ -162,7 +163,7 @@ fn speech_json(e: &SpeechEvent) -> Vec<Value> {
                 "type": "response.done",
                 "response": {
                     "id": resp(*id),
-                    "status": if *cancelled { "cancelled" } else { "completed" },
+                    "status": if *failed { "failed" } else if *cancelled { "cancelled" } else { "completed" },
                     "audio_ms": *frames as u64 * 80,
                 },
             }),

@@ -963,6 +963,18 @@ fn messages_name_the_culprit_once() {
         "{stderr}"
     );
 
+    // A directory as the recording; a config that is JSON but not an object; a negative
+    // number reaches the option's own check.
+    let out = parley(&["stt", s(&stt), "--model-dir", s(&stt)]);
+    assert_clean_failure(&out, "a directory, not an audio file");
+    let array_cfg = tmp("array-config");
+    copy_dir(&stt, &array_cfg);
+    std::fs::write(array_cfg.join("config.json"), "[]").expect("write");
+    let out = parley(&["stt", s(&input), "--model-dir", s(&array_cfg)]);
+    assert_clean_failure(&out, "not a JSON object");
+    let out = parley(&["vad", s(&input), "--min-silence-ms", "-1"]);
+    assert_clean_failure(&out, "--min-silence-ms -1 is outside");
+
     // A NaN in a weight the STT reads: the tensor is named.
     let nan = tmp("nan-weights");
     copy_dir(&stt, &nan);

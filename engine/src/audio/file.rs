@@ -76,6 +76,9 @@ pub fn read_audio_24k(path: &Path) -> Result<Vec<f32>> {
 
 /// Reads `path` as mono at its own sample rate.
 pub fn read_audio_mono(path: &Path) -> Result<MonoAudio> {
+    if path.is_dir() {
+        return Err(Error::audio(path, "a directory, not an audio file"));
+    }
     let is_wav = path
         .extension()
         .and_then(|e| e.to_str())
@@ -83,7 +86,16 @@ pub fn read_audio_mono(path: &Path) -> Result<MonoAudio> {
     let audio = if is_wav {
         read_wav(path)?
     } else {
-        read_with_symphonia(path)?
+        // symphonia's demuxers have panicked on hostile bytes (an ADTS length that
+        // underflows, found by tests/hostile_inputs.rs): a decoder's panic is this file's
+        // error, not the program's end. Nothing it touched outlives the call.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_with_symphonia(path)))
+            .unwrap_or_else(|_| {
+                Err(Error::audio(
+                    path,
+                    "the decoder failed on this file (corrupt or not audio)",
+                ))
+            })?
     };
     if audio.pcm.is_empty() {
         return Err(Error::audio(path, "the file holds no audio samples"));

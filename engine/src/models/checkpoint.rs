@@ -372,7 +372,12 @@ fn read_safetensors_header(
             other => (StoredDType::Other(other.to_string()), 0),
         };
         let (a, b) = info.data_offsets;
-        if b < a || b > data_len {
+        if b < a {
+            return Err(format!(
+                "tensor `{name}` has data_offsets [{a}, {b}]: its end is before its start"
+            ));
+        }
+        if b > data_len {
             return Err(format!(
                 "tensor `{name}` has bytes {a}..{b} but the data is {data_len} bytes (truncated file?)"
             ));
@@ -400,6 +405,24 @@ fn read_safetensors_header(
                 range: (data_start + a, data_start + b),
             },
         );
+    }
+    // Tensors never share bytes (the format lays them end to end).
+    let mut spans: Vec<(&String, (u64, u64))> = entries
+        .iter()
+        .map(|(n, e)| (n, e.range))
+        .filter(|(_, (a, b))| a < b)
+        .collect();
+    spans.sort_by_key(|(_, r)| *r);
+    if let Some(w) = spans.windows(2).find(|w| w[1].1 .0 < w[0].1 .1) {
+        return Err(format!(
+            "tensors `{}` and `{}` overlap (bytes {}..{} and {}..{} of the data)",
+            w[0].0,
+            w[1].0,
+            w[0].1 .0 - data_start,
+            w[0].1 .1 - data_start,
+            w[1].1 .0 - data_start,
+            w[1].1 .1 - data_start
+        ));
     }
     Ok(entries)
 }

@@ -95,8 +95,7 @@ impl ModelDir {
                 ),
             ));
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let config = serde_json::from_str(&text).map_err(|e| Error::config(&path, e))?;
+        let config = super::read_json_config(&path)?;
         Ok(Self {
             root: root.to_path_buf(),
             config,
@@ -245,7 +244,8 @@ impl ModelDir {
     pub fn load_lm_as(&self, precision: WeightPrecision) -> Result<LmModel> {
         let cfg = self.lm_config()?;
         let path = self.lm_weights()?;
-        cfg.validate().map_err(|r| Error::config(&path, r))?;
+        cfg.validate()
+            .map_err(|r| Error::config(self.config_path(), r))?;
         LmModel::from_weights(&Weights::load(&path)?.with_precision(precision), cfg)
     }
 

@@ -95,7 +95,67 @@ enum Field<'a> {
 }
 
 fn bad(path: &Path, reason: impl std::fmt::Display) -> Error {
-    Error::config(path, format!("not a SentencePiece model: {reason}"))
+    Error::BadFile {
+        path: path.to_path_buf(),
+        reason: format!("not a SentencePiece model: {reason}"),
+    }
+}
+
+/// Checks a `precompiled_charsmap` (a darts-clone double-array trie of `u32` units, then
+/// the NUL-separated replacement strings) before `tokenizers` reads it: its reader sizes
+/// the trie from the first word and indexes units and strings as the file says, so a
+/// damaged map would allocate gigabytes or index out of bounds (a panic). Every node the
+/// lookup can reach is walked: each child block and leaf unit must lie in the trie, each
+/// replacement must start on a character of the strings.
+fn check_charsmap(map: &[u8]) -> std::result::Result<(), String> {
+    let trie_bytes = map
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or("shorter than its 4-byte length")?;
+    if trie_bytes > map.len() - 4 || trie_bytes % 4 != 0 || trie_bytes == 0 {
+        return Err(format!(
+            "a trie of {trie_bytes} bytes in a map of {}",
+            map.len()
+        ));
+    }
+    let units: Vec<usize> = map[4..4 + trie_bytes]
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .collect();
+    let strings = std::str::from_utf8(&map[4 + trie_bytes..])
+        .map_err(|_| "its replacement strings are not UTF-8")?;
+    // darts-clone's unit fields.
+    let offset = |u: usize| (u >> 10) << ((u & (1 << 9)) >> 6);
+    let has_leaf = |u: usize| (u >> 8) & 1 == 1;
+    let label = |u: usize| u & ((1 << 31) | 0xff);
+    let value = |u: usize| u & ((1 << 31) - 1);
+    let n = units.len();
+    let mut seen = vec![false; n];
+    let mut stack = vec![0usize];
+    seen[0] = true;
+    while let Some(node) = stack.pop() {
+        let base = node ^ offset(units[node]);
+        // A child is looked up at base ^ c for every byte c: the whole 256-unit block.
+        if (base | 0xff) >= n {
+            return Err(format!("trie node {node} points past the trie's {n} units"));
+        }
+        for c in 1..=255usize {
+            let child = base ^ c;
+            if label(units[child]) != c || seen[child] {
+                continue;
+            }
+            seen[child] = true;
+            let leaf = child ^ offset(units[child]);
+            if has_leaf(units[child]) {
+                let v = units.get(leaf).map(|&u| value(u));
+                if v.is_none_or(|v| v >= strings.len() || !strings.is_char_boundary(v)) {
+                    return Err(format!("trie node {child} names no replacement string"));
+                }
+            }
+            stack.push(child);
+        }
+    }
+    Ok(())
 }
 
 impl TextTokenizer {
@@ -191,6 +251,7 @@ impl TextTokenizer {
             .map_err(|e| format!("unigram model: {e}"))?;
         let mut tokenizer = Tokenizer::new(unigram);
         if !charsmap.is_empty() {
+            check_charsmap(charsmap).map_err(|e| format!("normalizer: {e}"))?;
             let pre = Precompiled::from(charsmap).map_err(|e| format!("normalizer: {e}"))?;
             tokenizer
                 .with_normalizer(Some(pre))

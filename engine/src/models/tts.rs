@@ -102,10 +102,14 @@ impl Voice {
         let t = w
             .get("speaker_wavs", &[1, VOICE_DIM, VOICE_FRAMES])
             .map_err(|e| {
+                // The inner error names the file too: said once.
+                let e = e.to_string();
+                let prefix = format!("{}: ", path.display());
                 Error::InvalidInput(format!(
                     "{}: not a voice (a `speaker_wavs` tensor of [1, {VOICE_DIM}, \
-                     {VOICE_FRAMES}] from kyutai/tts-voices expected): {e}",
-                    path.display()
+                     {VOICE_FRAMES}] from kyutai/tts-voices expected): {}",
+                    path.display(),
+                    e.strip_prefix(&prefix).unwrap_or(&e)
                 ))
             })?;
         let rows: Vec<f32> = t.squeeze(0)?.t()?.contiguous()?.flatten_all()?.to_vec1()?;
@@ -534,6 +538,11 @@ pub fn text_entries_as(
         }
         // The unknown piece would be fed as a word of its own id (0 is `new_word`).
         if tokenizer.unk_id().is_some_and(|u| tokens.contains(&u)) {
+            if word.starts_with("<break") || word.starts_with("time=") {
+                return Err(Error::InvalidInput(format!(
+                    "`{word}` is not a pause: a pause is written <break time=\"1.5s\"/>, with 0 to 60 seconds"
+                )));
+            }
             return Err(Error::InvalidInput(format!(
                 "the word `{word}` has characters this model's tokenizer does not know \
                  (the model says English and French)"

@@ -195,6 +195,9 @@ pub enum SpeechEvent {
     Done {
         id: u64,
         cancelled: bool,
+        /// The response failed (an `Error` event came before): nothing or only part of it
+        /// was said.
+        failed: bool,
         spoken: String,
         frames: usize,
     },
@@ -336,6 +339,7 @@ fn run(
             let _ = events.send(SpeechEvent::Done {
                 id,
                 cancelled: false,
+                failed: true,
                 spoken: String::new(),
                 frames: 0,
             });
@@ -478,6 +482,7 @@ fn respond(
     let _ = events.send(SpeechEvent::Done {
         id,
         cancelled: is_cancelled(),
+        failed: false,
         spoken: spoken.join(" "),
         frames,
     });

@@ -297,8 +297,7 @@ impl LmConfig {
     /// A text-to-speech model's config is checked as one (`validate_tts`) when its
     /// `model_type` says `tts`.
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::config(path, e))?;
+        let cfg: Self = crate::models::read_json_config(path)?;
         if cfg.is_tts() {
             cfg.validate_tts()
         } else {
@@ -427,6 +426,12 @@ impl LmConfig {
         within("card", self.card, 1, MAX_VOCAB)?;
         within("text_card", self.text_card, 1, MAX_VOCAB)?;
         within("context", self.context.unwrap_or(1), 1, MAX_CONTEXT)?;
+        within(
+            "existing_text_padding_id",
+            self.existing_text_padding_id as usize,
+            0,
+            self.text_card - 1,
+        )?;
         for (k, &d) in self.delays.iter().enumerate() {
             within(&format!("delays[{k}]"), d, 0, MAX_DELAY_STEPS)?;
         }

@@ -234,8 +234,7 @@ impl Default for MimiConfig {
 impl MimiConfig {
     /// Reads and validates a Mimi config JSON.
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::config(path, e))?;
+        let cfg: Self = crate::models::read_json_config(path)?;
         cfg.validate()
             .map_err(|reason| Error::config(path, reason))?;
         Ok(cfg)
