@@ -613,13 +613,9 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Run only as a child process of `a_lost_device_is_an_error_and_an_event_not_a_hang`.
-#[test]
-#[ignore = "run in a child process by a_lost_device_is_an_error_and_an_event_not_a_hang"]
-fn lost_device_child() {
-    if std::env::var_os(LOST_CHILD_ENV).is_none() {
-        return;
-    }
+/// A PulseAudio server of the child's own (its `XDG_RUNTIME_DIR`) with a null sink, or
+/// `None` after printing why it could not start (the parent then skips).
+fn private_pulse() -> Option<KillOnDrop> {
     let runtime = std::path::PathBuf::from(std::env::var_os("XDG_RUNTIME_DIR").expect("dir"));
     let pulse = Command::new("pulseaudio")
         .args([
@@ -632,18 +628,35 @@ fn lost_device_child() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn();
-    let mut pulse = match pulse {
+    let pulse = match pulse {
         Ok(child) => KillOnDrop(child),
-        Err(e) => return println!("SKIP: cannot start pulseaudio: {e}"),
+        Err(e) => {
+            println!("SKIP: cannot start pulseaudio: {e}");
+            return None;
+        }
     };
     let socket = runtime.join("pulse/native");
     let t = Instant::now();
     while !socket.exists() {
         if t.elapsed() > Duration::from_secs(10) {
-            return println!("SKIP: pulseaudio made no socket at {}", socket.display());
+            println!("SKIP: pulseaudio made no socket at {}", socket.display());
+            return None;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    Some(pulse)
+}
+
+/// Run only as a child process of `a_lost_device_is_an_error_and_an_event_not_a_hang`.
+#[test]
+#[ignore = "run in a child process by a_lost_device_is_an_error_and_an_event_not_a_hang"]
+fn lost_device_child() {
+    if std::env::var_os(LOST_CHILD_ENV).is_none() {
+        return;
+    }
+    let Some(mut pulse) = private_pulse() else {
+        return;
+    };
 
     let (events_tx, events_rx) = event_channel();
     let options = DeviceOptions {
@@ -698,7 +711,7 @@ fn lost_device_child() {
         .try_iter()
         .filter_map(|e| match e {
             AudioEvent::DeviceLost { direction, .. } => Some(direction),
-            AudioEvent::StreamError { .. } => None,
+            AudioEvent::StreamError { .. } | AudioEvent::Reopened { .. } => None,
         })
         .collect();
     assert_eq!(lost.len(), 2, "one DeviceLost per stream: {lost:?}");
@@ -716,22 +729,30 @@ fn lost_device_child() {
 #[cfg(target_os = "linux")]
 #[test]
 fn a_lost_device_is_an_error_and_an_event_not_a_hang() {
+    run_child("lost_device_child", LOST_CHILD_ENV);
+}
+
+/// Runs the ignored test `name` of this binary in a child process with `env` set and a
+/// private `XDG_RUNTIME_DIR`, and requires it to pass (or to say why it skipped) within a
+/// minute.
+#[cfg(target_os = "linux")]
+fn run_child(name: &str, env: &str) {
     use std::os::unix::fs::PermissionsExt;
 
-    let dir = std::env::temp_dir().join(format!("parley-lost-device-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("parley-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("runtime dir");
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
     let stdout_path = dir.join("child.stdout");
     let stderr_path = dir.join("child.stderr");
     let mut child = Command::new(std::env::current_exe().expect("test binary path"))
         .args([
-            "lost_device_child",
+            name,
             "--exact",
             "--ignored",
             "--nocapture",
             "--test-threads=1",
         ])
-        .env(LOST_CHILD_ENV, "1")
+        .env(env, "1")
         .env("XDG_RUNTIME_DIR", &dir)
         .env_remove("PULSE_SERVER")
         .env_remove("PULSE_RUNTIME_PATH")
@@ -767,4 +788,106 @@ fn a_lost_device_is_an_error_and_an_event_not_a_hang() {
         status.success() && stdout.contains("1 passed"),
         "{status:?}\n{stdout}\n{stderr}"
     );
+}
+
+const BACK_CHILD_ENV: &str = "PARLEY_DEVICE_BACK_CHILD";
+
+/// Run only as a child process of `a_device_that_comes_back_is_reopened`.
+#[test]
+#[ignore = "run in a child process by a_device_that_comes_back_is_reopened"]
+fn device_back_child() {
+    use parley_engine::audio::reopen::{ReopenOptions, ReopeningMic, ReopeningSpeaker};
+    if std::env::var_os(BACK_CHILD_ENV).is_none() {
+        return;
+    }
+    let Some(_pulse) = private_pulse() else {
+        return;
+    };
+    let pactl = |args: &[&str]| {
+        let out = Command::new("pactl").args(args).output().expect("pactl");
+        assert!(
+            out.status.success(),
+            "pactl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (events_tx, events_rx) = event_channel();
+    let options = DeviceOptions {
+        events: Some(events_tx),
+        ..DeviceOptions::default()
+    };
+    let reopen = ReopenOptions {
+        retry_every: Duration::from_millis(200),
+        give_up_after: Duration::from_secs(30),
+    };
+    let mut mic = ReopeningMic::open(None, options.clone(), reopen.clone()).expect("input");
+    let mut speaker = ReopeningSpeaker::open(None, options, reopen).expect("output");
+    let tone = sine(440.0, 24_000, FRAME_LEN_SAMPLES, 0.3);
+    let mut frame = [0.0f32; FRAME_LEN_SAMPLES];
+    for _ in 0..3 {
+        assert!(mic.next_frame(&mut frame).expect("a frame before the loss"));
+        speaker.write_frame(&tone).expect("a frame before the loss");
+    }
+
+    // The sink (and its monitor, the default source) goes away: every call still returns,
+    // at the frame clock, and the streams are reported lost.
+    pactl(&["unload-module", "module-null-sink"]);
+    let gone = Instant::now();
+    let mut slowest = Duration::ZERO;
+    while gone.elapsed() < Duration::from_secs(4) {
+        let t = Instant::now();
+        assert!(mic
+            .next_frame(&mut frame)
+            .expect("silence while the device is away"));
+        speaker
+            .write_frame(&tone)
+            .expect("dropped while the device is away");
+        slowest = slowest.max(t.elapsed());
+    }
+    println!(
+        "slowest frame while away: {slowest:?}; lost: in {} out {}",
+        mic.is_lost(),
+        speaker.is_lost()
+    );
+    assert!(
+        mic.is_lost() && speaker.is_lost(),
+        "both streams should be lost"
+    );
+    assert!(slowest < Duration::from_secs(3), "a call took {slowest:?}");
+
+    // It comes back: both streams reopen within a few tries, and audio moves again.
+    pactl(&["load-module", "module-null-sink", "sink_name=parley_back"]);
+    let back = Instant::now();
+    while (mic.is_lost() || speaker.is_lost()) && back.elapsed() < Duration::from_secs(20) {
+        mic.next_frame(&mut frame).expect("a frame");
+        speaker.write_frame(&tone).expect("a frame");
+    }
+    println!("reopened after {:?}", back.elapsed());
+    assert!(!mic.is_lost() && !speaker.is_lost(), "not reopened");
+    for _ in 0..10 {
+        assert!(mic
+            .next_frame(&mut frame)
+            .expect("a frame after the return"));
+        speaker
+            .write_frame(&tone)
+            .expect("a frame after the return");
+    }
+    let events: Vec<AudioEvent> = events_rx.try_iter().collect();
+    let count = |f: &dyn Fn(&AudioEvent) -> bool| events.iter().filter(|e| f(e)).count();
+    assert_eq!(
+        count(&|e| matches!(e, AudioEvent::DeviceLost { .. })),
+        2,
+        "{events:?}"
+    );
+    assert_eq!(
+        count(&|e| matches!(e, AudioEvent::Reopened { .. })),
+        2,
+        "{events:?}"
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_device_that_comes_back_is_reopened() {
+    run_child("device_back_child", BACK_CHILD_ENV);
 }

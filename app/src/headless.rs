@@ -9,8 +9,9 @@ use anyhow::{Context, Result};
 use base64::Engine as _;
 use clap::Args;
 use crossbeam_channel::{bounded, Sender};
-use parley_engine::audio::device::{DeviceOptions, MicSource, SpeakerSink};
-use parley_engine::audio::{FrameSink, FrameSource, FRAME_LEN_SAMPLES};
+use parley_engine::audio::device::{event_channel, DeviceOptions};
+use parley_engine::audio::reopen::{ReopenOptions, ReopeningMic, ReopeningSpeaker};
+use parley_engine::audio::{AudioEvent, FrameSink, FrameSource, FRAME_LEN_SAMPLES};
 use parley_engine::compute::gpu::DeviceChoice;
 use parley_engine::compute::Dtype;
 use parley_engine::pipeline::{
@@ -163,11 +164,46 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
     let (source, sink): (Box<dyn FrameSource>, Box<dyn FrameSink>) = match args.audio {
         AudioIo::Mic => {
             // One set of counters for both streams, reported with every frame's metrics.
-            let dev = DeviceOptions::default();
+            // A device that disappears is reopened when it comes back (the session goes
+            // on); its loss and return are `parley.warning` events.
+            let (audio_tx, audio_rx) = event_channel();
+            let dev = DeviceOptions {
+                events: Some(audio_tx),
+                ..DeviceOptions::default()
+            };
             opts.audio_stats = Some(dev.stats.clone());
-            let source = MicSource::open(args.input_device.as_deref(), dev.clone())?;
+            let warnings = ev_tx.clone();
+            std::thread::Builder::new()
+                .name("audio-events".into())
+                .spawn(move || {
+                    for a in audio_rx.iter() {
+                        let message = match a {
+                            AudioEvent::DeviceLost { name, direction, reason } => format!(
+                                "audio {direction} `{name}` lost ({reason}); reopening it when it is back"
+                            ),
+                            AudioEvent::Reopened { name, direction } => {
+                                format!("audio {direction} `{name}` is back")
+                            }
+                            AudioEvent::StreamError { name, direction, reason } => {
+                                format!("audio {direction} `{name}`: {reason}")
+                            }
+                        };
+                        if warnings.send(Event::Warning { message }).is_err() {
+                            break;
+                        }
+                    }
+                })?;
+            let source = ReopeningMic::open(
+                args.input_device.as_deref(),
+                dev.clone(),
+                ReopenOptions::default(),
+            )?;
             let sink: Box<dyn FrameSink> = if mode != Mode::Listen {
-                Box::new(SpeakerSink::open(args.output_device.as_deref(), dev)?)
+                Box::new(ReopeningSpeaker::open(
+                    args.output_device.as_deref(),
+                    dev,
+                    ReopenOptions::default(),
+                )?)
             } else {
                 Box::new(NullSink)
             };

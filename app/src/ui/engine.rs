@@ -8,9 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
-use parley_engine::audio::device::{
-    event_channel, list_devices, DeviceList, DeviceOptions, MicSource, SpeakerSink,
-};
+use parley_engine::audio::device::{event_channel, list_devices, DeviceList, DeviceOptions};
+use parley_engine::audio::reopen::{ReopenOptions, ReopeningMic, ReopeningSpeaker};
 use parley_engine::audio::virtual_device::{FileSource, Pace};
 use parley_engine::audio::{AudioEvent, FrameSink, FrameSource, FRAME_LEN_SAMPLES};
 use parley_engine::compute::gpu::DeviceChoice;
@@ -288,12 +287,17 @@ fn start(
                 ..DeviceOptions::default()
             };
             opts.audio_stats = Some(dev.stats.clone());
-            Box::new(MicSource::open(name.as_deref(), dev).map_err(|e| {
-                (
-                    format!("no microphone: {e}"),
-                    "Connect a microphone or pick another input device, then press Start.".into(),
-                )
-            })?)
+            Box::new(
+                ReopeningMic::open(name.as_deref(), dev, ReopenOptions::default()).map_err(
+                    |e| {
+                        (
+                            format!("no microphone: {e}"),
+                            "Connect a microphone or pick another input device, then press Start."
+                                .into(),
+                        )
+                    },
+                )?,
+            )
         }
         Input::File { path, realtime } => Box::new(
             FileSource::open(
@@ -325,7 +329,7 @@ fn start(
             stats: opts.audio_stats.clone().unwrap_or_default(),
             ..DeviceOptions::default()
         };
-        Box::new(SpeakerSink::open(s.output_device.as_deref(), dev).map_err(|e| {
+        Box::new(ReopeningSpeaker::open(s.output_device.as_deref(), dev, ReopenOptions::default()).map_err(|e| {
             (
                 format!("no speakers: {e}"),
                 "Connect headphones or speakers, pick another output device, or turn playback off.".into(),
@@ -360,11 +364,21 @@ fn start(
                         Err(_) => break,
                     },
                     recv(audio_rx) -> a => if let Ok(a) = a {
-                        let what = match a {
-                            AudioEvent::DeviceLost { name, reason, .. } => format!("audio device lost: {name}: {reason}"),
-                            other => format!("audio: {other:?}"),
+                        let (what, hint) = match a {
+                            AudioEvent::DeviceLost { name, reason, direction } => (
+                                format!("audio {direction} lost: {name}: {reason}"),
+                                "Reconnect it: the session goes on once it is back (it stops after 5 minutes without it).",
+                            ),
+                            AudioEvent::Reopened { name, direction } => (
+                                format!("audio {direction} back: {name}"),
+                                "The session goes on.",
+                            ),
+                            AudioEvent::StreamError { name, reason, direction } => (
+                                format!("audio {direction} error: {name}: {reason}"),
+                                "If it keeps happening, pick another device.",
+                            ),
                         };
-                        let _ = out.send(FromEngine::Problem { what, hint: "Reconnect the device (or pick another) and press Start.".into() });
+                        let _ = out.send(FromEngine::Problem { what, hint: hint.into() });
                         repaint();
                     },
                 }

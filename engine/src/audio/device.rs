@@ -194,6 +194,8 @@ pub enum AudioEvent {
         direction: Direction,
         reason: String,
     },
+    /// A lost device is back and its stream reopened ([`super::reopen`]).
+    Reopened { name: String, direction: Direction },
 }
 
 /// A bounded channel for [`AudioEvent`]s, to put in [`DeviceOptions::events`].

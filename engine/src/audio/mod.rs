@@ -10,6 +10,7 @@
 
 pub mod device;
 pub mod file;
+pub mod reopen;
 pub mod resample;
 pub mod virtual_device;
 
