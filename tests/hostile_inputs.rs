@@ -50,12 +50,35 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
+/// A file in this process's scratch directory, removed when dropped (thousands of cases
+/// leave nothing behind).
+struct TempFile(PathBuf);
+
+impl std::ops::Deref for TempFile {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempFile {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A fresh file path in this process's scratch directory.
-fn scratch(name: &str) -> PathBuf {
+fn scratch(name: &str) -> TempFile {
     static N: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!("parley-hostile-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir.join(format!("{}-{name}", N.fetch_add(1, Ordering::Relaxed)))
+    TempFile(dir.join(format!("{}-{name}", N.fetch_add(1, Ordering::Relaxed))))
 }
 
 /// Byte edits: (position as a fraction of the length, new byte), then a truncation.
@@ -96,7 +119,7 @@ impl Mutation {
     }
 }
 
-fn write(name: &str, bytes: &[u8]) -> PathBuf {
+fn write(name: &str, bytes: &[u8]) -> TempFile {
     let path = scratch(name);
     std::fs::write(&path, bytes).expect("write");
     path
@@ -264,9 +287,7 @@ fn safetensors_bytes(shapes: &[(usize, usize)]) -> Vec<u8> {
     }
     let path = scratch("src.safetensors");
     candle_core::safetensors::save(&tensors, &path).expect("save");
-    let bytes = std::fs::read(&path).expect("read");
-    let _ = std::fs::remove_file(&path);
-    bytes
+    std::fs::read(&path).expect("read")
 }
 
 /// Opens `path` and reads every tensor it lists; whatever is read has its listed shape.
