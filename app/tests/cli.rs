@@ -1037,16 +1037,26 @@ fn outputs_never_overwrite_any_input_and_bad_arguments_are_named() {
     let before = [snapshot(&mimi_dir), snapshot(&stt_dir), snapshot(&tts_dir)];
     let rec_before = std::fs::read(&recording).expect("read");
 
+    // `parley mimi CMD INPUT --model-dir <the copy> --out OUT`, required to succeed or not.
+    let mimi = |cmd: &str, input: &Path, out: &str, ok: bool| {
+        let args = [
+            "mimi",
+            cmd,
+            s(input),
+            "--model-dir",
+            s(&mimi_dir),
+            "--out",
+            out,
+        ];
+        if ok {
+            parley_ok(&args)
+        } else {
+            parley(&args)
+        }
+    };
+
     let weights = mimi_dir.join("mimi.safetensors");
-    let out = parley(&[
-        "mimi",
-        "encode",
-        s(&recording),
-        "--model-dir",
-        s(&mimi_dir),
-        "--out",
-        s(&weights),
-    ]);
+    let out = mimi("encode", &recording, s(&weights), false);
     assert_clean_failure(&out, "is the input");
     let out = parley(&[
         "stt",
@@ -1081,46 +1091,19 @@ fn outputs_never_overwrite_any_input_and_bad_arguments_are_named() {
         s(&same),
     ]);
     assert_clean_failure(&out, "two outputs are the same file");
-    let out = parley(&[
-        "mimi",
-        "encode",
-        s(&recording),
-        "--model-dir",
-        s(&mimi_dir),
-        "--out",
-        "/dev/null",
-    ]);
+    let out = mimi("encode", &recording, "/dev/null", false);
     assert_clean_failure(&out, "not a regular file");
     let codes = tmp("hostile-codes.npy");
-    parley_ok(&[
-        "mimi",
-        "encode",
-        s(&recording),
-        "--model-dir",
-        s(&mimi_dir),
-        "--out",
-        s(&codes),
-    ]);
-    let out = parley(&[
-        "mimi",
-        "decode",
-        s(&codes),
-        "--model-dir",
-        s(&mimi_dir),
-        "--out",
-        "-",
-    ]);
+    mimi("encode", &recording, s(&codes), true);
+    let out = mimi("decode", &codes, "-", false);
     assert_clean_failure(&out, "output `-`");
     assert!(!Path::new("-").exists());
-    let out = parley(&[
-        "mimi",
+    let out = mimi(
         "decode",
-        s(&codes),
-        "--model-dir",
-        s(&mimi_dir),
-        "--out",
+        &codes,
         s(&tmp("no-such-folder").join("x.wav")),
-    ]);
+        false,
+    );
     assert_clean_failure(&out, "does not exist");
     // Through a link: the target gets the output, the link stays.
     let target = tmp("link-target.wav");
@@ -1128,15 +1111,7 @@ fn outputs_never_overwrite_any_input_and_bad_arguments_are_named() {
     let link = tmp("link.wav");
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&target, &link).expect("link");
-    parley_ok(&[
-        "mimi",
-        "decode",
-        s(&codes),
-        "--model-dir",
-        s(&mimi_dir),
-        "--out",
-        s(&link),
-    ]);
+    mimi("decode", &codes, s(&link), true);
     assert!(std::fs::symlink_metadata(&link)
         .expect("meta")
         .file_type()

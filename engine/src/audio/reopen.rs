@@ -55,6 +55,21 @@ struct Reopener {
 }
 
 impl Reopener {
+    fn new(
+        name: Option<&str>,
+        options: DeviceOptions,
+        reopen: ReopenOptions,
+        direction: Direction,
+    ) -> Self {
+        Self {
+            name: name.map(str::to_owned),
+            options,
+            reopen,
+            direction,
+            lost: None,
+        }
+    }
+
     fn label(&self) -> &str {
         self.name.as_deref().unwrap_or("default")
     }
@@ -145,16 +160,9 @@ impl ReopeningMic {
     /// Opens the input device `name` (`None`: the default one); an error when it cannot be
     /// opened now (a device must be there to start).
     pub fn open(name: Option<&str>, options: DeviceOptions, reopen: ReopenOptions) -> Result<Self> {
-        let mic = MicSource::open(name, options.clone())?;
         Ok(Self {
-            mic: Some(mic),
-            r: Reopener {
-                name: name.map(str::to_owned),
-                options,
-                reopen,
-                direction: Direction::Input,
-                lost: None,
-            },
+            mic: Some(MicSource::open(name, options.clone())?),
+            r: Reopener::new(name, options, reopen, Direction::Input),
         })
     }
 
@@ -196,16 +204,9 @@ pub struct ReopeningSpeaker {
 impl ReopeningSpeaker {
     /// Opens the output device `name` (`None`: the default one).
     pub fn open(name: Option<&str>, options: DeviceOptions, reopen: ReopenOptions) -> Result<Self> {
-        let speaker = SpeakerSink::open(name, options.clone())?;
         Ok(Self {
-            speaker: Some(speaker),
-            r: Reopener {
-                name: name.map(str::to_owned),
-                options,
-                reopen,
-                direction: Direction::Output,
-                lost: None,
-            },
+            speaker: Some(SpeakerSink::open(name, options.clone())?),
+            r: Reopener::new(name, options, reopen, Direction::Output),
         })
     }
 
