@@ -1,5 +1,16 @@
 //! `parley`: the command line (and, later, the desktop app).
 
+/// `eprintln!` that never panics: std's panics when stderr cannot be written (`2>/dev/full`,
+/// a closed pipe), and the panic's own message then fails too. A log line that cannot be
+/// written is dropped; a failing command still exits non-zero. Defined before the modules,
+/// so it is the `eprintln!` of every one of them.
+macro_rules! eprintln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod bench;
 mod cascade_args;
 mod headless;

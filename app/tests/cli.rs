@@ -1184,6 +1184,33 @@ fn outputs_never_overwrite_any_input_and_bad_arguments_are_named() {
     ]);
     assert_clean_failure(&out, "ending in .png");
 
+    // A full stderr: the logs are dropped, never a panic (exit 101); failure is exit 1.
+    let with_full_stderr = |args: &[&str]| {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full");
+        Command::new(env!("CARGO_BIN_EXE_parley"))
+            .args(args)
+            .stderr(full)
+            .output()
+            .expect("run")
+            .status
+            .code()
+    };
+    let stt = [
+        "stt",
+        s(&recording),
+        "--model-dir",
+        s(&stt_dir),
+        "--device",
+        "cpu",
+    ];
+    assert_eq!(with_full_stderr(&stt), Some(0));
+    let missing = tmp("missing-input.wav");
+    let stt = ["stt", s(&missing), "--model-dir", s(&stt_dir)];
+    assert_eq!(with_full_stderr(&stt), Some(1));
+
     // Speech to a full stdout: an error, not a quiet end.
     let full = std::fs::OpenOptions::new()
         .write(true)

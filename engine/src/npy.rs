@@ -126,6 +126,13 @@ fn check_header(path: &Path) -> Result<()> {
     f.read_exact(&mut rest).map_err(|e| Error::io(path, e))?;
     all.extend(rest);
     let text = String::from_utf8_lossy(&all);
+    // candle's reader takes the last of repeated keys (and trims their spaces): a header
+    // naming one twice could pass this check with one shape and be read with another.
+    for key in ["descr", "shape", "fortran_order"] {
+        if text.matches(key).count() > 1 {
+            return Err(bad(format!("the header names '{key}' more than once")));
+        }
+    }
     let field = |key: &str| text.find(key).map(|i| &text[i + key.len()..]);
     let descr = field("'descr':")
         .and_then(|r| r.trim_start().strip_prefix('\''))
@@ -237,5 +244,31 @@ mod tests {
         assert!(err.contains("2047") && err.contains("codes.npy"), "{err}");
         std::fs::write(&path, b"\x93NUMPY garbage").expect("write");
         assert!(read_u32_2d(&path, 2048).is_err());
+    }
+
+    /// A header naming a key twice (the reader takes the last) is refused.
+    #[test]
+    fn a_header_naming_a_key_twice_is_refused() {
+        let dir = std::env::temp_dir().join(format!("parley-npy-dup-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("dup.npy");
+        for dict in [
+            "{'descr': '<i8', 'fortran_order': False, 'shape': (1, 1), 'shape': (1099511627776, 1), }",
+            "{'descr': '<i8', 'fortran_order': False, 'shape': (1, 1), ' shape': (1099511627776, 1), }",
+        ] {
+            let mut h = dict.to_string();
+            while (10 + h.len() + 1) % 64 != 0 {
+                h.push(' ');
+            }
+            h.push('\n');
+            let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+            bytes.extend((h.len() as u16).to_le_bytes());
+            bytes.extend(h.as_bytes());
+            bytes.extend(7i64.to_le_bytes());
+            std::fs::write(&path, &bytes).expect("write");
+            let err = read_u32_2d(&path, 2048).expect_err("twice").to_string();
+            assert!(err.contains("'shape' more than once"), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

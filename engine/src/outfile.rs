@@ -6,22 +6,45 @@ use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
-/// The temporary file beside `path` that [`write_atomically`] writes first: hidden, named
-/// for the process, keeping the extension (some writers choose the format from it).
-fn temporary(path: &Path) -> PathBuf {
+/// The temporary file beside `path` that [`write_atomically`] writes first: hidden, keeping
+/// the extension (some writers choose the format from it), and created here, empty, under
+/// a name no one could have guessed (`create_new`: never through a link someone planted
+/// in a shared folder, which the writer's own open would follow).
+fn temporary(path: &Path) -> Result<PathBuf> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
     let name = path
         .file_name()
         .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = match path.extension() {
-        Some(ext) => format!(
-            ".{}.parley-{}.tmp.{}",
-            name,
+    let mut last = None;
+    for _ in 0..16 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let tag = format!(
+            "parley-{}-{}-{nanos:08x}",
             std::process::id(),
-            ext.to_string_lossy()
-        ),
-        None => format!(".{name}.parley-{}.tmp", std::process::id()),
-    };
-    path.with_file_name(tmp)
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let tmp = path.with_file_name(match path.extension() {
+            Some(ext) => format!(".{name}.{tag}.tmp.{}", ext.to_string_lossy()),
+            None => format!(".{name}.{tag}.tmp"),
+        });
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
+            Ok(_) => return Ok(tmp),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(tmp),
+            Err(e) => return Err(Error::io(&tmp, e)),
+        }
+    }
+    Err(Error::InvalidInput(format!(
+        "no free temporary name beside {} (last tried {})",
+        path.display(),
+        last.map_or_else(String::new, |p| p.display().to_string())
+    )))
 }
 
 /// Where an output to `path` goes: `path` itself, or for a symbolic link the file it
@@ -40,19 +63,16 @@ fn destination(path: &Path) -> Result<PathBuf> {
             "output `-`: this output is a file, not stdout (write ./- for a file named -)".into(),
         ));
     }
-    let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
-    let target = if is_link {
-        match std::fs::canonicalize(path) {
-            Ok(t) => t,
-            // A dangling link: the file it names, relative to the link's directory.
-            Err(_) => {
-                let to = std::fs::read_link(path).map_err(|e| Error::io(path, e))?;
-                path.parent().unwrap_or(Path::new(".")).join(to)
-            }
+    // Through every link (a dangling chain too: to the file its last link names).
+    let mut target = path.to_path_buf();
+    for _ in 0..40 {
+        let is_link = std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink());
+        if !is_link {
+            break;
         }
-    } else {
-        path.to_path_buf()
-    };
+        let to = std::fs::read_link(&target).map_err(|e| Error::io(&target, e))?;
+        target = target.parent().unwrap_or(Path::new(".")).join(to);
+    }
     if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
             return Err(Error::InvalidInput(format!(
@@ -84,7 +104,7 @@ fn destination(path: &Path) -> Result<PathBuf> {
 pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let target = destination(path)?;
     let previous = std::fs::metadata(&target).ok().map(|m| m.permissions());
-    let tmp = temporary(&target);
+    let tmp = temporary(&target)?;
     let r = write(&tmp)
         .and_then(|()| match previous {
             Some(p) => std::fs::set_permissions(&tmp, p).map_err(|e| Error::io(&tmp, e)),
@@ -126,19 +146,16 @@ pub fn check_outputs(outputs: &[&Path], inputs: &[&Path]) -> Result<()> {
                 }
             }
         }
+        // Where each output really goes (through links, whether there yet or not), with
+        // its folder resolved.
+        let resolved = |p: &Path| -> Option<PathBuf> {
+            let d = destination(p).ok()?;
+            let dir = d.parent().filter(|d| !d.as_os_str().is_empty());
+            dir.map_or(std::env::current_dir().ok(), canonical)
+                .map(|dir| dir.join(d.file_name().unwrap_or_default()))
+        };
         for other in &outputs[..i] {
-            let same = match (canonical(out), canonical(other)) {
-                (Some(a), Some(b)) => a == b,
-                // Not there yet: compare as written, with the directory resolved.
-                _ => {
-                    let abs = |p: &Path| {
-                        let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
-                        dir.map_or(std::env::current_dir().ok(), canonical)
-                            .map(|d| d.join(p.file_name().unwrap_or_default()))
-                    };
-                    abs(out).is_some() && abs(out) == abs(other)
-                }
-            };
+            let same = resolved(out).is_some() && resolved(out) == resolved(other);
             if same {
                 return Err(Error::InvalidInput(format!(
                     "two outputs are the same file, {}: give each its own path",
@@ -247,6 +264,23 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600, "permissions kept");
+        // A dangling chain of links: the file its last link names is made.
+        std::os::unix::fs::symlink("missing.npy", dir.join("l1.npy")).expect("l1");
+        std::os::unix::fs::symlink("l1.npy", dir.join("l2.npy")).expect("l2");
+        write(&dir.join("l2.npy"), b"chain").expect("through the chain");
+        assert_eq!(
+            std::fs::read(dir.join("missing.npy")).expect("made"),
+            b"chain"
+        );
+        for l in ["l1.npy", "l2.npy"] {
+            let m = std::fs::symlink_metadata(dir.join(l)).expect("meta");
+            assert!(m.file_type().is_symlink(), "{l} stays a link");
+        }
+        // Two outputs through links to one file are the same output.
+        let err = check_outputs(&[&dir.join("l2.npy"), &dir.join("missing.npy")], &[])
+            .expect_err("one file")
+            .to_string();
+        assert!(err.contains("two outputs"), "{err}");
 
         // An output that is a file of an input directory, or the same as another output.
         let model = dir.join("model");

@@ -74,6 +74,25 @@ pub fn read_audio_24k(path: &Path) -> Result<Vec<f32>> {
     resample_mono(&audio.pcm, audio.sample_rate_hz, SAMPLE_RATE_HZ)
 }
 
+thread_local! {
+    /// Set while this thread decodes a compressed file: a panic then is the file's error.
+    static DECODING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs, once, a panic hook that says nothing for a panic caught while decoding (the
+/// error names the file instead) and hands every other panic to the hook there was.
+fn quiet_decoder_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !DECODING.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+}
+
 /// Reads `path` as mono at its own sample rate.
 pub fn read_audio_mono(path: &Path) -> Result<MonoAudio> {
     if path.is_dir() {
@@ -89,13 +108,17 @@ pub fn read_audio_mono(path: &Path) -> Result<MonoAudio> {
         // symphonia's demuxers have panicked on hostile bytes (an ADTS length that
         // underflows, found by tests/hostile_inputs.rs): a decoder's panic is this file's
         // error, not the program's end. Nothing it touched outlives the call.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_with_symphonia(path)))
-            .unwrap_or_else(|_| {
-                Err(Error::audio(
-                    path,
-                    "the decoder failed on this file (corrupt or not audio)",
-                ))
-            })?
+        quiet_decoder_panics();
+        DECODING.with(|d| d.set(true));
+        let r =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_with_symphonia(path)));
+        DECODING.with(|d| d.set(false));
+        r.unwrap_or_else(|_| {
+            Err(Error::audio(
+                path,
+                "the decoder failed on this file (corrupt or not audio)",
+            ))
+        })?
     };
     if audio.pcm.is_empty() {
         return Err(Error::audio(path, "the file holds no audio samples"));

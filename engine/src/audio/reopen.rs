@@ -52,6 +52,10 @@ struct Reopener {
     reopen: ReopenOptions,
     direction: Direction,
     lost: Option<Lost>,
+    /// After a reopen, until the new stream has moved a frame: when the loss began. A
+    /// stream that fails again at once continues that loss (its time limit, its retry
+    /// pace) instead of starting a new one.
+    reopened_since: Option<Instant>,
 }
 
 impl Reopener {
@@ -67,6 +71,7 @@ impl Reopener {
             reopen,
             direction,
             lost: None,
+            reopened_since: None,
         }
     }
 
@@ -91,12 +96,22 @@ impl Reopener {
             });
         }
         let now = Instant::now();
+        let (since, next_try) = match self.reopened_since.take() {
+            // Lost again before any audio moved: the same loss, tried again at its pace.
+            Some(since) => (since, now + self.reopen.retry_every),
+            None => (now, now),
+        };
         self.lost = Some(Lost {
             error,
-            since: now,
-            next_try: now,
+            since,
+            next_try,
             next_frame: now,
         });
+    }
+
+    /// The stream moved a frame: any loss is over.
+    fn moved(&mut self) {
+        self.reopened_since = None;
     }
 
     /// While lost: an attempt to open the device when one is due (`open` gives the stream),
@@ -126,7 +141,7 @@ impl Reopener {
         lost.next_try = now + self.reopen.retry_every;
         match open(self.name.as_deref(), self.options.clone()) {
             Ok(stream) => {
-                self.lost = None;
+                self.reopened_since = self.lost.take().map(|l| l.since);
                 self.send(AudioEvent::Reopened {
                     name: self.label().to_string(),
                     direction: self.direction,
@@ -174,19 +189,25 @@ impl ReopeningMic {
 
 impl FrameSource for ReopeningMic {
     fn next_frame(&mut self, frame: &mut [f32; FRAME_LEN_SAMPLES]) -> Result<bool> {
-        if let Some(mic) = &mut self.mic {
-            match mic.next_frame(frame) {
-                Ok(more) => return Ok(more),
-                Err(e @ (Error::AudioDeviceLost { .. } | Error::AudioDevice { .. })) => {
-                    self.mic = None;
-                    self.r.lose(e);
+        loop {
+            if let Some(mic) = &mut self.mic {
+                match mic.next_frame(frame) {
+                    Ok(more) => {
+                        self.r.moved();
+                        return Ok(more);
+                    }
+                    Err(e @ (Error::AudioDeviceLost { .. } | Error::AudioDevice { .. })) => {
+                        self.mic = None;
+                        self.r.lose(e);
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
             }
-        }
-        if let Some(mic) = self.r.try_reopen(MicSource::open)? {
-            self.mic = Some(mic);
-            return self.next_frame(frame);
+            // At most one attempt per retry interval: a stream that fails at once waits.
+            match self.r.try_reopen(MicSource::open)? {
+                Some(mic) => self.mic = Some(mic),
+                None => break,
+            }
         }
         self.r.pace();
         frame.fill(0.0);
@@ -218,19 +239,24 @@ impl ReopeningSpeaker {
 
 impl FrameSink for ReopeningSpeaker {
     fn write_frame(&mut self, frame: &[f32]) -> Result<()> {
-        if let Some(s) = &mut self.speaker {
-            match s.write_frame(frame) {
-                Ok(()) => return Ok(()),
-                Err(e @ (Error::AudioDeviceLost { .. } | Error::AudioDevice { .. })) => {
-                    self.speaker = None;
-                    self.r.lose(e);
+        loop {
+            if let Some(s) = &mut self.speaker {
+                match s.write_frame(frame) {
+                    Ok(()) => {
+                        self.r.moved();
+                        return Ok(());
+                    }
+                    Err(e @ (Error::AudioDeviceLost { .. } | Error::AudioDevice { .. })) => {
+                        self.speaker = None;
+                        self.r.lose(e);
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
             }
-        }
-        if let Some(s) = self.r.try_reopen(SpeakerSink::open)? {
-            self.speaker = Some(s);
-            return self.write_frame(frame);
+            match self.r.try_reopen(SpeakerSink::open)? {
+                Some(s) => self.speaker = Some(s),
+                None => break,
+            }
         }
         self.r.pace();
         Ok(())

@@ -115,7 +115,10 @@ impl Isa {
                 Some("portable") => Self::Portable,
                 Some("avx2") if Self::Avx2.supported() => Self::Avx2,
                 Some(other) => {
-                    eprintln!(
+                    // (Not `eprintln!`, which panics when stderr cannot be written.)
+                    use std::io::Write as _;
+                    let _ = writeln!(
+                        std::io::stderr(),
                         "PARLEY_CPU_ISA={other} ignored: expected portable or avx2 (a set \
                          this CPU has); using {}",
                         best.name()

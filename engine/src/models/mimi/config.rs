@@ -295,6 +295,19 @@ impl MimiConfig {
         within("seanet.kernel_size", s.kernel_size, 1, 64)?;
         within("seanet.last_kernel_size", s.last_kernel_size, 1, 64)?;
         within("seanet.residual_kernel_size", s.residual_kernel_size, 1, 64)?;
+        // The widest residual convolution's history, (k - 1) x dilation_base^(layers - 1)
+        // steps: what each of its streaming buffers holds (weights do not depend on it).
+        let reach = s
+            .dilation_base
+            .checked_pow(s.n_residual_layers.saturating_sub(1) as u32)
+            .and_then(|d| d.checked_mul(s.residual_kernel_size - 1))
+            .filter(|&r| r <= 1 << 16);
+        if reach.is_none() {
+            return Err(format!(
+                "seanet.dilation_base {} over {} residual layers with kernel {} reaches back more than 65536 steps",
+                s.dilation_base, s.n_residual_layers, s.residual_kernel_size
+            ));
+        }
         // The widest convolution: n_filters doubled at each of the ratios' stages.
         if s.ratios.len() as u32 >= usize::BITS
             || s.n_filters
@@ -491,5 +504,32 @@ mod tests {
             .validate()
             .expect_err("causal")
             .contains("transformer.causal"));
+    }
+
+    /// Sizes out of sense are named before anything is computed from them (the published
+    /// Mimi passes).
+    #[test]
+    fn sizes_out_of_sense_are_named() {
+        MimiConfig::default()
+            .validate()
+            .expect("the published Mimi");
+        type Change = fn(&mut MimiConfig);
+        let cases: [(&str, Change); 4] = [
+            ("ratios", |c| c.seanet.ratios = vec![64; 8]),
+            ("max_period", |c| c.transformer.max_period = 0.0),
+            ("reaches back", |c| {
+                c.seanet.dilation_base = 16;
+                c.seanet.n_residual_layers = 16;
+            }),
+            ("transformer.context", |c| {
+                c.transformer.context = Some(1 << 40)
+            }),
+        ];
+        for (what, change) in cases {
+            let mut c = MimiConfig::default();
+            change(&mut c);
+            let err = c.validate().expect_err(what);
+            assert!(err.contains(what), "{what}: {err}");
+        }
     }
 }
