@@ -101,7 +101,7 @@ summary = {
     "rss_kb_start": int(rss[0][1]) if rss else None,
     "rss_kb_end": int(rss[-1][1]) if rss else None,
     "rss_kb_max": max(int(r[1]) for r in rss) if rss else None,
-    "reopened": sum(w.endswith(" is back") for w in warnings),
+    "reopened": sum(w.endswith("` is back") for w in warnings),
 }
 (out / "summary.json").write_text(json.dumps(summary, indent=2))
 print(json.dumps(summary, indent=2))
