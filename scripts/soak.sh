@@ -95,6 +95,12 @@ summary = {
     "output_underruns": delta("output_underruns", False),
     "xruns_around_the_device_loss": delta("input_overruns", True) + delta("output_underruns", True),
     "latency_ms_max": max((m["latency_ms"] for m in metrics), default=0),
+    # The least audio the speaker's ring held beyond a callback's needs (a running minimum
+    # since the start): before the sink went away, and at the end (the loss drains it).
+    "output_low_water_ms_before_device_loss": next(
+        (m.get("output_low_water_ms") for m in reversed(metrics)
+         if flap is None or m["done_at_s"] < flap[0]), None),
+    "output_low_water_ms_end": metrics[-1].get("output_low_water_ms") if metrics else None,
     "warnings": warnings,
     "errors": errors,
     "closed": bool(events) and events[-1].get("type") == "session.closed",

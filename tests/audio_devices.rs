@@ -241,6 +241,78 @@ fn capture_counts_what_does_not_fit_as_overrun() {
 }
 
 #[test]
+fn playback_plays_its_margin_ahead_of_each_run_and_measures_how_close_it_came_to_running_dry() {
+    let stats = AudioStats::new();
+    let (p, mut feed) = PlaybackProcessor::with_ring(1, 64, stats.clone()).expect("ring");
+    // 3 ms at 1 kHz: a run of output starts with 3 samples of silence plus one block of
+    // the device (its callbacks ask for 4 here) plus one of the capture device (none yet).
+    let mut p = p.with_margin(Duration::from_millis(3), 1000);
+    let mut out = [9.0f32; 4];
+    p.process(&mut out);
+    assert_eq!(out, [0.0; 4]);
+    // Output expected but nothing written yet: idle, not an underrun, no low-water mark.
+    feed.set_active(true);
+    p.process(&mut out);
+    let s = stats.snapshot();
+    assert_eq!((s.underrun_events, s.playback_low_water_us), (0, None));
+
+    assert_eq!(feed.push(&[1.0, 2.0, 3.0, 4.0, 5.0]), 5);
+    p.process(&mut out);
+    assert_eq!(out, [0.0; 4], "7 samples of margin first");
+    // 5 queued + 7 of margin, 4 taken: 8 ms to spare.
+    assert_eq!(stats.snapshot().playback_low_water_us, Some(8000));
+    p.process(&mut out);
+    assert_eq!(
+        out,
+        [0.0, 0.0, 0.0, 1.0],
+        "the rest of the margin, then the audio"
+    );
+    assert_eq!(stats.snapshot().playback_low_water_us, Some(4000));
+    assert_eq!(feed.push(&[6.0, 7.0]), 2);
+    p.process(&mut out);
+    assert_eq!(out, [2.0, 3.0, 4.0, 5.0]);
+    assert_eq!(stats.snapshot().playback_low_water_us, Some(2000));
+    p.process(&mut out);
+    assert_eq!(out, [6.0, 7.0, 0.0, 0.0], "no second margin within a run");
+    let s = stats.snapshot();
+    assert_eq!(
+        (
+            s.underrun_events,
+            s.underrun_samples,
+            s.playback_low_water_us
+        ),
+        (1, 2, Some(0))
+    );
+
+    // A dropped reply starts a new run: the empty ring is idle until audio comes, and that
+    // audio gets its margin again, now with the capture device's block (2 samples) in it.
+    assert_eq!(feed.push(&[8.0, 8.0]), 2);
+    feed.discard_queued();
+    p.process(&mut out);
+    assert_eq!(out, [0.0; 4]);
+    assert_eq!(stats.snapshot().underrun_events, 1);
+    let (capture, _ring) = CaptureProcessor::with_ring(1, 64, stats.clone()).expect("ring");
+    let mut capture = capture.with_rate(1000);
+    capture.process(&[0.1f32, 0.2, 0.3]); // the first callback is not a block
+    capture.process(&[0.1f32, 0.2]);
+    assert_eq!(feed.push(&[10.0, 11.0, 12.0, 13.0, 14.0, 15.0]), 6);
+    p.process(&mut out);
+    assert_eq!(out, [0.0; 4]);
+    p.process(&mut out);
+    assert_eq!(out, [0.0; 4]);
+    p.process(&mut out);
+    assert_eq!(out, [0.0, 10.0, 11.0, 12.0], "3 + 4 + 2 samples of margin");
+
+    // After the output is finished, running dry is neither an underrun nor a low-water mark.
+    feed.set_active(false);
+    p.process(&mut out);
+    assert_eq!(out, [13.0, 14.0, 15.0, 0.0]);
+    let s = stats.snapshot();
+    assert_eq!((s.underrun_events, s.playback_low_water_us), (1, Some(0)));
+    assert_eq!(s.played_samples, 13);
+}
+
+#[test]
 fn playback_fills_silence_and_counts_underruns_only_when_output_is_expected() {
     let stats = AudioStats::new();
     let (mut p, mut feed) = PlaybackProcessor::with_ring(2, 64, stats.clone()).expect("ring");

@@ -203,7 +203,7 @@ pub fn event_channel() -> (Sender<AudioEvent>, Receiver<AudioEvent>) {
     crossbeam_channel::bounded(EVENT_CHANNEL_CAPACITY)
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Counters {
     capture_callbacks: AtomicU64,
     captured_samples: AtomicU64,
@@ -213,7 +213,32 @@ struct Counters {
     played_samples: AtomicU64,
     underrun_samples: AtomicU64,
     underrun_events: AtomicU64,
+    /// The last capture callback's length in microseconds (0: not measured): how unevenly
+    /// captured audio arrives, which playback's margin allows for.
+    capture_chunk_us: AtomicU64,
+    /// The least audio, in microseconds, a playback callback left in the ring once it had
+    /// taken what it needed (`u64::MAX`: none measured yet).
+    playback_low_water_us: AtomicU64,
     stream_errors: AtomicU64,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        let zero = || AtomicU64::new(0);
+        Self {
+            capture_callbacks: zero(),
+            captured_samples: zero(),
+            overrun_samples: zero(),
+            overrun_events: zero(),
+            playback_callbacks: zero(),
+            played_samples: zero(),
+            underrun_samples: zero(),
+            underrun_events: zero(),
+            capture_chunk_us: zero(),
+            playback_low_water_us: AtomicU64::new(u64::MAX),
+            stream_errors: zero(),
+        }
+    }
 }
 
 /// Counters the real-time callbacks keep, readable from any thread. Cloning shares them:
@@ -243,6 +268,10 @@ pub struct AudioStatsSnapshot {
     pub underrun_samples: u64,
     /// Playback callbacks that ran dry while output was expected.
     pub underrun_events: u64,
+    /// How close playback came to running dry: the least audio (microseconds) a callback
+    /// left in the ring after taking what it needed, while output was expected; `None`
+    /// before the first such callback, or for a processor that was given no sample rate.
+    pub playback_low_water_us: Option<u64>,
     /// Errors reported by cpal's error callback.
     pub stream_errors: u64,
 }
@@ -273,6 +302,7 @@ impl AudioStats {
             played_samples: get(&c.played_samples),
             underrun_samples: get(&c.underrun_samples),
             underrun_events: get(&c.underrun_events),
+            playback_low_water_us: Some(get(&c.playback_low_water_us)).filter(|&us| us != u64::MAX),
             stream_errors: get(&c.stream_errors),
         }
     }
@@ -297,7 +327,21 @@ pub struct DeviceOptions {
     pub stats: AudioStats,
     /// Where device errors are reported; see [`event_channel`].
     pub events: Option<Sender<AudioEvent>>,
+    /// Playback's jitter margin: silence played ahead of the first frame (and again after a
+    /// cancelled reply is dropped), so that a frame written a little late still plays on
+    /// time. Added to one block of the output device and one of the input device sharing
+    /// [`stats`](Self::stats) (measured from their callbacks: devices that move audio in
+    /// large blocks need more), it is output latency. [`DEFAULT_OUTPUT_MARGIN`] unless set.
+    pub output_margin: Duration,
 }
+
+/// The playback margin a [`DeviceOptions`] has by default, beyond the devices' blocks:
+/// the waits of the threads that poll the rings ([`poll_wait`], at most 5 ms) and
+/// scheduling. With no margin at all, a one-hour soak through PulseAudio
+/// (`scripts/soak.sh`; its ALSA plug-in moves audio in blocks of ~25 ms each way) ran the
+/// speaker dry 5 times in 45,000 frames although every frame was computed within a few ms.
+/// The soak's `output_low_water_ms` shows the slack that remains.
+pub const DEFAULT_OUTPUT_MARGIN: Duration = Duration::from_millis(15);
 
 impl Default for DeviceOptions {
     fn default() -> Self {
@@ -307,6 +351,7 @@ impl Default for DeviceOptions {
             start_timeout: Duration::from_secs(10),
             stats: AudioStats::new(),
             events: None,
+            output_margin: DEFAULT_OUTPUT_MARGIN,
         }
     }
 }
@@ -370,6 +415,11 @@ pub struct CaptureProcessor {
     /// Mono staging between conversion and the ring, sized once.
     mono: Box<[f32]>,
     stats: AudioStats,
+    /// The device rate, to measure each callback's length (0: not measured).
+    sample_rate_hz: u32,
+    /// Callbacks run: the first, which delivers what built up while the stream started, is
+    /// not a measure of the device's block.
+    callbacks: u64,
 }
 
 impl CaptureProcessor {
@@ -392,8 +442,17 @@ impl CaptureProcessor {
             channels: channels as usize,
             mono: vec![0.0; SCRATCH_FRAMES].into_boxed_slice(),
             stats,
+            sample_rate_hz: 0,
+            callbacks: 0,
         };
         Ok((processor, consumer))
+    }
+
+    /// Measures each callback's length at `sample_rate_hz` (the device's rate) into the
+    /// stats, where a playback processor sharing them sizes its margin. Main thread.
+    pub fn with_rate(mut self, sample_rate_hz: u32) -> Self {
+        self.sample_rate_hz = sample_rate_hz;
+        self
     }
 
     /// The body of the cpal callback: [`process`](Self::process) inside
@@ -438,6 +497,11 @@ impl CaptureProcessor {
         c.capture_callbacks.fetch_add(1, Ordering::Relaxed);
         c.captured_samples
             .fetch_add(captured as u64, Ordering::Relaxed);
+        self.callbacks += 1;
+        if self.sample_rate_hz > 0 && self.callbacks > 1 {
+            let us = captured as u64 * 1_000_000 / self.sample_rate_hz as u64;
+            c.capture_chunk_us.store(us, Ordering::Relaxed);
+        }
         if dropped > 0 {
             c.overrun_samples
                 .fetch_add(dropped as u64, Ordering::Relaxed);
@@ -460,6 +524,21 @@ pub struct PlaybackProcessor {
     active: Arc<AtomicBool>,
     /// Set by [`PlaybackFeed::discard_queued`]: the next callback empties the ring first.
     discard: Arc<AtomicBool>,
+    /// Silence played ahead of the ring's audio when a run of output starts, beyond the
+    /// devices' blocks (samples).
+    margin: usize,
+    /// The last callback's request (samples): the device's block. Not the first callback's,
+    /// which fills the device's whole buffer at the start.
+    last_request: usize,
+    /// Callbacks run.
+    callbacks: u64,
+    /// Whether the current run of output has started (audio arrived after the start or a
+    /// discard); until it has, an empty ring is idle, not an underrun.
+    started: bool,
+    /// Margin silence still to play before the ring's audio.
+    lead_in: usize,
+    /// The device rate, for the low-water mark (0: not measured).
+    sample_rate_hz: u32,
 }
 
 /// The writing end of a playback ring (main or pipeline thread).
@@ -495,6 +574,12 @@ impl PlaybackProcessor {
             stats,
             active: active.clone(),
             discard: discard.clone(),
+            margin: 0,
+            last_request: 0,
+            callbacks: 0,
+            started: false,
+            lead_in: 0,
+            sample_rate_hz: 0,
         };
         let feed = PlaybackFeed {
             producer,
@@ -505,6 +590,16 @@ impl PlaybackProcessor {
         Ok((processor, feed))
     }
 
+    /// Plays `margin` of silence, plus a block of this device and one of the capture
+    /// device sharing its stats, ahead of each run of output (see
+    /// [`DeviceOptions::output_margin`]), and measures the low-water mark at `sample_rate_hz`
+    /// (the device's rate). Main thread, before the processor moves into the callback.
+    pub fn with_margin(mut self, margin: Duration, sample_rate_hz: u32) -> Self {
+        self.margin = (margin.as_secs_f64() * sample_rate_hz as f64).round() as usize;
+        self.sample_rate_hz = sample_rate_hz;
+        self
+    }
+
     /// The body of the cpal callback: [`process`](Self::process) inside
     /// `assert_no_alloc`. Runs on the real-time thread.
     pub fn process_callback<T>(&mut self, interleaved: &mut [T])
@@ -512,6 +607,37 @@ impl PlaybackProcessor {
         T: Sample + FromSample<f32>,
     {
         assert_no_alloc::assert_no_alloc(|| self.process(interleaved));
+    }
+
+    /// The silence ahead of a run of output: the margin, one block of this device (the
+    /// ring is read a block at a time, so the audio's phase against the blocks moves the
+    /// slack by up to one) and one block of the capture device sharing the stats (a frame
+    /// is whole only when the block holding its end arrives, up to one block after its
+    /// time). `needed` is this callback's request, used when no earlier one is known.
+    fn run_margin(&self, needed: usize) -> usize {
+        if self.sample_rate_hz == 0 {
+            return 0; // no margin asked for (`with_margin` not called)
+        }
+        let block = if self.last_request > 0 {
+            self.last_request
+        } else {
+            needed
+        };
+        let capture_us = self.stats.0.capture_chunk_us.load(Ordering::Relaxed);
+        let capture = (capture_us * self.sample_rate_hz as u64).div_ceil(1_000_000) as usize;
+        self.margin + block + capture
+    }
+
+    /// The next `frames` mono samples into `self.mono[..frames]`: margin silence first,
+    /// then the ring's audio. Returns (samples from the ring, silence the ring could not
+    /// fill). Real-time thread.
+    fn take(&mut self, frames: usize) -> (usize, usize) {
+        let lead = self.lead_in.min(frames);
+        self.mono[..lead].fill(0.0);
+        self.lead_in -= lead;
+        let got = self.consumer.pop_slice(&mut self.mono[lead..frames]);
+        self.mono[lead + got..frames].fill(0.0);
+        (got, frames - lead - got)
     }
 
     /// Fills the device's interleaved buffer: pops mono samples from the ring, converts
@@ -524,30 +650,51 @@ impl PlaybackProcessor {
     {
         let channels = self.channels;
         if self.discard.swap(false, Ordering::Acquire) {
-            // A cancelled reply: what was queued is dropped, not played.
+            // A cancelled reply: what was queued is dropped, not played, and the next audio
+            // starts a new run with its margin.
             self.consumer.clear();
+            self.started = false;
         }
+        let needed = interleaved.len() / channels;
+        if !self.started && !self.consumer.is_empty() {
+            self.started = true;
+            self.lead_in = self.run_margin(needed);
+        }
+        self.callbacks += 1;
+        if self.callbacks > 1 {
+            self.last_request = needed;
+        }
+        let queued = self.consumer.occupied_len() + self.lead_in;
         let mut played = 0usize;
         let mut missing = 0usize;
         for block in interleaved.chunks_mut(channels * self.mono.len()) {
             let frames = block.len() / channels;
-            let got = self.consumer.pop_slice(&mut self.mono[..frames]);
-            self.mono[got..frames].fill(0.0);
+            let (got, short) = self.take(frames);
             for (frame, &x) in block.chunks_exact_mut(channels).zip(self.mono.iter()) {
                 frame.fill(T::from_sample(x));
             }
             // A trailing partial frame (cpal never sends one) is silence.
             block[frames * channels..].fill(T::EQUILIBRIUM);
             played += got;
-            missing += frames - got;
+            missing += short;
         }
         let c = &self.stats.0;
         c.playback_callbacks.fetch_add(1, Ordering::Relaxed);
         c.played_samples.fetch_add(played as u64, Ordering::Relaxed);
-        if missing > 0 && self.active.load(Ordering::Relaxed) {
+        // Before a run of output starts (nothing written yet, or a discard), an empty ring
+        // is idle; after `finish` too.
+        if !self.started || !self.active.load(Ordering::Relaxed) {
+            return;
+        }
+        if missing > 0 {
             c.underrun_samples
                 .fetch_add(missing as u64, Ordering::Relaxed);
             c.underrun_events.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.sample_rate_hz > 0 {
+            let spare = queued.saturating_sub(needed) as u64;
+            let us = spare * 1_000_000 / self.sample_rate_hz as u64;
+            c.playback_low_water_us.fetch_min(us, Ordering::Relaxed);
         }
     }
 }
@@ -858,10 +1005,10 @@ where
 }
 
 /// How long to sleep while waiting for `samples` more samples to move at `rate_hz`: half
-/// that time, within 1-10 ms, so a frame is picked up soon after it completes.
+/// that time, within 1-5 ms, so a frame is picked up soon after it completes.
 fn poll_wait(samples: usize, rate_hz: u32) -> Duration {
     let secs = samples as f64 / rate_hz.max(1) as f64 / 2.0;
-    Duration::from_secs_f64(secs).clamp(Duration::from_millis(1), Duration::from_millis(10))
+    Duration::from_secs_f64(secs).clamp(Duration::from_millis(1), Duration::from_millis(5))
 }
 
 /// How long a blocked call may wait without progress.
@@ -941,6 +1088,7 @@ impl MicSource {
                 let capacity = ring_capacity(info.sample_rate_hz, ring_ms);
                 let (processor, consumer) =
                     CaptureProcessor::with_ring(info.channels, capacity, stats.clone())?;
+                let processor = processor.with_rate(info.sample_rate_hz);
                 let on_error = error_callback(
                     info.device_name.clone(),
                     Direction::Input,
@@ -1052,11 +1200,12 @@ impl SpeakerSink {
         let label = device_name.unwrap_or("default").to_string();
         let health = Arc::new(StreamHealth::default());
         let wanted = device_name.map(str::to_owned);
-        let (thread_health, stats, events, ring_ms) = (
+        let (thread_health, stats, events, ring_ms, margin) = (
             health.clone(),
             options.stats.clone(),
             options.events.clone(),
             options.ring_ms,
+            options.output_margin,
         );
         let (stream, (info, feed)) =
             StreamThread::spawn("parley-audio-out", &label, move |stop_stream| {
@@ -1070,8 +1219,13 @@ impl SpeakerSink {
                 })?;
                 let info = StreamInfo::new(name, Direction::Output, &config);
                 let capacity = ring_capacity(info.sample_rate_hz, ring_ms);
+                let capacity = capacity
+                    + ring_capacity(info.sample_rate_hz, 0)
+                        .min((margin.as_secs_f64() * info.sample_rate_hz as f64).ceil() as usize);
                 let (processor, feed) =
                     PlaybackProcessor::with_ring(info.channels, capacity, stats.clone())?;
+                let processor = processor.with_margin(margin, info.sample_rate_hz);
+                let processor = processor.with_margin(margin, info.sample_rate_hz);
                 let on_error = error_callback(
                     info.device_name.clone(),
                     Direction::Output,

@@ -204,6 +204,10 @@ pub struct FrameMetrics {
     /// playback callbacks that ran dry (silence played), since the session started.
     pub input_overruns: u64,
     pub output_underruns: u64,
+    /// Live speaker: the least audio (ms) its ring held beyond what a callback took, since
+    /// the session started (how close output came to running dry; absent without one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_low_water_ms: Option<f64>,
 }
 
 impl FrameMetrics {

@@ -848,6 +848,7 @@ mod tests {
             done_at_s: 0.0,
             input_overruns: 0,
             output_underruns: 0,
+            output_low_water_ms: None,
         })
     }
 

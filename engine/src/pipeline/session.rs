@@ -463,6 +463,9 @@ fn step(comp: &mut Composition<'_>, mut frame: Frame, ctx: &Ctx<'_>) -> Result<(
     ev.send(Event::Metrics(FrameMetrics {
         input_overruns: audio.map_or(0, |a| a.overrun_events),
         output_underruns: audio.map_or(0, |a| a.underrun_events),
+        output_low_water_ms: audio
+            .and_then(|a| a.playback_low_water_us)
+            .map(|us| us as f64 / 1e3),
         frame: frame.index,
         stages,
         latency_ms: (done - frame.available).as_secs_f64() * 1e3,
