@@ -9,6 +9,7 @@
 //! [`virtual_device::RecordingSink`]) are interchangeable.
 
 pub mod device;
+pub mod echo;
 pub mod file;
 pub mod reopen;
 pub mod resample;

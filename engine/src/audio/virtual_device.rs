@@ -221,3 +221,165 @@ impl FrameSink for RecordingSink {
         Ok(())
     }
 }
+
+/// A simulated room for echo cancellation: what a sink plays comes back into a source
+/// through an echo path, added to the source's own audio (the user's speech), as it would
+/// from a laptop's speakers into its microphone.
+///
+/// The echo path is an impulse response at 24 kHz (its delay included, zero taps skipped).
+/// Output frame `m` starts to sound at input sample `(m + latency_frames) × 1920`: the
+/// output device's latency. To build input frame `k` the source waits for the output frames
+/// it needs (up to frame `k - latency_frames`), as long as output is flowing: not before the
+/// first frame is written, not after `finish`, and never more than 2 s.
+#[derive(Debug)]
+pub struct EchoRoom;
+
+/// The microphone of an [`EchoRoom`].
+#[derive(Debug)]
+pub struct EchoRoomSource<S> {
+    inner: S,
+    room: Arc<RoomShared>,
+    taps: Vec<(usize, f32)>,
+    latency: usize,
+    frames_read: u64,
+}
+
+/// The speaker of an [`EchoRoom`].
+#[derive(Debug)]
+pub struct EchoRoomSink<K> {
+    inner: K,
+    room: Arc<RoomShared>,
+    /// Played samples kept: as many as the longest tap reaches back, plus a frame.
+    keep: usize,
+}
+
+#[derive(Debug, Default)]
+struct RoomShared {
+    state: Mutex<RoomState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct RoomState {
+    /// Played samples from output sample `first` on.
+    played: std::collections::VecDeque<f32>,
+    first: usize,
+    frames_written: u64,
+    finished: bool,
+}
+
+/// How long the room's microphone waits for the output it needs.
+const ROOM_WAIT: Duration = Duration::from_secs(2);
+
+impl EchoRoom {
+    /// A source and a sink sharing a room with `impulse_response` between them (see
+    /// [`EchoRoom`]).
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new<S: FrameSource, K: FrameSink>(
+        source: S,
+        sink: K,
+        impulse_response: Vec<f32>,
+        latency_frames: usize,
+    ) -> (EchoRoomSource<S>, EchoRoomSink<K>) {
+        let taps: Vec<(usize, f32)> = impulse_response
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|t| t.1 != 0.0)
+            .collect();
+        let room = Arc::new(RoomShared::default());
+        let keep = impulse_response.len() + 2 * FRAME_LEN_SAMPLES;
+        (
+            EchoRoomSource {
+                inner: source,
+                room: room.clone(),
+                taps,
+                latency: latency_frames,
+                frames_read: 0,
+            },
+            EchoRoomSink {
+                inner: sink,
+                room,
+                keep,
+            },
+        )
+    }
+}
+
+impl RoomShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RoomState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl<S: FrameSource> FrameSource for EchoRoomSource<S> {
+    fn next_frame(&mut self, frame: &mut [f32; FRAME_LEN_SAMPLES]) -> Result<bool> {
+        if !self.inner.next_frame(frame)? {
+            return Ok(false);
+        }
+        let k = self.frames_read as usize;
+        self.frames_read += 1;
+        let mut state = self.room.lock();
+        if let Some(last_needed) = k.checked_sub(self.latency) {
+            let deadline = Instant::now() + ROOM_WAIT;
+            while state.frames_written > 0
+                && !state.finished
+                && state.frames_written <= last_needed as u64
+            {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                state = self
+                    .room
+                    .changed
+                    .wait_timeout(state, deadline - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+        }
+        // Input sample t hears output sample t - latency × 1920 - lag for each tap.
+        let offset = self.latency * FRAME_LEN_SAMPLES;
+        let end = state.first + state.played.len();
+        for (i, y) in frame.iter_mut().enumerate() {
+            let t = k * FRAME_LEN_SAMPLES + i;
+            for &(lag, gain) in &self.taps {
+                let Some(s) = t.checked_sub(offset + lag) else {
+                    continue;
+                };
+                if s >= state.first && s < end {
+                    *y += gain * state.played[s - state.first];
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl<K: FrameSink> FrameSink for EchoRoomSink<K> {
+    fn write_frame(&mut self, frame: &[f32]) -> Result<()> {
+        self.inner.write_frame(frame)?;
+        let mut state = self.room.lock();
+        state.played.extend(frame.iter().copied());
+        let over = state.played.len().saturating_sub(self.keep);
+        state.played.drain(..over);
+        state.first += over;
+        state.frames_written += 1;
+        state.finished = false;
+        self.room.changed.notify_all();
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        let r = self.inner.finish();
+        self.room.lock().finished = true;
+        self.room.changed.notify_all();
+        r
+    }
+
+    fn discard_queued(&mut self) {
+        // What the device still held would not have been heard; the room has already
+        // "played" it (its latency is modelled by the source's offset only).
+        self.inner.discard_queued();
+    }
+}
