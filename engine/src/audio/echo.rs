@@ -301,8 +301,8 @@ impl FrameSource for CancellingSource {
     }
 }
 
-/// The output side of [`echo_cancelling`]: plays each frame, then hands a copy over as the
-/// canceller's reference.
+/// The output side of [`echo_cancelling`]: hands a copy of each frame over as the
+/// canceller's reference, then plays it.
 struct ReferenceTap {
     inner: Box<dyn FrameSink>,
     reference: Sender<Vec<f32>>,
@@ -311,7 +311,8 @@ struct ReferenceTap {
 
 impl FrameSink for ReferenceTap {
     fn write_frame(&mut self, frame: &[f32]) -> Result<()> {
-        self.inner.write_frame(frame)?;
+        // The reference goes first: the canceller must never see an echo before the audio
+        // that made it (a device may play the frame before `write_frame` returns).
         match self.reference.try_send(frame.to_vec()) {
             Ok(()) | Err(TrySendError::Disconnected(_)) => {}
             Err(TrySendError::Full(_)) => {
@@ -323,7 +324,7 @@ impl FrameSink for ReferenceTap {
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
-        Ok(())
+        self.inner.write_frame(frame)
     }
 
     fn finish(&mut self) -> Result<()> {

@@ -229,8 +229,9 @@ impl FrameSink for RecordingSink {
 /// The echo path is an impulse response at 24 kHz (its delay included, zero taps skipped).
 /// Output frame `m` starts to sound at input sample `(m + latency_frames) × 1920`: the
 /// output device's latency. To build input frame `k` the source waits for the output frames
-/// it needs (up to frame `k - latency_frames`), as long as output is flowing: not before the
-/// first frame is written, not after `finish`, and never more than 2 s.
+/// it needs (up to frame `k - latency_frames`), as a live device's clock would: not after the
+/// output has finished, and never more than 2 s. A room is for sessions that play on every
+/// tick of the frame clock (silence included), as duplex and cascade sessions do.
 #[derive(Debug)]
 pub struct EchoRoom;
 
@@ -322,10 +323,7 @@ impl<S: FrameSource> FrameSource for EchoRoomSource<S> {
         let mut state = self.room.lock();
         if let Some(last_needed) = k.checked_sub(self.latency) {
             let deadline = Instant::now() + ROOM_WAIT;
-            while state.frames_written > 0
-                && !state.finished
-                && state.frames_written <= last_needed as u64
-            {
+            while !state.finished && state.frames_written <= last_needed as u64 {
                 let now = Instant::now();
                 if now >= deadline {
                     break;

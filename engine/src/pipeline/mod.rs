@@ -34,7 +34,7 @@ pub use io::{EventSink, NullSink, PcmSource};
 pub use models::{DuplexModel, ListenModel, Mode, Models};
 pub use session::{Canceller, Session, SessionOptions, Stopper};
 pub use stage::{Composition, Frame, Outbox, Playout, Stage, Worker, PLAYOUT_MAX_FRAMES};
-pub use turn::{TurnModels, TurnSettings};
+pub use turn::{TurnModels, TurnSettings, TurnStage};
 
 use serde::Serialize;
 
