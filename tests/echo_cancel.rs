@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 
 use parley_engine::audio::echo::{echo_cancelling, AecSettings, EchoCanceller};
 use parley_engine::audio::file::read_audio_24k;
-use parley_engine::audio::virtual_device::{EchoRoom, FileSource, Pace, RecordingSink};
+use parley_engine::audio::virtual_device::{
+    room_impulse_response, EchoRoom, FileSource, Pace, RecordingSink,
+};
 use parley_engine::audio::{FrameSink, FrameSource, FRAME_LEN_SAMPLES};
 use parley_engine::models::vad::{VadEvent, VadSettings, VoiceActivity};
 use parley_engine::pipeline::{
@@ -80,26 +82,9 @@ fn room() -> Room {
     }
 }
 
-/// A delay, then reflections every millisecond with random signs, decaying by 60 dB over
-/// `rt60_ms` (sparse, so the simulation stays cheap in a debug build); unit energy, scaled
-/// to `gain`.
+/// The room's echo path (see [`room_impulse_response`]).
 fn echo_path(delay_ms: usize, rt60_ms: f64, gain: f32) -> Vec<f32> {
-    let d = delay_ms * SR / 1000;
-    let len = (rt60_ms / 1000.0 * SR as f64) as usize;
-    let mut h = vec![0.0f32; d + len];
-    h[d] = 1.0;
-    let mut state = 0x2545F4914F6CDD1Du64;
-    for i in (SR / 1000..len).step_by(SR / 1000) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let noise = (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
-        let t = i as f64 / SR as f64;
-        h[d + i] = 0.5 * noise * (-6.9 * t / (rt60_ms / 1000.0)).exp() as f32;
-    }
-    let norm = h.iter().map(|v| v * v).sum::<f32>().sqrt();
-    h.iter_mut().for_each(|v| *v *= gain / norm);
-    h
+    room_impulse_response(delay_ms as f64, rt60_ms, gain)
 }
 
 /// A room is never silent: white noise at -65 dBFS (RMS) to lie under everything.

@@ -10,6 +10,7 @@ use base64::Engine as _;
 use clap::Args;
 use crossbeam_channel::{bounded, Sender};
 use parley_engine::audio::device::{event_channel, DeviceOptions};
+use parley_engine::audio::echo::{echo_cancelling, AecMode, AecSettings};
 use parley_engine::audio::reopen::{ReopenOptions, ReopeningMic, ReopeningSpeaker};
 use parley_engine::audio::{AudioEvent, FrameSink, FrameSource, FRAME_LEN_SAMPLES};
 use parley_engine::compute::gpu::DeviceChoice;
@@ -89,6 +90,14 @@ pub struct HeadlessArgs {
     /// Turn-taking: silence (ms) after which a turn is over whatever the models say.
     #[arg(long, default_value_t = TurnSettings::default().max_pause_ms)]
     max_pause_ms: f64,
+    /// Echo cancellation on the microphone (--audio mic, duplex and cascade): what Parley
+    /// plays is removed from what it hears. auto: on unless the output device's name says
+    /// it is a headset or headphones; on; off.
+    #[arg(long, default_value = "auto")]
+    aec: AecMode,
+    /// With echo cancellation: WebRTC's noise suppressor after it (moderate, ~12 dB).
+    #[arg(long)]
+    noise_suppression: bool,
 }
 
 /// The turn-taking settings the flags ask for, checked.
@@ -126,6 +135,13 @@ fn turn_settings(args: &HeadlessArgs) -> Result<TurnSettings> {
 pub fn run(args: HeadlessArgs) -> Result<()> {
     if args.raw && args.audio == AudioIo::Mic {
         anyhow::bail!("--raw carries audio over stdin and stdout: it needs --audio stdin");
+    }
+    if args.audio == AudioIo::Stdin && (args.aec == AecMode::On || args.noise_suppression) {
+        anyhow::bail!(
+            "echo cancellation works on the live devices, where Parley hears what it plays: \
+             --aec on and --noise-suppression need --audio mic (with --audio stdin the client \
+             sends audio that never went through Parley's speakers)"
+        );
     }
     let mode = match args.mode {
         HeadlessMode::Speak => return run_speak(&args),
@@ -198,16 +214,41 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
                 dev.clone(),
                 ReopenOptions::default(),
             )?;
-            let sink: Box<dyn FrameSink> = if mode != Mode::Listen {
-                Box::new(ReopeningSpeaker::open(
+            if mode == Mode::Listen {
+                (Box::new(source), Box::new(NullSink))
+            } else {
+                let speaker = ReopeningSpeaker::open(
                     args.output_device.as_deref(),
                     dev,
                     ReopenOptions::default(),
-                )?)
-            } else {
-                Box::new(NullSink)
-            };
-            (Box::new(source), sink)
+                )?;
+                let output = speaker.device_name();
+                if args.aec.enabled_for(&output) {
+                    eprintln!(
+                        "echo cancellation: on (--aec {}, output `{output}`{})",
+                        args.aec,
+                        if args.noise_suppression {
+                            ", noise suppression on"
+                        } else {
+                            ""
+                        }
+                    );
+                    let settings = AecSettings {
+                        noise_suppression: args.noise_suppression,
+                        ..AecSettings::default()
+                    };
+                    let (source, sink, stats) =
+                        echo_cancelling(Box::new(source), Box::new(speaker), settings);
+                    opts.aec_stats = Some(stats);
+                    (source, sink)
+                } else {
+                    eprintln!(
+                        "echo cancellation: off (--aec {}, output `{output}`)",
+                        args.aec
+                    );
+                    (Box::new(source), Box::new(speaker))
+                }
+            }
         }
         AudioIo::Stdin => {
             let (pcm_tx, pcm_rx) = bounded::<Vec<f32>>(64);

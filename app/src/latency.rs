@@ -10,9 +10,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use crossbeam_channel::bounded;
+use parley_engine::audio::echo::{echo_cancelling, AecMode, AecSettings};
 use parley_engine::audio::file::read_audio_24k;
-use parley_engine::audio::virtual_device::{FileSource, Pace, RecordingSink};
-use parley_engine::audio::FRAME_LEN_SAMPLES;
+use parley_engine::audio::virtual_device::{
+    room_impulse_response, EchoRoom, FileSource, Pace, RecordingSink,
+};
+use parley_engine::audio::{FrameSink, FrameSource, FRAME_LEN_SAMPLES};
 use parley_engine::compute::gpu::DeviceChoice;
 use parley_engine::compute::Dtype;
 use parley_engine::pipeline::report::{Alignment, LatencyReport, SessionRecord};
@@ -79,9 +82,25 @@ pub struct LatencyArgs {
     /// tokenizer, or tests/fixtures/tts-tiny/tokenizer.model).
     #[arg(long)]
     tts_tokenizer: Option<PathBuf>,
+    /// A laptop's speakers beside its microphone: what the pipeline plays comes back into
+    /// its input through a room's echo path (this delay in ms, a 250 ms decaying tail, at
+    /// half the played level), and echo cancellation runs (see --aec).
+    #[arg(long)]
+    echo_room_ms: Option<f64>,
+    /// With --echo-room-ms: on (default) or off (hear what the echo does uncancelled).
+    #[arg(long, default_value = "on", requires = "echo_room_ms")]
+    aec: AecMode,
 }
 
 pub fn run(args: LatencyArgs) -> Result<()> {
+    if let Some(ms) = args.echo_room_ms {
+        if !(0.0..=1000.0).contains(&ms) || args.mode == Mode::Listen {
+            bail!(
+                "--echo-room-ms {ms}: the room's delay must be 0-1000 ms, in a mode that \
+                 speaks (duplex or cascade)"
+            );
+        }
+    }
     let outputs: Vec<&Path> = [Some(&args.report), args.plot.as_ref(), args.out.as_ref()]
         .into_iter()
         .flatten()
@@ -161,13 +180,26 @@ pub fn run(args: LatencyArgs) -> Result<()> {
     let sink = RecordingSink::starting_at(start);
     let recording = sink.handle();
     let (tx, rx) = bounded::<Event>(1024);
-    let session = Session::start(
-        models,
-        Box::new(source),
-        Box::new(sink),
-        tx,
-        SessionOptions::default(),
-    )?;
+    let mut opts = SessionOptions::default();
+    let (source, sink): (Box<dyn FrameSource>, Box<dyn FrameSink>) = match args.echo_room_ms {
+        None => (Box::new(source), Box::new(sink)),
+        Some(ms) => {
+            let (room_source, room_sink) =
+                EchoRoom::new(source, sink, room_impulse_response(ms, 250.0, 0.5), 1);
+            if args.aec == AecMode::Off {
+                (Box::new(room_source), Box::new(room_sink))
+            } else {
+                let (source, sink, stats) = echo_cancelling(
+                    Box::new(room_source),
+                    Box::new(room_sink),
+                    AecSettings::default(),
+                );
+                opts.aec_stats = Some(stats);
+                (source, sink)
+            }
+        }
+    };
+    let session = Session::start(models, source, sink, tx, opts)?;
     let mut events = vec![];
     for e in rx.iter() {
         if let Event::Error { message, .. } = &e {

@@ -493,6 +493,74 @@ fn latency_harness_reports_and_plots_both_modes() {
     }
 }
 
+/// `--echo-room-ms`: the duplex fixture's voice comes back into its input through a
+/// simulated room; the report gives echo cancellation's CPU per frame, absent with
+/// `--aec off`; a room in listen mode (nothing played) or of a negative delay is refused.
+#[test]
+fn latency_harness_runs_a_room_with_echo_cancellation() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let wav = root.join("assets/speech/dialogue.wav");
+    for aec in ["on", "off"] {
+        let report = tmp(&format!("lat_room_{aec}.json"));
+        let out = parley_ok(&[
+            "bench",
+            "latency",
+            s(&wav),
+            "--model-dir",
+            s(&fixture_dir("moshi-tiny")),
+            "--mode",
+            "duplex",
+            "--pace",
+            "fast",
+            "--device",
+            "cpu",
+            "--echo-room-ms",
+            "120",
+            "--aec",
+            aec,
+            "--report",
+            s(&report),
+        ]);
+        let table = String::from_utf8_lossy(&out.stdout);
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json");
+        let aec_ms = &r["echo_cancellation_ms"];
+        if aec == "on" {
+            assert!(table.contains("echo cancellation (ms per frame"), "{table}");
+            assert!(
+                aec_ms["p50"].as_f64().is_some_and(|ms| ms > 0.0),
+                "{aec_ms}"
+            );
+        } else {
+            assert!(aec_ms.is_null(), "{aec_ms}");
+        }
+    }
+    for (mode, model, ms) in [
+        ("listen", "stt-tiny", "120"),
+        ("duplex", "moshi-tiny", "-5"),
+    ] {
+        let out = parley(&[
+            "bench",
+            "latency",
+            s(&wav),
+            "--model-dir",
+            s(&fixture_dir(model)),
+            "--mode",
+            mode,
+            "--device",
+            "cpu",
+            "--echo-room-ms",
+            ms,
+            "--report",
+            s(&tmp("lat_room_bad.json")),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{mode} {ms} was accepted");
+        assert!(err.contains("--echo-room-ms"), "{err}");
+        assert!(!tmp("lat_room_bad.json").exists());
+    }
+}
+
 /// The harness runs the cascade on the recording (fixture STT and TTS, the test LLM) and
 /// reports each reply's milestones after the end of the user's speech.
 #[test]

@@ -1097,3 +1097,120 @@ fn sigterm_and_sighup_close_the_session_cleanly() {
         assert!(status.success(), "SIG{signal}: {status}");
     }
 }
+
+/// Echo cancellation in mic mode: `--aec on` runs the canceller between the live
+/// microphone and speakers (PulseAudio's null sink in CI) and reports its CPU per frame in
+/// the metrics; `--aec off` does not. Needs a sound server (skipped without one, unless
+/// `PARLEY_REQUIRE_AUDIO=1`).
+#[cfg(unix)]
+#[test]
+fn echo_cancellation_runs_between_the_live_devices_when_asked() {
+    use std::io::{BufRead, BufReader};
+    for aec in ["on", "off"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_parley"))
+            .args([
+                "headless", "--audio", "mic", "--mode", "duplex", "--device", "cpu",
+            ])
+            .args(["--aec", aec])
+            .arg("--model-dir")
+            .arg(fixture("moshi-tiny"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start parley headless");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut metrics = vec![];
+        let mut lines = vec![];
+        while metrics.len() < 10 {
+            match rx.recv_timeout(HANG_TIMEOUT) {
+                Ok(line) => {
+                    let v: Value = serde_json::from_str(&line).expect("a JSON line");
+                    if v["type"] == "parley.metrics" {
+                        metrics.push(v);
+                    }
+                    lines.push(line);
+                }
+                Err(_) => break,
+            }
+        }
+        if metrics.len() < 10 {
+            let _ = child.kill();
+            let _ = child.wait();
+            let mut err = String::new();
+            let _ = child
+                .stderr
+                .take()
+                .expect("stderr")
+                .read_to_string(&mut err);
+            assert_ne!(
+                std::env::var("PARLEY_REQUIRE_AUDIO").as_deref(),
+                Ok("1"),
+                "PARLEY_REQUIRE_AUDIO=1 but the live session did not run: {err} {lines:?}"
+            );
+            eprintln!("skipping: no live audio session ({err})");
+            return;
+        }
+        let killed = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        let rest: Vec<String> = rx.iter().collect();
+        let status = child.wait().expect("wait");
+        drop(stdin);
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut err)
+            .expect("stderr");
+        assert!(status.success(), "--aec {aec}: {status} {err}");
+        assert!(
+            rest.last()
+                .is_some_and(|l| l.contains("\"session.closed\"")),
+            "--aec {aec}: {rest:?}"
+        );
+        assert!(
+            err.contains(&format!("echo cancellation: {aec} (--aec {aec}, output `")),
+            "--aec {aec}: {err}"
+        );
+        for m in &metrics {
+            match aec {
+                "on" => assert!(m["aec_ms"].as_f64().is_some_and(|ms| ms >= 0.0), "{m}"),
+                _ => assert!(m.get("aec_ms").is_none(), "{m}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn echo_cancellation_flags_are_checked() {
+    let args = listen_args();
+    let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+    a.extend(["--aec", "on"]);
+    let run = headless(&a, vec![close_line()], false);
+    assert!(!run.status.success());
+    assert!(run.stderr.contains("--aec on"), "{}", run.stderr);
+    assert!(run.stderr.contains("--audio mic"), "{}", run.stderr);
+    let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+    a.extend(["--aec", "maybe"]);
+    let run = headless(&a, vec![close_line()], false);
+    assert!(!run.status.success());
+    assert!(
+        run.stderr.contains("expected auto, on or off"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+}

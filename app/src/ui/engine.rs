@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use parley_engine::audio::device::{event_channel, list_devices, DeviceList, DeviceOptions};
+use parley_engine::audio::echo::{echo_cancelling, AecSettings};
 use parley_engine::audio::reopen::{ReopenOptions, ReopeningMic, ReopeningSpeaker};
 use parley_engine::audio::virtual_device::{FileSource, Pace};
 use parley_engine::audio::{AudioEvent, FrameSink, FrameSource, FRAME_LEN_SAMPLES};
@@ -279,6 +280,7 @@ fn start(
         drop_events_when_full: true,
         levels: true,
         audio_stats: None,
+        aec_stats: None,
     };
     let source: Box<dyn FrameSource> = match &s.input {
         Input::Device(name) => {
@@ -320,24 +322,38 @@ fn start(
         inner: source,
         muted: muted.clone(),
     });
-    let sink: Box<dyn FrameSink> = if matches!(s.mode, Mode::Duplex | Mode::Cascade)
-        && s.play_output
-        && matches!(s.input, Input::Device(_))
-    {
-        let dev = DeviceOptions {
-            events: Some(audio_tx),
-            stats: opts.audio_stats.clone().unwrap_or_default(),
-            ..DeviceOptions::default()
-        };
-        Box::new(ReopeningSpeaker::open(s.output_device.as_deref(), dev, ReopenOptions::default()).map_err(|e| {
-            (
+    let (source, sink): (Box<dyn FrameSource>, Box<dyn FrameSink>) =
+        if matches!(s.mode, Mode::Duplex | Mode::Cascade)
+            && s.play_output
+            && matches!(s.input, Input::Device(_))
+        {
+            let dev = DeviceOptions {
+                events: Some(audio_tx),
+                stats: opts.audio_stats.clone().unwrap_or_default(),
+                ..DeviceOptions::default()
+            };
+            let speaker =
+                ReopeningSpeaker::open(s.output_device.as_deref(), dev, ReopenOptions::default())
+                    .map_err(|e| {
+                    (
                 format!("no speakers: {e}"),
-                "Connect headphones or speakers, pick another output device, or turn playback off.".into(),
+                "Connect headphones or speakers, pick another output device, or turn playback off."
+                    .into(),
             )
-        })?)
-    } else {
-        Box::new(NullSink)
-    };
+                })?;
+            // Echo cancellation between the live microphone and speakers only: its reference
+            // is what this session plays there.
+            if s.echo_cancellation.enabled_for(&speaker.device_name()) {
+                let (source, sink, stats) =
+                    echo_cancelling(source, Box::new(speaker), AecSettings::default());
+                opts.aec_stats = Some(stats);
+                (source, sink)
+            } else {
+                (source, Box::new(speaker))
+            }
+        } else {
+            (source, Box::new(NullSink))
+        };
     let (ev_tx, ev_rx) = bounded::<Event>(1024);
     let device_line = models.device.clone();
     let mode = s.mode;

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use eframe::egui;
 use parley_engine::audio::device::DeviceList;
+use parley_engine::audio::echo::AecMode;
 use parley_engine::pipeline::{Event, FrameMetrics, Mode, Speaker, TurnSource};
 
 use engine::{Command, Engine, FromEngine, Status};
@@ -58,6 +59,8 @@ pub struct ParleyApp {
     /// The turn-taking stage says the user is speaking.
     pub user_speaking: bool,
     underruns: u64,
+    /// Echo cancellation's CPU for the latest frame, while it runs.
+    aec_ms: Option<f64>,
     deadline_misses: u64,
     devices: Option<DeviceList>,
     adapters: Vec<String>,
@@ -120,6 +123,7 @@ impl ParleyApp {
             responses_ms: vec![],
             user_speaking: false,
             underruns: 0,
+            aec_ms: None,
             deadline_misses: 0,
             devices: None,
             adapters: vec![],
@@ -146,6 +150,7 @@ impl ParleyApp {
         self.wave_in.clear();
         self.wave_out.clear();
         self.underruns = 0;
+        self.aec_ms = None;
         self.deadline_misses = 0;
     }
 
@@ -284,6 +289,7 @@ impl ParleyApp {
             }
             Event::Metrics(m) => {
                 self.underruns = m.output_underruns;
+                self.aec_ms = m.aec_ms;
                 self.deadline_misses += u64::from(m.deadline_missed);
                 self.metrics.push_back(m);
                 while self.metrics.len() > 150 {
@@ -489,6 +495,20 @@ impl ParleyApp {
                 }
             });
         ui.checkbox(&mut self.settings.play_output, "Play the model's voice");
+        egui::ComboBox::from_label("Echo cancellation")
+            .width(170.0)
+            .selected_text(self.settings.echo_cancellation.as_str())
+            .show_ui(ui, |ui| {
+                for m in AecMode::ALL {
+                    ui.selectable_value(&mut self.settings.echo_cancellation, m, m.as_str());
+                }
+            })
+            .response
+            .on_hover_text(
+                "Removes Parley's own voice from the microphone, so that on speakers it \
+                 does not hear itself. auto: on unless the output device's name says \
+                 headset or headphones.",
+            );
         if ui.button("Refresh devices").clicked() {
             self.engine.send(Command::Probe);
         }
@@ -560,6 +580,9 @@ impl ParleyApp {
             ui.label(format!("deadline misses: {}", self.deadline_misses));
             ui.separator();
             ui.label(format!("underruns: {}", self.underruns));
+            if let Some(ms) = self.aec_ms {
+                ui.label(format!("echo cancellation: {ms:.1} ms/frame"));
+            }
             ui.separator();
             if self.responses_ms.is_empty() {
                 ui.label("response latency: no reply yet");

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use parley_engine::audio::echo::AecMode;
 use parley_engine::pipeline::Mode;
 
 /// Where the audio comes from.
@@ -40,6 +41,9 @@ pub struct Settings {
     pub output_device: Option<String>,
     /// Play the model's voice (duplex); off: the reply is computed but not played.
     pub play_output: bool,
+    /// Echo cancellation on the microphone while Parley plays (auto: on unless the output
+    /// device's name says headset or headphones).
+    pub echo_cancellation: AecMode,
     pub muted: bool,
 }
 
@@ -59,6 +63,7 @@ impl Default for Settings {
             input: Input::Device(None),
             output_device: None,
             play_output: true,
+            echo_cancellation: AecMode::Auto,
             muted: false,
         }
     }

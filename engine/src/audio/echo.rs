@@ -41,7 +41,8 @@ const BLOCK: usize = SAMPLE_RATE_HZ as usize / 100;
 const REFERENCE_FRAMES: usize = 64;
 
 /// Whether echo cancellation runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AecMode {
     /// On, unless the output device's name says it is a headset or headphones.
     #[default]

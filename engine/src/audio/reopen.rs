@@ -235,6 +235,15 @@ impl ReopeningSpeaker {
     pub fn is_lost(&self) -> bool {
         self.speaker.is_none()
     }
+
+    /// The output device's name as the host gives it (while it is away: the name asked
+    /// for, or `default`).
+    pub fn device_name(&self) -> String {
+        match &self.speaker {
+            Some(s) => s.info().device_name.clone(),
+            None => self.r.name.as_deref().unwrap_or("default").to_string(),
+        }
+    }
 }
 
 impl FrameSink for ReopeningSpeaker {

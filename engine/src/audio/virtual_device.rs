@@ -269,6 +269,31 @@ struct RoomState {
     finished: bool,
 }
 
+/// A room's echo path at 24 kHz: silence for `delay_ms`, the direct sound, then
+/// reflections every millisecond with pseudo-random signs and sizes decaying by 60 dB over
+/// `rt60_ms`; unit energy scaled to `gain` (the echo's level against what is played).
+/// Sparse (one tap per millisecond), so simulating it stays cheap; deterministic.
+pub fn room_impulse_response(delay_ms: f64, rt60_ms: f64, gain: f32) -> Vec<f32> {
+    let rate = SAMPLE_RATE_HZ as f64;
+    let d = (delay_ms.max(0.0) * rate / 1000.0) as usize;
+    let len = (rt60_ms.max(1.0) * rate / 1000.0) as usize;
+    let step = SAMPLE_RATE_HZ as usize / 1000;
+    let mut h = vec![0.0f32; d + len];
+    h[d] = 1.0;
+    let mut state = 0x2545F4914F6CDD1Du64;
+    for i in (step..len).step_by(step) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let noise = (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+        let t_ms = i as f64 * 1000.0 / rate;
+        h[d + i] = 0.5 * noise * (-6.9 * t_ms / rt60_ms.max(1.0)).exp() as f32;
+    }
+    let norm = h.iter().map(|v| v * v).sum::<f32>().sqrt();
+    h.iter_mut().for_each(|v| *v *= gain / norm);
+    h
+}
+
 /// How long the room's microphone waits for the output it needs.
 const ROOM_WAIT: Duration = Duration::from_secs(2);
 

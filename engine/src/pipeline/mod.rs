@@ -208,6 +208,10 @@ pub struct FrameMetrics {
     /// the session started (how close output came to running dry; absent without one).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_low_water_ms: Option<f64>,
+    /// Echo cancellation's CPU for the latest captured frame (its reference and its
+    /// capture, on the audio-in thread, not one of the stages); absent when it is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aec_ms: Option<f64>,
 }
 
 impl FrameMetrics {

@@ -154,6 +154,9 @@ pub struct LatencyReport {
     /// Output frames written after they were due at a speaker that started one frame
     /// after the first output (unpaced: frames whose compute exceeded the budget).
     pub output_underruns: usize,
+    /// Echo cancellation's CPU per captured frame (on the audio-in thread, beside the
+    /// stages), when it ran.
+    pub echo_cancellation_ms: Option<Percentiles>,
     /// Listen mode with an alignment: each aligned word and when its transcription was
     /// felt.
     pub words: Vec<WordDelay>,
@@ -470,6 +473,10 @@ impl LatencyReport {
             input_s: rec.input_24k.len() as f64 / SAMPLE_RATE_HZ as f64,
             compute,
             output_underruns,
+            echo_cancellation_ms: {
+                let aec: Vec<f64> = rec.metrics().iter().filter_map(|m| m.aec_ms).collect();
+                (!aec.is_empty()).then(|| Percentiles::of(&aec))
+            },
             words,
             word_delay_ms,
             end_of_turn,
@@ -516,6 +523,12 @@ impl LatencyReport {
             self.compute.frames,
             self.output_underruns
         );
+        if let Some(a) = &self.echo_cancellation_ms {
+            s += &format!(
+                "echo cancellation (ms per frame, audio-in thread): p50 {:.2}, p90 {:.2}, p99 {:.2}\n",
+                a.p50, a.p90, a.p99
+            );
+        }
         if let Some(w) = &self.word_delay_ms {
             s += &format!(
                 "word emission delay (ms): p50 {:.0}, p90 {:.0} over {} aligned words\n",
@@ -849,6 +862,7 @@ mod tests {
             input_overruns: 0,
             output_underruns: 0,
             output_low_water_ms: None,
+            aec_ms: None,
         })
     }
 

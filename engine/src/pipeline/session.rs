@@ -21,6 +21,9 @@ pub struct SessionOptions {
     /// The live devices' counters, reported with every frame's metrics (None for the
     /// virtual device and stdin, which cannot underrun).
     pub audio_stats: Option<crate::audio::AudioStats>,
+    /// The echo canceller's counters when the input is cleaned of the output's echo
+    /// ([`crate::audio::echo::echo_cancelling`]): its CPU per frame goes in the metrics.
+    pub aec_stats: Option<crate::audio::echo::AecStats>,
     /// Drop events when the channel is full instead of waiting (a window that may be
     /// slow to read must never hold the model thread back). Headless and the harness
     /// wait instead, so nothing is lost.
@@ -154,6 +157,7 @@ impl Session {
             tx: events,
             drop_when_full: opts.drop_events_when_full,
             audio_stats: opts.audio_stats.clone(),
+            aec_stats: opts.aec_stats.clone(),
             levels: opts.levels,
         };
         let device = match &work {
@@ -466,6 +470,7 @@ fn step(comp: &mut Composition<'_>, mut frame: Frame, ctx: &Ctx<'_>) -> Result<(
         output_low_water_ms: audio
             .and_then(|a| a.playback_low_water_us)
             .map(|us| us as f64 / 1e3),
+        aec_ms: ev.aec_stats.as_ref().map(|s| s.last_ms()),
         frame: frame.index,
         stages,
         latency_ms: (done - frame.available).as_secs_f64() * 1e3,

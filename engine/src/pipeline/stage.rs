@@ -183,6 +183,7 @@ pub(crate) struct Events {
     pub tx: Sender<Event>,
     pub drop_when_full: bool,
     pub audio_stats: Option<crate::audio::AudioStats>,
+    pub aec_stats: Option<crate::audio::echo::AecStats>,
     pub levels: bool,
 }
 
