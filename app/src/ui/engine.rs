@@ -126,6 +126,10 @@ impl FrameSource for MuteSource {
         }
         Ok(more)
     }
+
+    fn latency(&self) -> Option<std::time::Duration> {
+        self.inner.latency()
+    }
 }
 
 struct Running {

@@ -213,6 +213,11 @@ struct Counters {
     played_samples: AtomicU64,
     underrun_samples: AtomicU64,
     underrun_events: AtomicU64,
+    /// What the devices report in their callbacks' timestamps, in microseconds (0: not
+    /// reported): from capture to the capture callback, and from the playback callback to
+    /// the moment its first sample is played.
+    capture_device_latency_us: AtomicU64,
+    playback_device_latency_us: AtomicU64,
     /// The last capture callback's length in microseconds (0: not measured): how unevenly
     /// captured audio arrives, which playback's margin allows for.
     capture_chunk_us: AtomicU64,
@@ -235,6 +240,8 @@ impl Default for Counters {
             underrun_samples: zero(),
             underrun_events: zero(),
             capture_chunk_us: zero(),
+            capture_device_latency_us: zero(),
+            playback_device_latency_us: zero(),
             playback_low_water_us: AtomicU64::new(u64::MAX),
             stream_errors: zero(),
         }
@@ -287,6 +294,18 @@ impl AudioStats {
             Direction::Input => self.0.capture_callbacks.load(Ordering::Relaxed),
             Direction::Output => self.0.playback_callbacks.load(Ordering::Relaxed),
         }
+    }
+
+    /// The capture device's latency as its callbacks report it (`None` until one does).
+    pub fn capture_device_latency(&self) -> Option<Duration> {
+        let us = self.0.capture_device_latency_us.load(Ordering::Relaxed);
+        (us > 0).then(|| Duration::from_micros(us))
+    }
+
+    /// The playback device's latency as its callbacks report it (`None` until one does).
+    pub fn playback_device_latency(&self) -> Option<Duration> {
+        let us = self.0.playback_device_latency_us.load(Ordering::Relaxed);
+        (us > 0).then(|| Duration::from_micros(us))
     }
 
     /// Reads every counter (each exact; the set is not one atomic snapshot).
@@ -448,6 +467,18 @@ impl CaptureProcessor {
         Ok((processor, consumer))
     }
 
+    /// Keeps the capture latency the device reported for this callback (real-time thread:
+    /// one atomic store).
+    pub fn note_device_latency(&self, latency: Option<Duration>) {
+        if let Some(d) = latency {
+            let us = d.as_micros().min(u64::MAX as u128) as u64;
+            self.stats
+                .0
+                .capture_device_latency_us
+                .store(us, Ordering::Relaxed);
+        }
+    }
+
     /// Measures each callback's length at `sample_rate_hz` (the device's rate) into the
     /// stats, where a playback processor sharing them sizes its margin. Main thread.
     pub fn with_rate(mut self, sample_rate_hz: u32) -> Self {
@@ -598,6 +629,18 @@ impl PlaybackProcessor {
         self.margin = (margin.as_secs_f64() * sample_rate_hz as f64).round() as usize;
         self.sample_rate_hz = sample_rate_hz;
         self
+    }
+
+    /// Keeps the output latency the device reported for this callback (real-time thread:
+    /// one atomic store).
+    pub fn note_device_latency(&self, latency: Option<Duration>) {
+        if let Some(d) = latency {
+            let us = d.as_micros().min(u64::MAX as u128) as u64;
+            self.stats
+                .0
+                .playback_device_latency_us
+                .store(us, Ordering::Relaxed);
+        }
     }
 
     /// The body of the cpal callback: [`process`](Self::process) inside
@@ -932,7 +975,11 @@ where
     {
         device.build_input_stream(
             config,
-            move |data: &[T], _: &cpal::InputCallbackInfo| processor.process_callback(data),
+            move |data: &[T], info: &cpal::InputCallbackInfo| {
+                let t = info.timestamp();
+                processor.note_device_latency(t.callback.duration_since(&t.capture));
+                processor.process_callback(data)
+            },
             on_error,
             None,
         )
@@ -979,7 +1026,11 @@ where
     {
         device.build_output_stream(
             config,
-            move |data: &mut [T], _: &cpal::OutputCallbackInfo| processor.process_callback(data),
+            move |data: &mut [T], info: &cpal::OutputCallbackInfo| {
+                let t = info.timestamp();
+                processor.note_device_latency(t.playback.duration_since(&t.callback));
+                processor.process_callback(data)
+            },
             on_error,
             None,
         )
@@ -1136,6 +1187,14 @@ impl MicSource {
 }
 
 impl FrameSource for MicSource {
+    /// The device's reported capture latency, plus what waits in the ring behind the
+    /// frame just handed out.
+    fn latency(&self) -> Option<Duration> {
+        let device = self.stats.capture_device_latency()?;
+        let rate = self.info.sample_rate_hz.max(1) as f64;
+        Some(device + Duration::from_secs_f64(self.consumer.occupied_len() as f64 / rate))
+    }
+
     fn next_frame(&mut self, frame: &mut [f32; FRAME_LEN_SAMPLES]) -> Result<bool> {
         if !self.started {
             self.started = true;
@@ -1308,6 +1367,14 @@ fn push_blocking(
 impl FrameSink for SpeakerSink {
     fn discard_queued(&mut self) {
         self.feed.discard_queued();
+    }
+
+    /// What the ring holds ahead of a new frame, plus the device's reported output
+    /// latency (`None` until a callback has reported it).
+    fn latency(&self) -> Option<Duration> {
+        let device = self.stats.playback_device_latency()?;
+        let rate = self.info.sample_rate_hz.max(1) as f64;
+        Some(device + Duration::from_secs_f64(self.feed.queued_samples() as f64 / rate))
     }
 
     fn write_frame(&mut self, frame: &[f32]) -> Result<()> {

@@ -33,6 +33,13 @@ pub trait FrameSource: Send {
     /// never blocks forever: a stream that stops delivering audio is an error within the
     /// device's timeout.
     fn next_frame(&mut self, frame: &mut [f32; FRAME_LEN_SAMPLES]) -> Result<bool>;
+
+    /// How long before a frame is handed out its last sample was heard, as far as the
+    /// device reports it (a live device's capture latency); `None` where unknown. Echo
+    /// cancellation aligns its reference with it.
+    fn latency(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// Where the pipeline's 80 ms output frames of 24 kHz mono audio go (speakers or a
@@ -50,6 +57,12 @@ pub trait FrameSink: Send {
     /// Drops the audio written but not yet played (a cancelled reply): a live device
     /// empties its queue at its next callback. Recordings keep what they have.
     fn discard_queued(&mut self) {}
+
+    /// How long until a frame written now starts to be heard, as far as the device
+    /// reports it (a live device's queue and output latency); `None` where unknown.
+    fn latency(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// The error for a frame of the wrong length, shared by every [`FrameSink`].

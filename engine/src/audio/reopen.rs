@@ -188,6 +188,10 @@ impl ReopeningMic {
 }
 
 impl FrameSource for ReopeningMic {
+    fn latency(&self) -> Option<std::time::Duration> {
+        self.mic.as_ref().and_then(|m| m.latency())
+    }
+
     fn next_frame(&mut self, frame: &mut [f32; FRAME_LEN_SAMPLES]) -> Result<bool> {
         loop {
             if let Some(mic) = &mut self.mic {
@@ -247,6 +251,10 @@ impl ReopeningSpeaker {
 }
 
 impl FrameSink for ReopeningSpeaker {
+    fn latency(&self) -> Option<std::time::Duration> {
+        self.speaker.as_ref().and_then(|s| s.latency())
+    }
+
     fn write_frame(&mut self, frame: &[f32]) -> Result<()> {
         loop {
             if let Some(s) = &mut self.speaker {

@@ -13,7 +13,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::file::{read_audio_24k, write_wav_f32};
-use super::{check_frame_len, FrameSink, FrameSource, FRAME_LEN_SAMPLES, SAMPLE_RATE_HZ};
+use super::{
+    check_frame_len, FrameSink, FrameSource, FRAME_DURATION, FRAME_LEN_SAMPLES, SAMPLE_RATE_HZ,
+};
 use crate::Result;
 
 /// How fast a [`FileSource`] hands out frames.
@@ -252,6 +254,8 @@ pub struct EchoRoomSink<K> {
     room: Arc<RoomShared>,
     /// Played samples kept: as many as the longest tap reaches back, plus a frame.
     keep: usize,
+    /// The output latency the room reports (its device part, not the echo path's delay).
+    latency: Option<Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -327,6 +331,7 @@ impl EchoRoom {
                 inner: sink,
                 room,
                 keep,
+                latency: Some(FRAME_DURATION * latency_frames as u32),
             },
         )
     }
@@ -379,7 +384,21 @@ impl<S: FrameSource> FrameSource for EchoRoomSource<S> {
     }
 }
 
+impl<K> EchoRoomSink<K> {
+    /// The sink no longer reports its latency, as a device that says nothing (the echo's
+    /// delay is then for the canceller alone to find).
+    pub fn hiding_latency(mut self) -> Self {
+        self.latency = None;
+        self
+    }
+}
+
 impl<K: FrameSink> FrameSink for EchoRoomSink<K> {
+    /// The room's output latency (`latency_frames` × 80 ms), as a device would report it.
+    fn latency(&self) -> Option<Duration> {
+        self.latency
+    }
+
     fn write_frame(&mut self, frame: &[f32]) -> Result<()> {
         self.inner.write_frame(frame)?;
         let mut state = self.room.lock();
