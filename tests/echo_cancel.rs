@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use parley_engine::audio::echo::{echo_cancelling, AecSettings, EchoCanceller};
 use parley_engine::audio::file::read_audio_24k;
 use parley_engine::audio::virtual_device::{
-    room_impulse_response, EchoRoom, FileSource, Pace, RecordingSink,
+    room_impulse_response, white_noise, EchoRoom, FileSource, Pace, RecordingSink,
 };
 use parley_engine::audio::{FrameSink, FrameSource, FRAME_LEN_SAMPLES};
 use parley_engine::models::vad::{VadEvent, VadSettings, VoiceActivity};
@@ -89,13 +89,8 @@ fn echo_path(delay_ms: usize, rt60_ms: f64, gain: f32) -> Vec<f32> {
 
 /// A room is never silent: white noise at -65 dBFS (RMS) to lie under everything.
 fn noise_floor() -> impl FnMut() -> f32 {
-    let mut state = 0x9E3779B97F4A7C15u64;
-    move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ((state >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * 5.6e-4 * 3f32.sqrt()
-    }
+    let mut noise = white_noise(0x9E3779B97F4A7C15);
+    move || noise() * 5.6e-4 * 3f32.sqrt()
 }
 
 fn convolve(x: &[f32], h: &[f32]) -> Vec<f32> {

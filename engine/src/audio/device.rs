@@ -416,6 +416,16 @@ impl fmt::Display for StreamInfo {
     }
 }
 
+/// A latency a callback reported, in microseconds (real-time thread: one atomic store).
+fn store_latency(slot: &AtomicU64, latency: Option<Duration>) {
+    if let Some(d) = latency {
+        slot.store(
+            d.as_micros().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
+    }
+}
+
 fn ring_capacity(sample_rate_hz: u32, ring_ms: u32) -> usize {
     let ms = ring_ms.max(MIN_RING_MS) as u64;
     (sample_rate_hz as u64 * ms).div_ceil(1000) as usize
@@ -470,13 +480,7 @@ impl CaptureProcessor {
     /// Keeps the capture latency the device reported for this callback (real-time thread:
     /// one atomic store).
     pub fn note_device_latency(&self, latency: Option<Duration>) {
-        if let Some(d) = latency {
-            let us = d.as_micros().min(u64::MAX as u128) as u64;
-            self.stats
-                .0
-                .capture_device_latency_us
-                .store(us, Ordering::Relaxed);
-        }
+        store_latency(&self.stats.0.capture_device_latency_us, latency);
     }
 
     /// Measures each callback's length at `sample_rate_hz` (the device's rate) into the
@@ -634,13 +638,7 @@ impl PlaybackProcessor {
     /// Keeps the output latency the device reported for this callback (real-time thread:
     /// one atomic store).
     pub fn note_device_latency(&self, latency: Option<Duration>) {
-        if let Some(d) = latency {
-            let us = d.as_micros().min(u64::MAX as u128) as u64;
-            self.stats
-                .0
-                .playback_device_latency_us
-                .store(us, Ordering::Relaxed);
-        }
+        store_latency(&self.stats.0.playback_device_latency_us, latency);
     }
 
     /// The body of the cpal callback: [`process`](Self::process) inside

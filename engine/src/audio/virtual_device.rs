@@ -284,18 +284,27 @@ pub fn room_impulse_response(delay_ms: f64, rt60_ms: f64, gain: f32) -> Vec<f32>
     let step = SAMPLE_RATE_HZ as usize / 1000;
     let mut h = vec![0.0f32; d + len];
     h[d] = 1.0;
-    let mut state = 0x2545F4914F6CDD1Du64;
+    let mut noise = white_noise(0x2545F4914F6CDD1D);
     for i in (step..len).step_by(step) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let noise = (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+        let noise = noise();
         let t_ms = i as f64 * 1000.0 / rate;
         h[d + i] = 0.5 * noise * (-6.9 * t_ms / rt60_ms.max(1.0)).exp() as f32;
     }
     let norm = h.iter().map(|v| v * v).sum::<f32>().sqrt();
     h.iter_mut().for_each(|v| *v *= gain / norm);
     h
+}
+
+/// Deterministic white noise, uniform in [-1, 1) (xorshift64; a `seed` of 0 counts as 1),
+/// for simulated rooms: their echo paths and noise floors.
+pub fn white_noise(seed: u64) -> impl FnMut() -> f32 {
+    let mut state = seed.max(1);
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
 }
 
 /// How long the room's microphone waits for the output it needs.
