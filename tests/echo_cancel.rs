@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use parley_engine::audio::echo::{echo_cancelling, AecSettings, EchoCanceller};
+use parley_engine::audio::echo::{echo_cancelling, AecSettings, AecStats, EchoCanceller};
 use parley_engine::audio::file::read_audio_24k;
 use parley_engine::audio::virtual_device::{
     room_impulse_response, white_noise, EchoRoom, FileSource, Pace, RecordingSink,
@@ -240,62 +240,70 @@ fn the_echo_is_cancelled_the_user_is_kept_and_the_vad_hears_only_the_user() {
     }
 }
 
-/// ERLE (dB) after `CONVERGED_S` through the wrappers a session uses: a virtual device
-/// whose speaker's output comes back into its microphone through a room (`latency_frames`
-/// of device latency, then an 80 ms echo path), the room reporting its latency or not.
-fn erle_through_the_wrappers(room: &Room, latency_frames: usize, reported: bool) -> f64 {
-    let h = echo_path(80, 250.0, 0.5);
+/// What the microphone of a room gave, frame by frame as a session takes it: Parley
+/// plays `room.far` into a room with `latency_frames` of device latency and an 80 ms echo
+/// path, over the room's noise floor; with echo cancellation (the room reporting its
+/// latency or not) or without.
+fn through_a_room(
+    room: &Room,
+    latency_frames: usize,
+    aec: Option<bool>,
+) -> (Vec<f32>, Option<AecStats>) {
+    let mut noise = noise_floor();
+    let floor: Vec<f32> = (0..room.far.len()).map(|_| noise()).collect();
     let (source, sink) = EchoRoom::new(
-        FileSource::from_pcm_24k(vec![0.0; room.far.len()], Pace::Unpaced),
+        FileSource::from_pcm_24k(floor, Pace::Unpaced),
         RecordingSink::new(),
-        h.clone(),
+        echo_path(80, 250.0, 0.5),
         latency_frames,
     );
-    let sink = if reported {
-        sink
-    } else {
-        sink.hiding_latency()
+    let (mut source, mut sink, stats): (Box<dyn FrameSource>, Box<dyn FrameSink>, _) = match aec {
+        None => (Box::new(source), Box::new(sink), None),
+        Some(reported) => {
+            let sink = if reported {
+                sink
+            } else {
+                sink.hiding_latency()
+            };
+            let (source, sink, stats) =
+                echo_cancelling(Box::new(source), Box::new(sink), AecSettings::default());
+            (source, sink, Some(stats))
+        }
     };
-    let (mut source, mut sink, stats) =
-        echo_cancelling(Box::new(source), Box::new(sink), AecSettings::default());
     let mut frame = [0.0f32; FRAME_LEN_SAMPLES];
-    let mut out = vec![];
+    let mut heard = vec![];
     for played in room.far.chunks_exact(FRAME_LEN_SAMPLES) {
         // The pipeline's order: a captured frame, then the output frame of its tick.
         assert!(source.next_frame(&mut frame).expect("capture"));
-        out.extend_from_slice(&frame);
+        heard.extend_from_slice(&frame);
         sink.write_frame(played).expect("play");
     }
     sink.finish().expect("finish");
+    (heard, stats)
+}
+
+/// ERLE (dB) after `CONVERGED_S` through the wrappers a session uses, where the room's
+/// echo is heard; the room itself checked against the echo it should make.
+fn erle_through_the_wrappers(room: &Room, latency_frames: usize, reported: bool) -> f64 {
+    let (raw, _) = through_a_room(room, latency_frames, None);
+    let (cleaned, stats) = through_a_room(room, latency_frames, Some(reported));
+    let stats = stats.expect("stats");
     assert_eq!(stats.frames() as usize, room.far.len() / FRAME_LEN_SAMPLES);
     assert!(stats.mean_ms() > 0.0);
-    // The echo the room made (the microphone hears nothing else): the played audio moved
-    // by the device latency, through the echo path.
-    let mut moved = vec![0.0f32; latency_frames * FRAME_LEN_SAMPLES];
-    moved.extend_from_slice(&room.far[..room.far.len() - moved.len()]);
+    // The echo the room should make: what was played, moved by the device latency,
+    // through the echo path.
+    let shift = latency_frames * FRAME_LEN_SAMPLES;
+    let mut moved = vec![0.0f32; shift];
+    moved.extend_from_slice(&room.far[..room.far.len() - shift]);
+    let h = echo_path(80, 250.0, 0.5);
     let echo = convolve(&moved, &h);
-    let active = convolve(
-        &room
-            .far_active
-            .iter()
-            .map(|&a| a as u8 as f32)
-            .collect::<Vec<_>>(),
-        &[0.0; 1]
-            .iter()
-            .copied()
-            .chain(std::iter::repeat_n(
-                0.0,
-                latency_frames * FRAME_LEN_SAMPLES + 80 * SR / 1000 - 1,
-            ))
-            .chain([1.0])
-            .collect::<Vec<_>>(),
-    );
-    let later: Vec<bool> = active
-        .iter()
-        .enumerate()
-        .map(|(i, a)| *a > 0.0 && i >= CONVERGED_S * SR)
+    let lag = shift + 80 * SR / 1000;
+    let heard: Vec<bool> = (0..room.far.len())
+        .map(|i| i >= CONVERGED_S * SR && i >= lag && room.far_active[i - lag])
         .collect();
-    let erle = db(energy(&echo, &later) / energy(&out, &later));
+    let made = db(energy(&raw, &heard) / energy(&echo, &heard));
+    assert!(made.abs() < 0.5, "the room's echo is off by {made:.2} dB");
+    let erle = db(energy(&raw, &heard) / energy(&cleaned, &heard));
     eprintln!(
         "wrappers, {} ms of device latency{}: ERLE {erle:.1} dB after {CONVERGED_S} s, \
          {:.2} ms per frame",
@@ -315,6 +323,23 @@ fn through_a_session_source_and_sink_the_played_audio_is_the_reference() {
     let room = room();
     let erle = erle_through_the_wrappers(&room, 1, true);
     assert!(erle >= 25.0, "ERLE {erle:.1} dB through the wrappers");
+}
+
+#[test]
+fn the_devices_reported_latency_aligns_an_echo_the_canceller_cannot_find_alone() {
+    // 960 ms of device latency (a Bluetooth speaker behind a sound server) and 80 ms in
+    // the room: the reference is held back by the reported latency less one frame.
+    let room = room();
+    let aligned = erle_through_the_wrappers(&room, 12, true);
+    let alone = erle_through_the_wrappers(&room, 12, false);
+    assert!(
+        aligned >= 25.0,
+        "ERLE {aligned:.1} dB with the latency reported"
+    );
+    assert!(
+        alone < aligned - 10.0,
+        "ERLE {alone:.1} dB with nothing reported: the hold should be what made the difference"
+    );
 }
 
 /// Parley's side of the barge-in test: from frame `from` it says `speech` (real speech,

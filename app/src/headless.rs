@@ -147,6 +147,17 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
         HeadlessMode::Speak => return run_speak(&args),
         HeadlessMode::Pipeline(m) => m,
     };
+    if mode == Mode::Listen && args.aec == AecMode::On {
+        anyhow::bail!(
+            "--aec on: listen mode plays nothing, so there is no echo to cancel \
+             (echo cancellation runs in duplex and cascade mode)"
+        );
+    }
+    if args.noise_suppression && args.aec == AecMode::Off {
+        anyhow::bail!(
+            "--noise-suppression runs after echo cancellation: it needs --aec auto or on"
+        );
+    }
     let Some(model_dir) = &args.model_dir else {
         anyhow::bail!("--mode {mode} needs --model-dir");
     };
@@ -235,7 +246,6 @@ pub fn run(args: HeadlessArgs) -> Result<()> {
                     );
                     let settings = AecSettings {
                         noise_suppression: args.noise_suppression,
-                        ..AecSettings::default()
                     };
                     let (source, sink, stats) =
                         echo_cancelling(Box::new(source), Box::new(speaker), settings);

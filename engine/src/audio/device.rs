@@ -218,7 +218,7 @@ struct Counters {
     /// the moment its first sample is played.
     capture_device_latency_us: AtomicU64,
     playback_device_latency_us: AtomicU64,
-    /// The last capture callback's length in microseconds (0: not measured): how unevenly
+    /// The longest capture callback in microseconds (0: not measured): how unevenly
     /// captured audio arrives, which playback's margin allows for.
     capture_chunk_us: AtomicU64,
     /// The least audio, in microseconds, a playback callback left in the ring once it had
@@ -535,7 +535,9 @@ impl CaptureProcessor {
         self.callbacks += 1;
         if self.sample_rate_hz > 0 && self.callbacks > 1 {
             let us = captured as u64 * 1_000_000 / self.sample_rate_hz as u64;
-            c.capture_chunk_us.store(us, Ordering::Relaxed);
+            // The largest block seen: blocks vary (a short one after an overrun), and a
+            // margin sized from a short one would be too small.
+            c.capture_chunk_us.fetch_max(us, Ordering::Relaxed);
         }
         if dropped > 0 {
             c.overrun_samples
@@ -763,6 +765,11 @@ impl PlaybackFeed {
     /// Asks the callback to drop everything queued, at its next run (a cancelled reply).
     pub fn discard_queued(&self) {
         self.discard.store(true, Ordering::Release);
+    }
+
+    /// Whether a [`discard_queued`](Self::discard_queued) waits for the next callback.
+    pub fn discard_pending(&self) -> bool {
+        self.discard.load(Ordering::Acquire)
     }
 
     /// Samples queued and not yet taken by the callback.
@@ -1282,7 +1289,6 @@ impl SpeakerSink {
                 let (processor, feed) =
                     PlaybackProcessor::with_ring(info.channels, capacity, stats.clone())?;
                 let processor = processor.with_margin(margin, info.sample_rate_hz);
-                let processor = processor.with_margin(margin, info.sample_rate_hz);
                 let on_error = error_callback(
                     info.device_name.clone(),
                     Direction::Output,
@@ -1367,12 +1373,19 @@ impl FrameSink for SpeakerSink {
         self.feed.discard_queued();
     }
 
-    /// What the ring holds ahead of a new frame, plus the device's reported output
-    /// latency (`None` until a callback has reported it).
+    /// What the ring holds ahead of a new frame (nothing while a discard is pending: the
+    /// callback is about to drop it), plus the device's reported output latency (`None`
+    /// until a callback has reported it). The margin of silence a run of output starts
+    /// with is not counted.
     fn latency(&self) -> Option<Duration> {
         let device = self.stats.playback_device_latency()?;
         let rate = self.info.sample_rate_hz.max(1) as f64;
-        Some(device + Duration::from_secs_f64(self.feed.queued_samples() as f64 / rate))
+        let queued = if self.feed.discard_pending() {
+            0
+        } else {
+            self.feed.queued_samples()
+        };
+        Some(device + Duration::from_secs_f64(queued as f64 / rate))
     }
 
     fn write_frame(&mut self, frame: &[f32]) -> Result<()> {

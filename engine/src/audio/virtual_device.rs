@@ -230,7 +230,7 @@ impl FrameSink for RecordingSink {
 ///
 /// The echo path is an impulse response at 24 kHz (its delay included, zero taps skipped).
 /// Output frame `m` starts to sound at input sample `(m + latency_frames) × 1920`: the
-/// output device's latency. To build input frame `k` the source waits for the output frames
+/// output device's latency (at least one frame). To build input frame `k` the source waits for the output frames
 /// it needs (up to frame `k - latency_frames`), as a live device's clock would: not after the
 /// output has finished, and never more than 2 s. A room is for sessions that play on every
 /// tick of the frame clock (silence included), as duplex and cascade sessions do.
@@ -252,7 +252,7 @@ pub struct EchoRoomSource<S> {
 pub struct EchoRoomSink<K> {
     inner: K,
     room: Arc<RoomShared>,
-    /// Played samples kept: as many as the longest tap reaches back, plus a frame.
+    /// Played samples kept: as many as the device latency and the longest tap reach back.
     keep: usize,
     /// The output latency the room reports (its device part, not the echo path's delay).
     latency: Option<Duration>,
@@ -327,7 +327,12 @@ impl EchoRoom {
             .filter(|t| t.1 != 0.0)
             .collect();
         let room = Arc::new(RoomShared::default());
-        let keep = impulse_response.len() + 2 * FRAME_LEN_SAMPLES;
+        // A room without device latency would have each input frame wait for the output
+        // of that same frame, which comes only after it: one frame at least.
+        let latency_frames = latency_frames.max(1);
+        // Played samples kept: as far back as the device latency and the longest tap
+        // reach from the newest input frame, plus the frames the input may lag behind.
+        let keep = impulse_response.len() + (latency_frames + 2) * FRAME_LEN_SAMPLES;
         (
             EchoRoomSource {
                 inner: source,
