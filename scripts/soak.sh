@@ -36,7 +36,9 @@ trap cleanup EXIT
 "$PARLEY" headless --audio mic --mode duplex --model-dir "$ROOT/tests/fixtures/moshi-tiny" \
   --device cpu < "$OUT/stdin.fifo" > "$OUT/events.jsonl" 2> "$OUT/stderr.log" &
 PID=$!
-LAUNCHED=$(date +%s.%N)
+# The metrics' times count from the session's start, after the model has loaded: the
+# moment `session.created` appears (to the loop's second) is that clock's zero here.
+STARTED=""
 echo "minute,rss_kb" > "$OUT/rss.csv"
 START=$(date +%s)
 FLAP_AT=$(( MINUTES * 60 / 2 ))
@@ -44,6 +46,7 @@ FLAPPED=0
 MINUTE=0
 while [ $(( $(date +%s) - START )) -lt $(( MINUTES * 60 )) ]; do
   kill -0 "$PID" 2>/dev/null || { echo "soak: parley ended early" >&2; break; }
+  if [ -z "$STARTED" ] && [ -s "$OUT/events.jsonl" ]; then STARTED=$(date +%s.%N); fi
   NOW=$(( $(date +%s) - START ))
   if [ $(( NOW / 60 )) -ge "$MINUTE" ]; then
     echo "$MINUTE,$(ps -o rss= -p "$PID" | tr -d ' ')" >> "$OUT/rss.csv"
@@ -65,9 +68,9 @@ echo "$MINUTE,$(ps -o rss= -p "$PID" | tr -d ' ')" >> "$OUT/rss.csv"
 kill -TERM "$PID" 2>/dev/null || true
 wait "$PID" || true
 
-python3 - "$OUT" "$LAUNCHED" "$MINUTES" <<'EOF'
+python3 - "$OUT" "${STARTED:-0}" "$MINUTES" <<'EOF'
 import json, sys, pathlib
-out, launched = pathlib.Path(sys.argv[1]), float(sys.argv[2])
+out, started = pathlib.Path(sys.argv[1]), float(sys.argv[2])
 events = [json.loads(l) for l in (out / "events.jsonl").read_text().splitlines() if l.strip()]
 metrics = [e for e in events if e.get("type") == "parley.metrics"]
 warnings = [e["message"] for e in events if e.get("type") == "parley.warning"]
@@ -77,8 +80,8 @@ rss = [l.split(",") for l in (out / "rss.csv").read_text().splitlines()[1:] if l
 # were gone) and in the seconds of reopening are expected, and counted apart.
 flap = None
 if (out / "flap_start").exists():
-    flap = (float((out / "flap_start").read_text()) - launched - 2,
-            float((out / "flap_end").read_text()) - launched + 10)
+    flap = (float((out / "flap_start").read_text()) - started - 2,
+            float((out / "flap_end").read_text()) - started + 10)
 def delta(key, inside):
     d, prev = 0, 0
     for m in metrics:
