@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use wgpu::util::DeviceExt;
 
+pub use super::gpu_matvec::{MatvecInput, MatvecShape};
 use crate::{Error, Result};
 
 /// The WGSL sources, one kernel family per file.
@@ -27,6 +28,10 @@ pub const SHADERS: &[(&str, &str)] = &[
     ),
     ("sample.wgsl", include_str!("../../../shaders/sample.wgsl")),
 ];
+
+/// Shader templates, expanded at run time (their expansions are validated by the unit
+/// tests of `gpu_matvec`).
+pub const TEMPLATES: &[&str] = &["matvec_wide.wgsl"];
 
 /// Every entry point Parley dispatches, with its file: one pipeline each, built when the
 /// device opens.
@@ -88,6 +93,12 @@ pub struct Gpu {
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pipelines: HashMap<&'static str, wgpu::ComputePipeline>,
+    /// Whether the device was opened with subgroup operations (wgpu's SUBGROUP feature).
+    pub subgroups: bool,
+    /// The wide matrix-vector pipelines built so far, by format and shape.
+    wide: std::sync::Mutex<HashMap<(GpuFormat, MatvecShape), wgpu::ComputePipeline>>,
+    /// The shape chosen for each weight format, and how it was chosen.
+    shapes: std::sync::Mutex<HashMap<GpuFormat, (MatvecShape, String)>>,
     /// Errors wgpu reported outside any call that returns one (validation, memory):
     /// collected here instead of wgpu's default panic, and turned into an `Error` by
     /// [`Gpu::check`].
@@ -207,9 +218,11 @@ impl Gpu {
     fn open(adapter: wgpu::Adapter) -> Result<Self> {
         let info = adapter.get_info();
         let limits = adapter.limits();
+        // Subgroup operations where the adapter has them: the wide kernels' reductions.
+        let features = adapter.features() & wgpu::Features::SUBGROUP;
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("parley"),
-            required_features: wgpu::Features::empty(),
+            required_features: features,
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
@@ -260,6 +273,9 @@ impl Gpu {
             info,
             limits,
             pipelines,
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            wide: Default::default(),
+            shapes: Default::default(),
             errors,
         })
     }
@@ -285,6 +301,146 @@ impl Gpu {
         self.pipelines
             .get(entry)
             .ok_or_else(|| Error::InvalidInput(format!("no GPU kernel `{entry}`")))
+    }
+
+    /// The wide matrix-vector pipeline of `format` in `shape`, built on first use.
+    pub fn wide_pipeline(
+        &self,
+        format: GpuFormat,
+        shape: MatvecShape,
+    ) -> Result<wgpu::ComputePipeline> {
+        if shape.subgroups && !self.subgroups {
+            return Err(Error::InvalidInput(format!(
+                "{}: matvec shape {shape} needs subgroup operations, which this adapter lacks",
+                self.info.name
+            )));
+        }
+        let mut built = self.wide.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = built.get(&(format, shape)) {
+            return Ok(p.clone());
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some("matvec_wide"),
+                source: wgpu::ShaderSource::Wgsl(shape.source().into()),
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(format.entry()),
+                layout: None,
+                module: &module,
+                entry_point: Some(format.entry()),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::InvalidInput(format!(
+                "{}: the {format} matvec kernel in shape {shape} does not build: {e}",
+                self.info.name
+            )));
+        }
+        built.insert((format, shape), pipeline.clone());
+        Ok(pipeline)
+    }
+
+    /// The shape wide products of `format` run in on this adapter, and how it was chosen:
+    /// `PARLEY_GPU_MATVEC` if set, else on a hardware adapter the fastest candidate of
+    /// [`Gpu::tune_matvec`] (timed once per format and process), else the default.
+    pub fn matvec_shape(&self, format: GpuFormat) -> Result<(MatvecShape, String)> {
+        if let Some(s) = self
+            .shapes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&format)
+        {
+            return Ok(s.clone());
+        }
+        let chosen = if let Ok(v) = std::env::var("PARLEY_GPU_MATVEC") {
+            (
+                MatvecShape::parse(&v, self.subgroups).map_err(Error::InvalidInput)?,
+                "PARLEY_GPU_MATVEC".to_string(),
+            )
+        } else if self.info.device_type == wgpu::DeviceType::Cpu {
+            (
+                MatvecShape::default_for(self.subgroups),
+                "default (software adapter: not tuned)".to_string(),
+            )
+        } else {
+            let timed = self.tune_matvec(format)?;
+            let (best, gbs) = timed
+                .iter()
+                .copied()
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .ok_or_else(|| Error::InvalidInput("no matvec shape to tune".into()))?;
+            (best, format!("tuned: {gbs:.0} GB/s"))
+        };
+        self.shapes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(format, chosen.clone());
+        Ok(chosen)
+    }
+
+    /// Times every candidate shape for `format` on synthetic weights larger than any GPU
+    /// cache (four matrices of up to 48 MB, 4096 columns, read four times each per run;
+    /// the best of three runs) and returns each shape with its weight GB/s.
+    pub fn tune_matvec(&self, format: GpuFormat) -> Result<Vec<(MatvecShape, f64)>> {
+        let cols = 4096;
+        let row_bytes = format.row_bytes(cols) as u64;
+        let bytes = (48u64 << 20).min(self.max_binding_bytes() - 4);
+        let rows = ((bytes / row_bytes) as usize / 4 * 4).max(4);
+        let mut seed = 0x2545_f491u32;
+        let weights: Vec<GpuWeight> = (0..4)
+            .map(|_| {
+                let words: Vec<u32> = (0..rows * format.row_words(cols) + rows * cols / 64 + 1)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 17;
+                        seed ^= seed << 5;
+                        // Finite halves and floats whatever the format: exponents kept small.
+                        seed & 0x3bff_3bff
+                    })
+                    .collect();
+                GpuWeight::from_words(self, format, rows, cols, &words)
+            })
+            .collect();
+        let x = self.upload_f32("tune x", &vec![0.01; cols]);
+        let out = self.activations("tune out", rows);
+        let mut timed = vec![];
+        for shape in MatvecShape::candidates(self.subgroups) {
+            let mut plan = Plan::new(self, 0);
+            for _ in 0..4 {
+                for w in &weights {
+                    plan.matvec_shaped(self, w, &x, &out, 1, &Epilogue::default(), Some(shape))?;
+                }
+            }
+            let program = plan.build(self)?;
+            let mut best = f64::INFINITY;
+            for run in 0..4 {
+                let t = std::time::Instant::now();
+                let mut enc = self
+                    .device
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                        label: Some("tune"),
+                    });
+                program.record(&mut enc);
+                self.queue.submit([enc.finish()]);
+                self.device
+                    .poll(wgpu::PollType::wait_indefinitely())
+                    .map_err(|e| Error::InvalidInput(format!("GPU poll failed: {e}")))?;
+                // The first run builds and warms; it is not counted.
+                if run > 0 {
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+            }
+            self.check()?;
+            let read = 16.0 * weights[0].size_in_bytes() as f64;
+            timed.push((shape, read / best / 1e9));
+        }
+        Ok(timed)
     }
 
     /// The largest storage binding this device allows (and so the largest chunk a
@@ -423,7 +579,7 @@ impl Gpu {
 }
 
 /// How a weight matrix is held on the GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum GpuFormat {
     /// Exact: the parity reference.
     #[default]
@@ -683,6 +839,28 @@ impl GpuWeight {
         })
     }
 
+    /// A single-chunk weight from words already in the kernels' layout (rows, then the
+    /// scales of a quantized format): synthetic weights for tuning.
+    fn from_words(gpu: &Gpu, format: GpuFormat, rows: usize, cols: usize, words: &[u32]) -> Self {
+        Self {
+            format,
+            rows,
+            cols,
+            chunks: vec![WeightChunk {
+                buffer: gpu.upload_words("synthetic", words),
+                row0: 0,
+                rows,
+                scale_word0: rows * format.row_words(cols),
+            }],
+        }
+    }
+
+    /// Whether the wide kernels read this matrix (and so can fuse a norm or a gate into
+    /// its input): see [`super::gpu_matvec::is_wide`].
+    pub fn is_wide(&self) -> bool {
+        super::gpu_matvec::is_wide(self.format, self.cols)
+    }
+
     /// Bytes the kernels read for one product.
     pub fn size_in_bytes(&self) -> usize {
         self.rows * self.format.row_bytes(self.cols)
@@ -706,9 +884,18 @@ pub enum Res {
     Arena(u64, u64),
 }
 
+/// The pipeline a planned dispatch runs.
+#[derive(Debug, Clone, Copy)]
+enum Kernel {
+    /// An entry point of `SHADERS`, built when the device opens.
+    Named(&'static str),
+    /// A wide matrix-vector kernel, built on first use.
+    Wide(GpuFormat, MatvecShape),
+}
+
 #[derive(Debug)]
 struct PlannedDispatch {
-    entry: &'static str,
+    entry: Kernel,
     resources: Vec<(u32, Res)>,
     groups: [u32; 3],
 }
@@ -721,6 +908,8 @@ pub struct Epilogue {
     pub bias: Option<Vec<f32>>,
     /// Multiplies by this vector first (a layer scale).
     pub scale: Option<Vec<f32>>,
+    /// What the product reads: fused inputs need a wide weight ([`GpuWeight::is_wide`]).
+    pub input: MatvecInput,
 }
 
 /// Builds a model's program: every dispatch of a step with its parameters, laid out in
@@ -767,13 +956,14 @@ impl Plan {
 
     pub fn dispatch(&mut self, entry: &'static str, resources: Vec<(u32, Res)>, groups: [u32; 3]) {
         self.dispatches.push(PlannedDispatch {
-            entry,
+            entry: Kernel::Named(entry),
             resources,
             groups,
         });
     }
 
-    /// Plans `out (+)= epilogue(x @ w^T)` for `m` activation rows: one dispatch per chunk.
+    /// Plans `out (+)= epilogue(x @ w^T)` for `m` activation rows: one dispatch per chunk,
+    /// in the wide kernels' shape for this adapter where the matrix allows.
     pub fn matvec(
         &mut self,
         gpu: &Gpu,
@@ -782,6 +972,22 @@ impl Plan {
         out: &wgpu::Buffer,
         m: usize,
         epi: &Epilogue,
+    ) -> Result<()> {
+        self.matvec_shaped(gpu, w, x, out, m, epi, None)
+    }
+
+    /// [`Plan::matvec`] in a given wide shape (`None`: the adapter's own), for tests and
+    /// tuning.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matvec_shaped(
+        &mut self,
+        gpu: &Gpu,
+        w: &GpuWeight,
+        x: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        m: usize,
+        epi: &Epilogue,
+        shape: Option<MatvecShape>,
     ) -> Result<()> {
         for v in [&epi.bias, &epi.scale].into_iter().flatten() {
             if v.len() != w.rows {
@@ -792,6 +998,26 @@ impl Plan {
                 )));
             }
         }
+        if epi.input != MatvecInput::Plain && !w.is_wide() {
+            return Err(Error::InvalidInput(format!(
+                "a fused input for a {}x{} {} matrix, which the wide kernels do not read",
+                w.rows, w.cols, w.format
+            )));
+        }
+        if let MatvecInput::RmsNormed { alpha, .. } = &epi.input {
+            if alpha.len() != w.cols {
+                return Err(Error::InvalidInput(format!(
+                    "a norm weight of {} values for {} input columns",
+                    alpha.len(),
+                    w.cols
+                )));
+            }
+        }
+        let shape = match (w.is_wide(), shape) {
+            (false, _) => None,
+            (true, Some(s)) => Some(s),
+            (true, None) => Some(gpu.matvec_shape(w.format)?.0),
+        };
         let mut aux_words = vec![];
         let mut flags = u32::from(epi.accumulate);
         let mut aux_bias = 0;
@@ -806,6 +1032,14 @@ impl Plan {
             aux_scale = aux_words.len();
             aux_words.extend_from_slice(s);
         }
+        let mut aux_norm = 0;
+        let mut eps = 0f32;
+        if let MatvecInput::RmsNormed { alpha, eps: e } = &epi.input {
+            aux_norm = aux_words.len();
+            aux_words.extend_from_slice(alpha);
+            eps = *e;
+        }
+        flags |= epi.input.flag();
         let aux = if aux_words.is_empty() {
             self.dummy
                 .get_or_insert_with(|| gpu.upload_f32("no-aux", &[0.0; 4]))
@@ -814,6 +1048,47 @@ impl Plan {
             gpu.upload_f32("epilogue", &aux_words)
         };
         let max_x = gpu.limits.max_compute_workgroups_per_dimension as usize;
+        if let Some(shape) = shape {
+            let x_stride = if epi.input == MatvecInput::Gated {
+                2 * w.cols
+            } else {
+                w.cols
+            };
+            for c in &w.chunks {
+                let groups = c.rows.div_ceil(shape.rows as usize);
+                let per_y = groups.min(max_x);
+                let params = self.params(&[
+                    c.rows as u32,
+                    w.cols as u32,
+                    m as u32,
+                    per_y as u32,
+                    c.row0 as u32,
+                    w.rows as u32,
+                    w.format.row_words(w.cols) as u32,
+                    c.scale_word0 as u32,
+                    flags,
+                    aux_bias as u32,
+                    aux_scale as u32,
+                    x_stride as u32,
+                    aux_norm as u32,
+                    eps.to_bits(),
+                    0,
+                    0,
+                ]);
+                self.dispatches.push(PlannedDispatch {
+                    entry: Kernel::Wide(w.format, shape),
+                    resources: vec![
+                        (0, Res::Buffer(c.buffer.clone())),
+                        (1, Res::Buffer(x.clone())),
+                        (2, Res::Buffer(out.clone())),
+                        (3, params),
+                        (4, Res::Buffer(aux.clone())),
+                    ],
+                    groups: [per_y as u32, groups.div_ceil(per_y) as u32, m as u32],
+                });
+            }
+            return Ok(());
+        }
         for c in &w.chunks {
             let rows_per_y = c.rows.min(max_x);
             let params = self.params(&[
@@ -862,7 +1137,10 @@ impl Plan {
             .dispatches
             .iter()
             .map(|d| {
-                let pipeline = gpu.pipeline(d.entry)?.clone();
+                let (pipeline, label) = match d.entry {
+                    Kernel::Named(e) => (gpu.pipeline(e)?.clone(), e),
+                    Kernel::Wide(f, shape) => (gpu.wide_pipeline(f, shape)?, f.entry()),
+                };
                 let entries: Vec<wgpu::BindGroupEntry> = d
                     .resources
                     .iter()
@@ -881,7 +1159,7 @@ impl Plan {
                     })
                     .collect();
                 let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some(d.entry),
+                    label: Some(label),
                     layout: &pipeline.get_bind_group_layout(0),
                     entries: &entries,
                 });
@@ -1007,6 +1285,50 @@ impl GpuMatrix {
             gpu.submit_and_read(enc, &[(&self.out, 0, (m * rows * 4) as u64)], &self.read)?;
         Ok(bytemuck::pod_collect_to_vec(&bytes[0]))
     }
+}
+
+/// Runs one product of `w` and reads it back: `out` starts as `init` (`m` rows of
+/// `w.rows`, what an accumulating epilogue adds to), `x` holds `m` input rows (each twice
+/// as long for a gated input). `shape`: a wide shape to force, else the adapter's. For
+/// tests and tools.
+pub fn run_matvec(
+    gpu: &Gpu,
+    w: &GpuWeight,
+    x: &[f32],
+    m: usize,
+    init: &[f32],
+    epi: &Epilogue,
+    shape: Option<MatvecShape>,
+) -> Result<Vec<f32>> {
+    let width = if epi.input == MatvecInput::Gated {
+        2 * w.cols
+    } else {
+        w.cols
+    };
+    if m == 0 || x.len() != m * width || init.len() != m * w.rows {
+        return Err(Error::InvalidInput(format!(
+            "matvec: {} inputs and {} outputs for {m} rows of a {}x{} matrix",
+            x.len(),
+            init.len(),
+            w.rows,
+            w.cols
+        )));
+    }
+    let xb = gpu.upload_f32("x", x);
+    let out = gpu.upload_f32("out", init);
+    let mut plan = Plan::new(gpu, 0);
+    plan.matvec_shaped(gpu, w, &xb, &out, m, epi, shape)?;
+    let program = plan.build(gpu)?;
+    let mut enc = gpu
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("matvec"),
+        });
+    program.record(&mut enc);
+    let bytes = (init.len() * 4) as u64;
+    let read = gpu.readback_buffer(bytes);
+    let got = gpu.submit_and_read(enc, &[(&out, 0, bytes)], &read)?;
+    Ok(bytemuck::pod_collect_to_vec(&got[0]))
 }
 
 /// Draws one token from `logits` on the GPU as a model step does (`temp <= 0`: greedy;

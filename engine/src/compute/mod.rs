@@ -4,6 +4,7 @@
 
 pub mod cpu;
 pub mod gpu;
+pub mod gpu_matvec;
 pub mod quant;
 
 /// The weight format asked for on the command line, for whichever device runs.

@@ -17,8 +17,8 @@ use super::generator::Sampling;
 use super::{Embedding, LmConfig, LmModel, ZERO_TOKEN};
 use crate::compute::cpu::Matrix;
 use crate::compute::gpu::{
-    Epilogue, Gpu, GpuFormat, GpuWeight, Plan, Program, Res, StepBlock, MAX_DRAWS, MAX_ROPE_PAIRS,
-    STEP_BLOCK_BYTES,
+    Epilogue, Gpu, GpuFormat, GpuWeight, MatvecInput, Plan, Program, Res, StepBlock, MAX_DRAWS,
+    MAX_ROPE_PAIRS, STEP_BLOCK_BYTES,
 };
 use crate::models::transformer::{
     add_sin_embedding, rope_table, FeedForward, Norm, StreamingTransformer,
@@ -201,6 +201,38 @@ impl Builder<'_> {
         self.plan.matvec(self.gpu, w, x, out, 1, epi)
     }
 
+    /// Plans `out (+)= epilogue(norm(x) @ w^T)`: the norm fused into the product where
+    /// the wide kernels read `w` and the norm is RMS, else a norm into `h` first.
+    #[allow(clippy::too_many_arguments)]
+    fn normed_matvec(
+        &mut self,
+        n: &Norm,
+        x: &wgpu::Buffer,
+        h: &wgpu::Buffer,
+        w: &GpuWeight,
+        out: &wgpu::Buffer,
+        epi: Epilogue,
+    ) -> Result<()> {
+        match n {
+            Norm::Rms { alpha, eps } if w.is_wide() => self.matvec(
+                w,
+                x,
+                out,
+                &Epilogue {
+                    input: MatvecInput::RmsNormed {
+                        alpha: alpha.clone(),
+                        eps: *eps,
+                    },
+                    ..epi
+                },
+            ),
+            _ => {
+                self.norm(n, w.cols, x, h);
+                self.matvec(w, h, out, &epi)
+            }
+        }
+    }
+
     fn norm(&mut self, n: &Norm, dim: usize, x: &wgpu::Buffer, out: &wgpu::Buffer) {
         let (entry, g, eps) = match n {
             Norm::Rms { alpha, eps } => ("rms_norm", alpha.clone(), *eps),
@@ -273,15 +305,13 @@ impl Builder<'_> {
         pos: &Res,
     ) -> Result<()> {
         let (dims, _, layers) = t.parts();
-        let d = dims.d_model;
         let cap = ring_capacity(t);
         // A schedule may give several steps one weight set.
         let widx = dims.weight_set(step);
         for (i, (layer, (kr, vr))) in layers.iter().zip(&rings.kv).enumerate() {
             let w = widx.min(layer.in_proj.len() - 1);
-            self.norm(&layer.norm1, d, x, &s.h);
             let in_proj = self.upload(&format!("{label}.{i}.in_proj.{w}"), &layer.in_proj[w])?;
-            self.matvec(&in_proj, &s.h, &s.qkv, &Epilogue::default())?;
+            self.normed_matvec(&layer.norm1, x, &s.h, &in_proj, &s.qkv, Epilogue::default())?;
             let params = self.plan.params(&[
                 dims.num_heads as u32,
                 dims.head_dim as u32,
@@ -322,14 +352,13 @@ impl Builder<'_> {
                 x,
                 &Epilogue {
                     accumulate: true,
-                    bias: None,
                     scale: layer.scale1.clone(),
+                    ..Default::default()
                 },
             )?;
             if let (Some(c), Some(kv)) = (&layer.cross, &rings.cross[i]) {
-                self.norm(&c.norm, d, x, &s.h);
                 let q = self.upload(&format!("{label}.{i}.cross.q"), &c.q_proj)?;
-                self.matvec(&q, &s.h, &s.qkv, &Epilogue::default())?;
+                self.normed_matvec(&c.norm, x, &s.h, &q, &s.qkv, Epilogue::default())?;
                 let params = self.plan.params(&[
                     dims.num_heads as u32,
                     dims.head_dim as u32,
@@ -354,12 +383,11 @@ impl Builder<'_> {
                     x,
                     &Epilogue {
                         accumulate: true,
-                        bias: None,
                         scale: c.scale.clone(),
+                        ..Default::default()
                     },
                 )?;
             }
-            self.norm(&layer.norm2, d, x, &s.h);
             let wf = widx.min(layer.ff.len() - 1);
             let FeedForward::Gated {
                 linear_in,
@@ -373,28 +401,37 @@ impl Builder<'_> {
             };
             let hidden = linear_out.cols();
             let lin = self.upload(&format!("{label}.{i}.linear_in.{wf}"), linear_in)?;
-            self.matvec(&lin, &s.h, &s.ff, &Epilogue::default())?;
-            let params = self.plan.params(&[hidden as u32, 0, 0, 0, 0, 0, 0, 0]);
-            self.plan.dispatch(
-                "gate_silu",
-                vec![
-                    (0, Res::Buffer(s.ff.clone())),
-                    (1, Res::Buffer(s.gate.clone())),
-                    (2, params),
-                ],
-                [(hidden as u32).div_ceil(64), 1, 1],
-            );
+            self.normed_matvec(&layer.norm2, x, &s.h, &lin, &s.ff, Epilogue::default())?;
             let lout = self.upload(&format!("{label}.{i}.linear_out.{wf}"), linear_out)?;
-            self.matvec(
-                &lout,
-                &s.gate,
-                x,
-                &Epilogue {
-                    accumulate: true,
-                    bias: None,
-                    scale: layer.scale2.clone(),
-                },
-            )?;
+            let epi = Epilogue {
+                accumulate: true,
+                scale: layer.scale2.clone(),
+                ..Default::default()
+            };
+            if lout.is_wide() {
+                // The gate read by the down-projection itself.
+                self.matvec(
+                    &lout,
+                    &s.ff,
+                    x,
+                    &Epilogue {
+                        input: MatvecInput::Gated,
+                        ..epi
+                    },
+                )?;
+            } else {
+                let params = self.plan.params(&[hidden as u32, 0, 0, 0, 0, 0, 0, 0]);
+                self.plan.dispatch(
+                    "gate_silu",
+                    vec![
+                        (0, Res::Buffer(s.ff.clone())),
+                        (1, Res::Buffer(s.gate.clone())),
+                        (2, params),
+                    ],
+                    [(hidden as u32).div_ceil(64), 1, 1],
+                );
+                self.matvec(&lout, &s.gate, x, &epi)?;
+            }
         }
         Ok(())
     }

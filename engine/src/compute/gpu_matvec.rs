@@ -1,0 +1,226 @@
+//! The wide matrix-vector kernels (`shaders/matvec_wide.wgsl`): several rows per
+//! workgroup, 128-bit weight loads, subgroup reductions where the adapter has them (a
+//! workgroup-memory tree otherwise), dequantization in registers, and the feed-forward's
+//! gate or the norm before a product fused into the product's input.
+//!
+//! The workgroup shape is not fixed: [`MatvecShape`] is chosen per adapter and weight
+//! format when a model first asks for it ([`super::gpu::Gpu::matvec_shape`]): on a
+//! hardware adapter by timing every candidate on a matrix of that format (a few ms), on a
+//! software one (lavapipe, whose speed means nothing) by a default; `PARLEY_GPU_MATVEC`
+//! (`WGxROWS`, e.g. `128x2`, optionally `,workgroup` to refuse subgroups) overrides both.
+//! Each shape is its own pipeline, built from the template on first use.
+
+use super::gpu::GpuFormat;
+
+/// How a wide matrix product is laid out on the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MatvecShape {
+    /// Invocations per workgroup.
+    pub wg: u32,
+    /// Output rows per workgroup (each invocation holds a partial sum of each).
+    pub rows: u32,
+    /// Reduce with subgroup operations (needs wgpu's SUBGROUP feature).
+    pub subgroups: bool,
+}
+
+impl std::fmt::Display for MatvecShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}x{} {}",
+            self.wg,
+            self.rows,
+            if self.subgroups {
+                "subgroup"
+            } else {
+                "workgroup"
+            }
+        )
+    }
+}
+
+/// Workgroup sizes and rows per workgroup tried when tuning.
+pub const WORKGROUP_SIZES: [u32; 3] = [64, 128, 256];
+pub const ROWS_PER_WORKGROUP: [u32; 3] = [1, 2, 4];
+
+impl MatvecShape {
+    /// Every candidate on an adapter with (or without) subgroups.
+    pub fn candidates(subgroups: bool) -> Vec<MatvecShape> {
+        WORKGROUP_SIZES
+            .iter()
+            .flat_map(|&wg| {
+                ROWS_PER_WORKGROUP.iter().map(move |&rows| MatvecShape {
+                    wg,
+                    rows,
+                    subgroups,
+                })
+            })
+            .collect()
+    }
+
+    /// The shape used without tuning: 64 invocations (two NVIDIA warps, one AMD wave64,
+    /// a common Apple and Intel choice) over two rows.
+    pub fn default_for(subgroups: bool) -> MatvecShape {
+        MatvecShape {
+            wg: 64,
+            rows: 2,
+            subgroups,
+        }
+    }
+
+    /// Parses `PARLEY_GPU_MATVEC`'s `WGxROWS[,workgroup]`; subgroups stay on only where
+    /// the adapter has them.
+    pub fn parse(s: &str, subgroups: bool) -> Result<MatvecShape, String> {
+        let (dims, reduce) = match s.split_once(',') {
+            Some((d, r)) => (d, Some(r)),
+            None => (s, None),
+        };
+        let bad = || {
+            format!(
+                "PARLEY_GPU_MATVEC `{s}`: expected WGxROWS with WG one of {WORKGROUP_SIZES:?} and ROWS one of {ROWS_PER_WORKGROUP:?}, optionally followed by `,workgroup`"
+            )
+        };
+        let (wg, rows) = dims.split_once('x').ok_or_else(bad)?;
+        let wg: u32 = wg.trim().parse().map_err(|_| bad())?;
+        let rows: u32 = rows.trim().parse().map_err(|_| bad())?;
+        if !WORKGROUP_SIZES.contains(&wg) || !ROWS_PER_WORKGROUP.contains(&rows) {
+            return Err(bad());
+        }
+        let subgroups = match reduce.map(str::trim) {
+            None | Some("subgroup") => subgroups,
+            Some("workgroup") => false,
+            Some(_) => return Err(bad()),
+        };
+        Ok(MatvecShape {
+            wg,
+            rows,
+            subgroups,
+        })
+    }
+
+    /// The kernel source for this shape.
+    pub fn source(&self) -> String {
+        let template = include_str!("../../../shaders/matvec_wide.wgsl");
+        let keep = if self.subgroups {
+            "subgroup"
+        } else {
+            "workgroup"
+        };
+        let mut body = String::with_capacity(template.len() + 256);
+        // No `enable subgroups;`: naga (wgpu 30) takes the built-ins under wgpu's SUBGROUP
+        // feature and refuses the directive as not yet implemented.
+        body.push_str(&format!(
+            "const WG: u32 = {}u;\nconst ROWS: u32 = {}u;\n",
+            self.wg, self.rows
+        ));
+        let mut section: Option<&str> = None;
+        for line in template.lines() {
+            if let Some(name) = line.strip_prefix("//! ") {
+                section = (name.trim() != "end").then_some(name.trim());
+                continue;
+            }
+            if section.is_none_or(|s| s == keep) {
+                body.push_str(line);
+                body.push('\n');
+            }
+        }
+        let (entry, params, args) = if self.subgroups {
+            (
+                ", @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_id) sg: u32, @builtin(num_subgroups) n_sg: u32",
+                ", lane: u32, sg: u32, n_sg: u32",
+                ", lane, sg, n_sg",
+            )
+        } else {
+            ("", "", "")
+        };
+        body.replace(" ENTRY_PARAMS", entry)
+            .replace(" REDUCE_PARAMS", params)
+            .replace(" REDUCE_ARGS", args)
+    }
+}
+
+/// What a wide product reads as its input.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum MatvecInput {
+    /// The activations as they are.
+    #[default]
+    Plain,
+    /// `[a | b]` (each `cols` long): the product of `silu(a) * b`.
+    Gated,
+    /// The activations RMS-normalized with this weight and epsilon.
+    RmsNormed { alpha: Vec<f32>, eps: f32 },
+}
+
+impl MatvecInput {
+    pub(crate) fn flag(&self) -> u32 {
+        match self {
+            Self::Plain => 0,
+            Self::Gated => 8,
+            Self::RmsNormed { .. } => 16,
+        }
+    }
+}
+
+/// Whether a `[rows, cols]` matrix held in `format` is read by the wide kernels: rows of
+/// whole 128-bit words, activations of whole vec4s.
+pub fn is_wide(format: GpuFormat, cols: usize) -> bool {
+    let row_words = match format {
+        GpuFormat::F32 => cols,
+        GpuFormat::F16 | GpuFormat::Bf16 => cols / 2,
+        GpuFormat::Q8_0 => cols / 4,
+        GpuFormat::Q4 => cols / 8,
+    };
+    cols.is_multiple_of(4) && row_words.is_multiple_of(4) && row_words > 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shape_expands_to_valid_wgsl() {
+        for subgroups in [false, true] {
+            for shape in MatvecShape::candidates(subgroups) {
+                let src = shape.source();
+                assert!(!src.contains("ENTRY_PARAMS") && !src.contains("REDUCE_"));
+                assert_eq!(src.contains("subgroupAdd"), subgroups, "{shape}");
+                let module = naga::front::wgsl::parse_str(&src)
+                    .unwrap_or_else(|e| panic!("{shape}: {}", e.emit_to_string(&src)));
+                naga::valid::Validator::new(
+                    naga::valid::ValidationFlags::all(),
+                    naga::valid::Capabilities::all(),
+                )
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{shape}: {e:?}"));
+            }
+        }
+    }
+
+    #[test]
+    fn the_override_is_parsed_and_checked() {
+        let s = MatvecShape::parse("128x4", true).expect("parse");
+        assert_eq!((s.wg, s.rows, s.subgroups), (128, 4, true));
+        let s = MatvecShape::parse("256x1,workgroup", true).expect("parse");
+        assert!(!s.subgroups);
+        // Subgroups are never asked of an adapter without them.
+        assert!(!MatvecShape::parse("64x2", false).expect("parse").subgroups);
+        for bad in ["", "64", "64x3", "96x2", "64x2,warp", "x2", "64x-1"] {
+            let e = MatvecShape::parse(bad, true).expect_err(bad);
+            assert!(
+                e.contains("PARLEY_GPU_MATVEC") && e.contains("WGxROWS"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn wide_needs_whole_words_and_vec4s() {
+        assert!(is_wide(GpuFormat::F32, 4));
+        assert!(!is_wide(GpuFormat::F32, 6));
+        assert!(is_wide(GpuFormat::F16, 8));
+        assert!(!is_wide(GpuFormat::F16, 4));
+        assert!(is_wide(GpuFormat::Q8_0, 32));
+        assert!(is_wide(GpuFormat::Q4, 32));
+        assert!(!is_wide(GpuFormat::Bf16, 2));
+    }
+}
