@@ -4,8 +4,16 @@
 // is written at slot `pos % cap`, so slot j holds position
 // pos - ((pos % cap - j) mod cap), valid when that is not negative (positions restart at
 // 0 after a reset, and the ring is never longer than the attention context).
+// The rings hold f32 values, or (`kv_f16`) f16 pairs in each 32-bit word: half the bytes
+// a step reads from them, for the reduced-precision formats.
 // `Step` carries the position and its rotary table: (cos, sin) of each frequency, two
 // frequencies per vec4, computed on the CPU exactly as the CPU path does.
+//
+// Attention is split over the ring (flash-decoding): `attend_part` gives each (head,
+// block of 64 slots) a workgroup that leaves its block's maximum score, its sum of
+// exponentials and its unnormalized weighted sum of values in `parts`; `attend_combine`
+// rescales and adds the blocks of each head. A long context so keeps every compute unit
+// busy instead of one workgroup per head.
 
 struct Step {
     pos: u32,
@@ -25,11 +33,16 @@ struct Params {
     head_dim: u32,
     cap: u32,
     rope: u32,
+    kv_f16: u32,
+    // Blocks of `SPLIT` slots the ring is attended in.
+    blocks: u32,
+    _p0: u32,
+    _p1: u32,
 }
 
 @group(0) @binding(0) var<storage, read_write> qkv: array<f32>;
-@group(0) @binding(1) var<storage, read_write> kring: array<f32>;
-@group(0) @binding(2) var<storage, read_write> vring: array<f32>;
+@group(0) @binding(1) var<storage, read_write> kring: array<u32>;
+@group(0) @binding(2) var<storage, read_write> vring: array<u32>;
 @group(0) @binding(3) var<uniform> p: Params;
 @group(0) @binding(4) var<uniform> st: Step;
 
@@ -60,10 +73,37 @@ fn rope_store(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let slot = st.pos % p.cap;
     let r = (h * p.cap + slot) * p.head_dim + 2u * i;
-    kring[r] = qkv[d + e];
-    kring[r + 1u] = qkv[d + e + 1u];
-    vring[r] = qkv[2u * d + e];
-    vring[r + 1u] = qkv[2u * d + e + 1u];
+    store_pair(r, vec2<f32>(qkv[d + e], qkv[d + e + 1u]), true);
+    store_pair(r, vec2<f32>(qkv[2u * d + e], qkv[2u * d + e + 1u]), false);
+}
+
+// Stores the pair of values at element `r` (even) of the key or value ring.
+fn store_pair(r: u32, v: vec2<f32>, key: bool) {
+    if (p.kv_f16 != 0u) {
+        let word = pack2x16float(v);
+        if (key) { kring[r / 2u] = word; } else { vring[r / 2u] = word; }
+    } else {
+        if (key) {
+            kring[r] = bitcast<u32>(v.x);
+            kring[r + 1u] = bitcast<u32>(v.y);
+        } else {
+            vring[r] = bitcast<u32>(v.x);
+            vring[r + 1u] = bitcast<u32>(v.y);
+        }
+    }
+}
+
+// Element `r` of a ring.
+fn ring_value(r: u32, key: bool) -> f32 {
+    // Branches, not `select`: a select would read both rings.
+    if (p.kv_f16 != 0u) {
+        var word: u32;
+        if (key) { word = kring[r / 2u]; } else { word = vring[r / 2u]; }
+        let pair = unpack2x16float(word);
+        return select(pair.x, pair.y, (r & 1u) == 1u);
+    }
+    if (key) { return bitcast<f32>(kring[r]); }
+    return bitcast<f32>(vring[r]);
 }
 
 @group(0) @binding(5) var<storage, read_write> scores: array<f32>;
@@ -72,10 +112,11 @@ fn rope_store(@builtin(global_invocation_id) gid: vec3<u32>) {
 const WG: u32 = 256u;
 var<workgroup> partial: array<f32, 256>;
 
-fn workgroup_reduce(lid: u32, v: f32, take_max: bool) -> f32 {
+// Over the first `n` invocations (the workgroup's size, a power of two).
+fn workgroup_reduce(lid: u32, v: f32, take_max: bool, n: u32) -> f32 {
     partial[lid] = v;
     workgroupBarrier();
-    var stride = WG / 2u;
+    var stride = n / 2u;
     loop {
         if (stride == 0u) { break; }
         if (lid < stride) {
@@ -98,50 +139,73 @@ fn slot_valid(j: u32) -> bool {
     return back <= st.pos;
 }
 
-// One workgroup per head: scores, softmax, and the weighted sum of values.
-@compute @workgroup_size(256)
-fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+const SPLIT: u32 = 64u;
+var<workgroup> probs: array<f32, 64>;
+
+// One workgroup per (head, block of SPLIT slots): one slot per invocation. `parts` gets,
+// per (head, block), `head_dim` unnormalized output values, then the block's maximum
+// score and its sum of exponentials.
+@compute @workgroup_size(64)
+fn attend_part(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let h = wg.x;
+    let blk = wg.y;
     let hd = p.head_dim;
     let inv_sqrt = 1.0 / sqrt(f32(hd));
     let qb = h * hd;
-    var m = -3.4e38;
-    for (var j = lid; j < p.cap; j = j + WG) {
-        var s = -3.4e38;
-        if (slot_valid(j)) {
-            let kb = (h * p.cap + j) * hd;
-            var acc = 0.0;
-            for (var e = 0u; e < hd; e = e + 1u) {
-                acc = acc + (qkv[qb + e] * inv_sqrt) * kring[kb + e];
-            }
-            s = acc;
-            m = max(m, s);
-        }
-        scores[h * p.cap + j] = s;
-    }
-    let mx = workgroup_reduce(lid, m, true);
-    var sum = 0.0;
-    for (var j = lid; j < p.cap; j = j + WG) {
-        var e = 0.0;
-        if (slot_valid(j)) {
-            e = exp(scores[h * p.cap + j] - mx);
-        }
-        scores[h * p.cap + j] = e;
-        sum = sum + e;
-    }
-    let total = workgroup_reduce(lid, sum, false);
-    // The weighted sum below reads every invocation's probabilities.
-    storageBarrier();
-    let inv = 1.0 / total;
-    for (var e = lid; e < hd; e = e + WG) {
+    let j = blk * SPLIT + lid;
+    let valid = j < p.cap && slot_valid(j);
+    var s = -3.4e38;
+    if (valid) {
+        let kb = (h * p.cap + j) * hd;
         var acc = 0.0;
-        for (var j = 0u; j < p.cap; j = j + 1u) {
-            let pj = scores[h * p.cap + j];
-            if (pj != 0.0) {
-                acc = acc + pj * inv * vring[(h * p.cap + j) * hd + e];
+        for (var e = 0u; e < hd; e = e + 1u) {
+            acc = acc + (qkv[qb + e] * inv_sqrt) * ring_value(kb + e, true);
+        }
+        s = acc;
+    }
+    let mx = workgroup_reduce(lid, s, true, SPLIT);
+    let pj = select(0.0, exp(s - mx), valid);
+    let total = workgroup_reduce(lid, pj, false, SPLIT);
+    probs[lid] = pj;
+    workgroupBarrier();
+    let pb = (h * p.blocks + blk) * (hd + 2u);
+    for (var e = lid; e < hd; e = e + SPLIT) {
+        var acc = 0.0;
+        for (var t = 0u; t < SPLIT; t = t + 1u) {
+            let pt = probs[t];
+            if (pt != 0.0) {
+                acc = acc + pt * ring_value((h * p.cap + blk * SPLIT + t) * hd + e, false);
             }
         }
-        attn[h * hd + e] = acc;
+        scores[pb + e] = acc;
+    }
+    if (lid == 0u) {
+        scores[pb + hd] = mx;
+        scores[pb + hd + 1u] = total;
+    }
+}
+
+// One workgroup per head: the blocks' outputs rescaled to the head's maximum and added.
+@compute @workgroup_size(64)
+fn attend_combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let h = wg.x;
+    let hd = p.head_dim;
+    var mx = -3.4e38;
+    for (var b = 0u; b < p.blocks; b = b + 1u) {
+        mx = max(mx, scores[(h * p.blocks + b) * (hd + 2u) + hd]);
+    }
+    var den = 0.0;
+    for (var b = 0u; b < p.blocks; b = b + 1u) {
+        let pb = (h * p.blocks + b) * (hd + 2u);
+        den = den + exp(scores[pb + hd] - mx) * scores[pb + hd + 1u];
+    }
+    for (var e = lid; e < hd; e = e + 64u) {
+        var acc = 0.0;
+        for (var b = 0u; b < p.blocks; b = b + 1u) {
+            let pb = (h * p.blocks + b) * (hd + 2u);
+            acc = acc + exp(scores[pb + hd] - mx) * scores[pb + e];
+        }
+        attn[h * hd + e] = acc / den;
     }
 }
 
@@ -161,25 +225,25 @@ fn cross_attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
         let kb = j * 2u * d + h * hd;
         var acc = 0.0;
         for (var e = 0u; e < hd; e = e + 1u) {
-            acc = acc + (qkv[qb + e] * inv_sqrt) * kring[kb + e];
+            acc = acc + (qkv[qb + e] * inv_sqrt) * bitcast<f32>(kring[kb + e]);
         }
         m = max(m, acc);
         scores[h * p.cap + j] = acc;
     }
-    let mx = workgroup_reduce(lid, m, true);
+    let mx = workgroup_reduce(lid, m, true, WG);
     var sum = 0.0;
     for (var j = lid; j < p.cap; j = j + WG) {
         let e = exp(scores[h * p.cap + j] - mx);
         scores[h * p.cap + j] = e;
         sum = sum + e;
     }
-    let total = workgroup_reduce(lid, sum, false);
+    let total = workgroup_reduce(lid, sum, false, WG);
     storageBarrier();
     let inv = 1.0 / total;
     for (var e = lid; e < hd; e = e + WG) {
         var acc = 0.0;
         for (var j = 0u; j < p.cap; j = j + 1u) {
-            acc = acc + scores[h * p.cap + j] * inv * kring[j * 2u * d + d + h * hd + e];
+            acc = acc + scores[h * p.cap + j] * inv * bitcast<f32>(kring[j * 2u * d + d + h * hd + e]);
         }
         attn[h * hd + e] = acc;
     }

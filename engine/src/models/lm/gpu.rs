@@ -157,6 +157,12 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     /// Uploads `m` once (by `label`) and counts its bytes as read by one more product.
+    /// Whether attention caches hold f16: under every reduced format (the f32 format is
+    /// the parity reference and keeps f32 caches).
+    fn kv_f16(&self) -> bool {
+        self.format != GpuFormat::F32
+    }
+
     fn upload(&mut self, label: &str, m: &Matrix) -> Result<GpuWeight> {
         self.upload_as(label, m, self.format)
     }
@@ -312,11 +318,16 @@ impl Builder<'_> {
             let w = widx.min(layer.in_proj.len() - 1);
             let in_proj = self.upload(&format!("{label}.{i}.in_proj.{w}"), &layer.in_proj[w])?;
             self.normed_matvec(&layer.norm1, x, &s.h, &in_proj, &s.qkv, Epilogue::default())?;
+            let blocks = cap.div_ceil(ATTENTION_SPLIT);
             let params = self.plan.params(&[
                 dims.num_heads as u32,
                 dims.head_dim as u32,
                 cap as u32,
                 u32::from(dims.rope),
+                u32::from(self.kv_f16()),
+                blocks as u32,
+                0,
+                0,
             ]);
             let pairs = (dims.num_heads * dims.head_dim / 2) as u32;
             self.plan.dispatch(
@@ -331,13 +342,21 @@ impl Builder<'_> {
                 [pairs.div_ceil(64), 1, 1],
             );
             self.plan.dispatch(
-                "attend",
+                "attend_part",
                 vec![
                     (0, Res::Buffer(s.qkv.clone())),
                     (1, Res::Buffer(kr.clone())),
                     (2, Res::Buffer(vr.clone())),
-                    (3, params),
+                    (3, params.clone()),
                     (4, pos.clone()),
+                    (5, Res::Buffer(s.scores.clone())),
+                ],
+                [dims.num_heads as u32, blocks as u32, 1],
+            );
+            self.plan.dispatch(
+                "attend_combine",
+                vec![
+                    (3, params),
                     (5, Res::Buffer(s.scores.clone())),
                     (6, Res::Buffer(s.attn.clone())),
                 ],
@@ -363,6 +382,10 @@ impl Builder<'_> {
                     dims.num_heads as u32,
                     dims.head_dim as u32,
                     rings.cross_rows as u32,
+                    0,
+                    0,
+                    0,
+                    0,
                     0,
                 ]);
                 self.plan.dispatch(
@@ -454,16 +477,26 @@ impl Builder<'_> {
             attn: self.gpu.activations(&format!("{label}.attn"), d),
             ff: self.gpu.activations(&format!("{label}.ff"), 2 * hidden),
             gate: self.gpu.activations(&format!("{label}.gate"), hidden),
+            // The cross-attention's scores, or the self-attention's blocks.
             scores: self.gpu.activations(
                 &format!("{label}.scores"),
-                dims.num_heads * ring_capacity(t).max(cross_rows),
+                (dims.num_heads * cross_rows).max(
+                    dims.num_heads
+                        * ring_capacity(t).div_ceil(ATTENTION_SPLIT)
+                        * (dims.head_dim + 2),
+                ),
             ),
         })
     }
 
     fn rings(&mut self, label: &str, t: &StreamingTransformer, cross_rows: usize) -> Result<Rings> {
         let (dims, _, layers) = t.parts();
-        let n = dims.d_model * ring_capacity(t);
+        // Words of a ring: f32 values, or f16 pairs.
+        let n = if self.kv_f16() {
+            (dims.d_model * ring_capacity(t)).div_ceil(2)
+        } else {
+            dims.d_model * ring_capacity(t)
+        };
         let cross_n = 2 * dims.d_model * cross_rows;
         for (what, values) in [
             ("a KV ring", n),
@@ -502,6 +535,10 @@ impl Builder<'_> {
         })
     }
 }
+
+/// Ring slots one workgroup of the split self-attention takes (`SPLIT` in
+/// `shaders/attention.wgsl`).
+const ATTENTION_SPLIT: usize = 64;
 
 /// Steps a ring holds: the attention context, or the steps of per-step weights (the
 /// CPU path's streaming window).
