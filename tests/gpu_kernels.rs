@@ -12,6 +12,7 @@ use parley_engine::compute::gpu::{
     run_matvec, sample_once, select, Backend, DeviceChoice, Epilogue, GpuFormat, GpuMatrix,
     GpuWeight, MatvecInput, MatvecShape, SHADERS, TEMPLATES,
 };
+use parley_engine::compute::gpu_matvec::check_shapes;
 
 #[test]
 fn every_shader_validates_with_naga() {
@@ -149,113 +150,24 @@ fn matvec_formats_and_split_matrices_match_the_cpu_path() {
     }
 }
 
-/// The wide kernels in every shape this adapter can run (subgroup reductions where it
-/// has them, the workgroup-memory tree always), every format, with the fused inputs (the
-/// feed-forward's gate, an RMS norm) and the whole epilogue, against an f64 definition
-/// over the very values each format holds. Row counts that leave a partial workgroup and a
-/// partial dispatch row, a matrix split into chunks, 1 and 3 activation rows.
+/// The wide kernels in every shape this adapter can run against their f64 definition
+/// (`gpu_matvec::check_shapes`, which `parley bench gpu --check` runs on real GPUs too).
 #[test]
 fn wide_matvec_shapes_match_their_definition() {
     let Some(gpu) = any_gpu() else { return };
     eprintln!("subgroups: {}", gpu.subgroups);
-    let mut shapes = MatvecShape::candidates(false);
-    if gpu.subgroups {
-        shapes.extend(MatvecShape::candidates(true));
-    }
-    let mut rnd = rng(21);
-    let formats = [
-        GpuFormat::F32,
-        GpuFormat::F16,
-        GpuFormat::Bf16,
-        GpuFormat::Q8_0,
-        GpuFormat::Q4,
-    ];
-    for (n, &(rows, cols, chunk)) in [
-        (7usize, 64usize, 1u64 << 20),
-        (13, 544, 3000),
-        (130, 1056, 1 << 20),
-    ]
-    .iter()
-    .enumerate()
-    {
-        for format in formats {
-            let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
-            let g = GpuWeight::upload(&gpu, "w", &w, rows, cols, format, chunk).expect("upload");
-            assert!(g.is_wide(), "{format} {rows}x{cols}");
-            let held = format.round_trip(&w);
-            let bias: Vec<f32> = (0..rows).map(|_| rnd()).collect();
-            let scale: Vec<f32> = (0..rows).map(|_| 1.0 + rnd()).collect();
-            let alpha: Vec<f32> = (0..cols).map(|_| 1.0 + rnd()).collect();
-            for m in [1usize, 3] {
-                for input in [
-                    MatvecInput::Plain,
-                    MatvecInput::Gated,
-                    MatvecInput::RmsNormed {
-                        alpha: alpha.clone(),
-                        eps: 1e-5,
-                    },
-                ] {
-                    let width = if input == MatvecInput::Gated {
-                        2 * cols
-                    } else {
-                        cols
-                    };
-                    let x: Vec<f32> = (0..m * width).map(|_| 4.0 * rnd()).collect();
-                    let init: Vec<f32> = (0..m * rows).map(|_| rnd()).collect();
-                    // What the product reads, row by row.
-                    let xin: Vec<f64> = (0..m)
-                        .flat_map(|i| {
-                            let r = &x[i * width..(i + 1) * width];
-                            let ms = r.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>()
-                                / cols as f64;
-                            let input = &input;
-                            let alpha = &alpha;
-                            (0..cols).map(move |k| match input {
-                                MatvecInput::Plain => f64::from(r[k]),
-                                MatvecInput::Gated => {
-                                    let a = f64::from(r[k]);
-                                    a / (1.0 + (-a).exp()) * f64::from(r[cols + k])
-                                }
-                                MatvecInput::RmsNormed { eps, .. } => {
-                                    f64::from(r[k]) * f64::from(alpha[k])
-                                        / (ms + f64::from(*eps)).sqrt()
-                                }
-                            })
-                        })
-                        .collect();
-                    let want: Vec<f64> = (0..m * rows)
-                        .map(|o| {
-                            let (i, j) = (o / rows, o % rows);
-                            let dot: f64 = (0..cols)
-                                .map(|k| f64::from(held[j * cols + k]) * xin[i * cols + k])
-                                .sum();
-                            (dot + f64::from(bias[j])) * f64::from(scale[j]) + f64::from(init[o])
-                        })
-                        .collect();
-                    let epi = Epilogue {
-                        accumulate: true,
-                        bias: Some(bias.clone()),
-                        scale: Some(scale.clone()),
-                        input: input.clone(),
-                    };
-                    // Shapes vary with the case so that every one meets every format.
-                    for shape in shapes.iter().skip(n % 2).step_by(2).chain(shapes.first()) {
-                        let got =
-                            run_matvec(&gpu, &g, &x, m, &init, &epi, Some(*shape)).expect("matvec");
-                        let err = got
-                            .iter()
-                            .zip(&want)
-                            .map(|(a, b)| (f64::from(*a) - b).abs())
-                            .fold(0f64, f64::max);
-                        let size = want.iter().fold(1f64, |a, b| a.max(b.abs()));
-                        assert!(
-                            err < 2e-5 * size * (cols as f64).sqrt(),
-                            "{format} {rows}x{cols} m {m} {input:?} {shape}: error {err} of {size}"
-                        );
-                    }
-                }
-            }
-        }
+    let checks = check_shapes(&gpu).expect("checks");
+    // Every shape met: both reductions where the adapter has subgroups.
+    let shapes = MatvecShape::candidates(false).len() * if gpu.subgroups { 2 } else { 1 };
+    let seen: std::collections::HashSet<&str> = checks
+        .iter()
+        .filter_map(|c| c.case.split(" m ").nth(1))
+        .map(|c| c.split_once(' ').map_or(c, |(_, rest)| rest))
+        .map(|c| c.split_once(' ').map_or(c, |(_, shape)| shape))
+        .collect();
+    assert_eq!(seen.len(), shapes, "{seen:?}");
+    for c in &checks {
+        assert!(c.passed(), "{}: error {} over {}", c.case, c.error, c.bound);
     }
     // A fused input is refused where the wide kernels do not read the matrix.
     let narrow =

@@ -27,6 +27,13 @@ pub enum BenchCommand {
     /// first write random weights in a published layout
     /// (tests/fixtures/published/NAME.json) into the directory.
     Load(LoadBench),
+    /// Time the GPU path of a preset with random weights, for each weight format: the
+    /// matrix-vector kernels' shape for this adapter (with --tune, every candidate's
+    /// bandwidth), ms per LM step, bytes read, effective GB/s beside the measured copy
+    /// bandwidth, dispatches per step, and for a model that speaks, Mimi's encode and
+    /// decode (on the CPU: the codec does not run on the GPU yet) and the whole duplex
+    /// frame.
+    Gpu(GpuBench),
     /// Time the text-to-speech model at full size with random weights: each 80 ms
     /// frame's steps (temporal transformer, depformer, Mimi's decoder), the real-time
     /// factor, and the time from the first word to the first audio.
@@ -52,6 +59,38 @@ pub struct TtsBench {
     /// Where the model steps: cpu, gpu (any adapter) or auto (Mimi stays on the CPU).
     #[arg(long, default_value = "cpu")]
     device: parley_engine::compute::gpu::DeviceChoice,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GpuBench {
+    /// Architecture with random weights: stt-1b-en_fr, stt-2.6b-en or moshi-7b.
+    #[arg(long, default_value = "stt-1b-en_fr")]
+    preset: String,
+    /// Weight formats, comma-separated: f32, f16, bf16, q8_0, q4.
+    #[arg(long, value_delimiter = ',', default_value = "f16,q8_0")]
+    dtype: Vec<parley_engine::compute::Dtype>,
+    /// gpu (any adapter, software ones included) or auto (hardware only).
+    #[arg(long, default_value = "gpu")]
+    device: parley_engine::compute::gpu::DeviceChoice,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Time every candidate shape of the matrix-vector kernels for each format.
+    #[arg(long)]
+    tune: bool,
+    /// First check the GPU against its definitions: every matrix-vector shape and format
+    /// (f64 definition), and a random LM of each preset family, scaled down, over 100
+    /// greedy steps against the CPU path (f32: identical tokens; the other formats:
+    /// their logit error); exits non-zero if a check fails. With --check-only, nothing
+    /// is timed.
+    #[arg(long)]
+    check: bool,
+    #[arg(long)]
+    check_only: bool,
+    /// One JSON object for the whole run instead of the table.
     #[arg(long)]
     json: bool,
 }
@@ -129,7 +168,294 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Latency(a) => crate::latency::run(*a),
         BenchCommand::Load(b) => bench_load(b),
         BenchCommand::Tts(b) => bench_tts(b),
+        BenchCommand::Gpu(b) => bench_gpu(b),
     }
+}
+
+/// Random input codes of one step, each below `card`.
+fn random_codes(seed: &mut u32, n: usize, card: usize) -> Vec<u32> {
+    (0..n)
+        .map(|_| {
+            *seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (*seed >> 8) % card as u32
+        })
+        .collect()
+}
+
+fn bench_gpu(b: GpuBench) -> Result<()> {
+    use parley_engine::compute::gpu::{select_device, Backend, DeviceChoice};
+    use parley_engine::models::lm::generator::{GenConfig, LmBackend, LmGen};
+    use parley_engine::models::lm::{config::PRESETS, LmConfig, LmModel};
+
+    anyhow::ensure!(
+        b.device != DeviceChoice::Cpu,
+        "bench gpu times the GPU: --device gpu or auto (`bench lm --device cpu` times the CPU)"
+    );
+    anyhow::ensure!(b.steps > 0, "--steps must be at least 1");
+    let cfg = LmConfig::preset(&b.preset).ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown preset `{}`; known: {}",
+            b.preset,
+            PRESETS.join(", ")
+        )
+    })?;
+    anyhow::ensure!(
+        !cfg.is_tts(),
+        "{} is a text-to-speech model: `parley bench tts --device gpu` times it",
+        b.preset
+    );
+    let (device, line) = select_device(b.device)?;
+    eprintln!("{line}");
+    let Backend::Gpu(gpu) = &device else {
+        anyhow::bail!("no GPU adapter: {line}");
+    };
+    let (checks, failed) = if b.check || b.check_only {
+        gpu_checks(gpu)?
+    } else {
+        (serde_json::Value::Null, 0)
+    };
+    if b.check_only {
+        outln!("{checks}");
+        anyhow::ensure!(failed == 0, "{failed} GPU check(s) failed");
+        return Ok(());
+    }
+    let copy_gbs = gpu.measure_copy_bandwidth_gbs(1 << 28)?;
+    let speaks = cfg.dep_q > 0;
+    let mut runs = vec![];
+    for &dtype in &b.dtype {
+        let format = dtype.gpu();
+        let (shape, chosen) = gpu.matvec_shape(format)?;
+        let tuned: Vec<serde_json::Value> = if b.tune {
+            gpu.tune_matvec(format)?
+                .into_iter()
+                .map(|(s, gbs)| serde_json::json!({"shape": s.to_string(), "weight_gbs": gbs}))
+                .collect()
+        } else {
+            vec![]
+        };
+        let t_load = Instant::now();
+        let (backend, weights) = LmBackend::open(&device, dtype, None, |precision| {
+            LmModel::from_weights(&Weights::random(1).with_precision(precision), cfg.clone())
+        })?;
+        eprintln!("{weights}");
+        let load_s = t_load.elapsed().as_secs_f64();
+        let bytes = backend.weight_bytes_per_step();
+        let cache_bytes = backend.state_bytes();
+        let dispatches = match &backend {
+            LmBackend::Gpu(g) => g.dispatches_per_step(),
+            LmBackend::Cpu(_) => 0,
+        };
+        let mut gen = LmGen::with_backend(backend, GenConfig::default());
+        let n_in = gen.input_codebooks();
+        let mut mimi = if speaks {
+            let mut m = Mimi::from_weights(&Weights::random(0), MimiConfig::default(), cfg.dep_q)?;
+            m.set_weight_precision(dtype.mimi_precision())?;
+            Some(m)
+        } else {
+            None
+        };
+        let mut seed = 7u32;
+        let (mut step_ms, mut enc_ms, mut dec_ms, mut frame_ms) = (vec![], vec![], vec![], vec![]);
+        for i in 0..b.warmup + b.steps {
+            let t0 = Instant::now();
+            // The duplex frame: the microphone's frame encoded, the step on its codes,
+            // a frame of codes decoded (the encoder's: the decoder's work is the same).
+            let (codes, t1) = match mimi.as_mut() {
+                Some(m) => {
+                    let pcm: Vec<f32> = (0..m.frame_size())
+                        .map(|k| 0.2 * ((i * 1920 + k) as f32 * 0.03).sin())
+                        .collect();
+                    let mut codes = m.encode_step(&pcm)?;
+                    let t1 = Instant::now();
+                    // The model's own streams beside the user's (random here).
+                    let rest = n_in.saturating_sub(codes.len());
+                    codes.extend(random_codes(&mut seed, rest, cfg.card));
+                    codes.truncate(n_in);
+                    (codes, t1)
+                }
+                None => (random_codes(&mut seed, n_in, cfg.card), t0),
+            };
+            std::hint::black_box(gen.step(&codes)?);
+            let t2 = Instant::now();
+            if let Some(m) = mimi.as_mut() {
+                std::hint::black_box(m.decode_step(&codes[..cfg.dep_q.min(codes.len())])?);
+            }
+            let t3 = Instant::now();
+            if i >= b.warmup {
+                step_ms.push((t2 - t1).as_secs_f64() * 1e3);
+                if mimi.is_some() {
+                    enc_ms.push((t1 - t0).as_secs_f64() * 1e3);
+                    dec_ms.push((t3 - t2).as_secs_f64() * 1e3);
+                    frame_ms.push((t3 - t0).as_secs_f64() * 1e3);
+                }
+            }
+        }
+        let s = Stats::of(&step_ms);
+        let gbs = bytes as f64 / (s.p50 / 1e3) / 1e9;
+        let mut run = serde_json::json!({
+            "dtype": dtype.to_string(), "format": format.to_string(),
+            "matvec_shape": shape.to_string(), "matvec_shape_chosen": chosen,
+            "step_ms": s.json(), "weight_bytes_per_step": bytes,
+            "cache_bytes_full_context": cache_bytes, "effective_gbs": gbs,
+            "percent_of_copy_bandwidth": 100.0 * gbs / copy_gbs,
+            "dispatches_per_step": dispatches, "load_s": load_s,
+        });
+        if !tuned.is_empty() {
+            run["tuning"] = serde_json::Value::Array(tuned);
+        }
+        if mimi.is_some() {
+            run["mimi_device"] = "cpu".into();
+            run["mimi_encode_ms"] = Stats::of(&enc_ms).json();
+            run["mimi_decode_ms"] = Stats::of(&dec_ms).json();
+            run["duplex_frame_ms"] = Stats::of(&frame_ms).json();
+        }
+        if !b.json {
+            outln!(
+                "{} {dtype}: step p50 {:.2} ms (p90 {:.2}); {:.3} GB of weights -> {gbs:.1} GB/s, {:.0}% of the copy bandwidth; {dispatches} dispatches; matvec {shape} ({chosen})",
+                b.preset,
+                s.p50,
+                s.p90,
+                bytes as f64 / 1e9,
+                100.0 * gbs / copy_gbs
+            );
+            if mimi.is_some() {
+                outln!(
+                    "  duplex frame: Mimi encode (CPU) {}; LM step {}; Mimi decode (CPU) {}; whole frame {}",
+                    Stats::of(&enc_ms).line(),
+                    s.line(),
+                    Stats::of(&dec_ms).line(),
+                    Stats::of(&frame_ms).line()
+                );
+            }
+            for t in run["tuning"].as_array().into_iter().flatten() {
+                outln!("  tuning: {} {:.1} GB/s", t["shape"], t["weight_gbs"]);
+            }
+        }
+        runs.push(run);
+    }
+    let report = serde_json::json!({
+        "bench": "gpu", "preset": b.preset, "adapter": gpu.info.name,
+        "adapter_type": format!("{:?}", gpu.info.device_type),
+        "backend": format!("{:?}", gpu.info.backend), "driver": gpu.info.driver_info,
+        "subgroups": gpu.subgroups, "copy_gbs": copy_gbs,
+        "copy_probe": "read + write GB/s of a 256 MiB buffer copy",
+        "steps": b.steps, "cpu": parley_engine::compute::cpu::cpu_description(),
+        "runs": runs, "checks": checks,
+    });
+    if b.json {
+        outln!("{report}");
+    } else {
+        outln!(
+            "  adapter {} ({:?}), subgroups {}, copy bandwidth {copy_gbs:.1} GB/s (read + write)",
+            gpu.info.name,
+            gpu.info.device_type,
+            gpu.subgroups
+        );
+        if !checks.is_null() {
+            outln!("  checks: {checks}");
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} GPU check(s) failed");
+    Ok(())
+}
+
+/// `bench gpu --check`: the matrix-vector shapes against their definition, and random
+/// scaled-down LMs (the STT family, and Moshi's with its depformer) over 100 greedy steps
+/// against the CPU path. Returns the report and the number of failed checks.
+fn gpu_checks(
+    gpu: &std::sync::Arc<parley_engine::compute::gpu::Gpu>,
+) -> Result<(serde_json::Value, usize)> {
+    use parley_engine::compute::gpu::GpuFormat;
+    use parley_engine::models::lm::generator::{GenConfig, GenStep, LmBackend, LmGen};
+    use parley_engine::models::lm::gpu::{GpuLm, GpuLmOptions};
+    use parley_engine::models::lm::{LmConfig, LmModel};
+
+    let t = Instant::now();
+    let shapes = parley_engine::compute::gpu_matvec::check_shapes(gpu)?;
+    let mut failed = 0;
+    let bad: Vec<String> = shapes
+        .iter()
+        .filter(|c| !c.passed())
+        .map(|c| format!("{}: error {:.2e} over {:.2e}", c.case, c.error, c.bound))
+        .collect();
+    failed += bad.len();
+    let worst = shapes
+        .iter()
+        .map(|c| c.error / c.bound)
+        .fold(0f64, f64::max);
+    let mut lms = vec![];
+    for preset in ["stt-1b-en_fr", "moshi-7b"] {
+        let mut cfg = LmConfig::preset(preset).expect("a known preset");
+        cfg.dim = 512;
+        cfg.num_heads = 8;
+        cfg.num_layers = 2;
+        cfg.context = Some(150);
+        if cfg.dep_q > 0 {
+            cfg.depformer_dim = 256;
+            cfg.depformer_num_layers = Some(1);
+            cfg.depformer_num_heads = Some(4);
+        }
+        let model = || LmModel::from_weights(&Weights::random(3), cfg.clone());
+        let n_in = LmGen::new(model()?, GenConfig::default()).input_codebooks();
+        let mut seed = 5u32;
+        let inputs: Vec<Vec<u32>> = (0..100)
+            .map(|_| random_codes(&mut seed, n_in, cfg.card))
+            .collect();
+        let run = |gen: &mut LmGen| -> Result<Vec<GenStep>> {
+            inputs.iter().map(|i| Ok(gen.step(i)?)).collect()
+        };
+        let cpu = run(&mut LmGen::new(model()?, GenConfig::default()))?;
+        let distinct: std::collections::HashSet<u32> = cpu.iter().map(|s| s.text_token).collect();
+        for format in [
+            GpuFormat::F32,
+            GpuFormat::F16,
+            GpuFormat::Q8_0,
+            GpuFormat::Q4,
+        ] {
+            let opts = GpuLmOptions {
+                format,
+                read_logits: true,
+                ..Default::default()
+            };
+            let g = GpuLm::new(gpu, &model()?, opts)?;
+            let got = run(&mut LmGen::with_backend(
+                LmBackend::Gpu(Box::new(g)),
+                GenConfig::default(),
+            ))?;
+            let mut agreed = 0;
+            let mut worst_rel = 0f32;
+            for (c, g) in cpu.iter().zip(&got) {
+                let (Some(cl), Some(gl)) = (&c.text_logits, &g.text_logits) else {
+                    anyhow::bail!("no logits read back");
+                };
+                let range = cl.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let e = cl
+                    .iter()
+                    .zip(gl)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                worst_rel = worst_rel.max(e / range);
+                if c.text_token != g.text_token || c.tokens != g.tokens {
+                    break;
+                }
+                agreed += 1;
+            }
+            // f32 must agree on every step; the others are reported.
+            let pass = format != GpuFormat::F32 || agreed == inputs.len();
+            failed += usize::from(!pass);
+            lms.push(serde_json::json!({
+                "model": format!("{preset} family, dim 512, 2 layers, ring 150, random"),
+                "format": format.to_string(), "steps": inputs.len(),
+                "tokens_agree_steps": agreed, "worst_relative_logit_error": worst_rel,
+                "distinct_cpu_text_tokens": distinct.len(), "pass": pass,
+            }));
+        }
+    }
+    let report = serde_json::json!({
+        "matvec_cases": shapes.len(), "matvec_failed": bad, "matvec_worst_error_over_bound": worst,
+        "lm": lms, "failed": failed, "seconds": t.elapsed().as_secs_f64(),
+    });
+    Ok((report, failed))
 }
 
 /// A field of /proc/self/status in KiB (VmRSS, VmHWM), where there is one.

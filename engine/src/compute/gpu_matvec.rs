@@ -173,6 +173,148 @@ pub fn is_wide(format: GpuFormat, cols: usize) -> bool {
     cols.is_multiple_of(4) && row_words.is_multiple_of(4) && row_words > 0
 }
 
+/// One case of [`check_shapes`]: the largest error against the f64 definition and the
+/// bound it must stay under.
+#[derive(Debug, Clone)]
+pub struct ShapeCheck {
+    pub case: String,
+    pub error: f64,
+    pub bound: f64,
+}
+
+impl ShapeCheck {
+    pub fn passed(&self) -> bool {
+        self.error < self.bound
+    }
+}
+
+/// The wide kernels in every shape `gpu` can run (subgroup reductions where it has them,
+/// the workgroup-memory tree always), every format, the fused inputs (gate, RMS norm) and
+/// the whole epilogue (bias, scale, residual), against an f64 definition over the very
+/// values each format holds: rows that leave a partial workgroup, a matrix split into
+/// chunks, 1 and 3 activation rows. Shapes are spread over the cases so every shape meets
+/// every format. The GPU tests and `parley bench gpu --check` run it.
+pub fn check_shapes(gpu: &super::gpu::Gpu) -> crate::Result<Vec<ShapeCheck>> {
+    use super::gpu::{run_matvec, Epilogue, GpuWeight};
+    let mut shapes = MatvecShape::candidates(false);
+    if gpu.subgroups {
+        shapes.extend(MatvecShape::candidates(true));
+    }
+    let mut seed = 21u32;
+    let mut rnd = move || {
+        seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+    };
+    let mut checks = vec![];
+    let sizes = [
+        (7usize, 64usize, 1u64 << 20),
+        (13, 544, 3000),
+        (130, 1056, 1 << 20),
+    ];
+    for (n, &(rows, cols, chunk)) in sizes.iter().enumerate() {
+        for format in [
+            GpuFormat::F32,
+            GpuFormat::F16,
+            GpuFormat::Bf16,
+            GpuFormat::Q8_0,
+            GpuFormat::Q4,
+        ] {
+            let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
+            let g = GpuWeight::upload(gpu, "check", &w, rows, cols, format, chunk)?;
+            let held = format.round_trip(&w);
+            let bias: Vec<f32> = (0..rows).map(|_| rnd()).collect();
+            let scale: Vec<f32> = (0..rows).map(|_| 1.0 + rnd()).collect();
+            let alpha: Vec<f32> = (0..cols).map(|_| 1.0 + rnd()).collect();
+            for m in [1usize, 3] {
+                for input in [
+                    MatvecInput::Plain,
+                    MatvecInput::Gated,
+                    MatvecInput::RmsNormed {
+                        alpha: alpha.clone(),
+                        eps: 1e-5,
+                    },
+                ] {
+                    let width = if input == MatvecInput::Gated {
+                        2 * cols
+                    } else {
+                        cols
+                    };
+                    let x: Vec<f32> = (0..m * width).map(|_| 4.0 * rnd()).collect();
+                    let init: Vec<f32> = (0..m * rows).map(|_| rnd()).collect();
+                    let want = definition(&held, rows, cols, &x, m, &input, &bias, &scale, &init);
+                    let size = want.iter().fold(1f64, |a, b| a.max(b.abs()));
+                    let epi = Epilogue {
+                        accumulate: true,
+                        bias: Some(bias.clone()),
+                        scale: Some(scale.clone()),
+                        input: input.clone(),
+                    };
+                    let name = match input {
+                        MatvecInput::Plain => "plain",
+                        MatvecInput::Gated => "gated",
+                        MatvecInput::RmsNormed { .. } => "rms-normed",
+                    };
+                    for shape in shapes.iter().skip(n % 2).step_by(2).chain(shapes.first()) {
+                        let got = run_matvec(gpu, &g, &x, m, &init, &epi, Some(*shape))?;
+                        let error = got
+                            .iter()
+                            .zip(&want)
+                            .map(|(a, b)| (f64::from(*a) - b).abs())
+                            .fold(0f64, f64::max);
+                        checks.push(ShapeCheck {
+                            case: format!("{format} {rows}x{cols} m {m} {name} {shape}"),
+                            error,
+                            bound: 2e-5 * size * (cols as f64).sqrt(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(checks)
+}
+
+/// `(w @ input(x)^T) + bias) * scale + init` in f64.
+#[allow(clippy::too_many_arguments)]
+fn definition(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    m: usize,
+    input: &MatvecInput,
+    bias: &[f32],
+    scale: &[f32],
+    init: &[f32],
+) -> Vec<f64> {
+    let width = x.len() / m;
+    let xin: Vec<f64> = (0..m)
+        .flat_map(|i| {
+            let r = &x[i * width..(i + 1) * width];
+            let ms = r.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / cols as f64;
+            (0..cols).map(move |k| match input {
+                MatvecInput::Plain => f64::from(r[k]),
+                MatvecInput::Gated => {
+                    let a = f64::from(r[k]);
+                    a / (1.0 + (-a).exp()) * f64::from(r[cols + k])
+                }
+                MatvecInput::RmsNormed { alpha, eps } => {
+                    f64::from(r[k]) * f64::from(alpha[k]) / (ms + f64::from(*eps)).sqrt()
+                }
+            })
+        })
+        .collect();
+    (0..m * rows)
+        .map(|o| {
+            let (i, j) = (o / rows, o % rows);
+            let dot: f64 = (0..cols)
+                .map(|k| f64::from(w[j * cols + k]) * xin[i * cols + k])
+                .sum();
+            (dot + f64::from(bias[j])) * f64::from(scale[j]) + f64::from(init[o])
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

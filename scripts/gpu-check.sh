@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU check for a machine with a real GPU, in a few minutes: parity of the kernels and
+# of whole LM steps against their definitions and the CPU path, then the benchmarks, each
+# writing JSON into the folder given.
+#
+#   scripts/gpu-check.sh OUT_DIR
+#
+# With cargo, it builds the release binary and also runs the GPU test files. Without cargo
+# (a GPU machine that only receives a binary), set PARLEY to a release build of `parley`
+# made elsewhere (no debug info: `CARGO_PROFILE_RELEASE_DEBUG=0 cargo build --release -p
+# parley`, then `strip`). Vulkan's loader must be installed (libvulkan1); WGPU_BACKEND
+# picks another backend.
+#
+# Files: devices.txt (the adapters), check.json (`bench gpu --check-only`: every
+# matrix-vector shape and format against an f64 definition; random scaled-down STT and
+# Moshi LMs over 100 greedy steps against the CPU), stt.json (stt-1b-en_fr in f16, q8_0
+# and q4 with every kernel shape timed), moshi.json (moshi-7b in q4 and q8_0: LM step and
+# the whole duplex frame with Mimi on the CPU), tests.log (with cargo), summary.txt.
+# Exits non-zero if any part failed; the parts after a failure still run.
+set -uo pipefail
+out=${1:?usage: scripts/gpu-check.sh OUT_DIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+status=0
+log() { echo "$*" | tee -a "$out/summary.txt"; }
+: > "$out/summary.txt"
+
+if [ -z "${PARLEY:-}" ]; then
+    command -v cargo >/dev/null || { log "no cargo here: set PARLEY to a release build of parley"; exit 2; }
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/parley-target}"
+    cargo build --release -p parley || exit 2
+    PARLEY="$CARGO_TARGET_DIR/release/parley"
+    if timeout 600 cargo test --release -p parley-engine --test gpu_kernels --test gpu_lm \
+        >"$out/tests.log" 2>&1; then
+        log "tests: passed ($(grep -c '^test .* ok$' "$out/tests.log") tests)"
+    else
+        log "tests: FAILED (tests.log)"
+        status=1
+    fi
+fi
+[ -x "$PARLEY" ] || { log "PARLEY=$PARLEY is not an executable"; exit 2; }
+
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    if timeout "$limit" "$PARLEY" "$@" >"$out/$name.json" 2>"$out/$name.err"; then
+        log "$name: ok in $((SECONDS - t0)) s"
+    else
+        log "$name: FAILED (exit $?) after $((SECONDS - t0)) s: $(tail -n 3 "$out/$name.err" | tr '\n' ' ')"
+        status=1
+    fi
+}
+
+"$PARLEY" devices >"$out/devices.txt" 2>&1 || true
+step check 240 bench gpu --check-only --device gpu
+step stt 240 bench gpu --preset stt-1b-en_fr --dtype f16,q8_0,q4 --tune --steps 50 --json --device gpu
+step moshi 300 bench gpu --preset moshi-7b --dtype q4,q8_0 --steps 50 --json --device gpu
+exit $status
