@@ -1302,3 +1302,18 @@ fn outputs_never_overwrite_any_input_and_bad_arguments_are_named() {
     );
     assert_eq!(std::fs::read(&recording).expect("read"), rec_before);
 }
+
+/// `bench gpu` refuses what it cannot time, naming it, before any adapter is opened.
+#[test]
+fn bench_gpu_refuses_bad_requests_by_name() {
+    let out = parley(&["bench", "gpu", "--device", "cpu"]);
+    assert_clean_failure(&out, "bench gpu times the GPU");
+    let out = parley(&["bench", "gpu", "--preset", "moshi-9b"]);
+    assert_clean_failure(&out, "unknown preset `moshi-9b`");
+    let out = parley(&["bench", "gpu", "--preset", "tts-1.6b-en_fr"]);
+    assert_clean_failure(&out, "bench tts --device gpu");
+    let out = parley(&["bench", "gpu", "--steps", "0"]);
+    assert_clean_failure(&out, "--steps must be at least 1");
+    let out = parley(&["bench", "gpu", "--dtype", "f16,q7"]);
+    assert_clean_failure(&out, "q7");
+}
