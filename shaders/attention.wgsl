@@ -21,7 +21,9 @@ struct Step {
     audio_top_k: u32,
     text_temp: f32,
     audio_temp: f32,
-    _p0: u32,
+    // Positions back a step may attend to (0: the whole ring): a streaming call of
+    // several steps lets its earlier steps see as far back as the ring holds after all.
+    window: u32,
     _p1: u32,
     _p2: u32,
     cs: array<vec4<f32>, 64>,
@@ -136,7 +138,7 @@ fn workgroup_reduce(lid: u32, v: f32, take_max: bool, n: u32) -> f32 {
 fn slot_valid(j: u32) -> bool {
     let cur = st.pos % p.cap;
     let back = select(cur + p.cap - j, cur - j, j <= cur);
-    return back <= st.pos;
+    return back <= st.pos && (st.window == 0u || back < st.window);
 }
 
 const SPLIT: u32 = 64u;

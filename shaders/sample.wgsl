@@ -12,7 +12,9 @@ struct Step {
     audio_top_k: u32,
     text_temp: f32,
     audio_temp: f32,
-    _p0: u32,
+    // Positions back a step may attend to (0: the whole ring): a streaming call of
+    // several steps lets its earlier steps see as far back as the ring holds after all.
+    window: u32,
     _p1: u32,
     _p2: u32,
     cs: array<vec4<f32>, 64>,

@@ -27,6 +27,7 @@ pub const SHADERS: &[(&str, &str)] = &[
         include_str!("../../../shaders/elementwise.wgsl"),
     ),
     ("sample.wgsl", include_str!("../../../shaders/sample.wgsl")),
+    ("mimi.wgsl", include_str!("../../../shaders/mimi.wgsl")),
 ];
 
 /// Shader templates, expanded at run time (their expansions are validated by the unit
@@ -54,6 +55,16 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("sample.wgsl", "tts_feed"),
     ("elementwise.wgsl", "softmax_small"),
     ("sample.wgsl", "sample"),
+    ("mimi.wgsl", "conv1d"),
+    ("mimi.wgsl", "copy_values"),
+    ("mimi.wgsl", "elu_copy"),
+    ("mimi.wgsl", "activate"),
+    ("mimi.wgsl", "replicate_fill"),
+    ("mimi.wgsl", "overlap_add"),
+    ("mimi.wgsl", "overlap_keep"),
+    ("mimi.wgsl", "depthwise_cols"),
+    ("mimi.wgsl", "rvq_argmin"),
+    ("mimi.wgsl", "rvq_centroid"),
 ];
 
 /// What `--device` asks for.
@@ -963,6 +974,21 @@ impl Plan {
         });
     }
 
+    /// Plans a dispatch of `n` invocations in workgroups of 64 (the kernels of
+    /// `mimi.wgsl`, which index by `x + y * num_workgroups.x * 64`).
+    pub fn dispatch_n(&mut self, entry: &'static str, resources: Vec<(u32, Res)>, n: usize) {
+        let groups = n.div_ceil(64).max(1);
+        let x = groups.min(65_535);
+        self.dispatch(entry, resources, [x as u32, groups.div_ceil(x) as u32, 1]);
+    }
+
+    /// A window of the arena for a second (third...) per-step block, written each step
+    /// with the first: `index` blocks of `bytes` after the start, each aligned.
+    pub fn step_block_at(&self, index: usize, bytes: usize) -> Res {
+        let stride = bytes.next_multiple_of(self.align);
+        Res::Arena((index * stride) as u64, bytes.next_multiple_of(16) as u64)
+    }
+
     /// Plans `out (+)= epilogue(x @ w^T)` for `m` activation rows: one dispatch per chunk,
     /// in the wide kernels' shape for this adapter where the matrix allows.
     pub fn matvec(
@@ -1387,6 +1413,8 @@ pub struct StepBlock {
     pub audio_top_k: u32,
     pub text_temp: f32,
     pub audio_temp: f32,
+    /// Positions back this step attends to (0: the whole ring; see `slot_valid`).
+    pub window: u32,
     /// (cos, sin) per rotary frequency.
     pub rope: Vec<(f32, f32)>,
     pub draws: [f32; MAX_DRAWS],
@@ -1400,6 +1428,7 @@ impl Default for StepBlock {
             audio_top_k: 0,
             text_temp: 0.0,
             audio_temp: 0.0,
+            window: 0,
             rope: vec![],
             draws: [0.0; MAX_DRAWS],
         }
@@ -1414,6 +1443,7 @@ impl StepBlock {
         w[2] = self.audio_top_k;
         w[3] = self.text_temp.to_bits();
         w[4] = self.audio_temp.to_bits();
+        w[5] = self.window;
         for (i, &(c, s)) in self.rope.iter().take(MAX_ROPE_PAIRS).enumerate() {
             w[8 + 2 * i] = c.to_bits();
             w[8 + 2 * i + 1] = s.to_bits();

@@ -126,7 +126,7 @@ pub struct GpuLm {
 }
 
 /// Activation buffers of one transformer.
-struct Scratch {
+pub(crate) struct Scratch {
     h: wgpu::Buffer,
     qkv: wgpu::Buffer,
     attn: wgpu::Buffer,
@@ -137,15 +137,17 @@ struct Scratch {
 
 /// The state of one transformer on the GPU: its self-attention rings and, with
 /// cross-attention, each layer's conditioning keys and values (`[rows][2 d]`).
-struct Rings {
+pub(crate) struct Rings {
     kv: Vec<(wgpu::Buffer, wgpu::Buffer)>,
     cross: Vec<Option<wgpu::Buffer>>,
     cross_rows: usize,
 }
 
-struct Builder<'a> {
+/// Plans programs: weights uploaded once by label, the bytes a step reads counted. Mimi's
+/// GPU codec plans its transformers with it too.
+pub(crate) struct Builder<'a> {
     gpu: &'a Gpu,
-    plan: Plan,
+    pub(crate) plan: Plan,
     format: GpuFormat,
     limit: u64,
     /// Weights uploaded so far, by label: programs that share a weight share its buffer.
@@ -155,19 +157,36 @@ struct Builder<'a> {
     state_bytes: usize,
 }
 
-impl Builder<'_> {
-    /// Uploads `m` once (by `label`) and counts its bytes as read by one more product.
+impl<'a> Builder<'a> {
+    pub(crate) fn new(gpu: &'a Gpu, plan: Plan, format: GpuFormat) -> Self {
+        Self {
+            gpu,
+            plan,
+            format,
+            limit: gpu.max_binding_bytes(),
+            uploaded: HashMap::new(),
+            bytes: 0,
+            state_bytes: 0,
+        }
+    }
+
     /// Whether attention caches hold f16: under every reduced format (the f32 format is
     /// the parity reference and keeps f32 caches).
     fn kv_f16(&self) -> bool {
         self.format != GpuFormat::F32
     }
 
-    fn upload(&mut self, label: &str, m: &Matrix) -> Result<GpuWeight> {
+    /// Uploads `m` once (by `label`) and counts its bytes as read by one more product.
+    pub(crate) fn upload(&mut self, label: &str, m: &Matrix) -> Result<GpuWeight> {
         self.upload_as(label, m, self.format)
     }
 
-    fn upload_as(&mut self, label: &str, m: &Matrix, format: GpuFormat) -> Result<GpuWeight> {
+    pub(crate) fn upload_as(
+        &mut self,
+        label: &str,
+        m: &Matrix,
+        format: GpuFormat,
+    ) -> Result<GpuWeight> {
         let g = match self.uploaded.get(label) {
             Some(g) => g.clone(),
             None => {
@@ -197,7 +216,7 @@ impl Builder<'_> {
         Ok(g)
     }
 
-    fn matvec(
+    pub(crate) fn matvec(
         &mut self,
         w: &GpuWeight,
         x: &wgpu::Buffer,
@@ -239,7 +258,7 @@ impl Builder<'_> {
         }
     }
 
-    fn norm(&mut self, n: &Norm, dim: usize, x: &wgpu::Buffer, out: &wgpu::Buffer) {
+    pub(crate) fn norm(&mut self, n: &Norm, dim: usize, x: &wgpu::Buffer, out: &wgpu::Buffer) {
         let (entry, g, eps) = match n {
             Norm::Rms { alpha, eps } => ("rms_norm", alpha.clone(), *eps),
             Norm::Layer { weight, bias, eps } => {
@@ -300,7 +319,7 @@ impl Builder<'_> {
     /// Plans the transformer's layers on `x` in place, with the weights of step
     /// `step`, at the position given by `pos` (a `Step` block).
     #[allow(clippy::too_many_arguments)]
-    fn layers(
+    pub(crate) fn layers(
         &mut self,
         label: &str,
         t: &StreamingTransformer,
@@ -412,15 +431,41 @@ impl Builder<'_> {
                 )?;
             }
             let wf = widx.min(layer.ff.len() - 1);
-            let FeedForward::Gated {
-                linear_in,
-                linear_out,
-                silu: true,
-            } = &layer.ff[wf]
-            else {
-                return Err(Error::InvalidInput(format!(
-                    "{label}: the GPU path runs SiLU-gated feed-forwards only"
-                )));
+            let (linear_in, linear_out) = match &layer.ff[wf] {
+                FeedForward::Gated {
+                    linear_in,
+                    linear_out,
+                    silu: true,
+                } => (linear_in, linear_out),
+                FeedForward::Mlp { linear1, linear2 } => {
+                    // linear2(gelu(linear1(norm(x)))) + x (Mimi's transformers).
+                    let l1 = self.upload(&format!("{label}.{i}.linear1.{wf}"), linear1)?;
+                    self.normed_matvec(&layer.norm2, x, &s.h, &l1, &s.ff, Epilogue::default())?;
+                    let n = linear1.rows() as u32;
+                    let params = self.plan.params(&[n, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+                    self.plan.dispatch(
+                        "activate",
+                        vec![(1, Res::Buffer(s.ff.clone())), (2, params)],
+                        [n.div_ceil(64), 1, 1],
+                    );
+                    let l2 = self.upload(&format!("{label}.{i}.linear2.{wf}"), linear2)?;
+                    self.matvec(
+                        &l2,
+                        &s.ff,
+                        x,
+                        &Epilogue {
+                            accumulate: true,
+                            scale: layer.scale2.clone(),
+                            ..Default::default()
+                        },
+                    )?;
+                    continue;
+                }
+                FeedForward::Gated { silu: false, .. } => {
+                    return Err(Error::InvalidInput(format!(
+                        "{label}: the GPU path runs SiLU-gated or GELU feed-forwards only"
+                    )));
+                }
             };
             let hidden = linear_out.cols();
             let lin = self.upload(&format!("{label}.{i}.linear_in.{wf}"), linear_in)?;
@@ -459,7 +504,12 @@ impl Builder<'_> {
         Ok(())
     }
 
-    fn scratch(&self, label: &str, t: &StreamingTransformer, cross_rows: usize) -> Result<Scratch> {
+    pub(crate) fn scratch(
+        &self,
+        label: &str,
+        t: &StreamingTransformer,
+        cross_rows: usize,
+    ) -> Result<Scratch> {
         let (dims, _, layers) = t.parts();
         let d = dims.d_model;
         let hidden = layers
@@ -489,7 +539,12 @@ impl Builder<'_> {
         })
     }
 
-    fn rings(&mut self, label: &str, t: &StreamingTransformer, cross_rows: usize) -> Result<Rings> {
+    pub(crate) fn rings(
+        &mut self,
+        label: &str,
+        t: &StreamingTransformer,
+        cross_rows: usize,
+    ) -> Result<Rings> {
         let (dims, _, layers) = t.parts();
         // Words of a ring: f32 values, or f16 pairs.
         let n = if self.kv_f16() {
@@ -547,7 +602,11 @@ fn ring_capacity(t: &StreamingTransformer) -> usize {
     dims.context.unwrap_or(dims.weights_per_step).max(1)
 }
 
-fn check_transformer(label: &str, t: &StreamingTransformer, temporal: bool) -> Result<()> {
+pub(crate) fn check_transformer(
+    label: &str,
+    t: &StreamingTransformer,
+    temporal: bool,
+) -> Result<()> {
     let (dims, sin, _) = t.parts();
     if dims.head_dim > 2 * MAX_ROPE_PAIRS {
         return Err(Error::InvalidInput(format!(

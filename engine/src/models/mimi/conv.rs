@@ -141,7 +141,16 @@ impl StreamingConv1d {
         })
     }
 
-    fn history_len(&self) -> usize {
+    /// `[c_out, k * c_in]` (see the field).
+    pub(super) fn weight(&self) -> &Matrix {
+        &self.weight
+    }
+
+    pub(super) fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+
+    pub(super) fn history_len(&self) -> usize {
         (self.spec.kernel_size - 1) * self.spec.dilation + 1 - self.spec.stride
     }
 
@@ -268,6 +277,18 @@ impl StreamingConvTr1d {
             spec,
             partial: None,
         })
+    }
+
+    /// The kernel: `[k * c_out, c_in]` (full), or `[k][c]` (depthwise).
+    pub(super) fn kernel(&self) -> (Option<&Matrix>, Option<&[f32]>) {
+        match &self.kernel {
+            TrKernel::Full(m) => (Some(m), None),
+            TrKernel::Depthwise(v) => (None, Some(v)),
+        }
+    }
+
+    pub(super) fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
     }
 
     /// `x`: `t` rows of `c_in`. Returns `t * stride` rows of `c_out`.

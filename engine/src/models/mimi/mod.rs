@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod conv;
+pub mod gpu;
 pub mod quantization;
 pub mod seanet;
 pub mod transformer;

@@ -145,6 +145,30 @@ impl Rvq {
     }
 }
 
+/// One RVQ as the GPU codec takes it: its projections and each codebook's centroid rows
+/// and squared norms, exactly as the CPU searches them.
+pub(super) struct RvqParts<'a> {
+    pub input_proj: &'a Matrix,
+    pub output_proj: &'a Matrix,
+    pub codebooks: Vec<(&'a [f32], &'a [f32])>,
+    pub dim: usize,
+}
+
+impl Rvq {
+    fn parts(&self) -> RvqParts<'_> {
+        RvqParts {
+            input_proj: &self.input_proj,
+            output_proj: &self.output_proj,
+            codebooks: self
+                .codebooks
+                .iter()
+                .map(|c| (c.rows.as_slice(), c.norms.as_slice()))
+                .collect(),
+            dim: self.dim,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SplitRvq {
     first: Rvq,
@@ -174,6 +198,11 @@ impl SplitRvq {
 
     pub fn bins(&self) -> usize {
         self.bins
+    }
+
+    /// The semantic RVQ and the acoustic one.
+    pub(super) fn parts(&self) -> (RvqParts<'_>, RvqParts<'_>) {
+        (self.first.parts(), self.rest.parts())
     }
 
     /// `x`: latents, one row per frame; returns `num_codebooks` rows of codes.

@@ -93,6 +93,28 @@ enum Layer {
     Act(f32),
 }
 
+/// A layer as the GPU codec plans it.
+pub(super) enum LayerRef<'a> {
+    Conv(&'a StreamingConv1d),
+    ConvTr(&'a StreamingConvTr1d),
+    /// The block's convolutions (each after an ELU of `alpha`), and whether it has a
+    /// shortcut convolution (else the identity).
+    Res(&'a [StreamingConv1d], bool, f32),
+    Act(f32),
+}
+
+fn layer_refs(layers: &[Layer]) -> Vec<LayerRef<'_>> {
+    layers
+        .iter()
+        .map(|l| match l {
+            Layer::Conv(c) => LayerRef::Conv(c),
+            Layer::ConvTr(c) => LayerRef::ConvTr(c),
+            Layer::Res(r) => LayerRef::Res(&r.convs, r.shortcut.is_some(), r.alpha),
+            Layer::Act(a) => LayerRef::Act(*a),
+        })
+        .collect()
+}
+
 /// Runs `layers` in order, each timed as `{part}.{index} {what}` when profiling.
 fn run_layers(layers: &mut [Layer], part: &str, x: Seq) -> Result<Seq> {
     layers.iter_mut().enumerate().try_fold(x, |x, (i, l)| {
@@ -202,6 +224,10 @@ pub struct SeanetEncoder {
 }
 
 impl SeanetEncoder {
+    pub(super) fn layer_refs(&self) -> Vec<LayerRef<'_>> {
+        layer_refs(&self.layers)
+    }
+
     pub fn load(w: &Weights, cfg: &SeanetConfig) -> Result<Self> {
         let mut b = Builder {
             w,
@@ -255,6 +281,10 @@ pub struct SeanetDecoder {
 }
 
 impl SeanetDecoder {
+    pub(super) fn layer_refs(&self) -> Vec<LayerRef<'_>> {
+        layer_refs(&self.layers)
+    }
+
     pub fn load(w: &Weights, cfg: &SeanetConfig) -> Result<Self> {
         let mut b = Builder {
             w,

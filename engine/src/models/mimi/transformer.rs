@@ -78,6 +78,12 @@ impl ProjectedTransformer {
         })
     }
 
+    /// The transformer, where it has no input or output projection (Mimi's published
+    /// configuration; the GPU codec runs only that).
+    pub(super) fn unprojected(&self) -> Option<&StreamingTransformer> {
+        (self.input_proj.is_none() && self.output_proj.is_none()).then_some(&self.transformer)
+    }
+
     /// See [`StreamingTransformer::set_window`].
     pub fn set_window(&mut self, exact: bool, max_steps_per_call: usize) {
         self.transformer.set_window(exact, max_steps_per_call);
