@@ -118,3 +118,79 @@ fn published_codec_on_the_gpu_decodes_as_the_cpu() {
     }
     eprintln!("published size: audio within {worst:.2e}");
 }
+
+/// A duplex session on the GPU (the fixture Moshi, greedy) runs Mimi there too, says so,
+/// and speaks what the same session on the CPU speaks: the same words, audio within 1e-3.
+#[test]
+fn a_duplex_session_on_the_gpu_runs_mimi_there_and_speaks_as_on_the_cpu() {
+    use crossbeam_channel::bounded;
+    use parley_engine::audio::virtual_device::{FileSource, Pace, RecordingSink};
+    use parley_engine::compute::gpu::DeviceChoice;
+    use parley_engine::compute::Dtype;
+    use parley_engine::models::lm::generator::GenConfig;
+    use parley_engine::pipeline::{Event, Mode, Models, Session, SessionOptions, TurnModels};
+
+    if any_gpu().is_none() {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let run = |device: DeviceChoice| {
+        let mut models = Models::load(
+            &root.join("tests/fixtures/moshi-tiny"),
+            Mode::Duplex,
+            device,
+            Dtype::F32,
+            Some(GenConfig::default()),
+        )
+        .expect("models");
+        assert_eq!(models.gpu_mimi.is_some(), device == DeviceChoice::Gpu);
+        models.turn = TurnModels::energy_only(Default::default());
+        let (tx, rx) = bounded::<Event>(1 << 16);
+        let source = FileSource::open(
+            &root.join("tests/fixtures/mimi-tiny/input.wav"),
+            Pace::Unpaced,
+        )
+        .expect("recording");
+        let sink = RecordingSink::new();
+        let played = sink.handle();
+        let session = Session::start(
+            models,
+            Box::new(source),
+            Box::new(sink),
+            tx,
+            SessionOptions::default(),
+        )
+        .expect("start");
+        let events: Vec<Event> = rx.iter().collect();
+        session.join().expect("join");
+        let device_line = events
+            .iter()
+            .find_map(|e| match e {
+                Event::Started { device, .. } => Some(device.clone()),
+                _ => None,
+            })
+            .expect("started");
+        let text: Vec<String> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::TextDelta { text, .. } => Some(text.clone()),
+                _ => None,
+            })
+            .collect();
+        (device_line, text, played.recording().pcm_24k)
+    };
+    let (cpu_line, cpu_text, cpu_pcm) = run(DeviceChoice::Cpu);
+    let (gpu_line, gpu_text, gpu_pcm) = run(DeviceChoice::Gpu);
+    assert!(cpu_line.contains("Mimi on the CPU"), "{cpu_line}");
+    assert!(gpu_line.contains("Mimi on the GPU"), "{gpu_line}");
+    assert!(!cpu_text.is_empty(), "the fixture says something");
+    assert_eq!(gpu_text, cpu_text);
+    let peak = cpu_pcm.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(peak > 0.0, "the fixture's reply is audible");
+    let e = max_abs_diff(&cpu_pcm, &gpu_pcm);
+    assert!(e < 1e-3, "the replies differ by {e} (peak {peak})");
+    eprintln!(
+        "{} frames spoken alike: audio within {e:.2e} of peak {peak}",
+        cpu_pcm.len() / 1920
+    );
+}

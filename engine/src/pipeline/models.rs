@@ -6,12 +6,15 @@ use serde::{Deserialize, Serialize};
 
 use super::cascade::{CascadeModels, CascadeSlot, CascadeStage};
 use super::stage::{Composition, FlushRequest};
-use super::stages::{DecodeStage, DuplexLmStage, EncodeStage, ReplyOnsetStage, SttStage};
+use super::stages::{
+    CodecDecoder, CodecEncoder, DecodeStage, DuplexLmStage, EncodeStage, ReplyOnsetStage, SttStage,
+};
 use super::turn::{TurnModels, TurnStage};
-use crate::compute::gpu::{select_device, DeviceChoice};
+use crate::compute::gpu::{select_device, Backend, DeviceChoice};
 use crate::compute::Dtype;
 use crate::models::kyutai_config::ModelDir;
 use crate::models::lm::generator::{GenConfig, LmBackend, LmGen};
+use crate::models::mimi::gpu::GpuMimi;
 use crate::models::mimi::Mimi;
 use crate::models::stt::SttConfig;
 use crate::models::tokenizer::TextTokenizer;
@@ -74,11 +77,14 @@ pub struct DuplexModel {
 
 /// The models of a session, by role, owned by its model thread (and handed back by
 /// [`super::Session::join`] so a new session can reuse them). GPU models share one
-/// device per process ([`select_device`]); Mimi runs on the CPU.
+/// device per process ([`select_device`]); with the LM on a GPU, Mimi runs there too
+/// (falling back to the CPU, said in `device`, where its upload fails).
 #[derive(Debug)]
 pub struct Models {
-    /// The codec every mode listens (and duplex speaks) through.
+    /// The codec every mode listens (and duplex speaks) through: the CPU's, the
+    /// reference, and where the LM runs on a GPU, the same codec uploaded there.
     pub mimi: Mimi,
+    pub gpu_mimi: Option<GpuMimi>,
     pub listen: Option<ListenModel>,
     pub duplex: Option<DuplexModel>,
     /// Silero VAD and Smart Turn, where ONNX Runtime and the models are found.
@@ -89,6 +95,17 @@ pub struct Models {
     cascade_back: CascadeSlot,
     /// The line saying where the LM runs.
     pub device: String,
+}
+
+/// Mimi on the LM's GPU where it uploads, with the words for the device line.
+fn codec_on(backend: &Backend, mimi: &Mimi) -> (Option<GpuMimi>, String) {
+    match backend {
+        Backend::Gpu(g) => match GpuMimi::new(g, mimi) {
+            Ok(m) => (Some(m), "Mimi on the GPU".into()),
+            Err(e) => (None, format!("Mimi on the CPU ({e})")),
+        },
+        Backend::Cpu => (None, "Mimi on the CPU".into()),
+    }
 }
 
 impl Models {
@@ -137,7 +154,8 @@ impl Models {
         let (lm, weights) = LmBackend::open(&backend, dtype, Some(d.lm_param_count()?), |p| {
             d.load_lm_as(p)
         })?;
-        let device = format!("{device}; {weights}");
+        let (gpu_mimi, codec) = codec_on(&backend, &mimi);
+        let device = format!("{device}; {weights}; {codec}");
         let gen = LmGen::with_backend(
             lm,
             match (mode, sampling) {
@@ -148,7 +166,7 @@ impl Models {
         );
         Ok(Self::by_role(
             mode,
-            mimi,
+            (mimi, gpu_mimi),
             gen,
             Some(d.load_tokenizer()?),
             d.stt_config()?,
@@ -191,20 +209,29 @@ impl Models {
         let (lm, weights) = LmBackend::open(&backend, dtype, None, |p| {
             LmModel::from_weights(&Weights::random(2).with_precision(p), cfg)
         })?;
-        let device = format!("{device}; {weights}");
+        let (gpu_mimi, codec) = codec_on(&backend, &mimi);
+        let device = format!("{device}; {weights}; {codec}");
         // The reference STT procedure's defaults (1 s of silence before, 0.5 s delay).
         let stt = SttConfig {
             audio_silence_prefix_seconds: 1.0,
             audio_delay_seconds: 0.5,
         };
         let gen = LmGen::with_backend(lm, GenConfig::default());
-        Ok(Self::by_role(mode, mimi, gen, None, stt, 3, device))
+        Ok(Self::by_role(
+            mode,
+            (mimi, gpu_mimi),
+            gen,
+            None,
+            stt,
+            3,
+            device,
+        ))
     }
 
     /// The LM in the role `mode` needs, with Mimi and the turn-taking models.
     fn by_role(
         mode: Mode,
-        mimi: Mimi,
+        (mimi, gpu_mimi): (Mimi, Option<GpuMimi>),
         gen: LmGen,
         tokenizer: Option<TextTokenizer>,
         stt: SttConfig,
@@ -232,6 +259,7 @@ impl Models {
         };
         Self {
             mimi,
+            gpu_mimi,
             listen,
             duplex,
             turn: TurnModels::load(),
@@ -248,7 +276,16 @@ impl Models {
     /// - cascade: encode → stt → turn → cascade (the LLM and the TTS on their threads)
     pub fn compose(&mut self, mode: Mode) -> Result<Composition<'_>> {
         let rate = self.mimi.config().frame_rate;
-        let (enc, dec) = self.mimi.halves();
+        let (enc, dec) = match self.gpu_mimi.as_mut() {
+            Some(g) => {
+                let (e, d) = g.halves();
+                (CodecEncoder::Gpu(e), CodecDecoder::Gpu(d))
+            }
+            None => {
+                let (e, d) = self.mimi.halves();
+                (CodecEncoder::Cpu(e), CodecDecoder::Cpu(d))
+            }
+        };
         let turn = &mut self.turn;
         Ok(match mode {
             Mode::Listen => {

@@ -6,6 +6,7 @@ use super::stage::{FlushRequest, Frame, HeadReading, Outbox, Stage};
 use super::{Event, Speaker};
 use crate::audio::FRAME_LEN_SAMPLES;
 use crate::models::lm::generator::GenStep;
+use crate::models::mimi::gpu::{GpuMimiDecoder, GpuMimiEncoder};
 use crate::models::mimi::{MimiDecoder, MimiEncoder};
 use crate::models::stt::{WordStream, END_OF_PADDING_ID};
 use crate::models::tokenizer::TextTokenizer;
@@ -15,13 +16,57 @@ use crate::Result;
 /// `-candle` checkpoints carry four; the reference reads index 2).
 pub const END_OF_TURN_HEAD: usize = 2;
 
+/// Mimi's encoder on the CPU or the GPU.
+pub enum CodecEncoder<'a> {
+    Cpu(MimiEncoder<'a>),
+    Gpu(GpuMimiEncoder<'a>),
+}
+
+impl CodecEncoder<'_> {
+    fn step(&mut self, pcm: &[f32]) -> Result<Vec<u32>> {
+        match self {
+            Self::Cpu(e) => e.step(pcm),
+            Self::Gpu(e) => e.step(pcm),
+        }
+    }
+
+    fn reset(&mut self) {
+        match self {
+            Self::Cpu(e) => e.reset(),
+            Self::Gpu(e) => e.reset(),
+        }
+    }
+}
+
+/// Mimi's decoder on the CPU or the GPU.
+pub enum CodecDecoder<'a> {
+    Cpu(MimiDecoder<'a>),
+    Gpu(GpuMimiDecoder<'a>),
+}
+
+impl CodecDecoder<'_> {
+    fn step(&mut self, codes: &[u32]) -> Result<Vec<f32>> {
+        match self {
+            Self::Cpu(d) => d.step(codes),
+            Self::Gpu(d) => d.step(codes),
+        }
+    }
+
+    fn reset(&mut self) {
+        match self {
+            Self::Cpu(d) => d.reset(),
+            Self::Gpu(d) => d.reset(),
+        }
+    }
+}
+
 /// Mimi's encoder: `frame.input` to `frame.codes`.
 pub struct EncodeStage<'a> {
-    enc: MimiEncoder<'a>,
+    enc: CodecEncoder<'a>,
 }
 
 impl<'a> EncodeStage<'a> {
-    pub fn new(enc: MimiEncoder<'a>) -> Self {
+    pub fn new(enc: CodecEncoder<'a>) -> Self {
         Self { enc }
     }
 }
@@ -248,11 +293,11 @@ impl Stage for DuplexLmStage<'_> {
 /// Mimi's decoder: the reply's codes to audio, queued for the speaker. Every reported
 /// frame yields one output frame (silence while the LM's delays hold the codes back).
 pub struct DecodeStage<'a> {
-    dec: MimiDecoder<'a>,
+    dec: CodecDecoder<'a>,
 }
 
 impl<'a> DecodeStage<'a> {
-    pub fn new(dec: MimiDecoder<'a>) -> Self {
+    pub fn new(dec: CodecDecoder<'a>) -> Self {
         Self { dec }
     }
 }

@@ -668,27 +668,128 @@ fn channels(layers: &[LayerRef], i: usize) -> usize {
         .unwrap_or(1)
 }
 
+/// One direction of the codec on the GPU: its program, buffers and clock.
+#[derive(Debug)]
+struct Half {
+    program: Program,
+    input: wgpu::Buffer,
+    output: wgpu::Buffer,
+    read: wgpu::Buffer,
+    out_bytes: u64,
+    /// Buffers holding streaming state, cleared by a reset.
+    state: Vec<wgpu::Buffer>,
+    clock: RowClock,
+    /// Position of the next frame's first transformer row.
+    offset: usize,
+}
+
+impl Half {
+    fn reset(&mut self, gpu: &Gpu) {
+        let mut enc = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("mimi reset"),
+            });
+        for b in &self.state {
+            enc.clear_buffer(b, 0, None);
+        }
+        gpu.queue.submit([enc.finish()]);
+        self.offset = 0;
+    }
+
+    /// One frame: `input` in, the output's bytes back.
+    fn run(&mut self, gpu: &Gpu, input: &[u8], block_stride: usize) -> Result<Vec<u8>> {
+        gpu.queue.write_buffer(&self.input, 0, input);
+        self.program
+            .write_step_block(gpu, &self.clock.words(self.offset, block_stride));
+        let mut enc = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("mimi"),
+            });
+        self.program.record(&mut enc);
+        let mut got = gpu.submit_and_read(enc, &[(&self.output, 0, self.out_bytes)], &self.read)?;
+        self.offset += ROWS;
+        Ok(got.remove(0))
+    }
+}
+
 /// A [`Mimi`] on the GPU: [`GpuMimi::encode_step`] and [`GpuMimi::decode_step`] as the
-/// CPU's streaming steps.
+/// CPU's streaming steps; [`GpuMimi::halves`] splits it as [`Mimi::halves`] does.
 #[derive(Debug)]
 pub struct GpuMimi {
     gpu: Arc<Gpu>,
-    encoder: Program,
-    decoder: Program,
-    pcm_in: wgpu::Buffer,
-    tokens: wgpu::Buffer,
-    codes_in: wgpu::Buffer,
-    pcm_out: wgpu::Buffer,
-    read: wgpu::Buffer,
-    state: Vec<wgpu::Buffer>,
-    enc_clock: RowClock,
-    dec_clock: RowClock,
+    enc: Half,
+    dec: Half,
     block_stride: usize,
-    enc_offset: usize,
-    dec_offset: usize,
     frame_size: usize,
     num_codebooks: usize,
     bins: usize,
+}
+
+/// The GPU codec's streaming encoder ([`GpuMimi::halves`]).
+pub struct GpuMimiEncoder<'a> {
+    gpu: &'a Gpu,
+    half: &'a mut Half,
+    block_stride: usize,
+    frame_size: usize,
+}
+
+impl GpuMimiEncoder<'_> {
+    pub fn reset(&mut self) {
+        self.half.reset(self.gpu);
+    }
+
+    /// One frame of `frame_size` samples to one code per active codebook.
+    pub fn step(&mut self, frame: &[f32]) -> Result<Vec<u32>> {
+        if frame.len() != self.frame_size {
+            return Err(Error::InvalidInput(format!(
+                "encode_step takes one frame of {} samples, got {}",
+                self.frame_size,
+                frame.len()
+            )));
+        }
+        let got = self
+            .half
+            .run(self.gpu, bytemuck::cast_slice(frame), self.block_stride)?;
+        Ok(bytemuck::pod_collect_to_vec(&got))
+    }
+}
+
+/// The GPU codec's streaming decoder ([`GpuMimi::halves`]).
+pub struct GpuMimiDecoder<'a> {
+    gpu: &'a Gpu,
+    half: &'a mut Half,
+    block_stride: usize,
+    num_codebooks: usize,
+    bins: usize,
+}
+
+impl GpuMimiDecoder<'_> {
+    pub fn reset(&mut self) {
+        self.half.reset(self.gpu);
+    }
+
+    /// One code per active codebook to one frame of audio.
+    pub fn step(&mut self, codes: &[u32]) -> Result<Vec<f32>> {
+        if codes.len() != self.num_codebooks {
+            return Err(Error::InvalidInput(format!(
+                "decode_step takes {} codes, got {}",
+                self.num_codebooks,
+                codes.len()
+            )));
+        }
+        if let Some(bad) = codes.iter().find(|&&c| c as usize >= self.bins) {
+            return Err(Error::InvalidInput(format!(
+                "code {bad} is out of range: codebooks have {} entries",
+                self.bins
+            )));
+        }
+        let got = self
+            .half
+            .run(self.gpu, bytemuck::cast_slice(codes), self.block_stride)?;
+        Ok(bytemuck::pod_collect_to_vec(&got))
+    }
 }
 
 impl GpuMimi {
@@ -914,24 +1015,32 @@ impl GpuMimi {
         )?;
         p.transformer_rows("decoder_transformer", &dec_tr, &dec_rows, &homes[0], &pos)?;
         p.stack("decoder", &dec_layers, &dec_states, &homes, ROWS)?;
-        let mut state = enc_state;
-        state.append(&mut p.state);
+        let dec_state = std::mem::take(&mut p.state);
         let decoder = p.b.plan.build(gpu)?;
+        let read = |bytes: usize| gpu.readback_buffer(bytes as u64);
         Ok(Self {
             gpu: gpu.clone(),
-            encoder,
-            decoder,
-            pcm_in,
-            tokens,
-            codes_in,
-            pcm_out,
-            read: gpu.readback_buffer((frame.max(n) * 4) as u64),
-            state,
-            enc_clock: RowClock::of(enc_tr.t, ROWS),
-            dec_clock: RowClock::of(dec_tr.t, ROWS),
+            enc: Half {
+                program: encoder,
+                input: pcm_in,
+                output: tokens,
+                read: read(n * 4),
+                out_bytes: (n * 4) as u64,
+                state: enc_state,
+                clock: RowClock::of(enc_tr.t, ROWS),
+                offset: 0,
+            },
+            dec: Half {
+                program: decoder,
+                input: codes_in,
+                output: pcm_out,
+                read: read(frame * 4),
+                out_bytes: (frame * 4) as u64,
+                state: dec_state,
+                clock: RowClock::of(dec_tr.t, ROWS),
+                offset: 0,
+            },
             block_stride,
-            enc_offset: 0,
-            dec_offset: 0,
             frame_size: frame,
             num_codebooks: n,
             bins,
@@ -940,84 +1049,45 @@ impl GpuMimi {
 
     /// Kernel dispatches of one encoder and one decoder frame.
     pub fn dispatches(&self) -> (usize, usize) {
-        (self.encoder.dispatch_count(), self.decoder.dispatch_count())
+        (
+            self.enc.program.dispatch_count(),
+            self.dec.program.dispatch_count(),
+        )
+    }
+
+    /// The encoder and the decoder, each with its own state, for stages of their own.
+    pub fn halves(&mut self) -> (GpuMimiEncoder<'_>, GpuMimiDecoder<'_>) {
+        (
+            GpuMimiEncoder {
+                gpu: &self.gpu,
+                half: &mut self.enc,
+                block_stride: self.block_stride,
+                frame_size: self.frame_size,
+            },
+            GpuMimiDecoder {
+                gpu: &self.gpu,
+                half: &mut self.dec,
+                block_stride: self.block_stride,
+                num_codebooks: self.num_codebooks,
+                bins: self.bins,
+            },
+        )
     }
 
     pub fn reset(&mut self) {
-        let mut enc = self
-            .gpu
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("mimi reset"),
-            });
-        for b in &self.state {
-            enc.clear_buffer(b, 0, None);
-        }
-        self.gpu.queue.submit([enc.finish()]);
-        self.enc_offset = 0;
-        self.dec_offset = 0;
+        let (mut e, mut d) = self.halves();
+        e.reset();
+        d.reset();
     }
 
     /// One frame of `frame_size` samples to one code per active codebook.
     pub fn encode_step(&mut self, frame: &[f32]) -> Result<Vec<u32>> {
-        if frame.len() != self.frame_size {
-            return Err(Error::InvalidInput(format!(
-                "encode_step takes one frame of {} samples, got {}",
-                self.frame_size,
-                frame.len()
-            )));
-        }
-        let gpu = self.gpu.clone();
-        gpu.queue
-            .write_buffer(&self.pcm_in, 0, bytemuck::cast_slice(frame));
-        self.encoder.write_step_block(
-            &gpu,
-            &self.enc_clock.words(self.enc_offset, self.block_stride),
-        );
-        let mut enc = gpu
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("mimi encode"),
-            });
-        self.encoder.record(&mut enc);
-        let bytes = (self.num_codebooks * 4) as u64;
-        let got = gpu.submit_and_read(enc, &[(&self.tokens, 0, bytes)], &self.read)?;
-        self.enc_offset += ROWS;
-        Ok(bytemuck::pod_collect_to_vec(&got[0]))
+        self.halves().0.step(frame)
     }
 
     /// One code per active codebook to one frame of audio.
     pub fn decode_step(&mut self, codes: &[u32]) -> Result<Vec<f32>> {
-        if codes.len() != self.num_codebooks {
-            return Err(Error::InvalidInput(format!(
-                "decode_step takes {} codes, got {}",
-                self.num_codebooks,
-                codes.len()
-            )));
-        }
-        if let Some(bad) = codes.iter().find(|&&c| c as usize >= self.bins) {
-            return Err(Error::InvalidInput(format!(
-                "code {bad} is out of range: codebooks have {} entries",
-                self.bins
-            )));
-        }
-        let gpu = self.gpu.clone();
-        gpu.queue
-            .write_buffer(&self.codes_in, 0, bytemuck::cast_slice(codes));
-        self.decoder.write_step_block(
-            &gpu,
-            &self.dec_clock.words(self.dec_offset, self.block_stride),
-        );
-        let mut enc = gpu
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("mimi decode"),
-            });
-        self.decoder.record(&mut enc);
-        let bytes = (self.frame_size * 4) as u64;
-        let got = gpu.submit_and_read(enc, &[(&self.pcm_out, 0, bytes)], &self.read)?;
-        self.dec_offset += ROWS;
-        Ok(bytemuck::pod_collect_to_vec(&got[0]))
+        self.halves().1.step(codes)
     }
 }
 
