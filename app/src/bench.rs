@@ -30,9 +30,8 @@ pub enum BenchCommand {
     /// Time the GPU path of a preset with random weights, for each weight format: the
     /// matrix-vector kernels' shape for this adapter (with --tune, every candidate's
     /// bandwidth), ms per LM step, bytes read, effective GB/s beside the measured copy
-    /// bandwidth, dispatches per step, and for a model that speaks, Mimi's encode and
-    /// decode (on the CPU: the codec does not run on the GPU yet) and the whole duplex
-    /// frame.
+    /// bandwidth, dispatches per step, Mimi's encode (and for a model that speaks its
+    /// decode) on the GPU as a session runs it, and the whole listen or duplex frame.
     Gpu(GpuBench),
     /// Time the text-to-speech model at full size with random weights: each 80 ms
     /// frame's steps (temporal transformer, depformer, Mimi's decoder), the real-time
@@ -82,8 +81,9 @@ pub struct GpuBench {
     #[arg(long)]
     tune: bool,
     /// First check the GPU against its definitions: every matrix-vector shape and format
-    /// (f64 definition), and a random LM of each preset family, scaled down (ring of 80
-    /// steps), over 100 greedy steps against the CPU path (f32: identical tokens; the other formats:
+    /// (f64 definition), a random LM of each preset family, scaled down (ring of 80
+    /// steps), over 100 greedy steps against the CPU path, and Mimi's GPU codec against
+    /// the CPU's at the published size (f32: identical tokens; the other formats:
     /// their logit error); exits non-zero if a check fails. With --check-only, nothing
     /// is timed.
     #[arg(long)]
@@ -247,47 +247,53 @@ fn bench_gpu(b: GpuBench) -> Result<()> {
         };
         let mut gen = LmGen::with_backend(backend, GenConfig::default());
         let n_in = gen.input_codebooks();
-        let mut mimi = if speaks {
-            let mut m = Mimi::from_weights(&Weights::random(0), MimiConfig::default(), cfg.dep_q)?;
-            m.set_weight_precision(dtype.mimi_precision())?;
-            Some(m)
-        } else {
-            None
-        };
+        // Mimi as a session on this GPU runs it: on the GPU, the CPU where it cannot be.
+        let codebooks = if speaks { cfg.dep_q } else { n_in };
+        let mut mimi = Mimi::from_weights(&Weights::random(0), MimiConfig::default(), codebooks)?;
+        mimi.set_weight_precision(dtype.mimi_precision())?;
+        let (mut gpu_mimi, mimi_device) =
+            match parley_engine::models::mimi::gpu::GpuMimi::new(gpu, &mimi) {
+                Ok(g) => (Some(g), "gpu".to_string()),
+                Err(e) => (None, format!("cpu ({e})")),
+            };
+        let mimi_dispatches = gpu_mimi.as_ref().map(|g| g.dispatches());
+        let frame_size = mimi.frame_size();
         let mut seed = 7u32;
         let (mut step_ms, mut enc_ms, mut dec_ms, mut frame_ms) = (vec![], vec![], vec![], vec![]);
         for i in 0..b.warmup + b.steps {
+            let pcm: Vec<f32> = (0..frame_size)
+                .map(|k| 0.2 * ((i * frame_size + k) as f32 * 0.03).sin())
+                .collect();
+            // The frame as a session runs it: the microphone's frame encoded, the step
+            // on its codes, and for a model that speaks, a frame of codes decoded (the
+            // encoder's: the decoder's work is the same).
             let t0 = Instant::now();
-            // The duplex frame: the microphone's frame encoded, the step on its codes,
-            // a frame of codes decoded (the encoder's: the decoder's work is the same).
-            let (codes, t1) = match mimi.as_mut() {
-                Some(m) => {
-                    let pcm: Vec<f32> = (0..m.frame_size())
-                        .map(|k| 0.2 * ((i * 1920 + k) as f32 * 0.03).sin())
-                        .collect();
-                    let mut codes = m.encode_step(&pcm)?;
-                    let t1 = Instant::now();
-                    // The model's own streams beside the user's (random here).
-                    let rest = n_in.saturating_sub(codes.len());
-                    codes.extend(random_codes(&mut seed, rest, cfg.card));
-                    codes.truncate(n_in);
-                    (codes, t1)
-                }
-                None => (random_codes(&mut seed, n_in, cfg.card), t0),
+            let mut codes = match gpu_mimi.as_mut() {
+                Some(g) => g.encode_step(&pcm)?,
+                None => mimi.encode_step(&pcm)?,
             };
+            let t1 = Instant::now();
+            // The model's own streams beside the user's (random here).
+            let rest = n_in.saturating_sub(codes.len());
+            codes.extend(random_codes(&mut seed, rest, cfg.card));
+            codes.truncate(n_in);
             std::hint::black_box(gen.step(&codes)?);
             let t2 = Instant::now();
-            if let Some(m) = mimi.as_mut() {
-                std::hint::black_box(m.decode_step(&codes[..cfg.dep_q.min(codes.len())])?);
+            if speaks {
+                let reply = &codes[..cfg.dep_q.min(codes.len())];
+                std::hint::black_box(match gpu_mimi.as_mut() {
+                    Some(g) => g.decode_step(reply)?,
+                    None => mimi.decode_step(reply)?,
+                });
             }
             let t3 = Instant::now();
             if i >= b.warmup {
                 step_ms.push((t2 - t1).as_secs_f64() * 1e3);
-                if mimi.is_some() {
-                    enc_ms.push((t1 - t0).as_secs_f64() * 1e3);
+                enc_ms.push((t1 - t0).as_secs_f64() * 1e3);
+                if speaks {
                     dec_ms.push((t3 - t2).as_secs_f64() * 1e3);
-                    frame_ms.push((t3 - t0).as_secs_f64() * 1e3);
                 }
+                frame_ms.push((t3 - t0).as_secs_f64() * 1e3);
             }
         }
         let s = Stats::of(&step_ms);
@@ -303,11 +309,18 @@ fn bench_gpu(b: GpuBench) -> Result<()> {
         if !tuned.is_empty() {
             run["tuning"] = serde_json::Value::Array(tuned);
         }
-        if mimi.is_some() {
-            run["mimi_device"] = "cpu".into();
-            run["mimi_encode_ms"] = Stats::of(&enc_ms).json();
+        run["mimi_device"] = mimi_device.clone().into();
+        run["mimi_codebooks"] = codebooks.into();
+        run["mimi_encode_ms"] = Stats::of(&enc_ms).json();
+        if let Some((e, d)) = mimi_dispatches {
+            run["mimi_encoder_dispatches"] = e.into();
+            run["mimi_decoder_dispatches"] = d.into();
+        }
+        if speaks {
             run["mimi_decode_ms"] = Stats::of(&dec_ms).json();
             run["duplex_frame_ms"] = Stats::of(&frame_ms).json();
+        } else {
+            run["listen_frame_ms"] = Stats::of(&frame_ms).json();
         }
         if !b.json {
             outln!(
@@ -318,12 +331,19 @@ fn bench_gpu(b: GpuBench) -> Result<()> {
                 bytes as f64 / 1e9,
                 100.0 * gbs / copy_gbs
             );
-            if mimi.is_some() {
+            if speaks {
                 outln!(
-                    "  duplex frame: Mimi encode (CPU) {}; LM step {}; Mimi decode (CPU) {}; whole frame {}",
+                    "  duplex frame: Mimi encode ({mimi_device}) {}; LM step {}; Mimi decode {}; whole frame {}",
                     Stats::of(&enc_ms).line(),
                     s.line(),
                     Stats::of(&dec_ms).line(),
+                    Stats::of(&frame_ms).line()
+                );
+            } else {
+                outln!(
+                    "  listen frame: Mimi encode ({mimi_device}) {}; LM step {}; whole frame {}",
+                    Stats::of(&enc_ms).line(),
+                    s.line(),
                     Stats::of(&frame_ms).line()
                 );
             }
@@ -456,9 +476,36 @@ fn gpu_checks(
             }));
         }
     }
+    // Mimi at its published size with random weights: the GPU codec against the CPU's
+    // over a few frames (random codebooks give constant codes: the decoder is held to
+    // varied ones).
+    let mut cpu_mimi = Mimi::from_weights(&Weights::random(7), MimiConfig::default(), 8)?;
+    let mut gpu_mimi = parley_engine::models::mimi::gpu::GpuMimi::new(gpu, &cpu_mimi)?;
+    let mut seed = 9u32;
+    let (mut codes_equal, mut audio_error, mut peak) = (true, 0f32, 0f32);
+    for i in 0..6 {
+        let pcm: Vec<f32> = (0..cpu_mimi.frame_size())
+            .map(|k| 0.2 * ((i * 1920 + k) as f32 * 0.011).sin())
+            .collect();
+        codes_equal &= gpu_mimi.encode_step(&pcm)? == cpu_mimi.encode_step(&pcm)?;
+        let codes = random_codes(&mut seed, 8, 2048);
+        let want = cpu_mimi.decode_step(&codes)?;
+        let got = gpu_mimi.decode_step(&codes)?;
+        peak = want.iter().fold(peak, |m, v| m.max(v.abs()));
+        audio_error = want
+            .iter()
+            .zip(&got)
+            .fold(audio_error, |m, (a, b)| m.max((a - b).abs()));
+    }
+    let mimi_pass = codes_equal && audio_error < 1e-4 * peak.max(1.0);
+    failed += usize::from(!mimi_pass);
     let report = serde_json::json!({
         "matvec_cases": shapes.len(), "matvec_failed": bad, "matvec_worst_error_over_bound": worst,
-        "lm": lms, "failed": failed, "seconds": t.elapsed().as_secs_f64(),
+        "lm": lms,
+        "mimi": {"model": "published config, random weights, 8 codebooks", "frames": 6,
+                 "codes_equal": codes_equal, "decoded_max_abs_error": audio_error,
+                 "decoded_peak": peak, "pass": mimi_pass},
+        "failed": failed, "seconds": t.elapsed().as_secs_f64(),
     });
     Ok((report, failed))
 }

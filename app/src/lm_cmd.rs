@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use parley_engine::audio::file::{read_audio_24k, write_wav_f32};
-use parley_engine::compute::gpu::{select_device, DeviceChoice};
+use parley_engine::compute::gpu::{select_device, Backend, DeviceChoice};
 use parley_engine::compute::Dtype;
 use parley_engine::models::kyutai_config::ModelDir;
 use parley_engine::models::lm::generator::{GenConfig, LmBackend, LmGen};
+use parley_engine::models::mimi::gpu::GpuMimi;
 use parley_engine::models::mimi::Mimi;
 use parley_engine::models::stt::Transcriber;
 use parley_engine::npy;
@@ -41,7 +42,7 @@ pub struct SttArgs {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// auto (a hardware GPU, else the CPU), gpu (any GPU adapter, software ones included)
-    /// or cpu. Mimi runs on the CPU either way.
+    /// or cpu. `moshi` runs Mimi where the LM runs; `stt` runs it on the CPU.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
     /// Weights: auto (on the CPU f32 where it fits in the memory available, else the
@@ -51,9 +52,14 @@ pub struct RunArgs {
     pub precision: Dtype,
 }
 
-/// The model directory, its Mimi (on the CPU) and its language model on the device asked
-/// for; logs which device runs.
-fn load_models(model_dir: &Path, run: &RunArgs) -> Result<(ModelDir, Mimi, LmBackend)> {
+/// The model directory, its Mimi (on the CPU; with `gpu_codec` also on the LM's GPU, if
+/// it runs on one) and its language model on the device asked for; logs which device
+/// runs.
+fn load_models(
+    model_dir: &Path,
+    run: &RunArgs,
+    gpu_codec: bool,
+) -> Result<(ModelDir, Mimi, Option<GpuMimi>, LmBackend)> {
     let dir = ModelDir::open(model_dir).context("opening the model directory")?;
     let mut mimi = dir.load_mimi().context("loading Mimi")?;
     // Mimi's CPU path holds f32 or bf16 weights.
@@ -67,7 +73,20 @@ fn load_models(model_dir: &Path, run: &RunArgs) -> Result<(ModelDir, Mimi, LmBac
         LmBackend::open(&device, run.precision, Some(params), |p| dir.load_lm_as(p))
             .context("loading the language model")?;
     eprintln!("{weights}");
-    Ok((dir, mimi, lm))
+    let gpu_mimi = match (&device, gpu_codec) {
+        (Backend::Gpu(g), true) => match GpuMimi::new(g, &mimi) {
+            Ok(m) => {
+                eprintln!("Mimi on the GPU");
+                Some(m)
+            }
+            Err(e) => {
+                eprintln!("Mimi on the CPU ({e})");
+                None
+            }
+        },
+        _ => None,
+    };
+    Ok((dir, mimi, gpu_mimi, lm))
 }
 
 pub fn stt(args: SttArgs) -> Result<()> {
@@ -75,7 +94,7 @@ pub fn stt(args: SttArgs) -> Result<()> {
         parley_engine::outfile::check_outputs(&[d], &[&args.input, &args.model_dir])?;
     }
     let pcm = read_audio_24k(&args.input)?;
-    let (dir, mimi, lm) = load_models(&args.model_dir, &args.run)?;
+    let (dir, mimi, _, lm) = load_models(&args.model_dir, &args.run, false)?;
     if lm.config().dep_q != 0 {
         bail!(
             "{} holds a model that speaks (dep_q > 0): use `parley moshi`",
@@ -194,7 +213,7 @@ pub fn moshi(args: MoshiArgs) -> Result<()> {
         .collect();
     parley_engine::outfile::check_outputs(&outputs, &[&args.input, &args.model_dir])?;
     let pcm = read_audio_24k(&args.input)?;
-    let (dir, mut mimi, lm) = load_models(&args.model_dir, &args.run)?;
+    let (dir, mut mimi, mut gpu_mimi, lm) = load_models(&args.model_dir, &args.run, true)?;
     let tokenizer = dir.load_tokenizer().context("loading the text tokenizer")?;
     let dep_q = lm.config().dep_q;
     if dep_q == 0 {
@@ -226,7 +245,10 @@ pub fn moshi(args: MoshiArgs) -> Result<()> {
                 std::thread::sleep(wait);
             }
         }
-        let user_codes = mimi.encode_step(frame)?;
+        let user_codes = match gpu_mimi.as_mut() {
+            Some(g) => g.encode_step(frame)?,
+            None => mimi.encode_step(frame)?,
+        };
         let step = gen.step(&user_codes)?;
         match step.tokens {
             Some(tokens) => {
@@ -238,7 +260,10 @@ pub fn moshi(args: MoshiArgs) -> Result<()> {
                     }
                 }
                 let codes: Vec<u32> = tokens[1..].iter().map(|&t| t as u32).collect();
-                reply.extend(mimi.decode_step(&codes)?);
+                reply.extend(match gpu_mimi.as_mut() {
+                    Some(g) => g.decode_step(&codes)?,
+                    None => mimi.decode_step(&codes)?,
+                });
                 columns.push(tokens);
             }
             // While the delays hold output back, the model is silent.

@@ -348,8 +348,8 @@ fn lm_commands_reject_bad_model_directories() {
 }
 
 /// `--device gpu` runs the LM on wgpu (lavapipe in CI): the same transcript and tokens as
-/// `--device cpu` with f32 weights; greedy Moshi replies are identical too. Skips, saying
-/// why, where no GPU adapter exists.
+/// `--device cpu` with f32 weights; greedy Moshi replies are identical too (Mimi on the GPU,
+/// its audio within 1e-4 of the CPU codec's). Skips, saying why, where no GPU adapter exists.
 #[test]
 fn gpu_device_gives_the_cpu_transcript_and_reply() {
     let input = fixtures().join("input.wav");
@@ -395,7 +395,7 @@ fn gpu_device_gives_the_cpu_transcript_and_reply() {
 
     let moshi = fixture_dir("moshi-tiny");
     let reply = |device: &str, tokens: &Path| {
-        parley_ok(&[
+        let out = parley_ok(&[
             "moshi",
             s(&input),
             "--model-dir",
@@ -413,15 +413,27 @@ fn gpu_device_gives_the_cpu_transcript_and_reply() {
             "--precision",
             "f32",
         ]);
-        candle_core::Tensor::read_npy(tokens)
-            .expect("npy")
-            .to_vec2::<i64>()
-            .expect("tokens")
+        let wav = tmp(&format!("reply_{device}.wav"));
+        (
+            candle_core::Tensor::read_npy(tokens)
+                .expect("npy")
+                .to_vec2::<i64>()
+                .expect("tokens"),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+            parley_engine::audio::file::read_audio_24k(&wav).expect("reply"),
+        )
     };
-    assert_eq!(
-        reply("cpu", &tmp("m_cpu.npy")),
-        reply("gpu", &tmp("m_gpu.npy"))
-    );
+    let (cpu_tokens, _, cpu_wav) = reply("cpu", &tmp("m_cpu.npy"));
+    let (gpu_tokens, gpu_log, gpu_wav) = reply("gpu", &tmp("m_gpu.npy"));
+    assert_eq!(cpu_tokens, gpu_tokens);
+    // Mimi ran on the GPU too, and decoded what the CPU's does.
+    assert!(gpu_log.contains("Mimi on the GPU"), "{gpu_log}");
+    assert_eq!(cpu_wav.len(), gpu_wav.len());
+    let e = cpu_wav
+        .iter()
+        .zip(&gpu_wav)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(e < 1e-4, "the replies differ by {e}");
 }
 
 /// The latency harness streams the generated dialogue through the pipeline on the

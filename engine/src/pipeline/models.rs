@@ -120,7 +120,7 @@ impl Models {
         }
     }
 
-    /// Loads a model directory for `mode` on `device`: the LM in `dtype`, Mimi on the CPU,
+    /// Loads a model directory for `mode` on `device`: the LM in `dtype`, Mimi beside it,
     /// and the turn-taking models where they are found. Duplex sampling follows the
     /// model's `lm_gen_config` unless `sampling` is given.
     pub fn load(
