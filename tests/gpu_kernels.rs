@@ -132,7 +132,8 @@ fn matvec_formats_and_split_matrices_match_the_cpu_path() {
             let exact = held.round_trip(&w);
             let cpu = Matrix::new(&Tensor::from_vec(exact, (rows, cols), &Device::Cpu).expect("t"))
                 .expect("m");
-            for m in [1, 3] {
+            // From 8 rows the tiled matrix-matrix kernel.
+            for m in [1, 3, 8, 16] {
                 let x: Vec<f32> = (0..m * cols).map(|_| rnd()).collect();
                 let want = cpu.matmul_t(&x, m).expect("cpu");
                 let got = g.matmul_t(&x, m).expect("gpu");
@@ -157,8 +158,9 @@ fn wide_matvec_shapes_match_their_definition() {
     let Some(gpu) = any_gpu() else { return };
     eprintln!("subgroups: {}", gpu.subgroups);
     let checks = check_shapes(&gpu).expect("checks");
-    // Every shape met: both reductions where the adapter has subgroups.
-    let shapes = MatvecShape::candidates(false).len() * if gpu.subgroups { 2 } else { 1 };
+    // Every shape met (both reductions where the adapter has subgroups), and the tiled
+    // kernel.
+    let shapes = MatvecShape::candidates(false).len() * if gpu.subgroups { 2 } else { 1 } + 1;
     let seen: std::collections::HashSet<&str> = checks
         .iter()
         .filter_map(|c| c.case.split(" m ").nth(1))

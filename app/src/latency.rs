@@ -167,6 +167,8 @@ pub fn run(args: LatencyArgs) -> Result<()> {
     let device = models.device.clone();
     eprintln!("{device}");
     let realtime = args.pace == PaceArg::Realtime;
+    // Faster than real time, turn detection must not depend on thread timing.
+    models.turn.settings.verdict_in_frame = !realtime;
     let start = Instant::now();
     let source = FileSource::from_pcm_24k(
         pcm.clone(),

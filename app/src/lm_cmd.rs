@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use parley_engine::audio::file::{read_audio_24k, write_wav_f32};
-use parley_engine::compute::gpu::{select_device, Backend, DeviceChoice};
+use parley_engine::compute::gpu::{select_device, DeviceChoice};
 use parley_engine::compute::Dtype;
 use parley_engine::models::kyutai_config::ModelDir;
 use parley_engine::models::lm::generator::{GenConfig, LmBackend, LmGen};
@@ -73,18 +73,12 @@ fn load_models(
         LmBackend::open(&device, run.precision, Some(params), |p| dir.load_lm_as(p))
             .context("loading the language model")?;
     eprintln!("{weights}");
-    let gpu_mimi = match (&device, gpu_codec) {
-        (Backend::Gpu(g), true) => match GpuMimi::new(g, &mimi) {
-            Ok(m) => {
-                eprintln!("Mimi on the GPU");
-                Some(m)
-            }
-            Err(e) => {
-                eprintln!("Mimi on the CPU ({e})");
-                None
-            }
-        },
-        _ => None,
+    let gpu_mimi = if gpu_codec {
+        let (m, line) = GpuMimi::beside(device.gpu(), &mimi);
+        eprintln!("{line}");
+        m
+    } else {
+        None
     };
     Ok((dir, mimi, gpu_mimi, lm))
 }

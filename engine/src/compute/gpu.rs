@@ -28,6 +28,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ),
     ("sample.wgsl", include_str!("../../../shaders/sample.wgsl")),
     ("mimi.wgsl", include_str!("../../../shaders/mimi.wgsl")),
+    ("matmul.wgsl", include_str!("../../../shaders/matmul.wgsl")),
 ];
 
 /// Shader templates, expanded at run time (their expansions are validated by the unit
@@ -65,7 +66,12 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("mimi.wgsl", "depthwise_cols"),
     ("mimi.wgsl", "rvq_argmin"),
     ("mimi.wgsl", "rvq_centroid"),
+    ("matmul.wgsl", "matmul"),
 ];
+
+/// Activation rows from which a product runs as a tiled matrix-matrix product
+/// (`matmul.wgsl`: each weight read once per 16 rows) instead of a mat-vec per row.
+pub const MATMUL_MIN_ROWS: usize = 8;
 
 /// What `--device` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -95,6 +101,16 @@ impl std::str::FromStr for DeviceChoice {
 pub enum Backend {
     Cpu,
     Gpu(Arc<Gpu>),
+}
+
+impl Backend {
+    /// The GPU, when this is one.
+    pub fn gpu(&self) -> Option<&Arc<Gpu>> {
+        match self {
+            Self::Gpu(g) => Some(g),
+            Self::Cpu => None,
+        }
+    }
 }
 
 /// An open GPU device with Parley's pipelines.
@@ -990,7 +1006,8 @@ impl Plan {
     }
 
     /// Plans `out (+)= epilogue(x @ w^T)` for `m` activation rows: one dispatch per chunk,
-    /// in the wide kernels' shape for this adapter where the matrix allows.
+    /// in the wide kernels' shape for this adapter where the matrix allows, or from
+    /// [`MATMUL_MIN_ROWS`] rows (a plain input) the tiled matrix-matrix kernel.
     pub fn matvec(
         &mut self,
         gpu: &Gpu,
@@ -1075,6 +1092,50 @@ impl Plan {
             gpu.upload_f32("epilogue", &aux_words)
         };
         let max_x = gpu.limits.max_compute_workgroups_per_dimension as usize;
+        if m >= MATMUL_MIN_ROWS && epi.input == MatvecInput::Plain {
+            let format = match w.format {
+                GpuFormat::F32 => 0,
+                GpuFormat::F16 => 1,
+                GpuFormat::Bf16 => 2,
+                GpuFormat::Q8_0 => 3,
+                GpuFormat::Q4 => 4,
+            };
+            for c in &w.chunks {
+                let groups = [c.rows.div_ceil(16), m.div_ceil(16)];
+                if groups.iter().any(|&g| g > max_x) {
+                    return Err(Error::InvalidInput(format!(
+                        "a product of {m} rows by a {}x{} matrix exceeds this GPU's dispatch size",
+                        c.rows, w.cols
+                    )));
+                }
+                let params = self.params(&[
+                    c.rows as u32,
+                    w.cols as u32,
+                    m as u32,
+                    c.row0 as u32,
+                    w.rows as u32,
+                    w.format.row_words(w.cols) as u32,
+                    c.scale_word0 as u32,
+                    flags,
+                    aux_bias as u32,
+                    aux_scale as u32,
+                    format,
+                    w.cols as u32,
+                ]);
+                self.dispatch(
+                    "matmul",
+                    vec![
+                        (0, Res::Buffer(c.buffer.clone())),
+                        (1, Res::Buffer(x.clone())),
+                        (2, Res::Buffer(out.clone())),
+                        (3, params),
+                        (4, Res::Buffer(aux.clone())),
+                    ],
+                    [groups[0] as u32, groups[1] as u32, 1],
+                );
+            }
+            return Ok(());
+        }
         if let Some(shape) = shape {
             let x_stride = if epi.input == MatvecInput::Gated {
                 2 * w.cols

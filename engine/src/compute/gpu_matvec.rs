@@ -225,7 +225,9 @@ pub fn check_shapes(gpu: &super::gpu::Gpu) -> crate::Result<Vec<ShapeCheck>> {
             let bias: Vec<f32> = (0..rows).map(|_| rnd()).collect();
             let scale: Vec<f32> = (0..rows).map(|_| 1.0 + rnd()).collect();
             let alpha: Vec<f32> = (0..cols).map(|_| 1.0 + rnd()).collect();
-            for m in [1usize, 3] {
+            // 9 rows: the tiled matrix-matrix kernel (plain input; fused inputs stay on
+            // the mat-vec kernels, one row at a time).
+            for m in [1usize, 3, 9] {
                 for input in [
                     MatvecInput::Plain,
                     MatvecInput::Gated,
@@ -254,15 +256,28 @@ pub fn check_shapes(gpu: &super::gpu::Gpu) -> crate::Result<Vec<ShapeCheck>> {
                         MatvecInput::Gated => "gated",
                         MatvecInput::RmsNormed { .. } => "rms-normed",
                     };
-                    for shape in shapes.iter().skip(n % 2).step_by(2).chain(shapes.first()) {
-                        let got = run_matvec(gpu, &g, &x, m, &init, &epi, Some(*shape))?;
+                    let tiled = m >= super::gpu::MATMUL_MIN_ROWS && input == MatvecInput::Plain;
+                    let picks: Vec<Option<MatvecShape>> = if tiled {
+                        vec![None]
+                    } else {
+                        shapes
+                            .iter()
+                            .skip(n % 2)
+                            .step_by(2)
+                            .chain(shapes.first())
+                            .map(|s| Some(*s))
+                            .collect()
+                    };
+                    for shape in picks {
+                        let got = run_matvec(gpu, &g, &x, m, &init, &epi, shape)?;
                         let error = got
                             .iter()
                             .zip(&want)
                             .map(|(a, b)| (f64::from(*a) - b).abs())
                             .fold(0f64, f64::max);
+                        let how = shape.map_or("tiled".to_string(), |s| s.to_string());
                         checks.push(ShapeCheck {
-                            case: format!("{format} {rows}x{cols} m {m} {name} {shape}"),
+                            case: format!("{format} {rows}x{cols} m {m} {name} {how}"),
                             error,
                             bound: 2e-5 * size * (cols as f64).sqrt(),
                         });

@@ -888,7 +888,7 @@ impl TtsOutput {
 
     /// The speech, decoded by `mimi` (whose codebooks must be the generated ones) as
     /// [`TtsDecoder`] does, frame after frame.
-    pub fn decode(&self, mimi: &mut crate::models::mimi::Mimi) -> Result<Vec<f32>> {
+    pub fn decode(&self, mimi: &mut dyn crate::models::mimi::FrameDecoder) -> Result<Vec<f32>> {
         let mut dec = TtsDecoder::new(mimi, self.delay_steps, &self.delays);
         let mut pcm = vec![];
         for f in self.frames() {
@@ -904,7 +904,7 @@ impl TtsOutput {
 /// the audio delay skipped, the first `max delay` decoded frames dropped (the acoustic
 /// codebooks' delay), samples clipped to [-1, 1].
 pub struct TtsDecoder<'a> {
-    mimi: &'a mut crate::models::mimi::Mimi,
+    mimi: &'a mut dyn crate::models::mimi::FrameDecoder,
     delay_steps: usize,
     drop: usize,
     frames: usize,
@@ -913,11 +913,11 @@ pub struct TtsDecoder<'a> {
 impl<'a> TtsDecoder<'a> {
     /// `delays`: each stream's delay, text first (the model's config).
     pub fn new(
-        mimi: &'a mut crate::models::mimi::Mimi,
+        mimi: &'a mut dyn crate::models::mimi::FrameDecoder,
         delay_steps: usize,
         delays: &[usize],
     ) -> Self {
-        mimi.reset();
+        mimi.reset_decoder();
         Self {
             drop: delays.iter().skip(1).copied().max().unwrap_or(0),
             mimi,
@@ -939,7 +939,7 @@ impl<'a> TtsDecoder<'a> {
             .map(|&c| u32::try_from(c))
             .collect::<std::result::Result<_, _>>()
             .map_err(|_| Error::InvalidInput(format!("frame {f} after the delay has no audio")))?;
-        let pcm = self.mimi.decode_step(&codes)?;
+        let pcm = self.mimi.decode_frame(&codes)?;
         Ok((f - self.delay_steps >= self.drop)
             .then(|| pcm.iter().map(|v| v.clamp(-1.0, 1.0)).collect()))
     }

@@ -10,7 +10,7 @@ use super::stages::{
     CodecDecoder, CodecEncoder, DecodeStage, DuplexLmStage, EncodeStage, ReplyOnsetStage, SttStage,
 };
 use super::turn::{TurnModels, TurnStage};
-use crate::compute::gpu::{select_device, Backend, DeviceChoice};
+use crate::compute::gpu::{select_device, DeviceChoice};
 use crate::compute::Dtype;
 use crate::models::kyutai_config::ModelDir;
 use crate::models::lm::generator::{GenConfig, LmBackend, LmGen};
@@ -97,17 +97,6 @@ pub struct Models {
     pub device: String,
 }
 
-/// Mimi on the LM's GPU where it uploads, with the words for the device line.
-fn codec_on(backend: &Backend, mimi: &Mimi) -> (Option<GpuMimi>, String) {
-    match backend {
-        Backend::Gpu(g) => match GpuMimi::new(g, mimi) {
-            Ok(m) => (Some(m), "Mimi on the GPU".into()),
-            Err(e) => (None, format!("Mimi on the CPU ({e})")),
-        },
-        Backend::Cpu => (None, "Mimi on the CPU".into()),
-    }
-}
-
 impl Models {
     /// The mode these models were loaded for.
     pub fn mode(&self) -> Mode {
@@ -154,7 +143,7 @@ impl Models {
         let (lm, weights) = LmBackend::open(&backend, dtype, Some(d.lm_param_count()?), |p| {
             d.load_lm_as(p)
         })?;
-        let (gpu_mimi, codec) = codec_on(&backend, &mimi);
+        let (gpu_mimi, codec) = GpuMimi::beside(backend.gpu(), &mimi);
         let device = format!("{device}; {weights}; {codec}");
         let gen = LmGen::with_backend(
             lm,
@@ -209,7 +198,7 @@ impl Models {
         let (lm, weights) = LmBackend::open(&backend, dtype, None, |p| {
             LmModel::from_weights(&Weights::random(2).with_precision(p), cfg)
         })?;
-        let (gpu_mimi, codec) = codec_on(&backend, &mimi);
+        let (gpu_mimi, codec) = GpuMimi::beside(backend.gpu(), &mimi);
         let device = format!("{device}; {weights}; {codec}");
         // The reference STT procedure's defaults (1 s of silence before, 0.5 s delay).
         let stt = SttConfig {

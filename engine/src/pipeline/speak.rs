@@ -18,6 +18,8 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use crate::compute::gpu::{select_device, Backend, DeviceChoice, GpuFormat};
 use crate::compute::Dtype;
 use crate::models::kyutai_config::ModelDir;
+use crate::models::mimi::gpu::GpuMimi;
+use crate::models::mimi::FrameDecoder;
 use crate::models::mimi::Mimi;
 use crate::models::tokenizer::TextTokenizer;
 use crate::models::tts::{Step, TtsDecoder, TtsModel, TtsOptions, TtsStream, Voice, WordFeed};
@@ -28,6 +30,8 @@ use crate::{Error, Result};
 pub struct SpeakModels {
     pub tts: TtsModel,
     pub mimi: Mimi,
+    /// The same codec on the TTS's GPU, where it runs on one (the decoder used then).
+    pub gpu_mimi: Option<GpuMimi>,
     pub tokenizer: TextTokenizer,
     pub opts: TtsOptions,
     /// Which device and weights run, in words.
@@ -60,16 +64,19 @@ impl SpeakModels {
         let dep_q = lm_cfg.dep_q;
         let codebooks = checked_codebooks(codebooks, dep_q)?;
         let weights = d.lm_weights()?;
-        let (mut tts, description) = place(device, precision, codebooks, |p| {
+        let (mut tts, description, gpu) = place(device, precision, codebooks, |p| {
             TtsModel::load(&weights, lm_cfg.clone(), p)
         })?;
         tts.condition(&[&voice], cfg)?;
         let mut mimi = d.load_mimi()?;
         mimi.set_num_codebooks(codebooks)?;
         mimi.set_weight_precision(precision.mimi_precision())?;
+        let (gpu_mimi, codec) = GpuMimi::beside(gpu.as_ref(), &mimi);
+        let description = format!("{description}; {codec}");
         Ok(Self {
             tts,
             mimi,
+            gpu_mimi,
             tokenizer,
             opts: TtsOptions {
                 codebooks,
@@ -104,7 +111,7 @@ impl SpeakModels {
             })?;
         let codebooks = checked_codebooks(codebooks, cfg.dep_q)?;
         let tokenizer = TextTokenizer::load(tokenizer)?;
-        let (mut tts, description) = place(device, precision, codebooks, |p| {
+        let (mut tts, description, gpu) = place(device, precision, codebooks, |p| {
             TtsModel::random(cfg.clone(), p)
         })?;
         // A fixed pseudo-random latent of the published shape.
@@ -119,15 +126,17 @@ impl SpeakModels {
         tts.condition(&[&Voice::from_latent(&latent)?], "2.0")?;
         let mut mimi = Mimi::from_weights(&Weights::random(1), MimiConfig::default(), codebooks)?;
         mimi.set_weight_precision(precision.mimi_precision())?;
+        let (gpu_mimi, codec) = GpuMimi::beside(gpu.as_ref(), &mimi);
         Ok(Self {
             tts,
             mimi,
+            gpu_mimi,
             tokenizer,
             opts: TtsOptions {
                 codebooks,
                 ..TtsOptions::default()
             },
-            description: format!("{description}; random weights ({preset})"),
+            description: format!("{description}; {codec}; random weights ({preset})"),
         })
     }
 }
@@ -150,12 +159,12 @@ fn place(
     precision: Dtype,
     codebooks: usize,
     make: impl Fn(crate::compute::cpu::WeightPrecision) -> Result<TtsModel>,
-) -> Result<(TtsModel, String)> {
+) -> Result<(TtsModel, String, Option<Arc<crate::compute::gpu::Gpu>>)> {
     let (backend, line) = select_device(device)?;
     match &backend {
         Backend::Cpu => {
             let p = precision.cpu()?;
-            Ok((make(p)?, format!("{line}; weights: {p}")))
+            Ok((make(p)?, format!("{line}; weights: {p}"), None))
         }
         Backend::Gpu(g) => {
             let f = precision.gpu();
@@ -165,7 +174,11 @@ fn place(
             };
             let mut m = make(host)?;
             m.to_gpu(g, f, codebooks)?;
-            Ok((m, format!("{line}; weights: {f:?} on the GPU")))
+            Ok((
+                m,
+                format!("{line}; weights: {f:?} on the GPU"),
+                Some(g.clone()),
+            ))
         }
     }
 }
@@ -364,7 +377,11 @@ fn respond(
     let (delays, delay_steps) = (stream.output().delays.clone(), stream.output().delay_steps);
     // The decoded frames dropped at the start (the acoustic codebooks' delay).
     let drop = delays.iter().skip(1).copied().max().unwrap_or(0);
-    let mut decoder = TtsDecoder::new(&mut m.mimi, delay_steps, &delays);
+    let codec: &mut dyn FrameDecoder = match m.gpu_mimi.as_mut() {
+        Some(g) => g,
+        None => &mut m.mimi,
+    };
+    let mut decoder = TtsDecoder::new(codec, delay_steps, &delays);
     let mut input_done = false;
     let mut words_in = 0usize;
     let tok = &m.tokenizer;

@@ -1047,6 +1047,18 @@ impl GpuMimi {
         })
     }
 
+    /// `mimi` on `gpu` where a model runs on one, else (or where the upload fails) None;
+    /// with the words a device line gives it ("Mimi on the GPU", or on the CPU and why).
+    pub fn beside(gpu: Option<&Arc<Gpu>>, mimi: &Mimi) -> (Option<Self>, String) {
+        match gpu {
+            Some(g) => match Self::new(g, mimi) {
+                Ok(m) => (Some(m), "Mimi on the GPU".into()),
+                Err(e) => (None, format!("Mimi on the CPU ({e})")),
+            },
+            None => (None, "Mimi on the CPU".into()),
+        }
+    }
+
     /// Kernel dispatches of one encoder and one decoder frame.
     pub fn dispatches(&self) -> (usize, usize) {
         (

@@ -336,6 +336,33 @@ impl Mimi {
     }
 }
 
+/// A streaming decoder of Mimi's codes: the CPU's [`Mimi`] or the GPU's
+/// [`gpu::GpuMimi`], for code that decodes on whichever the session has.
+pub trait FrameDecoder {
+    /// Clears the decoder's streaming state.
+    fn reset_decoder(&mut self);
+    /// One code per active codebook to one frame of audio.
+    fn decode_frame(&mut self, codes: &[u32]) -> Result<Vec<f32>>;
+}
+
+impl FrameDecoder for Mimi {
+    fn reset_decoder(&mut self) {
+        self.halves().1.reset();
+    }
+    fn decode_frame(&mut self, codes: &[u32]) -> Result<Vec<f32>> {
+        self.decode_step(codes)
+    }
+}
+
+impl FrameDecoder for gpu::GpuMimi {
+    fn reset_decoder(&mut self) {
+        self.halves().1.reset();
+    }
+    fn decode_frame(&mut self, codes: &[u32]) -> Result<Vec<f32>> {
+        self.decode_step(codes)
+    }
+}
+
 /// The streaming encoder of a [`Mimi`] ([`Mimi::halves`]).
 pub struct MimiEncoder<'a> {
     encoder: &'a mut SeanetEncoder,
