@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check for a machine with a real GPU, in a few minutes: parity of the kernels and
-# of whole LM steps against their definitions and the CPU path, then the benchmarks, each
-# writing JSON into the folder given.
+# The GPU check for a machine with a real GPU, in a few minutes: parity of the kernels, of
+# whole LM steps and of Mimi against their definitions and the CPU path, then the
+# benchmarks, each writing JSON into the folder given.
 #
 #   scripts/gpu-check.sh OUT_DIR
 #
@@ -12,26 +12,33 @@
 # picks another backend.
 #
 # Files: devices.txt (the adapters), check.json (`bench gpu --check-only`: every
-# matrix-vector shape and format against an f64 definition; random scaled-down STT and
-# Moshi LMs over 100 greedy steps against the CPU), stt.json (stt-1b-en_fr in f16, q8_0
-# and q4 with every kernel shape timed), moshi.json (moshi-7b in q4 and q8_0: LM step and
-# the whole duplex frame with Mimi on the CPU), tests.log (with cargo), summary.txt.
-# Exits non-zero if any part failed; the parts after a failure still run.
+# matrix-vector shape and format against an f64 definition, the tiled kernel too; random
+# scaled-down STT and Moshi LMs over 100 greedy steps against the CPU; Mimi's GPU codec
+# against the CPU's), stt.json (stt-1b-en_fr in f16, q8_0 and q4 with every kernel shape
+# timed, and the listen frame with Mimi's encoder on the GPU), moshi.json (moshi-7b in q4
+# and q8_0: the LM step and the whole duplex frame, Mimi on the GPU), tests.log (with
+# cargo), summary.txt. Exits non-zero if any part failed; the parts after a failure still
+# run.
 set -uo pipefail
 out=${1:?usage: scripts/gpu-check.sh OUT_DIR}
-mkdir -p "$out"
+mkdir -p "$out" || exit 2
+# Absolute paths: the script runs from the repository's root.
+out=$(cd "$out" && pwd)
+if [ -n "${PARLEY:-}" ]; then
+    PARLEY=$(cd "$(dirname "$PARLEY")" && pwd)/$(basename "$PARLEY")
+fi
 cd "$(dirname "$0")/.."
 status=0
-log() { echo "$*" | tee -a "$out/summary.txt"; }
 : > "$out/summary.txt"
+log() { echo "$*" | tee -a "$out/summary.txt"; }
 
 if [ -z "${PARLEY:-}" ]; then
     command -v cargo >/dev/null || { log "no cargo here: set PARLEY to a release build of parley"; exit 2; }
     export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/parley-target}"
-    cargo build --release -p parley || exit 2
+    cargo build --release -p parley || { log "build: FAILED"; exit 2; }
     PARLEY="$CARGO_TARGET_DIR/release/parley"
     if timeout 600 cargo test --release -p parley-engine --test gpu_kernels --test gpu_lm \
-        >"$out/tests.log" 2>&1; then
+        --test gpu_mimi >"$out/tests.log" 2>&1; then
         log "tests: passed ($(grep -c '^test .* ok$' "$out/tests.log") tests)"
     else
         log "tests: FAILED (tests.log)"

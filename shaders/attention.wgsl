@@ -11,7 +11,7 @@
 //
 // Attention is split over the ring (flash-decoding): `attend_part` gives each (head,
 // block of 64 slots) a workgroup that leaves its block's maximum score, its sum of
-// exponentials and its unnormalized weighted sum of values in `parts`; `attend_combine`
+// exponentials and its unnormalized weighted sum of values in `scores`; `attend_combine`
 // rescales and adds the blocks of each head. A long context so keeps every compute unit
 // busy instead of one workgroup per head.
 
@@ -144,7 +144,7 @@ fn slot_valid(j: u32) -> bool {
 const SPLIT: u32 = 64u;
 var<workgroup> probs: array<f32, 64>;
 
-// One workgroup per (head, block of SPLIT slots): one slot per invocation. `parts` gets,
+// One workgroup per (head, block of SPLIT slots): one slot per invocation. `scores` gets,
 // per (head, block), `head_dim` unnormalized output values, then the block's maximum
 // score and its sum of exponentials.
 @compute @workgroup_size(64)

@@ -3,7 +3,8 @@
 //
 // A template: the runtime (`compute::gpu::MatvecShape`) sets the workgroup size `WG` and
 // the rows per workgroup `ROWS` chosen for the adapter, and keeps one of the two
-// reductions below (subgroup or workgroup memory) with its entry-point parameters.
+// reductions below (subgroup or workgroup memory) with its entry-point parameters, and
+// f32 or (where the adapter has SHADER_F16) f16 products for f16 weights.
 //
 // Each workgroup computes ROWS output rows of one activation row `i` (wg.z): every
 // invocation reads 128 bits of each row at a time (`vec4<u32>`, consecutive invocations
@@ -89,8 +90,9 @@ fn store(r: u32, row: u32, i: u32) {
 
 //! subgroup
 // Subgroup sums, then one partial per subgroup in workgroup memory. No assumption on how
-// invocations map to subgroups: every invocation holds partial sums of every row.
-const MAX_SUBGROUPS: u32 = WG / 4u;
+// invocations map to subgroups (every invocation holds partial sums of every row) or on
+// their size (room for subgroups of one).
+const MAX_SUBGROUPS: u32 = WG;
 var<workgroup> partial: array<f32, SUMS * MAX_SUBGROUPS>;
 
 fn reduce(lid: u32, acc: ptr<function, array<f32, SUMS>>, lane: u32, sg: u32, n_sg: u32) {
@@ -176,12 +178,26 @@ fn matvec_f16(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
     for (var k = lid; k < rv; k = k + WG) {
         let x0 = xin(base, 2u * k, &sq);
         let x1 = xin(base, 2u * k + 1u, &sq);
+//! f16math
+        // Half-precision products (SHADER_F16): the activations rounded to f16 once per
+        // load, each 8-product partial summed in f16, then accumulated in f32.
+        let h0 = vec4<f16>(x0);
+        let h1 = vec4<f16>(x1);
+//! end
         for (var r = 0u; r < ROWS; r = r + 1u) {
             if (row0 + r < p.rows) {
                 let q = w[(row0 + r) * rv + k];
+//! f32math
                 let a = vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y));
                 let b = vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w));
                 acc[r] = acc[r] + dot(a, x0) + dot(b, x1);
+//! f16math
+                // (naga 30 mistypes `bitcast<vec2<f16>>` of a u32: the halves go through
+                // unpack2x16float, exact both ways.)
+                let a = vec4<f16>(vec2<f16>(unpack2x16float(q.x)), vec2<f16>(unpack2x16float(q.y)));
+                let b = vec4<f16>(vec2<f16>(unpack2x16float(q.z)), vec2<f16>(unpack2x16float(q.w)));
+                acc[r] = acc[r] + f32(dot(a, h0) + dot(b, h1));
+//! end
             }
         }
     }

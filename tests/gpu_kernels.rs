@@ -158,9 +158,11 @@ fn wide_matvec_shapes_match_their_definition() {
     let Some(gpu) = any_gpu() else { return };
     eprintln!("subgroups: {}", gpu.subgroups);
     let checks = check_shapes(&gpu).expect("checks");
-    // Every shape met (both reductions where the adapter has subgroups), and the tiled
-    // kernel.
-    let shapes = MatvecShape::candidates(false).len() * if gpu.subgroups { 2 } else { 1 } + 1;
+    // Every shape met (both reductions where the adapter has subgroups, f16 products
+    // where it has SHADER_F16), and the tiled kernel.
+    eprintln!("shader f16: {}", gpu.shader_f16);
+    let shapes =
+        MatvecShape::candidates_for(GpuFormat::F16, gpu.subgroups, gpu.shader_f16).len() + 1;
     let seen: std::collections::HashSet<&str> = checks
         .iter()
         .filter_map(|c| c.case.split(" m ").nth(1))

@@ -82,10 +82,10 @@ pub struct GpuBench {
     tune: bool,
     /// First check the GPU against its definitions: every matrix-vector shape and format
     /// (f64 definition), a random LM of each preset family, scaled down (ring of 80
-    /// steps), over 100 greedy steps against the CPU path, and Mimi's GPU codec against
-    /// the CPU's at the published size (f32: identical tokens; the other formats:
-    /// their logit error); exits non-zero if a check fails. With --check-only, nothing
-    /// is timed.
+    /// steps), over 100 greedy steps against the CPU path (f32: identical tokens; the
+    /// other formats: their logit error reported), and Mimi's GPU codec against the
+    /// CPU's at the published size (6 frames: codes equal, audio within 1e-4); exits
+    /// non-zero if a check fails. With --check-only, nothing is timed.
     #[arg(long)]
     check: bool,
     #[arg(long)]
@@ -361,7 +361,7 @@ fn bench_gpu(b: GpuBench) -> Result<()> {
         "bench": "gpu", "preset": b.preset, "adapter": gpu.info.name,
         "adapter_type": format!("{:?}", gpu.info.device_type),
         "backend": format!("{:?}", gpu.info.backend), "driver": gpu.info.driver_info,
-        "subgroups": gpu.subgroups, "copy_gbs": copy_gbs,
+        "subgroups": gpu.subgroups, "shader_f16": gpu.shader_f16, "copy_gbs": copy_gbs,
         "copy_probe": "read + write GB/s of a 256 MiB buffer copy",
         "steps": b.steps, "cpu": parley_engine::compute::cpu::cpu_description(),
         "runs": runs, "checks": checks,

@@ -123,6 +123,8 @@ pub struct Gpu {
     pipelines: HashMap<&'static str, wgpu::ComputePipeline>,
     /// Whether the device was opened with subgroup operations (wgpu's SUBGROUP feature).
     pub subgroups: bool,
+    /// Whether it was opened with f16 arithmetic in shaders (SHADER_F16).
+    pub shader_f16: bool,
     /// The wide matrix-vector pipelines built so far, by format and shape.
     wide: std::sync::Mutex<HashMap<(GpuFormat, MatvecShape), wgpu::ComputePipeline>>,
     /// The shape chosen for each weight format, and how it was chosen.
@@ -246,8 +248,9 @@ impl Gpu {
     fn open(adapter: wgpu::Adapter) -> Result<Self> {
         let info = adapter.get_info();
         let limits = adapter.limits();
-        // Subgroup operations where the adapter has them: the wide kernels' reductions.
-        let features = adapter.features() & wgpu::Features::SUBGROUP;
+        // Subgroup operations where the adapter has them (the wide kernels' reductions),
+        // and f16 arithmetic (a candidate shape for f16 weights).
+        let features = adapter.features() & (wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("parley"),
             required_features: features,
@@ -302,6 +305,7 @@ impl Gpu {
             limits,
             pipelines,
             subgroups: features.contains(wgpu::Features::SUBGROUP),
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
             wide: Default::default(),
             shapes: Default::default(),
             errors,
@@ -337,6 +341,12 @@ impl Gpu {
         format: GpuFormat,
         shape: MatvecShape,
     ) -> Result<wgpu::ComputePipeline> {
+        if shape.f16 && !self.shader_f16 {
+            return Err(Error::InvalidInput(format!(
+                "{}: matvec shape {shape} needs f16 arithmetic, which this adapter lacks",
+                self.info.name
+            )));
+        }
         if shape.subgroups && !self.subgroups {
             return Err(Error::InvalidInput(format!(
                 "{}: matvec shape {shape} needs subgroup operations, which this adapter lacks",
@@ -387,10 +397,11 @@ impl Gpu {
             return Ok(s.clone());
         }
         let chosen = if let Ok(v) = std::env::var("PARLEY_GPU_MATVEC") {
-            (
-                MatvecShape::parse(&v, self.subgroups).map_err(Error::InvalidInput)?,
-                "PARLEY_GPU_MATVEC".to_string(),
-            )
+            let mut shape = MatvecShape::parse(&v, self.subgroups, self.shader_f16)
+                .map_err(Error::InvalidInput)?;
+            // f16 products are for f16 weights only.
+            shape.f16 &= format == GpuFormat::F16;
+            (shape, "PARLEY_GPU_MATVEC".to_string())
         } else if self.info.device_type == wgpu::DeviceType::Cpu {
             (
                 MatvecShape::default_for(self.subgroups),
@@ -423,7 +434,8 @@ impl Gpu {
         let mut seed = 0x2545_f491u32;
         let weights: Vec<GpuWeight> = (0..4)
             .map(|_| {
-                let words: Vec<u32> = (0..rows * format.row_words(cols) + rows * cols / 64 + 1)
+                let words: Vec<u32> = (0..(rows * format.row_words(cols) + rows * cols / 64 + 1)
+                    .next_multiple_of(4))
                     .map(|_| {
                         seed ^= seed << 13;
                         seed ^= seed >> 17;
@@ -438,14 +450,22 @@ impl Gpu {
         let x = self.upload_f32("tune x", &vec![0.01; cols]);
         let out = self.activations("tune out", rows);
         let mut timed = vec![];
-        for shape in MatvecShape::candidates(self.subgroups) {
+        for shape in MatvecShape::candidates_for(format, self.subgroups, self.shader_f16) {
             let mut plan = Plan::new(self, 0);
             for _ in 0..4 {
                 for w in &weights {
                     plan.matvec_shaped(self, w, &x, &out, 1, &Epilogue::default(), Some(shape))?;
                 }
             }
-            let program = plan.build(self)?;
+            // A candidate this driver cannot build is left out (a subgroup kernel, say),
+            // not the end of the model's load.
+            let program = match plan.build(self) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("matvec shape {shape} left out on {}: {e}", self.info.name);
+                    continue;
+                }
+            };
             let mut best = f64::INFINITY;
             for run in 0..4 {
                 let t = std::time::Instant::now();
@@ -839,18 +859,21 @@ impl GpuWeight {
         }
         let format = format.for_cols(cols);
         let row_bytes = format.row_bytes(cols) as u64;
-        if row_bytes + 4 > max_chunk_bytes {
+        if row_bytes + 16 > max_chunk_bytes {
             return Err(Error::InvalidInput(format!(
                 "{label}: one row of {cols} {format} weights ({row_bytes} bytes) exceeds this GPU's largest binding ({max_chunk_bytes} bytes)"
             )));
         }
-        // Room for a padding word of scales.
-        let per_chunk = ((max_chunk_bytes - 4) / row_bytes).max(1) as usize;
+        // Room for the padding of the scales to a whole 128-bit word (the wide kernels
+        // read them as vec4s).
+        let per_chunk = ((max_chunk_bytes - 16) / row_bytes).max(1) as usize;
         let chunks = (0..rows)
             .step_by(per_chunk)
             .map(|row0| {
                 let n = per_chunk.min(rows - row0);
-                let (words, scale_word0) = format.pack(&w[row0 * cols..(row0 + n) * cols], cols);
+                let (mut words, scale_word0) =
+                    format.pack(&w[row0 * cols..(row0 + n) * cols], cols);
+                words.resize(words.len().next_multiple_of(4), 0);
                 WeightChunk {
                     buffer: gpu.upload_words(label, &words),
                     row0,
@@ -1057,7 +1080,8 @@ impl Plan {
                 )));
             }
         }
-        let shape = match (w.is_wide(), shape) {
+        let tiled = m >= MATMUL_MIN_ROWS && epi.input == MatvecInput::Plain;
+        let shape = match (w.is_wide() && !tiled, shape) {
             (false, _) => None,
             (true, Some(s)) => Some(s),
             (true, None) => Some(gpu.matvec_shape(w.format)?.0),
@@ -1092,7 +1116,7 @@ impl Plan {
             gpu.upload_f32("epilogue", &aux_words)
         };
         let max_x = gpu.limits.max_compute_workgroups_per_dimension as usize;
-        if m >= MATMUL_MIN_ROWS && epi.input == MatvecInput::Plain {
+        if tiled {
             let format = match w.format {
                 GpuFormat::F32 => 0,
                 GpuFormat::F16 => 1,

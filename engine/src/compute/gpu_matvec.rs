@@ -5,9 +5,11 @@
 //!
 //! The workgroup shape is not fixed: [`MatvecShape`] is chosen per adapter and weight
 //! format when a model first asks for it ([`super::gpu::Gpu::matvec_shape`]): on a
-//! hardware adapter by timing every candidate on a matrix of that format (a few ms), on a
+//! hardware adapter by timing every candidate on matrices of that format (four of 48 MB:
+//! their upload and the pipelines' builds take a fraction of a second at load), on a
 //! software one (lavapipe, whose speed means nothing) by a default; `PARLEY_GPU_MATVEC`
-//! (`WGxROWS`, e.g. `128x2`, optionally `,workgroup` to refuse subgroups) overrides both.
+//! (`WGxROWS`, e.g. `128x2`, optionally `,workgroup` to refuse subgroups and `,f16` for f16
+//! products of f16 weights) overrides both.
 //! Each shape is its own pipeline, built from the template on first use.
 
 use super::gpu::GpuFormat;
@@ -21,20 +23,23 @@ pub struct MatvecShape {
     pub rows: u32,
     /// Reduce with subgroup operations (needs wgpu's SUBGROUP feature).
     pub subgroups: bool,
+    /// f16 weights multiplied in f16 (needs SHADER_F16; other formats ignore it).
+    pub f16: bool,
 }
 
 impl std::fmt::Display for MatvecShape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}x{} {}",
+            "{}x{} {}{}",
             self.wg,
             self.rows,
             if self.subgroups {
                 "subgroup"
             } else {
                 "workgroup"
-            }
+            },
+            if self.f16 { " f16" } else { "" }
         )
     }
 }
@@ -44,7 +49,7 @@ pub const WORKGROUP_SIZES: [u32; 3] = [64, 128, 256];
 pub const ROWS_PER_WORKGROUP: [u32; 3] = [1, 2, 4];
 
 impl MatvecShape {
-    /// Every candidate on an adapter with (or without) subgroups.
+    /// Every candidate on an adapter with (or without) subgroups, f32 products.
     pub fn candidates(subgroups: bool) -> Vec<MatvecShape> {
         WORKGROUP_SIZES
             .iter()
@@ -53,9 +58,31 @@ impl MatvecShape {
                     wg,
                     rows,
                     subgroups,
+                    f16: false,
                 })
             })
             .collect()
+    }
+
+    /// Every candidate for `format` on an adapter: both reductions where it has
+    /// subgroups, and for f16 weights where it has SHADER_F16, f16 products too.
+    pub fn candidates_for(
+        format: GpuFormat,
+        subgroups: bool,
+        shader_f16: bool,
+    ) -> Vec<MatvecShape> {
+        let mut all = Self::candidates(false);
+        if subgroups {
+            all.extend(Self::candidates(true));
+        }
+        if format == GpuFormat::F16 && shader_f16 {
+            let half: Vec<MatvecShape> = all
+                .iter()
+                .map(|s| MatvecShape { f16: true, ..*s })
+                .collect();
+            all.extend(half);
+        }
+        all
     }
 
     /// The shape used without tuning: 64 invocations (two NVIDIA warps, one AMD wave64,
@@ -65,19 +92,18 @@ impl MatvecShape {
             wg: 64,
             rows: 2,
             subgroups,
+            f16: false,
         }
     }
 
-    /// Parses `PARLEY_GPU_MATVEC`'s `WGxROWS[,workgroup]`; subgroups stay on only where
-    /// the adapter has them.
-    pub fn parse(s: &str, subgroups: bool) -> Result<MatvecShape, String> {
-        let (dims, reduce) = match s.split_once(',') {
-            Some((d, r)) => (d, Some(r)),
-            None => (s, None),
-        };
+    /// Parses `PARLEY_GPU_MATVEC`'s `WGxROWS[,workgroup][,f16]`; subgroups and f16
+    /// products stay on only where the adapter has them.
+    pub fn parse(s: &str, subgroups: bool, shader_f16: bool) -> Result<MatvecShape, String> {
+        let mut parts = s.split(',');
+        let dims = parts.next().unwrap_or_default();
         let bad = || {
             format!(
-                "PARLEY_GPU_MATVEC `{s}`: expected WGxROWS with WG one of {WORKGROUP_SIZES:?} and ROWS one of {ROWS_PER_WORKGROUP:?}, optionally followed by `,workgroup`"
+                "PARLEY_GPU_MATVEC `{s}`: expected WGxROWS with WG one of {WORKGROUP_SIZES:?} and ROWS one of {ROWS_PER_WORKGROUP:?}, optionally followed by `,workgroup` and `,f16`"
             )
         };
         let (wg, rows) = dims.split_once('x').ok_or_else(bad)?;
@@ -86,27 +112,38 @@ impl MatvecShape {
         if !WORKGROUP_SIZES.contains(&wg) || !ROWS_PER_WORKGROUP.contains(&rows) {
             return Err(bad());
         }
-        let subgroups = match reduce.map(str::trim) {
-            None | Some("subgroup") => subgroups,
-            Some("workgroup") => false,
-            Some(_) => return Err(bad()),
-        };
-        Ok(MatvecShape {
+        let mut shape = MatvecShape {
             wg,
             rows,
             subgroups,
-        })
+            f16: false,
+        };
+        for opt in parts {
+            match opt.trim() {
+                "subgroup" => {}
+                "workgroup" => shape.subgroups = false,
+                "f16" => shape.f16 = shader_f16,
+                _ => return Err(bad()),
+            }
+        }
+        Ok(shape)
     }
 
     /// The kernel source for this shape.
     pub fn source(&self) -> String {
         let template = include_str!("../../../shaders/matvec_wide.wgsl");
-        let keep = if self.subgroups {
-            "subgroup"
-        } else {
-            "workgroup"
-        };
+        let keep = [
+            if self.subgroups {
+                "subgroup"
+            } else {
+                "workgroup"
+            },
+            if self.f16 { "f16math" } else { "f32math" },
+        ];
         let mut body = String::with_capacity(template.len() + 256);
+        if self.f16 {
+            body.push_str("enable f16;\n");
+        }
         // No `enable subgroups;`: naga (wgpu 30) takes the built-ins under wgpu's SUBGROUP
         // feature and refuses the directive as not yet implemented.
         body.push_str(&format!(
@@ -119,7 +156,7 @@ impl MatvecShape {
                 section = (name.trim() != "end").then_some(name.trim());
                 continue;
             }
-            if section.is_none_or(|s| s == keep) {
+            if section.is_none_or(|s| keep.contains(&s)) {
                 body.push_str(line);
                 body.push('\n');
             }
@@ -196,10 +233,6 @@ impl ShapeCheck {
 /// every format. The GPU tests and `parley bench gpu --check` run it.
 pub fn check_shapes(gpu: &super::gpu::Gpu) -> crate::Result<Vec<ShapeCheck>> {
     use super::gpu::{run_matvec, Epilogue, GpuWeight};
-    let mut shapes = MatvecShape::candidates(false);
-    if gpu.subgroups {
-        shapes.extend(MatvecShape::candidates(true));
-    }
     let mut seed = 21u32;
     let mut rnd = move || {
         seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
@@ -219,6 +252,7 @@ pub fn check_shapes(gpu: &super::gpu::Gpu) -> crate::Result<Vec<ShapeCheck>> {
             GpuFormat::Q8_0,
             GpuFormat::Q4,
         ] {
+            let shapes = MatvecShape::candidates_for(format, gpu.subgroups, gpu.shader_f16);
             let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
             let g = GpuWeight::upload(gpu, "check", &w, rows, cols, format, chunk)?;
             let held = format.round_trip(&w);
@@ -276,10 +310,16 @@ pub fn check_shapes(gpu: &super::gpu::Gpu) -> crate::Result<Vec<ShapeCheck>> {
                             .map(|(a, b)| (f64::from(*a) - b).abs())
                             .fold(0f64, f64::max);
                         let how = shape.map_or("tiled".to_string(), |s| s.to_string());
+                        // f16 products round the activations to 11 bits.
+                        let rel = if shape.is_some_and(|s| s.f16) {
+                            4e-3
+                        } else {
+                            2e-5
+                        };
                         checks.push(ShapeCheck {
                             case: format!("{format} {rows}x{cols} m {m} {name} {how}"),
                             error,
-                            bound: 2e-5 * size * (cols as f64).sqrt(),
+                            bound: rel * size * (cols as f64).sqrt(),
                         });
                     }
                 }
@@ -337,10 +377,11 @@ mod tests {
     #[test]
     fn every_shape_expands_to_valid_wgsl() {
         for subgroups in [false, true] {
-            for shape in MatvecShape::candidates(subgroups) {
+            for shape in MatvecShape::candidates_for(GpuFormat::F16, subgroups, true) {
                 let src = shape.source();
                 assert!(!src.contains("ENTRY_PARAMS") && !src.contains("REDUCE_"));
-                assert_eq!(src.contains("subgroupAdd"), subgroups, "{shape}");
+                assert_eq!(src.contains("subgroupAdd"), shape.subgroups, "{shape}");
+                assert_eq!(src.contains("vec4<f16>"), shape.f16, "{shape}");
                 let module = naga::front::wgsl::parse_str(&src)
                     .unwrap_or_else(|e| panic!("{shape}: {}", e.emit_to_string(&src)));
                 naga::valid::Validator::new(
@@ -355,14 +396,23 @@ mod tests {
 
     #[test]
     fn the_override_is_parsed_and_checked() {
-        let s = MatvecShape::parse("128x4", true).expect("parse");
-        assert_eq!((s.wg, s.rows, s.subgroups), (128, 4, true));
-        let s = MatvecShape::parse("256x1,workgroup", true).expect("parse");
-        assert!(!s.subgroups);
-        // Subgroups are never asked of an adapter without them.
-        assert!(!MatvecShape::parse("64x2", false).expect("parse").subgroups);
+        let s = MatvecShape::parse("128x4", true, true).expect("parse");
+        assert_eq!((s.wg, s.rows, s.subgroups, s.f16), (128, 4, true, false));
+        let s = MatvecShape::parse("256x1,workgroup,f16", true, true).expect("parse");
+        assert!(!s.subgroups && s.f16);
+        // Subgroups and f16 are never asked of an adapter without them.
+        assert!(
+            !MatvecShape::parse("64x2", false, false)
+                .expect("parse")
+                .subgroups
+        );
+        assert!(
+            !MatvecShape::parse("64x2,f16", true, false)
+                .expect("parse")
+                .f16
+        );
         for bad in ["", "64", "64x3", "96x2", "64x2,warp", "x2", "64x-1"] {
-            let e = MatvecShape::parse(bad, true).expect_err(bad);
+            let e = MatvecShape::parse(bad, true, true).expect_err(bad);
             assert!(
                 e.contains("PARLEY_GPU_MATVEC") && e.contains("WGxROWS"),
                 "{e}"

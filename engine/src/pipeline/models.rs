@@ -336,6 +336,9 @@ impl Models {
     /// Clears every model's streaming state.
     pub fn reset(&mut self) {
         self.mimi.reset();
+        if let Some(g) = &mut self.gpu_mimi {
+            g.reset();
+        }
         if let Some(m) = &mut self.listen {
             m.gen.reset();
         }

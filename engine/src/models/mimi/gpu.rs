@@ -609,7 +609,15 @@ impl<'a> Planner<'a> {
                 "{label}: transformers with input or output projections are not on the GPU"
             ))
         })?;
-        check_transformer(label, t, false)?;
+        // No sinusoidal embeddings (the layers add none), and a context of at least a
+        // call's rows (the window of its first row).
+        check_transformer(label, t, true)?;
+        let (dims, _, _) = t.parts();
+        if dims.context.is_none_or(|c| c < ROWS) {
+            return Err(Error::InvalidInput(format!(
+                "{label}: the GPU codec needs an attention context of at least {ROWS} steps"
+            )));
+        }
         let rings = self.b.rings(label, t, 0)?;
         let scratch = self.b.scratch(label, t, 0)?;
         let x = self.gpu.activations(label, t.d_model());
@@ -960,6 +968,7 @@ impl GpuMimi {
             },
         );
         let y = p.gpu.activations("latent out", dim);
+        let mut wrote_y = false;
         for (k, (rvq, books)) in [&first, &rest].into_iter().zip(&tables).enumerate() {
             let used: Vec<_> = books.iter().collect();
             if used.is_empty() {
@@ -979,10 +988,11 @@ impl GpuMimi {
                 &y,
                 1,
                 &Epilogue {
-                    accumulate: k > 0,
+                    accumulate: wrote_y,
                     ..Default::default()
                 },
             )?;
+            wrote_y = true;
         }
         let up_spec = *up.spec();
         let (None, Some(up_kernel)) = up.kernel() else {
