@@ -29,9 +29,19 @@ fn every_shader_validates_with_naga() {
             "{name} is not embedded in SHADERS or TEMPLATES"
         );
     }
-    for (name, src) in SHADERS {
-        let module = naga::front::wgsl::parse_str(src)
-            .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(src)));
+    // The templates in every shape they expand to.
+    let expanded: Vec<(String, String)> = [false, true]
+        .into_iter()
+        .flat_map(|sg| MatvecShape::candidates_for(GpuFormat::F16, sg, true))
+        .map(|shape| (format!("{} {shape}", TEMPLATES[0]), shape.source()))
+        .collect();
+    let all = SHADERS
+        .iter()
+        .map(|(n, s)| (n.to_string(), s.to_string()))
+        .chain(expanded);
+    for (name, src) in all {
+        let module = naga::front::wgsl::parse_str(&src)
+            .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
         naga::valid::Validator::new(
             naga::valid::ValidationFlags::all(),
             naga::valid::Capabilities::all(),

@@ -8,9 +8,11 @@
 mod common_gpu;
 use common_gpu::any_gpu;
 
+#[path = "common/speech.rs"]
+mod speech;
+use speech::{max_abs_diff, speech};
 use std::path::Path;
 
-use parley_engine::audio::file::read_audio_24k;
 use parley_engine::models::mimi::gpu::GpuMimi;
 use parley_engine::models::mimi::{Mimi, MimiConfig};
 use parley_engine::models::weights::Weights;
@@ -19,21 +21,6 @@ fn fixture() -> Mimi {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mimi-tiny");
     let cfg = MimiConfig::from_json_file(&dir.join("mimi_config.json")).expect("config");
     Mimi::load(&dir.join("mimi.safetensors"), cfg, 8).expect("mimi")
-}
-
-fn speech() -> Vec<f32> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mimi-tiny/input.wav");
-    let mut pcm = read_audio_24k(&path).expect("read");
-    pcm.truncate(pcm.len() / 1920 * 1920);
-    pcm
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
 }
 
 #[test]

@@ -1,29 +1,16 @@
 //! Mimi's streaming contract at full size: streaming equals offline, and state is bounded.
 
+#[path = "common/speech.rs"]
+mod speech;
+use speech::{max_abs_diff, speech};
 use std::path::Path;
 
 use candle_core::Tensor;
-use parley_engine::audio::file::read_audio_24k;
 use parley_engine::models::mimi::{Codes, Mimi, MimiConfig};
 use parley_engine::models::weights::Weights;
 
-fn speech() -> Vec<f32> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mimi-tiny/input.wav");
-    let mut pcm = read_audio_24k(&path).expect("read");
-    pcm.truncate(pcm.len() / 1920 * 1920);
-    pcm
-}
-
 fn max_abs(a: &[f32]) -> f32 {
     a.iter().fold(0f32, |m, x| m.max(x.abs()))
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
 }
 
 /// The published architecture with random weights, on 4.6 s of speech: shorter than the

@@ -31,8 +31,8 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("matmul.wgsl", include_str!("../../../shaders/matmul.wgsl")),
 ];
 
-/// Shader templates, expanded at run time (their expansions are validated by the unit
-/// tests of `gpu_matvec`).
+/// Shader templates, expanded at run time (`tests/gpu_kernels.rs` validates every
+/// expansion).
 pub const TEMPLATES: &[&str] = &["matvec_wide.wgsl"];
 
 /// Every entry point Parley dispatches, with its file: one pipeline each, built when the

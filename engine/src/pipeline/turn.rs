@@ -273,6 +273,20 @@ impl<'a> TurnStage<'a> {
         self
     }
 
+    /// Takes every verdict Smart Turn still owes, waiting for each (5 s at most).
+    fn wait_verdicts(&mut self, frame: u64, out: &mut Outbox<'_>) {
+        while self.waiting > 0 {
+            let Some(v) = self
+                .smart
+                .as_ref()
+                .and_then(|w| w.wait_result(Duration::from_secs(5)))
+            else {
+                break;
+            };
+            self.on_verdict(v, frame, out);
+        }
+    }
+
     fn settings(&self) -> TurnSettings {
         self.models.settings
     }
@@ -447,15 +461,8 @@ impl Stage for TurnStage<'_> {
                 }
             }
         }
-        while s.verdict_in_frame && self.waiting > 0 {
-            let Some(v) = self
-                .smart
-                .as_ref()
-                .and_then(|w| w.wait_result(Duration::from_secs(5)))
-            else {
-                break;
-            };
-            self.on_verdict(v, index, out);
+        if s.verdict_in_frame {
+            self.wait_verdicts(index, out);
         }
         while let Some(v) = self.smart.as_ref().and_then(Worker::try_result) {
             self.on_verdict(v, index, out);
@@ -489,16 +496,7 @@ impl Stage for TurnStage<'_> {
 
     fn finish(&mut self, last: u64, out: &mut Outbox<'_>) -> Result<()> {
         // A verdict on the last pause still comes out before the session ends.
-        while self.waiting > 0 {
-            let Some(v) = self
-                .smart
-                .as_ref()
-                .and_then(|w| w.wait_result(Duration::from_secs(5)))
-            else {
-                break;
-            };
-            self.on_verdict(v, last, out);
-        }
+        self.wait_verdicts(last, out);
         Ok(())
     }
 

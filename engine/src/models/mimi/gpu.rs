@@ -750,13 +750,7 @@ impl GpuMimiEncoder<'_> {
 
     /// One frame of `frame_size` samples to one code per active codebook.
     pub fn step(&mut self, frame: &[f32]) -> Result<Vec<u32>> {
-        if frame.len() != self.frame_size {
-            return Err(Error::InvalidInput(format!(
-                "encode_step takes one frame of {} samples, got {}",
-                self.frame_size,
-                frame.len()
-            )));
-        }
+        super::check_frame(frame, self.frame_size)?;
         let got = self
             .half
             .run(self.gpu, bytemuck::cast_slice(frame), self.block_stride)?;

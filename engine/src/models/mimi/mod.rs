@@ -363,6 +363,17 @@ impl FrameDecoder for gpu::GpuMimi {
     }
 }
 
+/// An encoder's input must be one whole frame.
+fn check_frame(frame: &[f32], frame_size: usize) -> Result<()> {
+    if frame.len() != frame_size {
+        return Err(Error::InvalidInput(format!(
+            "encode_step takes one frame of {frame_size} samples, got {}",
+            frame.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The streaming encoder of a [`Mimi`] ([`Mimi::halves`]).
 pub struct MimiEncoder<'a> {
     encoder: &'a mut SeanetEncoder,
@@ -393,13 +404,7 @@ impl MimiEncoder<'_> {
     /// One frame of exactly `frame_size` samples to one code per codebook, as
     /// [`Mimi::encode_step`].
     pub fn step(&mut self, frame: &[f32]) -> Result<Vec<u32>> {
-        if frame.len() != self.frame_size {
-            return Err(Error::InvalidInput(format!(
-                "encode_step takes one frame of {} samples, got {}",
-                self.frame_size,
-                frame.len()
-            )));
-        }
+        check_frame(frame, self.frame_size)?;
         let codes = crate::compute::cpu::on_pool(|| self.encode_frames(frame))?;
         Ok(codes.into_iter().map(|row| row[0]).collect())
     }
