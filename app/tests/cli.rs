@@ -434,6 +434,30 @@ fn gpu_device_gives_the_cpu_transcript_and_reply() {
         .zip(&gpu_wav)
         .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(e < 1e-4, "the replies differ by {e}");
+    // PARLEY_MIMI=cpu keeps the codec on the CPU beside the GPU's LM, and says so.
+    let out = Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args([
+            "moshi",
+            s(&input),
+            "--model-dir",
+            s(&moshi),
+            "--out",
+            s(&tmp("reply_gpu_cpu_mimi.wav")),
+            "--temp",
+            "0",
+            "--temp-text",
+            "0",
+            "--device",
+            "gpu",
+            "--precision",
+            "f32",
+        ])
+        .env("PARLEY_MIMI", "cpu")
+        .output()
+        .expect("run");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("Mimi on the CPU (PARLEY_MIMI=cpu)"), "{log}");
 }
 
 /// The latency harness streams the generated dialogue through the pipeline on the

@@ -1053,14 +1053,30 @@ impl GpuMimi {
 
     /// `mimi` on `gpu` where a model runs on one, else (or where the upload fails) None;
     /// with the words a device line gives it ("Mimi on the GPU", or on the CPU and why).
+    /// `PARLEY_MIMI=cpu` keeps the codec on the CPU (any other value is said and
+    /// ignored).
     pub fn beside(gpu: Option<&Arc<Gpu>>, mimi: &Mimi) -> (Option<Self>, String) {
-        match gpu {
+        let (gpu, note) = match std::env::var("PARLEY_MIMI").as_deref() {
+            Ok("cpu") => (
+                None,
+                if gpu.is_some() {
+                    " (PARLEY_MIMI=cpu)"
+                } else {
+                    ""
+                }
+                .to_string(),
+            ),
+            Ok("gpu") | Err(_) => (gpu, String::new()),
+            Ok(other) => (gpu, format!(" (PARLEY_MIMI=`{other}` ignored: cpu or gpu)")),
+        };
+        let (m, line) = match gpu {
             Some(g) => match Self::new(g, mimi) {
-                Ok(m) => (Some(m), "Mimi on the GPU".into()),
+                Ok(m) => (Some(m), "Mimi on the GPU".to_string()),
                 Err(e) => (None, format!("Mimi on the CPU ({e})")),
             },
-            None => (None, "Mimi on the CPU".into()),
-        }
+            None => (None, "Mimi on the CPU".to_string()),
+        };
+        (m, format!("{line}{note}"))
     }
 
     /// Kernel dispatches of one encoder and one decoder frame.
