@@ -8,8 +8,10 @@
 # With cargo, it builds the release binary and also runs the GPU test files. Without cargo
 # (a GPU machine that only receives a binary), set PARLEY to a release build of `parley`
 # made elsewhere (no debug info: `CARGO_PROFILE_RELEASE_DEBUG=0 cargo build --release -p
-# parley`, then `strip`). Vulkan's loader must be installed (libvulkan1); WGPU_BACKEND
-# picks another backend.
+# parley`, then `strip`: about 46 MB, glibc 2.35 or newer). Vulkan's loader must be
+# installed (libvulkan1); the binary also links libasound2 (cpal) and libgomp1: carry their
+# .deb files beside the loader's where the machine lacks them (`ldd "$PARLEY"` says).
+# WGPU_BACKEND picks another backend.
 #
 # Files: devices.txt (the adapters), check.json (`bench gpu --check-only`: every
 # matrix-vector shape and format against an f64 definition, the tiled kernel too; random
