@@ -22,6 +22,10 @@ struct Params {
     aux_scale: u32,
     format: u32,
     x_stride: u32,
+    out_base: u32,
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
 }
 
 @group(0) @binding(0) var<storage, read> w: array<u32>;
@@ -100,7 +104,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
     let i = i0 + lid.y;
     if (j < p.rows && i < p.m) {
         let jj = p.out_row0 + j;
-        let o = i * p.out_stride + jj;
+        let o = p.out_base + i * p.out_stride + jj;
         var v = acc;
         if ((p.flags & 2u) != 0u) { v = v + aux[p.aux_bias + jj]; }
         if ((p.flags & 4u) != 0u) { v = v * aux[p.aux_scale + jj]; }

@@ -37,7 +37,8 @@ struct Params {
     x_stride: u32,
     aux_norm: u32,
     eps: f32,
-    _p0: u32,
+    // Where output row i starts before its stride (a buffer shared with other data).
+    out_base: u32,
     _p1: u32,
 }
 
@@ -77,7 +78,7 @@ fn f16_scale(row: u32, block: u32) -> f32 {
 // The epilogue of output row `row` (the workgroup's `r`-th), after the reduction.
 fn store(r: u32, row: u32, i: u32) {
     let j = p.out_row0 + row;
-    let o = i * p.out_stride + j;
+    let o = p.out_base + i * p.out_stride + j;
     var v = totals[r];
     if ((p.flags & 16u) != 0u) {
         v = v / sqrt(totals[ROWS] / f32(p.cols) + p.eps);

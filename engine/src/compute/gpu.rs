@@ -961,6 +961,11 @@ pub struct Epilogue {
     pub scale: Option<Vec<f32>>,
     /// What the product reads: fused inputs need a wide weight ([`GpuWeight::is_wide`]).
     pub input: MatvecInput,
+    /// Values between activation rows in `x` (0: the row length; a streaming
+    /// convolution's windows overlap). Not for the scalar kernels ([`Plan::reads_strided`]).
+    pub x_stride: usize,
+    /// Where the output starts in `out` (a region of a buffer shared with other data).
+    pub out_base: usize,
 }
 
 /// Builds a model's program: every dispatch of a step with its parameters, laid out in
@@ -1021,6 +1026,14 @@ impl Plan {
         self.dispatch(entry, resources, [x as u32, groups.div_ceil(x) as u32, 1]);
     }
 
+    /// Whether a product of `w` over `m` rows may read activation rows at any stride and
+    /// write at an offset ([`Epilogue::x_stride`], [`Epilogue::out_base`]): the wide
+    /// kernels (whose rows start on whole vec4s: a stride that is a multiple of 4) and
+    /// the tiled one.
+    pub fn reads_strided(w: &GpuWeight, m: usize) -> bool {
+        m >= MATMUL_MIN_ROWS || w.is_wide()
+    }
+
     /// A window of the arena for a second (third...) per-step block, written each step
     /// with the first: `index` blocks of `bytes` after the start, each aligned.
     pub fn step_block_at(&self, index: usize, bytes: usize) -> Res {
@@ -1064,6 +1077,13 @@ impl Plan {
                     w.rows
                 )));
             }
+        }
+        let strided = epi.x_stride != 0 || epi.out_base != 0;
+        if strided && !Plan::reads_strided(w, m) {
+            return Err(Error::InvalidInput(format!(
+                "a strided input or offset output for a {}x{} {} matrix at {m} rows, which only the wide and tiled kernels take",
+                w.rows, w.cols, w.format
+            )));
         }
         if epi.input != MatvecInput::Plain && !w.is_wide() {
             return Err(Error::InvalidInput(format!(
@@ -1144,7 +1164,15 @@ impl Plan {
                     aux_bias as u32,
                     aux_scale as u32,
                     format,
-                    w.cols as u32,
+                    if epi.x_stride != 0 {
+                        epi.x_stride
+                    } else {
+                        w.cols
+                    } as u32,
+                    epi.out_base as u32,
+                    0,
+                    0,
+                    0,
                 ]);
                 self.dispatch(
                     "matmul",
@@ -1161,11 +1189,16 @@ impl Plan {
             return Ok(());
         }
         if let Some(shape) = shape {
-            let x_stride = if epi.input == MatvecInput::Gated {
-                2 * w.cols
-            } else {
-                w.cols
+            let x_stride = match (epi.x_stride, &epi.input) {
+                (0, MatvecInput::Gated) => 2 * w.cols,
+                (0, _) => w.cols,
+                (s, _) => s,
             };
+            if x_stride % 4 != 0 {
+                return Err(Error::InvalidInput(format!(
+                    "the wide kernels read whole vec4s: an activation stride of {x_stride}"
+                )));
+            }
             for c in &w.chunks {
                 let groups = c.rows.div_ceil(shape.rows as usize);
                 let per_y = groups.min(max_x);
@@ -1184,7 +1217,7 @@ impl Plan {
                     x_stride as u32,
                     aux_norm as u32,
                     eps.to_bits(),
-                    0,
+                    epi.out_base as u32,
                     0,
                 ]);
                 self.dispatches.push(PlannedDispatch {
@@ -1399,9 +1432,9 @@ impl GpuMatrix {
     }
 }
 
-/// Runs one product of `w` and reads it back: `out` starts as `init` (`m` rows of
-/// `w.rows`, what an accumulating epilogue adds to), `x` holds `m` input rows (each twice
-/// as long for a gated input). `shape`: a wide shape to force, else the adapter's. For
+/// Runs one product of `w` and reads it back: `out` starts as `init` (`out_base` values,
+/// then `m` rows of `w.rows`, what an accumulating epilogue adds to), `x` holds `m` input
+/// rows (each twice as long for a gated input), `x_stride` apart if the epilogue says. `shape`: a wide shape to force, else the adapter's. For
 /// tests and tools.
 pub fn run_matvec(
     gpu: &Gpu,
@@ -1417,7 +1450,11 @@ pub fn run_matvec(
     } else {
         w.cols
     };
-    if m == 0 || x.len() != m * width || init.len() != m * w.rows {
+    let x_len = match epi.x_stride {
+        0 => m * width,
+        s => (m.max(1) - 1) * s + width,
+    };
+    if m == 0 || x.len() != x_len || init.len() != epi.out_base + m * w.rows {
         return Err(Error::InvalidInput(format!(
             "matvec: {} inputs and {} outputs for {m} rows of a {}x{} matrix",
             x.len(),

@@ -284,6 +284,7 @@ pub fn check_shapes(gpu: &super::gpu::Gpu) -> crate::Result<Vec<ShapeCheck>> {
                         bias: Some(bias.clone()),
                         scale: Some(scale.clone()),
                         input: input.clone(),
+                        ..Default::default()
                     };
                     let name = match input {
                         MatvecInput::Plain => "plain",
@@ -320,6 +321,41 @@ pub fn check_shapes(gpu: &super::gpu::Gpu) -> crate::Result<Vec<ShapeCheck>> {
                             case: format!("{format} {rows}x{cols} m {m} {name} {how}"),
                             error,
                             bound: rel * size * (cols as f64).sqrt(),
+                        });
+                    }
+                    // The same rows read 8 values apart (overlapping windows when that is
+                    // less than a row, as a convolution's are) into an offset output.
+                    if input == MatvecInput::Plain {
+                        let stride = cols + 8;
+                        let mut xs = vec![0f32; (m - 1) * stride + cols];
+                        for i in 0..m {
+                            xs[i * stride..i * stride + cols]
+                                .copy_from_slice(&x[i * cols..(i + 1) * cols]);
+                        }
+                        let base = 5;
+                        let mut init2 = vec![7f32; base];
+                        init2.extend_from_slice(&init);
+                        let epi = Epilogue {
+                            x_stride: stride,
+                            out_base: base,
+                            ..epi.clone()
+                        };
+                        let got = run_matvec(gpu, &g, &xs, m, &init2, &epi, None)?;
+                        let kept = got[..base].iter().all(|&v| v == 7.0);
+                        let error = got[base..]
+                            .iter()
+                            .zip(&want)
+                            .map(|(a, b)| (f64::from(*a) - b).abs())
+                            .fold(if kept { 0f64 } else { f64::INFINITY }, f64::max);
+                        let how = if m >= super::gpu::MATMUL_MIN_ROWS {
+                            "tiled".to_string()
+                        } else {
+                            gpu.matvec_shape(format)?.0.to_string()
+                        };
+                        checks.push(ShapeCheck {
+                            case: format!("{format} {rows}x{cols} m {m} strided {how}"),
+                            error,
+                            bound: 2e-5 * size * (cols as f64).sqrt(),
                         });
                     }
                 }

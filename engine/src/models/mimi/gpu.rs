@@ -23,7 +23,8 @@ use super::seanet::LayerRef;
 use super::Mimi;
 use crate::compute::cpu::Matrix;
 use crate::compute::gpu::{
-    Epilogue, Gpu, GpuFormat, GpuWeight, Plan, Program, Res, StepBlock, STEP_BLOCK_BYTES,
+    Epilogue, Gpu, GpuFormat, GpuWeight, Plan, Program, Res, StepBlock, MATMUL_MIN_ROWS,
+    STEP_BLOCK_BYTES,
 };
 use crate::models::lm::gpu::{check_transformer, Builder, Rings, Scratch};
 use crate::models::transformer::{rope_table, StreamingTransformer};
@@ -270,8 +271,31 @@ impl<'a> Planner<'a> {
         accumulate: bool,
     ) -> Result<()> {
         let spec = *c.spec();
-        let w = self.weight(label, c.weight())?;
         let t_out = s.t_in / spec.stride;
+        // Windows of `k` rows, `stride` rows apart, are the rows of a matrix product
+        // reading overlapping activation rows: the mat-vec or tiled kernels where they
+        // take that layout (coalesced weight reads), else one invocation per output.
+        let x_stride = spec.stride * spec.in_channels;
+        let gw = self.b.upload_as(label, c.weight(), GpuFormat::F32)?;
+        if spec.dilation == 1
+            && (t_out >= MATMUL_MIN_ROWS || (gw.is_wide() && x_stride.is_multiple_of(4)))
+        {
+            return self.b.plan.matvec(
+                self.gpu,
+                &gw,
+                &s.full,
+                &dst.buf,
+                t_out,
+                &Epilogue {
+                    accumulate,
+                    bias: c.bias().map(<[f32]>::to_vec),
+                    x_stride,
+                    out_base: dst.off,
+                    ..Default::default()
+                },
+            );
+        }
+        let w = self.weight(label, c.weight())?;
         let bias = match c.bias() {
             Some(b) => self.gpu.upload_f32("bias", b),
             None => self.dummy.clone(),
@@ -446,36 +470,18 @@ impl<'a> Planner<'a> {
                 (LayerRef::ConvTr(c), LayerState::ConvTr(input, cols, tail)) => {
                     let spec = *c.spec();
                     let (cout, s) = (spec.out_channels, spec.stride);
-                    let width = spec.kernel_size * cout;
                     match c.kernel() {
                         (Some(m), _) => {
-                            let w = self.weight(&name, m)?;
-                            let p = self.params([
-                                (t * width) as u32,
-                                0,
-                                0,
-                                spec.in_channels as u32,
-                                width as u32,
-                                1,
-                                1,
-                                1,
-                                0,
-                                0,
-                                0,
-                                0,
-                            ]);
-                            let dummy = self.dummy.clone();
-                            self.b.plan.dispatch_n(
-                                "conv1d",
-                                vec![
-                                    (0, Res::Buffer(input.clone())),
-                                    (1, Res::Buffer(cols.clone())),
-                                    (2, p),
-                                    (3, Res::Buffer(w)),
-                                    (4, Res::Buffer(dummy)),
-                                ],
-                                t * width,
-                            );
+                            // Each input row's contribution to `k` output rows: a product.
+                            let w = self.b.upload_as(&name, m, GpuFormat::F32)?;
+                            self.b.plan.matvec(
+                                self.gpu,
+                                &w,
+                                input,
+                                cols,
+                                t,
+                                &Epilogue::default(),
+                            )?;
                         }
                         (None, Some(k)) => {
                             let w = self.gpu.upload_f32(&name, k);
