@@ -17,8 +17,8 @@
 # matrix-vector shape and format against an f64 definition, the tiled kernel too; random
 # scaled-down STT and Moshi LMs over 100 greedy steps against the CPU; Mimi's GPU codec
 # against the CPU's), stt.json (stt-1b-en_fr in f16, q8_0 and q4 with every kernel shape
-# timed, and the listen frame with Mimi's encoder on the GPU), moshi.json (moshi-7b in q4
-# and q8_0: the LM step and the whole duplex frame, Mimi on the GPU), tests.log (with
+# timed, and the listen frame with Mimi's encoder on the GPU), moshi.json (moshi-7b in q4:
+# the LM step and the whole duplex frame, Mimi on the GPU), tests.log (with
 # cargo), summary.txt. Exits non-zero if any part failed; the parts after a failure still
 # run.
 set -uo pipefail
@@ -64,5 +64,6 @@ step() {
 "$PARLEY" devices >"$out/devices.txt" 2>&1 || true
 step check 240 bench gpu --check-only --device gpu
 step stt 240 bench gpu --preset stt-1b-en_fr --dtype f16,q8_0,q4 --tune --steps 50 --json --device gpu
-step moshi 300 bench gpu --preset moshi-7b --dtype q4,q8_0 --steps 50 --json --device gpu
+# One format: the 7B's random weights take most of this step to make on the host.
+step moshi 360 bench gpu --preset moshi-7b --dtype q4 --steps 50 --json --device gpu
 exit $status
