@@ -130,13 +130,14 @@ impl WeightPrecision {
 /// Mimi, the rest of the process and of the machine).
 pub const AUTO_HEADROOM: f64 = 1.25;
 
-/// Runs `f` on one of rayon's worker threads and returns its result. A step of a model
-/// runs a hundred parallel products with short serial work between them: from inside the
-/// pool, each product is a fork-join among workers that are still awake, where from
-/// outside it every product wakes the sleeping workers anew (measured: the 2-thread LM
-/// step lost about a tenth of its time that way).
+/// Runs `f` (one step of a model) on one of rayon's worker threads, with the others
+/// spinning beside it to share its parallel loops ([`super::team`]), and returns its
+/// result. A step runs a hundred parallel products with short serial work between them:
+/// from outside the pool every product would wake the sleeping workers anew (measured:
+/// the 2-thread LM step lost about a tenth of its time that way), and inside it rayon's
+/// workers still fall asleep between products.
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
+    super::team::session(f)
 }
 
 /// This CPU's model name (`/proc/cpuinfo`) and the quantized kernels' instruction set,
@@ -674,9 +675,11 @@ fn run_rows<T: Sync>(
         return;
     }
     let block = rows.div_ceil(threads * 4).max(1);
-    w.par_chunks(block * stride)
-        .zip(out_t.par_chunks_mut(block * m))
-        .for_each(|(wb, ob)| kernel(wb, x, m, ob));
+    super::team::chunks_mut(out_t, block * m, |i, ob| {
+        let start = i * block * stride;
+        let end = (start + block * stride).min(w.len());
+        kernel(&w[start..end], x, m, ob)
+    });
 }
 
 /// Weight storage the kernel reads in units that each widen to two f32 SIMD vectors.

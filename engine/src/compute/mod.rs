@@ -6,6 +6,7 @@ pub mod cpu;
 pub mod gpu;
 pub mod gpu_matvec;
 pub mod quant;
+pub mod team;
 
 /// The weight format asked for on the command line, for whichever device runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

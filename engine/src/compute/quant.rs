@@ -30,7 +30,6 @@
 //! Blocks past a row's end are zero.
 
 use half::f16;
-use rayon::prelude::*;
 
 use crate::{Error, Result};
 
@@ -469,10 +468,7 @@ impl QMatrix {
             // A few runs of whole groups per thread; four groups (16 rows) keep the blocks
             // of `out_t` on separate cache lines.
             let per = groups.div_ceil(threads * 8).next_multiple_of(4);
-            out_t
-                .par_chunks_mut(per * GROUP * m)
-                .enumerate()
-                .for_each(|(c, out)| run(c * per, out));
+            super::team::chunks_mut(&mut out_t, per * GROUP * m, |c, out| run(c * per, out));
         }
         out_t.truncate(self.rows * m);
         Ok(super::cpu::transpose(out_t, self.rows, m))

@@ -15,7 +15,6 @@
 //! kept for token-exact parity; [`StreamingTransformer::set_window`] gives the offline
 //! semantics instead.
 
-use rayon::prelude::*;
 
 use crate::compute::cpu::{dot_rows, weighted_sum_rows, Matrix, RowsRef, WeightPrecision};
 use crate::models::weights::Weights;
@@ -900,40 +899,37 @@ fn layer_step(
     // model's step at full context), `[heads][t][head_dim]`, then into `[t][d]`.
     let kv = &*kv;
     let mut per_head = vec![0f32; t * d];
-    per_head
-        .par_chunks_mut(t * hd)
-        .enumerate()
-        .for_each(|(h, out)| {
-            let mut scores = vec![0f32; cap * t];
-            let mut probs = vec![0f32; cap];
-            // scores[j * t + i]: key slot j against query i.
-            dot_rows(
-                kv.head_keys(h),
-                hd,
-                &q[h * t * hd..(h + 1) * t * hd],
-                t,
-                &mut scores,
-            );
-            for i in 0..t {
-                let pos_q = (offset + i) as i64;
-                for (j, p) in probs.iter_mut().enumerate() {
-                    let pk = kv.pos[j];
-                    let delta = pos_q - pk;
-                    *p = if pk >= 0 && delta >= 0 && delta < context {
-                        scores[j * t + i]
-                    } else {
-                        f32::NEG_INFINITY
-                    };
-                }
-                softmax_masked(&mut probs);
-                weighted_sum_rows(
-                    kv.head_values(h),
-                    hd,
-                    &probs,
-                    &mut out[i * hd..(i + 1) * hd],
-                );
+    crate::compute::team::chunks_mut(&mut per_head, t * hd, |h, out| {
+        let mut scores = vec![0f32; cap * t];
+        let mut probs = vec![0f32; cap];
+        // scores[j * t + i]: key slot j against query i.
+        dot_rows(
+            kv.head_keys(h),
+            hd,
+            &q[h * t * hd..(h + 1) * t * hd],
+            t,
+            &mut scores,
+        );
+        for i in 0..t {
+            let pos_q = (offset + i) as i64;
+            for (j, p) in probs.iter_mut().enumerate() {
+                let pk = kv.pos[j];
+                let delta = pos_q - pk;
+                *p = if pk >= 0 && delta >= 0 && delta < context {
+                    scores[j * t + i]
+                } else {
+                    f32::NEG_INFINITY
+                };
             }
-        });
+            softmax_masked(&mut probs);
+            weighted_sum_rows(
+                kv.head_values(h),
+                hd,
+                &probs,
+                &mut out[i * hd..(i + 1) * hd],
+            );
+        }
+    });
     let attn = heads_to_rows(&per_head, t, dims);
     let update = layer.out_proj[widx].matmul_t(&attn, t)?;
     residual_add(x, &update, layer.scale1.as_deref(), d);
@@ -960,30 +956,27 @@ fn cross_block(
     let h = c.norm.forward(x, d);
     let qh = queries_by_head(&c.q_proj.matmul_t(&h, t)?, d, t, dims);
     let mut per_head = vec![0f32; t * d];
-    per_head
-        .par_chunks_mut(t * hd)
-        .enumerate()
-        .for_each(|(head, out)| {
-            let keys = src.k.rows(head * n * hd, n * hd);
-            let values = src.v.rows(head * n * hd, n * hd);
-            // scores[j * t + i]: key j against query i.
-            let mut scores = vec![0f32; n * t];
-            dot_rows(
-                keys,
-                hd,
-                &qh[head * t * hd..(head + 1) * t * hd],
-                t,
-                &mut scores,
-            );
-            let mut probs = vec![0f32; n];
-            for i in 0..t {
-                for (j, p) in probs.iter_mut().enumerate() {
-                    *p = scores[j * t + i];
-                }
-                softmax_masked(&mut probs);
-                weighted_sum_rows(values, hd, &probs, &mut out[i * hd..(i + 1) * hd]);
+    crate::compute::team::chunks_mut(&mut per_head, t * hd, |head, out| {
+        let keys = src.k.rows(head * n * hd, n * hd);
+        let values = src.v.rows(head * n * hd, n * hd);
+        // scores[j * t + i]: key j against query i.
+        let mut scores = vec![0f32; n * t];
+        dot_rows(
+            keys,
+            hd,
+            &qh[head * t * hd..(head + 1) * t * hd],
+            t,
+            &mut scores,
+        );
+        let mut probs = vec![0f32; n];
+        for i in 0..t {
+            for (j, p) in probs.iter_mut().enumerate() {
+                *p = scores[j * t + i];
             }
-        });
+            softmax_masked(&mut probs);
+            weighted_sum_rows(values, hd, &probs, &mut out[i * hd..(i + 1) * hd]);
+        }
+    });
     let update = c.out_proj.matmul_t(&heads_to_rows(&per_head, t, dims), t)?;
     residual_add(x, &update, c.scale.as_deref(), d);
     Ok(())
