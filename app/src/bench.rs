@@ -43,7 +43,7 @@ pub enum BenchCommand {
 pub struct TtsBench {
     #[arg(long, default_value = "tts-1.6b-en_fr")]
     preset: String,
-    /// f32, bf16, q8_0 or q4 (the CPU's formats); Mimi in q8_0 beside q8_0 and q4.
+    /// f32, bf16, q8_0, q5 or q4 (the CPU's formats); Mimi in q8_0 beside q8_0, q5 and q4.
     #[arg(long, default_value = "q8_0")]
     precision: parley_engine::compute::Dtype,
     /// Audio codebooks to generate (32; Kyutai's own server uses 24).
@@ -99,7 +99,7 @@ pub struct GpuBench {
 pub struct LoadBench {
     #[arg(long)]
     model_dir: std::path::PathBuf,
-    /// f32, bf16, q8_0 or q4 (the CPU's formats).
+    /// f32, bf16, q8_0, q5 or q4 (the CPU's formats).
     #[arg(long, default_value = "bf16")]
     precision: parley_engine::compute::cpu::WeightPrecision,
     /// A published layout to write (random weights) into --model-dir first.
@@ -223,7 +223,7 @@ fn bench_gpu(b: GpuBench) -> Result<()> {
     let speaks = cfg.dep_q > 0;
     let mut runs = vec![];
     for &dtype in &b.dtype {
-        let format = dtype.gpu();
+        let format = dtype.gpu()?;
         let (shape, chosen) = gpu.matvec_shape(format)?;
         let tuned: Vec<serde_json::Value> = if b.tune {
             gpu.tune_matvec(format)?
@@ -905,7 +905,7 @@ fn bench_tts(b: TtsBench) -> Result<()> {
             (m, bytes)
         }
         Backend::Gpu(g) => {
-            let f = b.precision.gpu();
+            let f = b.precision.gpu()?;
             let host = match f {
                 GpuFormat::F32 | GpuFormat::F16 => {
                     parley_engine::compute::cpu::WeightPrecision::F32

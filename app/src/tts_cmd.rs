@@ -75,7 +75,7 @@ pub fn run(args: TtsArgs) -> Result<()> {
     let (precision, gpu_format) = match &backend {
         Backend::Cpu => (args.run.precision.cpu()?, None),
         Backend::Gpu(_) => {
-            let f = args.run.precision.gpu();
+            let f = args.run.precision.gpu()?;
             let host = match f {
                 GpuFormat::F32 | GpuFormat::F16 => WeightPrecision::F32,
                 _ => WeightPrecision::Bf16,

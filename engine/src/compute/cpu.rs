@@ -40,6 +40,9 @@ pub enum WeightPrecision {
     /// Large matrices in GGML's q8_0 (8-bit blocks of 32, 8.5 bits a weight), multiplied
     /// by Parley's integer kernels ([`super::quant`]); others as for `Bf16`.
     Q8_0,
+    /// Large matrices in GGML's q5_0 (5-bit blocks of 32, 5.5 bits a weight), the same
+    /// kernels; others as for `Bf16`.
+    Q5,
     /// Large matrices in GGML's q4_0 (4-bit blocks of 32, 4.5 bits a weight), the same
     /// kernels; others as for `Bf16`.
     Q4,
@@ -52,9 +55,10 @@ impl std::str::FromStr for WeightPrecision {
             "f32" => Ok(Self::F32),
             "bf16" => Ok(Self::Bf16),
             "q8_0" | "q8" => Ok(Self::Q8_0),
+            "q5" | "q5_0" => Ok(Self::Q5),
             "q4" | "q4_0" => Ok(Self::Q4),
             other => Err(format!(
-                "unknown weight precision `{other}` (f32, bf16, q8_0 or q4)"
+                "unknown weight precision `{other}` (f32, bf16, q8_0, q5 or q4)"
             )),
         }
     }
@@ -66,6 +70,7 @@ impl std::fmt::Display for WeightPrecision {
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
             Self::Q8_0 => "q8_0",
+            Self::Q5 => "q5",
             Self::Q4 => "q4",
         })
     }
@@ -80,6 +85,7 @@ impl WeightPrecision {
             Self::F32 => 4.0,
             Self::Bf16 => 2.0,
             Self::Q8_0 => 34.0 / 32.0,
+            Self::Q5 => 22.0 / 32.0,
             Self::Q4 => 18.0 / 32.0,
         }
     }
@@ -298,6 +304,7 @@ impl Matrix {
         let stored = match q.dtype() {
             GgmlDType::Q8_0 => Some(QFormat::Q8_0),
             GgmlDType::Q4_0 => Some(QFormat::Q4_0),
+            GgmlDType::Q5_0 => Some(QFormat::Q5_0),
             _ => None,
         };
         if let Some(format) =
@@ -320,6 +327,7 @@ impl Matrix {
         let large = rows * cols >= BF16_MIN_WEIGHTS;
         match precision {
             WeightPrecision::Q4 if large && cols.is_multiple_of(32) => Some(QFormat::Q4_0),
+            WeightPrecision::Q5 if large && cols.is_multiple_of(32) => Some(QFormat::Q5_0),
             WeightPrecision::Q8_0 if large && cols.is_multiple_of(32) => Some(QFormat::Q8_0),
             _ => None,
         }

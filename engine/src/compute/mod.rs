@@ -20,6 +20,8 @@ pub enum Dtype {
     F16,
     Bf16,
     Q8_0,
+    /// CPU only.
+    Q5,
     Q4,
 }
 
@@ -32,9 +34,10 @@ impl std::str::FromStr for Dtype {
             "f16" => Ok(Self::F16),
             "bf16" => Ok(Self::Bf16),
             "q8_0" | "q8" => Ok(Self::Q8_0),
+            "q5" | "q5_0" => Ok(Self::Q5),
             "q4" | "q4k" | "q4_0" => Ok(Self::Q4),
             other => Err(format!(
-                "unknown weight format `{other}` (auto, f32, f16, bf16, q8_0 or q4)"
+                "unknown weight format `{other}` (auto, f32, f16, bf16, q8_0, q5 or q4)"
             )),
         }
     }
@@ -48,6 +51,7 @@ impl std::fmt::Display for Dtype {
             Self::F16 => "f16",
             Self::Bf16 => "bf16",
             Self::Q8_0 => "q8_0",
+            Self::Q5 => "q5",
             Self::Q4 => "q4",
         })
     }
@@ -62,6 +66,7 @@ impl Dtype {
             Self::Auto => Ok(P::Q8_0),
             Self::Bf16 => Ok(P::Bf16),
             Self::Q8_0 => Ok(P::Q8_0),
+            Self::Q5 => Ok(P::Q5),
             Self::Q4 => Ok(P::Q4),
             Self::F16 => Err(crate::Error::InvalidInput(
                 "f16 weights are a GPU format; on the CPU use bf16".into(),
@@ -78,19 +83,24 @@ impl Dtype {
         match self {
             Self::F32 => cpu::WeightPrecision::F32,
             Self::Bf16 | Self::F16 => cpu::WeightPrecision::Bf16,
-            Self::Auto | Self::Q8_0 | Self::Q4 => cpu::WeightPrecision::Q8_0,
+            Self::Auto | Self::Q8_0 | Self::Q5 | Self::Q4 => cpu::WeightPrecision::Q8_0,
         }
     }
 
     /// The GPU's format for this choice.
-    pub fn gpu(self) -> gpu::GpuFormat {
+    pub fn gpu(self) -> crate::Result<gpu::GpuFormat> {
         use gpu::GpuFormat as G;
-        match self {
+        Ok(match self {
             Self::Auto | Self::Bf16 => G::Bf16,
             Self::F32 => G::F32,
             Self::F16 => G::F16,
             Self::Q8_0 => G::Q8_0,
             Self::Q4 => G::Q4,
-        }
+            Self::Q5 => {
+                return Err(crate::Error::InvalidInput(
+                    "q5 weights are a CPU format; on the GPU use q8_0 or q4".into(),
+                ))
+            }
+        })
     }
 }

@@ -1,8 +1,8 @@
 //! Quantized weight matrices and the integer kernels that stream them.
 //!
-//! Two formats with GGML's arithmetic: q8_0 (blocks of 32 weights, one f16 scale, 8-bit
-//! values: 8.5 bits a weight) and q4_0 (the same blocks with 4-bit values: 4.5 bits a
-//! weight, the format the GPU path calls q4). A product quantizes each activation row
+//! Three formats with GGML's arithmetic: q8_0 (blocks of 32 weights, one f16 scale, 8-bit
+//! values: 8.5 bits a weight), q5_0 (the same blocks with 5-bit values: 5.5 bits a weight)
+//! and q4_0 (4-bit values: 4.5 bits a weight, the format the GPU path calls q4). A product quantizes each activation row
 //! once to 8-bit blocks, takes every block's dot product in integers and scales it by
 //! both scales, as llama.cpp's CPU kernels do. Written here rather than through candle's
 //! `QMatMul` because candle's kernels are compute-bound at batch 1 (q4k barely beats q8_0
@@ -24,9 +24,12 @@
 //! the scales are applied once per 16 blocks (one conversion, one multiply, one FMA)
 //! instead of once per block; the four rows' vectors lie side by side, so a product reads
 //! one sequential stream, which the hardware prefetchers follow at full rate. Values are
-//! unsigned, `q + 128` for q8_0 and `q + 8` for q4_0 (q4_0 packs two vectors into one: the
-//! even one in the low nibbles, the odd one in the high ones), so `vpdpbusd` multiplies
-//! them directly; the offset times each activation block's sum starts the accumulator.
+//! unsigned, `q + 128` for q8_0, `q + 8` for q4_0 and `q + 16` for q5_0 (q4_0 and q5_0
+//! pack two vectors into one: the even one in the low nibbles, the odd one in the high
+//! ones; q5_0's fifth bits follow each row's nibbles as one more 64-byte vector per
+//! super-block whose byte `p` holds in bit `k` the fifth bit of byte `p` of value vector
+//! `k`), so `vpdpbusd` multiplies them directly; the offset times each activation block's
+//! sum starts the accumulator.
 //! Blocks past a row's end are zero.
 
 use half::f16;
@@ -51,6 +54,9 @@ const VECS: usize = BLOCK / 4;
 pub enum QFormat {
     Q8_0,
     Q4_0,
+    /// GGML's q5_0 arithmetic (5-bit values, 5.5 bits a weight): q4_0's nibbles plus a
+    /// plane of fifth bits.
+    Q5_0,
 }
 
 impl QFormat {
@@ -58,6 +64,7 @@ impl QFormat {
         match self {
             Self::Q8_0 => "q8_0",
             Self::Q4_0 => "q4_0",
+            Self::Q5_0 => "q5_0",
         }
     }
 
@@ -66,15 +73,22 @@ impl QFormat {
         match self {
             Self::Q8_0 => 128,
             Self::Q4_0 => 8,
+            Self::Q5_0 => 16,
         }
     }
 
-    /// Stored vectors per row and super-block (q4_0 packs two in one).
+    /// Stored nibble or byte vectors per row and super-block (q4_0 and q5_0 pack two in
+    /// one).
     fn chunks(self) -> usize {
         match self {
             Self::Q8_0 => VECS,
-            Self::Q4_0 => VECS / 2,
+            Self::Q4_0 | Self::Q5_0 => VECS / 2,
         }
+    }
+
+    /// Whether values have a fifth bit in a plane after the nibbles.
+    fn planes(self) -> bool {
+        self == Self::Q5_0
     }
 
     /// Bytes per block as GGML stores it (values and an f16 scale), for sizing.
@@ -82,6 +96,7 @@ impl QFormat {
         match self {
             Self::Q8_0 => BLOCK + 2,
             Self::Q4_0 => BLOCK / 2 + 2,
+            Self::Q5_0 => BLOCK / 2 + 4 + 2,
         }
     }
 }
@@ -171,7 +186,7 @@ impl Isa {
     }
 }
 
-/// A `[rows, cols]` matrix in q8_0 or q4_0 blocks (see the module's notes on the layout).
+/// A `[rows, cols]` matrix in q8_0, q5_0 or q4_0 blocks (see the module's notes on the layout).
 #[derive(Debug, Clone)]
 pub struct QMatrix {
     format: QFormat,
@@ -213,6 +228,20 @@ fn quantize_block_q4(x: &[f32], q: &mut [u8]) -> f32 {
     d
 }
 
+/// GGML's q5_0 rounding of one block: as q4_0 with 32 levels (the value of largest
+/// magnitude maps to -16, the rest round half up into 0..=31, stored `q + 16`).
+fn quantize_block_q5(x: &[f32], q: &mut [u8]) -> f32 {
+    let max = x
+        .iter()
+        .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    let d = max / -16.0;
+    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = ((v * inv + 16.5).clamp(0.0, 31.0)) as u8;
+    }
+    d
+}
+
 impl QMatrix {
     fn empty(format: QFormat, rows: usize, cols: usize) -> Result<Self> {
         if rows == 0 || cols == 0 || !cols.is_multiple_of(BLOCK) {
@@ -230,19 +259,27 @@ impl QMatrix {
             q: vec![],
         };
         // Zero values (the offset) everywhere, zero scales.
-        let pad = (format.offset() as u8) * if format == QFormat::Q4_0 { 17 } else { 1 };
+        let pad = match format {
+            QFormat::Q8_0 => 0x80,
+            QFormat::Q4_0 => 0x88,
+            QFormat::Q5_0 => 0x00,
+        };
         m.q = vec![pad; rows.div_ceil(GROUP) * m.group_bytes()];
+        let planes = SCALE_BYTES + format.chunks() * GROUP * VEC;
         for g in 0..rows.div_ceil(GROUP) {
             for sb in 0..supers {
                 let at = m.super_at(g, sb);
                 m.q[at..at + SCALE_BYTES].fill(0);
+                if format.planes() {
+                    m.q[at + planes..at + planes + GROUP * VEC].fill(0xFF);
+                }
             }
         }
         Ok(m)
     }
 
     fn super_bytes(&self) -> usize {
-        SCALE_BYTES + self.format.chunks() * GROUP * VEC
+        SCALE_BYTES + (self.format.chunks() + usize::from(self.format.planes())) * GROUP * VEC
     }
 
     fn group_bytes(&self) -> usize {
@@ -264,13 +301,24 @@ impl QMatrix {
         let (k, lane_byte) = (e / 4, b % SUPER * 4 + e % 4);
         let (chunk, high) = match self.format {
             QFormat::Q8_0 => (k, false),
-            QFormat::Q4_0 => (k / 2, k % 2 == 1),
+            QFormat::Q4_0 | QFormat::Q5_0 => (k / 2, k % 2 == 1),
         };
         let at = self.super_at(r / GROUP, b / SUPER)
             + SCALE_BYTES
             + (chunk * GROUP + r % GROUP) * VEC
             + lane_byte;
         (at, high)
+    }
+
+    /// Where the fifth bit of value `e` of block `b` of row `r` is (q5_0): byte `p` of the
+    /// row's plane holds in bit `k` the fifth bit of lane byte `p` of value vector `k`.
+    fn plane_at(&self, r: usize, b: usize, e: usize) -> (usize, u32) {
+        let (k, lane_byte) = (e / 4, b % SUPER * 4 + e % 4);
+        let at = self.super_at(r / GROUP, b / SUPER)
+            + SCALE_BYTES
+            + (self.format.chunks() * GROUP + r % GROUP) * VEC
+            + lane_byte;
+        (at, k as u32)
     }
 
     fn scale(&self, r: usize, b: usize) -> f16 {
@@ -284,16 +332,20 @@ impl QMatrix {
     }
 
     /// Stores block `b` of row `r` from its unsigned values (0..=255 for q8_0, 0..=15 for
-    /// q4_0).
+    /// q4_0, 0..=31 for q5_0).
     fn set_block(&mut self, r: usize, b: usize, vals: &[u8; BLOCK]) {
         for (e, &v) in vals.iter().enumerate() {
             let (at, high) = self.value_at(r, b, e);
             let o = &mut self.q[at];
             *o = match (self.format, high) {
                 (QFormat::Q8_0, _) => v,
-                (QFormat::Q4_0, false) => (*o & 0xF0) | v,
-                (QFormat::Q4_0, true) => (*o & 0x0F) | (v << 4),
+                (_, false) => (*o & 0xF0) | (v & 0x0F),
+                (_, true) => (*o & 0x0F) | (v << 4),
             };
+            if self.format.planes() {
+                let (at, bit) = self.plane_at(r, b, e);
+                self.q[at] = (self.q[at] & !(1 << bit)) | ((v >> 4) & 1) << bit;
+            }
         }
     }
 
@@ -302,10 +354,14 @@ impl QMatrix {
         for (e, o) in out.iter_mut().enumerate() {
             let (at, high) = self.value_at(r, b, e);
             let v = self.q[at];
-            *o = match (self.format, high) {
-                (QFormat::Q8_0, _) => (v ^ 0x80) as i8,
-                (QFormat::Q4_0, false) => (v & 0x0F) as i8 - 8,
-                (QFormat::Q4_0, true) => (v >> 4) as i8 - 8,
+            let nibble = if high { v >> 4 } else { v & 0x0F } as i8;
+            *o = match self.format {
+                QFormat::Q8_0 => (v ^ 0x80) as i8,
+                QFormat::Q4_0 => nibble - 8,
+                QFormat::Q5_0 => {
+                    let (at, bit) = self.plane_at(r, b, e);
+                    nibble + (((self.q[at] >> bit) & 1) << 4) as i8 - 16
+                }
             };
         }
     }
@@ -347,6 +403,7 @@ impl QMatrix {
                         d
                     }
                     QFormat::Q4_0 => quantize_block_q4(x, &mut stored),
+                    QFormat::Q5_0 => quantize_block_q5(x, &mut stored),
                 };
                 m.set_scale(r, b, f16::from_f32(d));
                 m.set_block(r, b, &stored);
@@ -384,6 +441,13 @@ impl QMatrix {
                     for (k, &v) in blk[2..].iter().enumerate() {
                         stored[k] = v & 0x0F;
                         stored[k + 16] = v >> 4;
+                    }
+                }
+                QFormat::Q5_0 => {
+                    let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                    for (k, &v) in blk[6..].iter().enumerate() {
+                        stored[k] = (v & 0x0F) | (((qh >> k) & 1) << 4) as u8;
+                        stored[k + 16] = (v >> 4) | (((qh >> (k + 16)) & 1) << 4) as u8;
                     }
                 }
             }
@@ -534,6 +598,7 @@ fn portable_groups(w: &QMatrix, g0: usize, acts: &Acts, out_t: &mut [f32]) {
             let base = w.super_at(g0 + g, sb);
             for r in 0..GROUP {
                 let mut vals = [[0i32; VEC]; VECS];
+                let plane = base + SCALE_BYTES + (w.format.chunks() * GROUP + r) * VEC;
                 for (c, chunk) in (0..w.format.chunks()).map(|c| {
                     let at = base + SCALE_BYTES + (c * GROUP + r) * VEC;
                     (c, &w.q[at..at + VEC])
@@ -541,10 +606,17 @@ fn portable_groups(w: &QMatrix, g0: usize, acts: &Acts, out_t: &mut [f32]) {
                     for (p, &v) in chunk.iter().enumerate() {
                         match w.format {
                             QFormat::Q8_0 => vals[c][p] = v as i32,
-                            QFormat::Q4_0 => {
+                            QFormat::Q4_0 | QFormat::Q5_0 => {
                                 vals[2 * c][p] = (v & 0x0F) as i32;
                                 vals[2 * c + 1][p] = (v >> 4) as i32;
                             }
+                        }
+                    }
+                }
+                if w.format.planes() {
+                    for (k, vk) in vals.iter_mut().enumerate() {
+                        for (p, v) in vk.iter_mut().enumerate() {
+                            *v += (((w.q[plane + p] >> k) & 1) << 4) as i32;
                         }
                     }
                 }
@@ -592,11 +664,27 @@ mod x86 {
         // feature the kernels enable is present.
         unsafe {
             match (isa, w.format) {
-                (Isa::Avx512Vnni, QFormat::Q8_0) => avx512_groups::<false>(w, g0, n, acts, out_t),
-                (Isa::Avx512Vnni, QFormat::Q4_0) => avx512_groups::<true>(w, g0, n, acts, out_t),
-                (_, QFormat::Q8_0) => avx2_groups::<false>(w, g0, n, acts, out_t),
-                (_, QFormat::Q4_0) => avx2_groups::<true>(w, g0, n, acts, out_t),
+                (Isa::Avx512Vnni, QFormat::Q8_0) => avx512_groups::<Q8>(w, g0, n, acts, out_t),
+                (Isa::Avx512Vnni, QFormat::Q4_0) => avx512_groups::<Q4>(w, g0, n, acts, out_t),
+                (Isa::Avx512Vnni, QFormat::Q5_0) => avx512_groups::<Q5>(w, g0, n, acts, out_t),
+                (_, QFormat::Q8_0) => avx2_groups::<Q8>(w, g0, n, acts, out_t),
+                (_, QFormat::Q4_0) => avx2_groups::<Q4>(w, g0, n, acts, out_t),
+                (_, QFormat::Q5_0) => avx2_groups::<Q5>(w, g0, n, acts, out_t),
             }
+        }
+    }
+
+    /// The kernels' format parameter: bytes, nibbles, nibbles with a plane of fifth bits.
+    const Q8: u8 = 0;
+    const Q4: u8 = 1;
+    const Q5: u8 = 2;
+
+    /// Stored vectors per row and super-block for format `F`.
+    const fn chunks(f: u8) -> usize {
+        if f == Q8 {
+            VECS
+        } else {
+            VECS / 2
         }
     }
 
@@ -625,12 +713,12 @@ mod x86 {
         };
     }
 
-    /// `$name::<Q4>(w, g0, n, acts, out_t)`: every row group and chunk of activation rows
+    /// `$name::<F>(w, g0, n, acts, out_t)`: every row group and chunk of activation rows
     /// through `$kernel`, compiled with `$features` (the kernel's own, so it inlines).
     macro_rules! groups_fn {
         ($name:ident, $kernel:ident, $features:literal) => {
             #[target_feature(enable = $features)]
-            fn $name<const Q4: bool>(
+            fn $name<const F: u8>(
                 w: &QMatrix,
                 g0: usize,
                 n: usize,
@@ -638,9 +726,9 @@ mod x86 {
                 out_t: &mut [f32],
             ) {
                 each_job!(w, g0, n, acts, |job, mc| if mc == 1 {
-                    $kernel::<Q4, 1>(&job, out_t)
+                    $kernel::<F, 1>(&job, out_t)
                 } else {
-                    $kernel::<Q4, ACT_CHUNK>(&job, out_t)
+                    $kernel::<F, ACT_CHUNK>(&job, out_t)
                 });
             }
         };
@@ -696,13 +784,14 @@ mod x86 {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     #[inline]
-    fn avx512<const Q4: bool, const M: usize>(job: &Job, out_t: &mut [f32]) {
+    fn avx512<const F: u8, const M: usize>(job: &Job, out_t: &mut [f32]) {
         let (w, acts) = (job.w, job.acts);
         let width = acts.blocks * BLOCK;
         let xq = acts.q_bytes();
         let xs: &[u8] = bytemuck::cast_slice(&acts.scale);
         let xb: &[u8] = bytemuck::cast_slice(&acts.bias);
         let low = _mm512_set1_epi8(0x0F);
+        let bit4 = _mm512_set1_epi8(0x10);
         let mut acc = [[_mm512_setzero_ps(); M]; GROUP];
         for sb in 0..w.supers {
             let base = w.super_at(job.group, sb);
@@ -723,12 +812,32 @@ mod x86 {
                     *v = load512(xq, ai * width + b0 * BLOCK + k * VEC);
                 }
             }
-            for c in 0..w.format.chunks() {
+            let planes: [__m512i; GROUP] = std::array::from_fn(|r| {
+                if F == Q5 {
+                    load512(&w.q, base + SCALE_BYTES + (chunks(F) * GROUP + r) * VEC)
+                } else {
+                    _mm512_setzero_si512()
+                }
+            });
+            for c in 0..chunks(F) {
                 for r in 0..GROUP {
                     let v = load512(&w.q, base + SCALE_BYTES + (c * GROUP + r) * VEC);
-                    if Q4 {
-                        let lo = _mm512_and_si512(v, low);
-                        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                    if F != Q8 {
+                        let mut lo = _mm512_and_si512(v, low);
+                        let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                        if F == Q5 {
+                            // Bit k of the plane's byte is the fifth bit of vector k's.
+                            let fifth = |k: i32| {
+                                let p = if k <= 4 {
+                                    _mm512_sll_epi16(planes[r], _mm_cvtsi32_si128(4 - k))
+                                } else {
+                                    _mm512_srl_epi16(planes[r], _mm_cvtsi32_si128(k - 4))
+                                };
+                                _mm512_and_si512(p, bit4)
+                            };
+                            lo = _mm512_or_si512(lo, fifth(2 * c as i32));
+                            hi = _mm512_or_si512(hi, fifth(2 * c as i32 + 1));
+                        }
                         for i in 0..M {
                             dot[r][i] = _mm512_dpbusd_epi32(dot[r][i], lo, x[i][2 * c]);
                             dot[r][i] = _mm512_dpbusd_epi32(dot[r][i], hi, x[i][2 * c + 1]);
@@ -764,13 +873,14 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    fn avx2<const Q4: bool, const M: usize>(job: &Job, out_t: &mut [f32]) {
+    fn avx2<const F: u8, const M: usize>(job: &Job, out_t: &mut [f32]) {
         let (w, acts) = (job.w, job.acts);
         let width = acts.blocks * BLOCK;
         let xq = acts.q_bytes();
         let xs: &[u8] = bytemuck::cast_slice(&acts.scale);
         let xb: &[u8] = bytemuck::cast_slice(&acts.bias);
         let low = _mm256_set1_epi8(0x0F);
+        let bit4 = _mm256_set1_epi8(0x10);
         let flip = _mm256_set1_epi8(-128);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_ps(); M]; GROUP];
@@ -783,7 +893,7 @@ mod x86 {
             for h in 0..2 {
                 let b0 = sb * SUPER + h * 8;
                 let mut dot = [[_mm256_setzero_si256(); M]; GROUP];
-                if Q4 {
+                if F != Q8 {
                     for i in 0..M {
                         let bias = load256(xb, ((job.i0 + i) * acts.blocks + b0) * 4);
                         for d in dot.iter_mut() {
@@ -797,12 +907,32 @@ mod x86 {
                         (job.i0 + i) * width + sb * SUPER * BLOCK + k * VEC + h * 32,
                     )
                 };
-                for c in 0..w.format.chunks() {
+                let planes: [__m256i; GROUP] = std::array::from_fn(|r| {
+                    if F == Q5 {
+                        let at = base + SCALE_BYTES + (chunks(F) * GROUP + r) * VEC + h * 32;
+                        load256(&w.q, at)
+                    } else {
+                        _mm256_setzero_si256()
+                    }
+                });
+                for c in 0..chunks(F) {
                     for r in 0..GROUP {
                         let v = load256(&w.q, base + SCALE_BYTES + (c * GROUP + r) * VEC + h * 32);
-                        if Q4 {
-                            let lo = _mm256_and_si256(v, low);
-                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                        if F != Q8 {
+                            let mut lo = _mm256_and_si256(v, low);
+                            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                            if F == Q5 {
+                                let fifth = |k: i32| {
+                                    let p = if k <= 4 {
+                                        _mm256_sll_epi16(planes[r], _mm_cvtsi32_si128(4 - k))
+                                    } else {
+                                        _mm256_srl_epi16(planes[r], _mm_cvtsi32_si128(k - 4))
+                                    };
+                                    _mm256_and_si256(p, bit4)
+                                };
+                                lo = _mm256_or_si256(lo, fifth(2 * c as i32));
+                                hi = _mm256_or_si256(hi, fifth(2 * c as i32 + 1));
+                            }
                             for i in 0..M {
                                 for (nib, k) in [(lo, 2 * c), (hi, 2 * c + 1)] {
                                     let p = _mm256_maddubs_epi16(nib, xv(i, k));
@@ -900,14 +1030,16 @@ mod arm {
 
     /// Each 16-byte quarter of a 64-byte vector covers 4 blocks: `sdot` leaves block `l`'s
     /// sum in lane `l % 4` of quarter `l / 4`. Values are made signed again (q8_0: flip
-    /// the offset bit; q4_0: subtract 8), so no bias is needed.
+    /// the offset bit; q4_0 and q5_0: subtract the offset), so no bias is needed.
     #[target_feature(enable = "neon,dotprod")]
     fn dot_groups(w: &QMatrix, g0: usize, acts: &Acts, out_t: &mut [f32]) {
         let m = acts.m;
         let width = acts.blocks * BLOCK;
         let xq = acts.q_bytes();
-        let q4 = w.format == QFormat::Q4_0;
-        let (flip, low, eight) = (vdupq_n_u8(0x80), vdupq_n_u8(0x0F), vdupq_n_s8(8));
+        let nibbles = w.format != QFormat::Q8_0;
+        let planes = w.format.planes();
+        let (flip, low, bit4) = (vdupq_n_u8(0x80), vdupq_n_u8(0x0F), vdupq_n_u8(0x10));
+        let offset = vdupq_n_s8(w.format.offset() as i8);
         for (g, out) in out_t.chunks_exact_mut(GROUP * m).enumerate() {
             for i in 0..m {
                 let mut acc = [[vdupq_n_f32(0.0); 4]; GROUP];
@@ -926,10 +1058,24 @@ mod arm {
                             for (q, d) in dot.iter_mut().enumerate() {
                                 let v =
                                     load(&w.q, base + SCALE_BYTES + (c * GROUP + r) * VEC + q * 16);
-                                if q4 {
-                                    let lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, low)), eight);
-                                    let hi =
-                                        vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)), eight);
+                                if nibbles {
+                                    let (mut lo, mut hi) = (vandq_u8(v, low), vshrq_n_u8::<4>(v));
+                                    if planes {
+                                        let at = base
+                                            + SCALE_BYTES
+                                            + (w.format.chunks() * GROUP + r) * VEC
+                                            + q * 16;
+                                        let plane = load(&w.q, at);
+                                        // Bit k of the plane's byte to bit 4 (a negative
+                                        // count shifts right).
+                                        let fifth = |k: i8| {
+                                            vandq_u8(vshlq_u8(plane, vdupq_n_s8(4 - k)), bit4)
+                                        };
+                                        lo = vorrq_u8(lo, fifth(2 * c as i8));
+                                        hi = vorrq_u8(hi, fifth(2 * c as i8 + 1));
+                                    }
+                                    let lo = vsubq_s8(vreinterpretq_s8_u8(lo), offset);
+                                    let hi = vsubq_s8(vreinterpretq_s8_u8(hi), offset);
                                     *d = sdot(*d, lo, x[2 * c][q]);
                                     *d = sdot(*d, hi, x[2 * c + 1][q]);
                                 } else {
@@ -1005,7 +1151,7 @@ mod tests {
         // One block per row (a super-block mostly padding), odd row counts (a partial last
         // group of four), 17 blocks (a second super-block cut short), a matrix split over
         // threads; 1, 2, 3, 5 and 16 activation rows.
-        for format in [QFormat::Q8_0, QFormat::Q4_0] {
+        for format in [QFormat::Q8_0, QFormat::Q4_0, QFormat::Q5_0] {
             for (rows, cols) in [
                 (1, 32),
                 (7, 64),
@@ -1052,6 +1198,12 @@ mod tests {
         let w = QMatrix::quantize(&x, 1, BLOCK, QFormat::Q4_0).expect("q4");
         let back = w.dequantize();
         assert_eq!(&back[..4], &[-2.0, 1.0, 0.25, 1.75]);
+        // q5_0: the largest magnitude maps to -16; the rest round half up into 0..=31.
+        let d = quantize_block_q5(&x, &mut q);
+        assert_eq!(d, 0.125);
+        assert_eq!(&q[..4], &[0, 24, 17, 31]);
+        let w = QMatrix::quantize(&x, 1, BLOCK, QFormat::Q5_0).expect("q5");
+        assert_eq!(&w.dequantize()[..4], &[-2.0, 1.0, 0.125, 1.875]);
         // q8_0: max|x| / 127.
         let mut q8 = [0i8; BLOCK];
         let d = quantize_block_q8(&x, &mut q8);
@@ -1062,7 +1214,7 @@ mod tests {
     #[test]
     fn ggml_blocks_are_taken_as_they_are() {
         let (rows, cols) = (3, 96);
-        for format in [QFormat::Q8_0, QFormat::Q4_0] {
+        for format in [QFormat::Q8_0, QFormat::Q4_0, QFormat::Q5_0] {
             let w = QMatrix::quantize(&values(rows * cols, 1), rows, cols, format).expect("w");
             let mut bytes = vec![];
             for r in 0..rows {
@@ -1075,6 +1227,12 @@ mod tests {
                         QFormat::Q4_0 => bytes.extend(
                             (0..16).map(|k| (v[k] + 8) as u8 | ((v[k + 16] + 8) as u8) << 4),
                         ),
+                        QFormat::Q5_0 => {
+                            let u: Vec<u8> = v.iter().map(|&v| (v + 16) as u8).collect();
+                            let qh = (0..32).fold(0u32, |h, k| h | u32::from(u[k] >> 4) << k);
+                            bytes.extend(qh.to_le_bytes());
+                            bytes.extend((0..16).map(|k| (u[k] & 15) | (u[k + 16] & 15) << 4));
+                        }
                     }
                 }
             }
@@ -1099,7 +1257,7 @@ mod speed {
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919) % 255) as f32 - 127.0)
             .collect();
-        for format in [QFormat::Q8_0, QFormat::Q4_0] {
+        for format in [QFormat::Q8_0, QFormat::Q4_0, QFormat::Q5_0] {
             let count = std::env::var("QCOUNT")
                 .ok()
                 .and_then(|v| v.parse().ok())

@@ -145,7 +145,11 @@ impl Team {
             }
             spins += 1;
             if spins.is_multiple_of(SPINS_PER_YIELD) {
-                rayon::yield_now();
+                // Nothing of rayon's to run either: let the OS run another thread here if
+                // one waits (an LLM beside a cascade's models), as a sleeping worker would.
+                if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                    std::thread::yield_now();
+                }
             } else {
                 std::hint::spin_loop();
             }

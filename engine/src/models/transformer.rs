@@ -15,7 +15,6 @@
 //! kept for token-exact parity; [`StreamingTransformer::set_window`] gives the offline
 //! semantics instead.
 
-
 use crate::compute::cpu::{dot_rows, weighted_sum_rows, Matrix, RowsRef, WeightPrecision};
 use crate::models::weights::Weights;
 use crate::{Error, Result};

@@ -167,7 +167,7 @@ fn place(
             Ok((make(p)?, format!("{line}; weights: {p}"), None))
         }
         Backend::Gpu(g) => {
-            let f = precision.gpu();
+            let f = precision.gpu()?;
             let host = match f {
                 GpuFormat::F32 | GpuFormat::F16 => crate::compute::cpu::WeightPrecision::F32,
                 _ => crate::compute::cpu::WeightPrecision::Bf16,

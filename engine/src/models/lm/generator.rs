@@ -141,7 +141,7 @@ impl LmBackend {
                 Ok((Self::Cpu(m), line))
             }
             Backend::Gpu(gpu) => {
-                let format = dtype.gpu();
+                let format = dtype.gpu()?;
                 let host = match format {
                     GpuFormat::F32 | GpuFormat::F16 => WeightPrecision::F32,
                     _ => WeightPrecision::Bf16,

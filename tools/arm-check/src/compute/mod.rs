@@ -1,4 +1,4 @@
-//! `compute::cpu`'s two items the kernels use, restated; `quant` as it is.
+//! `compute::cpu`'s two items the kernels use, restated; `quant` and `team` as they are.
 pub mod cpu {
     pub(crate) const PARALLEL_MIN_WEIGHTS: usize = 1 << 18;
     pub(crate) fn transpose(out_t: Vec<f32>, rows: usize, m: usize) -> Vec<f32> {
@@ -16,3 +16,5 @@ pub mod cpu {
 }
 #[path = "../../../../engine/src/compute/quant.rs"]
 pub mod quant;
+#[path = "../../../../engine/src/compute/team.rs"]
+pub mod team;
