@@ -93,8 +93,8 @@ impl WeightPrecision {
     /// `--precision auto` on the CPU: q8_0, the fastest format that keeps the model's
     /// quality (8-bit blocks of 32: GGML's near-lossless format, and the one Kyutai
     /// publishes for its own Rust CPU path), where a copy of a model of `params` weights
-    /// fits in `available` bytes with [`AUTO_HEADROOM`] to spare; else q4 (half the
-    /// bytes, a measurable loss). f32 and bf16 read 3.8x and 1.9x q8_0's bytes per step,
+    /// fits in `available` bytes with [`AUTO_HEADROOM`] to spare; else q5, else q4 (0.65x
+    /// and 0.53x the bytes, each a measurable loss: `tests/lm_quantized.rs`). f32 and bf16 read 3.8x and 1.9x q8_0's bytes per step,
     /// and a step is bound by them: they are for parity checks, asked for by name.
     /// Returns the choice and why.
     pub fn auto_for(params: u64, available: Option<u64>) -> (Self, String) {
@@ -114,20 +114,25 @@ impl WeightPrecision {
                 ),
             );
         }
-        let why = if need(Self::Q4) <= avail as f64 {
-            format!(
-                "q8_0 would need {:.1} GB, {:.1} GB available; q4 needs {:.1} GB",
-                gb(need(Self::Q8_0)),
-                gb(avail as f64),
-                gb(need(Self::Q4))
-            )
-        } else {
-            format!(
-                "even q4 needs {:.1} GB and {:.1} GB are available: loading may fail",
-                gb(need(Self::Q4)),
-                gb(avail as f64)
-            )
-        };
+        // Smaller, in order of quality: q5 (half q4's rounding error) before q4.
+        for p in [Self::Q5, Self::Q4] {
+            if need(p) <= avail as f64 {
+                return (
+                    p,
+                    format!(
+                        "q8_0 would need {:.1} GB, {:.1} GB available; {p} needs {:.1} GB",
+                        gb(need(Self::Q8_0)),
+                        gb(avail as f64),
+                        gb(need(p))
+                    ),
+                );
+            }
+        }
+        let why = format!(
+            "even q4 needs {:.1} GB and {:.1} GB are available: loading may fail",
+            gb(need(Self::Q4)),
+            gb(avail as f64)
+        );
         (Self::Q4, why)
     }
 }
@@ -1047,9 +1052,18 @@ mod tests {
             WeightPrecision::auto_for(7_700_000_000, Some(12 * gb)).0,
             WeightPrecision::Q8_0
         );
+        let (p, why) = WeightPrecision::auto_for(7_700_000_000, Some(7 * gb));
+        assert_eq!(p, WeightPrecision::Q5, "{why}");
+        assert!(
+            why.contains("q8_0 would need") && why.contains("q5 needs"),
+            "{why}"
+        );
         let (p, why) = WeightPrecision::auto_for(7_700_000_000, Some(6 * gb));
         assert_eq!(p, WeightPrecision::Q4, "{why}");
-        assert!(why.contains("q8_0 would need"), "{why}");
+        assert!(
+            why.contains("q8_0 would need") && why.contains("q4 needs"),
+            "{why}"
+        );
         let (p, why) = WeightPrecision::auto_for(7_700_000_000, Some(2 * gb));
         assert_eq!(p, WeightPrecision::Q4, "{why}");
         assert!(why.contains("may fail"), "{why}");
