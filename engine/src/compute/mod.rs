@@ -104,3 +104,23 @@ impl Dtype {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q5_is_a_cpu_format_and_the_gpu_refuses_it_by_name() {
+        for name in ["q5", "q5_0"] {
+            let d: Dtype = name.parse().expect("q5 parses");
+            assert_eq!(d, Dtype::Q5);
+            assert_eq!(d.cpu().expect("cpu"), cpu::WeightPrecision::Q5);
+            assert_eq!(d.mimi_precision(), cpu::WeightPrecision::Q8_0);
+            let err = d.gpu().expect_err("the GPU has no q5 kernels");
+            assert!(err.to_string().contains("q5") && err.to_string().contains("CPU"));
+        }
+        let err = "q6".parse::<Dtype>().expect_err("unknown");
+        assert!(err.contains("q5"), "{err}");
+        assert_eq!(Dtype::Q4.gpu().expect("q4"), gpu::GpuFormat::Q4);
+    }
+}

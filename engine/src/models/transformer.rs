@@ -196,14 +196,23 @@ impl RingKv {
         self.written += 1;
     }
 
-    fn head_keys(&self, h: usize) -> RowsRef<'_> {
-        let n = self.capacity * self.head_dim;
-        self.k.rows(h * n, n)
+    /// Slots written since the last reset: the ring fills from slot 0, so these are the
+    /// first `filled` slots (all of them once it is full).
+    fn filled(&self) -> usize {
+        self.written.min(self.capacity)
     }
 
+    /// Head `h`'s keys in the filled slots: attention never reads a slot not yet written
+    /// (in a session's first `capacity` steps, only part of the ring).
+    fn head_keys(&self, h: usize) -> RowsRef<'_> {
+        let n = self.capacity * self.head_dim;
+        self.k.rows(h * n, self.filled() * self.head_dim)
+    }
+
+    /// Head `h`'s values in the filled slots.
     fn head_values(&self, h: usize) -> RowsRef<'_> {
         let n = self.capacity * self.head_dim;
-        self.v.rows(h * n, n)
+        self.v.rows(h * n, self.filled() * self.head_dim)
     }
 
     fn reset(&mut self) {
@@ -892,7 +901,8 @@ fn layer_step(
         kv.push(&row[d..2 * d], &row[2 * d..], (offset + i) as i64);
     }
     let q = queries_by_head(&qkv, 3 * d, t, dims);
-    let cap = kv.capacity;
+    // Only the filled slots: an empty one would score minus infinity anyway.
+    let cap = kv.filled();
     let context = dims.context.map_or(i64::MAX, |c| c as i64);
     // Heads in parallel (each reads its own keys and values: a sixth of a quantized
     // model's step at full context), `[heads][t][head_dim]`, then into `[t][d]`.
