@@ -624,7 +624,20 @@ impl WithSimd for WeightedSumBf16<'_> {
     fn with_simd<S: Simd>(self, simd: S) -> Self::Output {
         let WeightedSumBf16 { v, cols, p, out } = self;
         let ov: &mut [[S::f32s; 2]] = bytemuck::cast_slice_mut(S::as_mut_simd_f32s(out).0);
-        for (row, &pj) in v.chunks_exact(cols / 2).zip(p) {
+        let stride = cols / 2;
+        let row_bytes = stride * 4;
+        let (ahead, lines) = if row_bytes <= SHORT_ROW_BYTES {
+            (
+                PREFETCH_BYTES.div_ceil(row_bytes.max(1)),
+                row_bytes.div_ceil(64),
+            )
+        } else {
+            (0, 0)
+        };
+        for (j, (row, &pj)) in v.chunks_exact(stride).zip(p).enumerate() {
+            for l in 0..lines {
+                super::prefetch::read(v, (j + ahead) * stride + l * 16);
+            }
             if pj == 0.0 {
                 continue;
             }
@@ -859,6 +872,12 @@ const PAIRED_ROW_MIN_COLS: usize = 3072;
 /// FMAs, which is what bounds these products.
 const PAIRED_ROW_MIN_BATCH: usize = 8;
 
+/// Rows of at most this many bytes are prefetched ahead (the hardware prefetchers follow
+/// long rows well and short ones late).
+const SHORT_ROW_BYTES: usize = 1024;
+/// How far ahead short rows are prefetched.
+const PREFETCH_BYTES: usize = 2048;
+
 /// One pass over all weight rows for `R` activation rows, a block of columns at a time,
 /// adding into `out`.
 #[inline(always)]
@@ -906,7 +925,19 @@ fn rows_pass<S: Simd, W: Rows, const R: usize>(
                 j += 2;
             }
         }
+        // Short rows (attention's keys): prefetch about 2 KB ahead, a line at a time.
+        let row_bytes = stride * std::mem::size_of::<W::Elem>();
+        let (ahead, lines) = if row_bytes <= SHORT_ROW_BYTES {
+            let ahead = PREFETCH_BYTES.div_ceil(row_bytes.max(1));
+            (ahead, row_bytes.div_ceil(64))
+        } else {
+            (0, 0)
+        };
+        let line = 64 / std::mem::size_of::<W::Elem>();
         while j < rows {
+            for l in 0..lines {
+                super::prefetch::read(w, (j + ahead) * stride + l * line);
+            }
             let u = &W::units::<S>(&w[j * stride + s0..j * stride + s1])[..nu];
             // Separate accumulators for the two halves of a unit: twice the independent
             // FMA chains, so small batches are not bound by FMA latency.

@@ -5,6 +5,7 @@
 pub mod cpu;
 pub mod gpu;
 pub mod gpu_matvec;
+pub mod prefetch;
 pub mod quant;
 pub mod team;
 
