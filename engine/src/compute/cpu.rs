@@ -90,52 +90,103 @@ impl WeightPrecision {
         }
     }
 
+    /// The share of the CPU's read probe a step in this format reaches on its weights
+    /// (measured at full context on the 2-core Xeon VM: q8_0 0.79-0.82, q5 0.62-0.64, q4
+    /// 0.68-0.69, bf16 0.82-0.87), rounded down, for predicting a step's time.
+    fn probe_share(self) -> f64 {
+        match self {
+            Self::F32 => 0.95,
+            Self::Bf16 | Self::Q8_0 => 0.8,
+            Self::Q4 => 0.65,
+            Self::Q5 => 0.6,
+        }
+    }
+
+    /// About how long one step of a model of `params` weights takes in this format on a
+    /// CPU that reads `read_gbs` GB/s (its SIMD probe): the weights over the share of the
+    /// probe this format reaches. Embedding tables count too, so it errs long.
+    pub fn predicted_step_ms(self, params: u64, read_gbs: f64) -> f64 {
+        params as f64 * self.bytes_per_weight() / (read_gbs * 1e9 * self.probe_share()) * 1e3
+    }
+
     /// `--precision auto` on the CPU: q8_0, the fastest format that keeps the model's
     /// quality (8-bit blocks of 32: GGML's near-lossless format, and the one Kyutai
-    /// publishes for its own Rust CPU path), where a copy of a model of `params` weights
-    /// fits in `available` bytes with [`AUTO_HEADROOM`] to spare; else q5, else q4 (0.65x
-    /// and 0.53x the bytes, each a measurable loss: `tests/lm_quantized.rs`). f32 and bf16 read 3.8x and 1.9x q8_0's bytes per step,
-    /// and a step is bound by them: they are for parity checks, asked for by name.
-    /// Returns the choice and why.
-    pub fn auto_for(params: u64, available: Option<u64>) -> (Self, String) {
+    /// publishes for its own Rust CPU path), unless a copy of a model of `params` weights
+    /// does not fit in `available` bytes with [`AUTO_HEADROOM`] to spare, or, where the
+    /// CPU's read bandwidth `read_gbs` is known, its step would take more than
+    /// [`AUTO_STEP_BUDGET_MS`] (the model would fall behind live audio): then q5, then q4
+    /// (0.65x and 0.53x the bytes, each a measurable loss: `tests/lm_quantized.rs`), the
+    /// first that fits and keeps up; q4 when none keeps up. f32 and bf16 read 3.8x and
+    /// 1.9x q8_0's bytes per step, and a step is bound by them: they are for parity
+    /// checks, asked for by name. Returns the choice and why.
+    pub fn auto_for(params: u64, available: Option<u64>, read_gbs: Option<f64>) -> (Self, String) {
         let gb = |b: f64| b / 1e9;
         let need = |p: Self| params as f64 * p.bytes_per_weight() * AUTO_HEADROOM;
+        let fits = |p: Self| available.is_none_or(|a| need(p) <= a as f64);
+        let step = |p: Self| read_gbs.map(|bw| p.predicted_step_ms(params, bw));
+        let keeps_up = |p: Self| step(p).is_none_or(|ms| ms <= AUTO_STEP_BUDGET_MS);
         let fastest = "the fastest format that keeps the model's quality";
-        let Some(avail) = available else {
-            return (Self::Q8_0, format!("{fastest}; available memory unknown"));
+        let memory = match available {
+            Some(a) => format!(
+                "{:.1} GB of {:.1} GB available",
+                gb(need(Self::Q8_0)),
+                gb(a as f64)
+            ),
+            None => "available memory unknown".into(),
         };
-        if need(Self::Q8_0) <= avail as f64 {
+        let speed = |p: Self| match (step(p), read_gbs) {
+            (Some(ms), Some(bw)) => format!("a step about {ms:.0} ms at this CPU's {bw:.0} GB/s"),
+            _ => "read bandwidth not measured".into(),
+        };
+        if fits(Self::Q8_0) && keeps_up(Self::Q8_0) {
             return (
                 Self::Q8_0,
-                format!(
-                    "{fastest}: {:.1} GB of {:.1} GB available",
-                    gb(need(Self::Q8_0)),
-                    gb(avail as f64)
-                ),
+                format!("{fastest}: {memory}; {}", speed(Self::Q8_0)),
             );
         }
+        let q8 = if fits(Self::Q8_0) {
+            format!(
+                "q8_0 would take about {:.0} ms a step at this CPU's {:.0} GB/s, more than the {AUTO_STEP_BUDGET_MS:.0} ms a live frame leaves it",
+                step(Self::Q8_0).unwrap_or(0.0),
+                read_gbs.unwrap_or(0.0)
+            )
+        } else {
+            format!(
+                "q8_0 would need {:.1} GB, {:.1} GB available",
+                gb(need(Self::Q8_0)),
+                gb(available.unwrap_or(0) as f64)
+            )
+        };
         // Smaller, in order of quality: q5 (half q4's rounding error) before q4.
         for p in [Self::Q5, Self::Q4] {
-            if need(p) <= avail as f64 {
+            if fits(p) && keeps_up(p) {
                 return (
                     p,
-                    format!(
-                        "q8_0 would need {:.1} GB, {:.1} GB available; {p} needs {:.1} GB",
-                        gb(need(Self::Q8_0)),
-                        gb(avail as f64),
-                        gb(need(p))
-                    ),
+                    format!("{q8}; {p} needs {:.1} GB, {}", gb(need(p)), speed(p)),
                 );
             }
+        }
+        if fits(Self::Q4) {
+            return (
+                Self::Q4,
+                format!(
+                    "{q8}; no format keeps up with live audio on this CPU: q4, the fastest, {}",
+                    speed(Self::Q4)
+                ),
+            );
         }
         let why = format!(
             "even q4 needs {:.1} GB and {:.1} GB are available: loading may fail",
             gb(need(Self::Q4)),
-            gb(avail as f64)
+            gb(available.unwrap_or(0) as f64)
         );
         (Self::Q4, why)
     }
 }
+
+/// The longest CPU step `--precision auto` calls live: 60 ms of each 80 ms frame, the rest
+/// for Mimi (about 9 ms on two threads of the Xeon VM) and the pipeline.
+pub const AUTO_STEP_BUDGET_MS: f64 = 60.0;
 
 /// What `--precision auto` leaves spare beyond a model's own size (the streaming state,
 /// Mimi, the rest of the process and of the machine).
@@ -1075,30 +1126,63 @@ mod tests {
     fn auto_precision_fits_the_memory_available() {
         let gb = 1_000_000_000u64;
         // STT 1B (about 1 billion weights) with 24 GB free: q8_0.
-        let (p, why) = WeightPrecision::auto_for(gb, Some(24 * gb));
+        let (p, why) = WeightPrecision::auto_for(gb, Some(24 * gb), None);
         assert_eq!(p, WeightPrecision::Q8_0, "{why}");
         assert!(why.contains("keeps the model's quality"), "{why}");
         // Moshi 7B (7.7 billion): q8_0 needs 10.2 GB.
         assert_eq!(
-            WeightPrecision::auto_for(7_700_000_000, Some(12 * gb)).0,
+            WeightPrecision::auto_for(7_700_000_000, Some(12 * gb), None).0,
             WeightPrecision::Q8_0
         );
-        let (p, why) = WeightPrecision::auto_for(7_700_000_000, Some(7 * gb));
+        let (p, why) = WeightPrecision::auto_for(7_700_000_000, Some(7 * gb), None);
         assert_eq!(p, WeightPrecision::Q5, "{why}");
         assert!(
             why.contains("q8_0 would need") && why.contains("q5 needs"),
             "{why}"
         );
-        let (p, why) = WeightPrecision::auto_for(7_700_000_000, Some(6 * gb));
+        let (p, why) = WeightPrecision::auto_for(7_700_000_000, Some(6 * gb), None);
         assert_eq!(p, WeightPrecision::Q4, "{why}");
         assert!(
             why.contains("q8_0 would need") && why.contains("q4 needs"),
             "{why}"
         );
-        let (p, why) = WeightPrecision::auto_for(7_700_000_000, Some(2 * gb));
+        let (p, why) = WeightPrecision::auto_for(7_700_000_000, Some(2 * gb), None);
         assert_eq!(p, WeightPrecision::Q4, "{why}");
         assert!(why.contains("may fail"), "{why}");
-        assert_eq!(WeightPrecision::auto_for(gb, None).0, WeightPrecision::Q8_0);
+        assert_eq!(
+            WeightPrecision::auto_for(gb, None, None).0,
+            WeightPrecision::Q8_0
+        );
+    }
+
+    #[test]
+    fn auto_precision_keeps_up_with_live_audio() {
+        let gb = 1_000_000_000u64;
+        // STT 1B at the Xeon VM's 29 GB/s: q8_0 about 46 ms a step, within the budget.
+        let (p, why) = WeightPrecision::auto_for(gb, Some(24 * gb), Some(29.0));
+        assert_eq!(p, WeightPrecision::Q8_0, "{why}");
+        assert!(
+            why.contains("a step about 46 ms at this CPU's 29 GB/s"),
+            "{why}"
+        );
+        // At 15 GB/s (one thread of it): q8_0 89 ms, q5 76, q4 58: q4.
+        let (p, why) = WeightPrecision::auto_for(gb, Some(24 * gb), Some(15.0));
+        assert_eq!(p, WeightPrecision::Q4, "{why}");
+        assert!(why.contains("q8_0 would take about 89 ms"), "{why}");
+        assert!(why.contains("q4 needs 0.7 GB, a step about 58 ms"), "{why}");
+        // At 20 GB/s: q8_0 66 ms, q5 57: q5.
+        assert_eq!(
+            WeightPrecision::auto_for(gb, Some(24 * gb), Some(20.0)).0,
+            WeightPrecision::Q5
+        );
+        // Moshi 7B on the same CPU: nothing keeps up; q4, said so.
+        let (p, why) = WeightPrecision::auto_for(7_700_000_000, Some(24 * gb), Some(29.0));
+        assert_eq!(p, WeightPrecision::Q4, "{why}");
+        assert!(why.contains("no format keeps up"), "{why}");
+        // Memory still comes first.
+        let (p, why) = WeightPrecision::auto_for(7_700_000_000, Some(6 * gb), Some(1000.0));
+        assert_eq!(p, WeightPrecision::Q4, "{why}");
+        assert!(why.contains("q8_0 would need"), "{why}");
     }
 
     use super::*;

@@ -128,7 +128,10 @@ impl LmBackend {
                 let (precision, line) = match (dtype, params) {
                     (Dtype::Auto, Some(n)) => {
                         let available = crate::compute::cpu::available_memory_bytes();
-                        let (p, why) = WeightPrecision::auto_for(n, available);
+                        // A quarter-gigabyte probe (a tenth of a second or so) on the
+                        // threads the model will use.
+                        let read_gbs = crate::compute::cpu::measure_read_bandwidth_gbs(1 << 28);
+                        let (p, why) = WeightPrecision::auto_for(n, available, Some(read_gbs));
                         (p, format!("weights: {p} (--precision auto: {why})"))
                     }
                     _ => {
