@@ -120,6 +120,8 @@ impl WeightPrecision {
     /// 1.9x q8_0's bytes per step, and a step is bound by them: they are for parity
     /// checks, asked for by name. Returns the choice and why.
     pub fn auto_for(params: u64, available: Option<u64>, read_gbs: Option<f64>) -> (Self, String) {
+        // A probe that measured nothing usable (zero, negative, not a number) says nothing.
+        let read_gbs = read_gbs.filter(|bw| bw.is_finite() && *bw > 0.0);
         let gb = |b: f64| b / 1e9;
         let need = |p: Self| params as f64 * p.bytes_per_weight() * AUTO_HEADROOM;
         let fits = |p: Self| available.is_none_or(|a| need(p) <= a as f64);
@@ -1179,6 +1181,12 @@ mod tests {
         let (p, why) = WeightPrecision::auto_for(7_700_000_000, Some(24 * gb), Some(29.0));
         assert_eq!(p, WeightPrecision::Q4, "{why}");
         assert!(why.contains("no format keeps up"), "{why}");
+        // A probe that measured nothing is ignored.
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let (p, why) = WeightPrecision::auto_for(gb, Some(24 * gb), Some(bad));
+            assert_eq!(p, WeightPrecision::Q8_0, "{bad}: {why}");
+            assert!(why.contains("not measured"), "{why}");
+        }
         // Memory still comes first.
         let (p, why) = WeightPrecision::auto_for(7_700_000_000, Some(6 * gb), Some(1000.0));
         assert_eq!(p, WeightPrecision::Q4, "{why}");

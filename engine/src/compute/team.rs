@@ -17,7 +17,10 @@
 //! it, [`chunks_mut`] hands the chunks of a loop out one at a time to whichever thread
 //! asks first, the caller included, and returns when every chunk is done. Outside a
 //! session it is rayon's `par_chunks_mut`. A loop started while another runs on the
-//! same session (a nested one) runs on its caller alone.
+//! same session (a nested one) runs on its caller alone. Sessions from different threads
+//! take turns (a helper looking for rayon work would otherwise run a whole other session
+//! nested in its loop, each then waiting on the other's length); one started inside a
+//! session runs as part of it.
 
 use std::cell::RefCell;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
@@ -30,7 +33,15 @@ use rayon::prelude::*;
 thread_local! {
     /// The session whose steps this thread runs (set by [`session`] on its caller).
     static SESSION: RefCell<Option<Arc<Team>>> = const { RefCell::new(None) };
+    /// This thread is a session's helper (a session started from inside one runs as part
+    /// of it).
+    static HELPING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
+
+/// One session at a time in the process: a helper looking for rayon work would otherwise
+/// run another thread's whole session nested inside its loop, and the two would wait on
+/// each other's length (the pipeline's stages call [`session`] from their own threads).
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Chunks a loop may have (they are counted in 16 bits of the job word).
 const MAX_PARTS: usize = u16::MAX as usize;
@@ -115,7 +126,7 @@ impl Team {
         // Chunks other threads claimed: wait for them before `f` goes out of scope.
         let mut spins = 0u32;
         while self.done.load(Ordering::Acquire) < parts {
-            spins += 1;
+            spins = spins.wrapping_add(1);
             if spins.is_multiple_of(1024) {
                 std::thread::yield_now();
             } else {
@@ -136,6 +147,15 @@ impl Team {
             // rayon join): helping would wait for the step it sits inside.
             return;
         }
+        HELPING.with(|h| h.set(true));
+        /// Clears the mark however the loop ends.
+        struct Done;
+        impl Drop for Done {
+            fn drop(&mut self) {
+                HELPING.with(|h| h.set(false));
+            }
+        }
+        let _done = Done;
         let mut spins = 0u32;
         while !self.stop.load(Ordering::Acquire) {
             if let Some(i) = self.claim() {
@@ -143,7 +163,7 @@ impl Team {
                 spins = 0;
                 continue;
             }
-            spins += 1;
+            spins = spins.wrapping_add(1);
             if spins.is_multiple_of(SPINS_PER_YIELD) {
                 // Nothing of rayon's to run either: let the OS run another thread here if
                 // one waits (an LLM beside a cascade's models), as a sleeping worker would.
@@ -194,8 +214,14 @@ mod erased {
 }
 
 /// Runs `f` as one step with the rest of rayon's workers spinning beside it (the loops
-/// of [`chunks_mut`] inside `f` are shared with them). `f` runs on a rayon worker.
+/// of [`chunks_mut`] inside `f` are shared with them). `f` runs on a rayon worker. Sessions
+/// from different threads take turns; one started inside another (on its thread or a
+/// helper's) runs as part of it.
 pub fn session<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if SESSION.with(|s| s.borrow().is_some()) || HELPING.with(|h| h.get()) {
+        return f();
+    }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let threads = rayon::current_num_threads();
     rayon::scope(|s| {
         if threads < 2 {
@@ -325,6 +351,35 @@ mod tests {
             });
             let inner: u64 = (0..100u64).map(|k| k / 7).sum();
             assert_eq!(total, 8 * (inner + 499_500) + 28);
+        });
+    }
+
+    /// Sessions started from several threads at once take turns and each gets its own
+    /// results (the pipeline's stages do this); one started inside a chunk runs in place.
+    #[test]
+    fn sessions_from_several_threads_take_turns() {
+        let p = pool(2);
+        std::thread::scope(|scope| {
+            for seed in 0..3usize {
+                let p = &p;
+                scope.spawn(move || {
+                    for round in 0..20usize {
+                        let got = p.install(|| {
+                            session(|| {
+                                let mut d = vec![0usize; 257];
+                                chunks_mut(&mut d, 16, |i, c| {
+                                    let inner = session(|| i + seed);
+                                    c.iter_mut().for_each(|v| *v = inner + round);
+                                });
+                                d
+                            })
+                        });
+                        for (k, v) in got.iter().enumerate() {
+                            assert_eq!(*v, k / 16 + seed + round);
+                        }
+                    }
+                });
+            }
         });
     }
 
