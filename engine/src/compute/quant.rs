@@ -826,17 +826,14 @@ mod x86 {
                         let mut lo = _mm512_and_si512(v, low);
                         let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
                         if F == Q5 {
-                            // Bit k of the plane's byte is the fifth bit of vector k's.
-                            let fifth = |k: i32| {
-                                let p = if k <= 4 {
-                                    _mm512_sll_epi16(planes[r], _mm_cvtsi32_si128(4 - k))
-                                } else {
-                                    _mm512_srl_epi16(planes[r], _mm_cvtsi32_si128(k - 4))
-                                };
-                                _mm512_and_si512(p, bit4)
+                            // Bit k of the plane's byte is the fifth bit of vector k's: a
+                            // byte mask of it, then 16 added where it is set.
+                            let fifth = |k: usize| {
+                                let bit = _mm512_set1_epi8((1u8 << k) as i8);
+                                _mm512_test_epi8_mask(planes[r], bit)
                             };
-                            lo = _mm512_or_si512(lo, fifth(2 * c as i32));
-                            hi = _mm512_or_si512(hi, fifth(2 * c as i32 + 1));
+                            lo = _mm512_mask_add_epi8(lo, fifth(2 * c), lo, bit4);
+                            hi = _mm512_mask_add_epi8(hi, fifth(2 * c + 1), hi, bit4);
                         }
                         for i in 0..M {
                             dot[r][i] = _mm512_dpbusd_epi32(dot[r][i], lo, x[i][2 * c]);
