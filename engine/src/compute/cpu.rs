@@ -217,9 +217,48 @@ pub fn cpu_description() -> String {
         })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     format!(
-        "CPU: {model}; quantized kernels: {}",
-        super::quant::Isa::detect().name()
+        "CPU: {model}; quantized kernels: {}; f32/bf16 kernels: {}",
+        super::quant::Isa::detect().name(),
+        arch_name(arch())
     )
+}
+
+/// The SIMD level of the f32 and bf16 kernels (and candle's products through `gemm`, which
+/// picks its own the same way): pulp's best for this CPU (AVX-512, AVX2 with FMA, NEON),
+/// or the lower one that `PARLEY_CPU_ISA` forces on the quantized kernels too (`avx2`:
+/// AVX2 with FMA, `portable`: scalar).
+pub(crate) fn arch() -> Arch {
+    static ARCH: std::sync::OnceLock<Arch> = std::sync::OnceLock::new();
+    *ARCH.get_or_init(|| match super::quant::Isa::detect() {
+        super::quant::Isa::Portable => Arch::Scalar,
+        #[cfg(target_arch = "x86_64")]
+        super::quant::Isa::Avx2 => pulp::x86::V3::try_new().map_or(Arch::Scalar, Arch::V3),
+        _ => Arch::new(),
+    })
+}
+
+/// Every level [`arch`] can take on this CPU, lowest first.
+#[cfg(test)]
+pub(crate) fn arches() -> Vec<Arch> {
+    let mut all = vec![Arch::Scalar];
+    #[cfg(target_arch = "x86_64")]
+    all.extend(pulp::x86::V3::try_new().map(Arch::V3));
+    let best = Arch::new();
+    if arch_name(best) != arch_name(*all.last().expect("scalar")) {
+        all.push(best);
+    }
+    all
+}
+
+fn arch_name(arch: Arch) -> &'static str {
+    let lanes = arch.dispatch(Lanes);
+    match (std::env::consts::ARCH, lanes) {
+        (_, 1) => "portable",
+        ("x86_64", 8) => "avx2",
+        ("x86_64", 16) => "avx-512",
+        ("aarch64", 4) => "neon",
+        _ => "simd",
+    }
 }
 
 /// Memory the system can give without swapping (`MemAvailable` of /proc/meminfo), where
@@ -436,6 +475,11 @@ impl Matrix {
     /// `out[i][j] = sum_k self[j][k] * x[i][k]`: `x` is `m` rows of `cols`, the result `m`
     /// rows of `rows` (that is `x @ self^T`, a linear layer without bias).
     pub fn matmul_t(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        self.matmul_t_on(arch(), x, m)
+    }
+
+    /// [`Self::matmul_t`] with the f32/bf16 kernels at SIMD level `arch`.
+    fn matmul_t_on(&self, arch: Arch, x: &[f32], m: usize) -> Result<Vec<f32>> {
         if x.len() != m * self.cols {
             return Err(Error::InvalidInput(format!(
                 "matmul: {} values for {m} rows of {}",
@@ -463,7 +507,6 @@ impl Matrix {
         // out_t is [rows][m]: contiguous per weight row, so threads write disjoint blocks.
         let mut out_t = vec![0f32; self.rows * m];
         let cols = self.cols;
-        let arch = Arch::new();
         match self.tensor.dtype() {
             DType::F32 => {
                 let w = &cpu.as_slice::<f32>()?[start..start + n];
@@ -520,19 +563,23 @@ impl WithSimd for Lanes {
     }
 }
 
+/// Sums `data` on rayon's threads with the SIMD reader of [`measure_read_bandwidth_gbs`]
+/// (benchmarks use it to push a model's weights out of the caches).
+pub fn read_all(data: &[f32]) -> f32 {
+    let chunk = (data.len() / (rayon::current_num_threads() * 8)).max(1 << 16);
+    data.par_chunks(chunk)
+        .map(|c| arch().dispatch(Sum(c)))
+        .sum()
+}
+
 /// Measures this machine's memory read bandwidth in GB/s: the best of five SIMD sums over
 /// a buffer of `bytes` (far larger than the caches), on rayon's threads.
 pub fn measure_read_bandwidth_gbs(bytes: usize) -> f64 {
     let data = vec![1.0f32; bytes / 4];
-    let chunk = (data.len() / (rayon::current_num_threads() * 8)).max(1 << 16);
     let mut best = f64::INFINITY;
     for _ in 0..5 {
         let t0 = std::time::Instant::now();
-        let total: f32 = data
-            .par_chunks(chunk)
-            .map(|c| Arch::new().dispatch(Sum(c)))
-            .sum();
-        std::hint::black_box(total);
+        std::hint::black_box(read_all(&data));
         best = best.min(t0.elapsed().as_secs_f64());
     }
     (data.len() * 4) as f64 / best / 1e9
@@ -572,11 +619,14 @@ pub enum RowsRef<'a> {
 /// `out_t[j * m + i] = w[j] . x[i]` over rows of `cols`, on the calling thread: the
 /// attention scores of `m` queries against a block of keys.
 pub fn dot_rows(w: RowsRef, cols: usize, x: &[f32], m: usize, out_t: &mut [f32]) {
+    dot_rows_on(arch(), w, cols, x, m, out_t)
+}
+
+fn dot_rows_on(arch: Arch, w: RowsRef, cols: usize, x: &[f32], m: usize, out_t: &mut [f32]) {
     match w {
-        RowsRef::F32(w) => dot_rows_f32(w, cols, x, m, out_t),
+        RowsRef::F32(w) => dot_rows_f32(arch, w, cols, x, m, out_t),
         RowsRef::Bf16(w) => {
             out_t.iter_mut().for_each(|v| *v = 0.0);
-            let arch = Arch::new();
             match bf16_pairs(w, cols) {
                 Some(pairs) => {
                     let xi = interleave_for_bf16(x, cols, arch.dispatch(Lanes));
@@ -590,7 +640,7 @@ pub fn dot_rows(w: RowsRef, cols: usize, x: &[f32], m: usize, out_t: &mut [f32])
                 }
                 None => {
                     let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
-                    dot_rows_f32(&wide, cols, x, m, out_t)
+                    dot_rows_f32(arch, &wide, cols, x, m, out_t)
                 }
             }
         }
@@ -606,9 +656,9 @@ fn bf16_pairs(w: &[half::bf16], cols: usize) -> Option<&[u32]> {
     bytemuck::try_cast_slice(w).ok()
 }
 
-fn dot_rows_f32(w: &[f32], cols: usize, x: &[f32], m: usize, out_t: &mut [f32]) {
+fn dot_rows_f32(arch: Arch, w: &[f32], cols: usize, x: &[f32], m: usize, out_t: &mut [f32]) {
     out_t.iter_mut().for_each(|v| *v = 0.0);
-    Arch::new().dispatch(Dot::<F32Rows> {
+    arch.dispatch(Dot::<F32Rows> {
         w,
         cols,
         x,
@@ -619,7 +669,10 @@ fn dot_rows_f32(w: &[f32], cols: usize, x: &[f32], m: usize, out_t: &mut [f32]) 
 
 /// `out[c] += sum_j p[j] * v[j * cols + c]`: attention's weighted sum of values.
 pub fn weighted_sum_rows(v: RowsRef, cols: usize, p: &[f32], out: &mut [f32]) {
-    let arch = Arch::new();
+    weighted_sum_rows_on(arch(), v, cols, p, out)
+}
+
+fn weighted_sum_rows_on(arch: Arch, v: RowsRef, cols: usize, p: &[f32], out: &mut [f32]) {
     match v {
         RowsRef::F32(v) => arch.dispatch(WeightedSum { v, cols, p, out }),
         RowsRef::Bf16(v) => {
@@ -1267,18 +1320,77 @@ mod tests {
             for m in [1, 2, 3, 5, 16, 17] {
                 let x: Vec<f32> = (0..m * cols).map(|_| rnd()).collect();
                 for (mat, w) in [(&mat, &w), (&bf, &w_bf)] {
-                    let got = mat.matmul_t(&x, m).expect("matmul");
                     let want = reference(w, rows, cols, &x, m);
-                    let err = got
-                        .iter()
-                        .zip(&want)
-                        .map(|(a, b)| (a - b).abs())
-                        .fold(0f32, f32::max);
-                    assert!(
-                        err < 1e-4,
-                        "{rows}x{cols}, m {m}, {:?}: err {err}",
-                        mat.dtype()
-                    );
+                    for arch in arches() {
+                        let got = mat.matmul_t_on(arch, &x, m).expect("matmul");
+                        let err = got
+                            .iter()
+                            .zip(&want)
+                            .map(|(a, b)| (a - b).abs())
+                            .fold(0f32, f32::max);
+                        assert!(
+                            err < 1e-4,
+                            "{rows}x{cols}, m {m}, {:?}, {}: err {err}",
+                            mat.dtype(),
+                            arch_name(arch)
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_kernels_match_a_plain_loop_at_every_simd_level() {
+        let mut seed = 9u32;
+        let mut rnd = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        assert!(arches().len() >= 2, "scalar and at least one SIMD level");
+        for &(n, cols) in &[(1, 1), (5, 7), (13, 64), (40, 130), (3, 2050)] {
+            let keys: Vec<f32> = (0..n * cols).map(|_| rnd()).collect();
+            let keys_bf: Vec<half::bf16> = keys.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let keys_bf_f32: Vec<f32> = keys_bf.iter().map(|v| v.to_f32()).collect();
+            let p: Vec<f32> = (0..n).map(|_| rnd().abs()).collect();
+            for m in [1, 2, 3] {
+                let x: Vec<f32> = (0..m * cols).map(|_| rnd()).collect();
+                for (rows, plain) in [
+                    (RowsRef::F32(&keys), &keys),
+                    (RowsRef::Bf16(&keys_bf), &keys_bf_f32),
+                ] {
+                    // scores[j * m + i] = key j . query i
+                    let want: Vec<f32> = (0..n)
+                        .flat_map(|j| {
+                            let key = &plain[j * cols..(j + 1) * cols];
+                            let x = &x;
+                            (0..m).map(move |i| {
+                                key.iter()
+                                    .zip(&x[i * cols..(i + 1) * cols])
+                                    .map(|(a, b)| a * b)
+                                    .sum()
+                            })
+                        })
+                        .collect();
+                    let mut sum_want = vec![0.5f32; cols];
+                    for (j, &pj) in p.iter().enumerate() {
+                        for (o, v) in sum_want.iter_mut().zip(&plain[j * cols..(j + 1) * cols]) {
+                            *o += pj * v;
+                        }
+                    }
+                    for arch in arches() {
+                        let mut got = vec![f32::NAN; n * m];
+                        dot_rows_on(arch, rows, cols, &x, m, &mut got);
+                        let mut sum = vec![0.5f32; cols];
+                        weighted_sum_rows_on(arch, rows, cols, &p, &mut sum);
+                        for (a, b) in got.iter().zip(&want).chain(sum.iter().zip(&sum_want)) {
+                            assert!(
+                                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                                "{n} rows of {cols}, m {m}, {}: {a} vs {b}",
+                                arch_name(arch)
+                            );
+                        }
+                    }
                 }
             }
         }
