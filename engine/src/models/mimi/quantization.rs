@@ -8,11 +8,17 @@ use super::conv::Seq;
 use crate::compute::cpu::{Matrix, WeightPrecision};
 use crate::models::weights::Weights;
 use crate::{Error, Result};
+use candle_core::{Device, Tensor};
 
 #[derive(Debug, Clone)]
 struct Codebook {
     /// `[bins, dim]`, the centroids.
     embedding: Matrix,
+    /// The same quantized centroids two to a row (`[bins / 2, 2 * dim]`), searched instead
+    /// of `embedding` where a row of `dim` would be padded to a whole super-block of the
+    /// quantized kernels (Mimi's 256 of 512: half of every row read would be padding).
+    /// The blocks, and so the values and scales, are those of `embedding`.
+    paired: Option<Matrix>,
     rows: Vec<f32>,
     /// Squared norm of each centroid.
     norms: Vec<f32>,
@@ -40,6 +46,7 @@ impl Codebook {
             .collect();
         Ok(Self {
             embedding,
+            paired: None,
             rows,
             norms,
             dim,
@@ -47,15 +54,54 @@ impl Codebook {
     }
 
     fn set_precision(&mut self, precision: WeightPrecision) -> Result<()> {
+        let (bins, dim) = (self.embedding.rows(), self.dim);
         let mut m = self.embedding.clone();
         m.set_precision(precision)?;
-        *self = Self::from_matrix(m, self.dim)?;
+        let paired = if m.is_quantized() && bins.is_multiple_of(2) && dim % 512 == 256 {
+            let mut p = Matrix::new(&Tensor::from_vec(
+                self.rows.clone(),
+                (bins / 2, 2 * dim),
+                &Device::Cpu,
+            )?)?;
+            p.set_precision(precision)?;
+            Some(p)
+        } else {
+            None
+        };
+        *self = Self::from_matrix(m, dim)?;
+        self.paired = paired;
         Ok(())
+    }
+
+    /// Every centroid's dot product with each of the `t` rows of `x`: `[t][bins]`.
+    fn dots(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
+        let Some(paired) = &self.paired else {
+            return self.embedding.matmul_t(x, t);
+        };
+        // Row `i` of `paired` is centroids `2i` and `2i + 1`: each row of `x` is dotted
+        // with them as `[x, 0]` and `[0, x]`.
+        let d = self.dim;
+        let mut wide = vec![0f32; 4 * t * d];
+        for (r, row) in x.chunks_exact(d).enumerate() {
+            wide[4 * r * d..4 * r * d + d].copy_from_slice(row);
+            wide[(4 * r + 3) * d..(4 * r + 4) * d].copy_from_slice(row);
+        }
+        let half = paired.matmul_t(&wide, 2 * t)?;
+        let pairs = paired.rows();
+        let mut out = vec![0f32; t * 2 * pairs];
+        for (r, o) in out.chunks_exact_mut(2 * pairs).enumerate() {
+            let (even, odd) = (&half[2 * r * pairs..], &half[(2 * r + 1) * pairs..]);
+            for (i, pair) in o.chunks_exact_mut(2).enumerate() {
+                pair[0] = even[i];
+                pair[1] = odd[i];
+            }
+        }
+        Ok(out)
     }
 
     /// Nearest centroid of each row of `x` (`t` rows of `dim`), by Euclidean distance.
     fn encode(&self, x: &[f32], t: usize) -> Result<Vec<u32>> {
-        let dots = self.embedding.matmul_t(x, t)?;
+        let dots = self.dots(x, t)?;
         Ok(dots
             .chunks_exact(self.embedding.rows())
             .map(|row| {
@@ -247,5 +293,75 @@ impl SplitRvq {
             y.iter_mut().zip(&rest).for_each(|(a, b)| *a += b);
         }
         Ok(Seq::new(y.len() / t, y))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn codebook(bins: usize, dim: usize, seed: u32) -> Codebook {
+        let mut s = seed;
+        let values: Vec<f32> = (0..bins * dim)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect();
+        let m = Matrix::new(
+            &Tensor::from_vec(values, (bins, dim), &Device::Cpu).expect("test codebook"),
+        )
+        .expect("test codebook");
+        Codebook::from_matrix(m, dim).expect("test codebook")
+    }
+
+    #[test]
+    fn paired_search_reads_the_same_quantized_centroids() {
+        let (bins, dim, t) = (1024, 256, 3);
+        let mut cb = codebook(bins, dim, 5);
+        let reference = cb.clone();
+        cb.set_precision(WeightPrecision::Q8_0)
+            .expect("test codebook");
+        assert!(
+            cb.paired.is_some(),
+            "a 256-wide quantized codebook is searched in pairs"
+        );
+        let mut unpaired = cb.clone();
+        unpaired.paired = None;
+        let mut s = 11u32;
+        let x: Vec<f32> = (0..t * dim)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect();
+        let (a, b) = (
+            cb.dots(&x, t).expect("test codebook"),
+            unpaired.dots(&x, t).expect("test codebook"),
+        );
+        assert_eq!(a.len(), t * bins);
+        for (i, (p, u)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (p - u).abs() <= 1e-4 * u.abs().max(1.0),
+                "dot {i}: {p} vs {u}"
+            );
+        }
+        // The same nearest centroids, and close to the f32 search's dot products.
+        assert_eq!(
+            cb.encode(&x, t).expect("test codebook"),
+            unpaired.encode(&x, t).expect("test codebook")
+        );
+        let exact = reference.dots(&x, t).expect("test codebook");
+        let worst = a
+            .iter()
+            .zip(&exact)
+            .map(|(p, e)| (p - e).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 0.05, "quantized dots within {worst} of f32");
+        // Other widths keep the plain search.
+        let mut wide = codebook(512, 512, 3);
+        wide.set_precision(WeightPrecision::Q8_0)
+            .expect("test codebook");
+        assert!(wide.embedding.is_quantized() && wide.paired.is_none());
     }
 }
