@@ -135,6 +135,9 @@ pub struct LmBench {
     /// state. Without it the CPU's early steps read only the slots written so far.
     #[arg(long)]
     full_context: bool,
+    /// Also time the parts of every layer (mean ms per step, summed over the layers).
+    #[arg(long)]
+    by_layer: bool,
     /// Worker threads (default: all).
     #[arg(long)]
     threads: Option<usize>,
@@ -164,6 +167,10 @@ pub struct MimiBench {
     /// Also time every layer of the codec (mean ms per frame, in order).
     #[arg(long)]
     by_layer: bool,
+    /// Read 1 GiB between frames (untimed), as a live session's LM step does, so the
+    /// codec's weights come from memory rather than from the caches.
+    #[arg(long)]
+    cold: bool,
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -662,6 +669,9 @@ fn bench_lm(b: LmBench) -> Result<()> {
     let mut seed = 7u32;
     let mut ms = Vec::with_capacity(b.steps);
     for i in 0..warmup + b.steps {
+        if i == warmup && b.by_layer {
+            parley_engine::profile::enable();
+        }
         let codes: Vec<u32> = (0..n_in)
             .map(|_| {
                 seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
@@ -674,6 +684,7 @@ fn bench_lm(b: LmBench) -> Result<()> {
             ms.push(t0.elapsed().as_secs_f64() * 1e3);
         }
     }
+    let parts = parley_engine::profile::take();
     let s = Stats::of(&ms);
     let gbs = bytes as f64 / (s.p50 / 1e3) / 1e9;
     let gbs_all = (bytes + cache_bytes) as f64 / (s.p50 / 1e3) / 1e9;
@@ -701,6 +712,9 @@ fn bench_lm(b: LmBench) -> Result<()> {
                 "cpu": cpu,
                 "measured_bandwidth_gbs": bw, "bandwidth_probe": bw_what,
                 "dispatches_per_step": dispatches, "load_s": load_s,
+                "parts": parts.iter().map(|(name, secs, _)| serde_json::json!({
+                    "part": name, "ms_per_step": secs * 1e3 / b.steps as f64,
+                })).collect::<Vec<_>>(),
             })
         );
     } else {
@@ -732,6 +746,12 @@ fn bench_lm(b: LmBench) -> Result<()> {
             outln!("  {dispatches} kernel dispatches in one submit per step");
         }
         outln!("  model built in {load_s:.1} s");
+        if !parts.is_empty() {
+            outln!("  by part (mean ms per step, summed over the layers):");
+            for (name, secs, _) in &parts {
+                outln!("    {:>6.2}  {name}", secs * 1e3 / b.steps as f64);
+            }
+        }
     }
     Ok(())
 }
@@ -788,9 +808,17 @@ fn bench_mimi(b: MimiBench) -> Result<()> {
     };
     let mut enc_ms = Vec::with_capacity(b.frames);
     let mut dec_ms = Vec::with_capacity(b.frames);
+    let flush = if b.cold {
+        vec![1.0f32; 1 << 28]
+    } else {
+        Vec::new()
+    };
     for i in 0..b.warmup + b.frames {
         if i == b.warmup && b.by_layer {
             parley_engine::profile::enable();
+        }
+        if b.cold {
+            std::hint::black_box(parley_engine::compute::cpu::read_all(&flush));
         }
         let frame = next_frame();
         let t0 = Instant::now();
@@ -820,15 +848,16 @@ fn bench_mimi(b: MimiBench) -> Result<()> {
                 "precision": format!("{:?}", b.source.precision),
                 "codebooks": mimi.num_codebooks(), "frames": b.frames,
                 "encode_ms": enc.json(), "decode_ms": dec.json(), "total_ms": tot.json(),
-                "real_time_factor": rtf, "cpu": cpu, "layers": layers,
+                "real_time_factor": rtf, "cpu": cpu, "layers": layers, "cold": b.cold,
             })
         );
     } else {
         outln!(
-            "mimi streaming, {what}, {:?} weights, {} codebooks, {threads} thread(s), {} frames of {frame_ms:.0} ms",
+            "mimi streaming, {what}, {:?} weights, {} codebooks, {threads} thread(s), {} frames of {frame_ms:.0} ms{}",
             b.source.precision,
             mimi.num_codebooks(),
-            b.frames
+            b.frames,
+            if b.cold { ", 1 GiB read between frames" } else { "" }
         );
         outln!("            mean    p50    p90    max  (ms per frame)");
         for (name, s) in [("encode", enc), ("decode", dec), ("total", tot)] {

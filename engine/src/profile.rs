@@ -39,8 +39,24 @@ pub fn span<T>(name: impl FnOnce() -> String, f: impl FnOnce() -> T) -> T {
     }
     let t0 = Instant::now();
     let out = f();
+    add(name(), t0);
+    out
+}
+
+/// The start of a span that is not one closure (`None` when not recording).
+pub fn start() -> Option<Instant> {
+    enabled().then(Instant::now)
+}
+
+/// Adds the time since `start` to the span `name`.
+pub fn stop(start: Option<Instant>, name: &str) {
+    if let Some(t0) = start {
+        add(name.to_string(), t0);
+    }
+}
+
+fn add(name: String, t0: Instant) {
     let dt = t0.elapsed().as_secs_f64();
-    let name = name();
     let mut v = spans();
     match v.iter_mut().find(|(n, _, _)| *n == name) {
         Some(e) => {
@@ -49,7 +65,6 @@ pub fn span<T>(name: impl FnOnce() -> String, f: impl FnOnce() -> T) -> T {
         }
         None => v.push((name, dt, 1)),
     }
-    out
 }
 
 #[cfg(test)]

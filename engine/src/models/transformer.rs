@@ -17,6 +17,7 @@
 
 use crate::compute::cpu::{dot_rows, weighted_sum_rows, Matrix, RowsRef, WeightPrecision};
 use crate::models::weights::Weights;
+use crate::profile::{self, span};
 use crate::{Error, Result};
 
 /// What a transformer is made of, from a model's config.
@@ -249,16 +250,29 @@ impl FeedForward {
     fn forward(&self, h: &[f32], t: usize) -> Result<Vec<f32>> {
         match self {
             FeedForward::Mlp { linear1, linear2 } => {
-                let mut hidden = linear1.matmul_t(h, t)?;
-                hidden.iter_mut().for_each(|v| *v = gelu_erf(*v));
-                linear2.matmul_t(&hidden, t)
+                let mut hidden = span(
+                    || "layer: feed-forward in".into(),
+                    || linear1.matmul_t(h, t),
+                )?;
+                span(
+                    || "layer: activation".into(),
+                    || hidden.iter_mut().for_each(|v| *v = gelu_erf(*v)),
+                );
+                span(
+                    || "layer: feed-forward out".into(),
+                    || linear2.matmul_t(&hidden, t),
+                )
             }
             FeedForward::Gated {
                 linear_in,
                 linear_out,
                 silu,
             } => {
-                let both = linear_in.matmul_t(h, t)?;
+                let both = span(
+                    || "layer: feed-forward in".into(),
+                    || linear_in.matmul_t(h, t),
+                )?;
+                let _act = profile::start();
                 let hidden = both.len() / t / 2;
                 let act = |a: f32| {
                     if *silu {
@@ -274,7 +288,11 @@ impl FeedForward {
                         a.iter().zip(b).map(move |(&a, &b)| act(a) * b)
                     })
                     .collect();
-                linear_out.matmul_t(&gated, t)
+                profile::stop(_act, "layer: activation");
+                span(
+                    || "layer: feed-forward out".into(),
+                    || linear_out.matmul_t(&gated, t),
+                )
             }
         }
     }
@@ -888,8 +906,12 @@ fn layer_step(
     let hd = dims.head_dim;
     let widx = weights_index.min(layer.in_proj.len() - 1);
     // Self-attention block.
-    let h = layer.norm1.forward(x, d);
-    let mut qkv = layer.in_proj[widx].matmul_t(&h, t)?;
+    let h = span(|| "layer: norm".into(), || layer.norm1.forward(x, d));
+    let mut qkv = span(
+        || "layer: in-projection".into(),
+        || layer.in_proj[widx].matmul_t(&h, t),
+    )?;
+    let _rope = profile::start();
     if dims.rope {
         for (row, table) in qkv.chunks_exact_mut(3 * d).zip(rope) {
             let (q, rest) = row.split_at_mut(d);
@@ -901,6 +923,8 @@ fn layer_step(
         kv.push(&row[d..2 * d], &row[2 * d..], (offset + i) as i64);
     }
     let q = queries_by_head(&qkv, 3 * d, t, dims);
+    profile::stop(_rope, "layer: rope, cache, queries");
+    let _attention = profile::start();
     // Only the filled slots: an empty one would score minus infinity anyway.
     let cap = kv.filled();
     let context = dims.context.map_or(i64::MAX, |c| c as i64);
@@ -940,13 +964,17 @@ fn layer_step(
         }
     });
     let attn = heads_to_rows(&per_head, t, dims);
-    let update = layer.out_proj[widx].matmul_t(&attn, t)?;
+    profile::stop(_attention, "layer: attention");
+    let update = span(
+        || "layer: out-projection".into(),
+        || layer.out_proj[widx].matmul_t(&attn, t),
+    )?;
     residual_add(x, &update, layer.scale1.as_deref(), d);
     if let (Some(c), Some(src)) = (&layer.cross, cross) {
         cross_block(c, src, x, t, dims)?;
     }
     // Feed-forward block.
-    let h = layer.norm2.forward(x, d);
+    let h = span(|| "layer: norm".into(), || layer.norm2.forward(x, d));
     let update = layer.ff[weights_index.min(layer.ff.len() - 1)].forward(&h, t)?;
     residual_add(x, &update, layer.scale2.as_deref(), d);
     Ok(())
