@@ -16,6 +16,7 @@
 //! semantics instead.
 
 use crate::compute::cpu::{dot_rows, weighted_sum_rows, Matrix, RowsRef, WeightPrecision};
+use crate::compute::team;
 use crate::models::weights::Weights;
 use crate::profile::{self, span};
 use crate::{Error, Result};
@@ -256,7 +257,11 @@ impl FeedForward {
                 )?;
                 span(
                     || "layer: activation".into(),
-                    || hidden.iter_mut().for_each(|v| *v = gelu_erf(*v)),
+                    || {
+                        team::chunks_mut(&mut hidden, ACTIVATION_CHUNK, |_, c| {
+                            c.iter_mut().for_each(|v| *v = gelu_erf(*v))
+                        })
+                    },
                 );
                 span(
                     || "layer: feed-forward out".into(),
@@ -281,13 +286,19 @@ impl FeedForward {
                         gelu_erf(a)
                     }
                 };
-                let gated: Vec<f32> = both
+                let mut gated = vec![0f32; t * hidden];
+                for (row, out) in both
                     .chunks_exact(2 * hidden)
-                    .flat_map(|row| {
-                        let (a, b) = row.split_at(hidden);
-                        a.iter().zip(b).map(move |(&a, &b)| act(a) * b)
-                    })
-                    .collect();
+                    .zip(gated.chunks_exact_mut(hidden))
+                {
+                    let (a, b) = row.split_at(hidden);
+                    team::chunks_mut(out, ACTIVATION_CHUNK, |i, o| {
+                        let at = i * ACTIVATION_CHUNK;
+                        for ((o, &a), &b) in o.iter_mut().zip(&a[at..]).zip(&b[at..]) {
+                            *o = act(a) * b;
+                        }
+                    });
+                }
                 profile::stop(_act, "layer: activation");
                 span(
                     || "layer: feed-forward out".into(),
@@ -314,6 +325,10 @@ impl FeedForward {
 }
 
 /// GELU with the exact erf (PyTorch's default), as candle computes it.
+/// Values per piece of an activation shared among the step's threads (a few microseconds of
+/// `exp` or `erf` each).
+const ACTIVATION_CHUNK: usize = 1024;
+
 fn gelu_erf(v: f32) -> f32 {
     (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v
 }
@@ -932,7 +947,7 @@ fn layer_step(
     // model's step at full context), `[heads][t][head_dim]`, then into `[t][d]`.
     let kv = &*kv;
     let mut per_head = vec![0f32; t * d];
-    crate::compute::team::chunks_mut(&mut per_head, t * hd, |h, out| {
+    team::chunks_mut(&mut per_head, t * hd, |h, out| {
         let mut scores = vec![0f32; cap * t];
         let mut probs = vec![0f32; cap];
         // scores[j * t + i]: key slot j against query i.
@@ -993,7 +1008,7 @@ fn cross_block(
     let h = c.norm.forward(x, d);
     let qh = queries_by_head(&c.q_proj.matmul_t(&h, t)?, d, t, dims);
     let mut per_head = vec![0f32; t * d];
-    crate::compute::team::chunks_mut(&mut per_head, t * hd, |head, out| {
+    team::chunks_mut(&mut per_head, t * hd, |head, out| {
         let keys = src.k.rows(head * n * hd, n * hd);
         let values = src.v.rows(head * n * hd, n * hd);
         // scores[j * t + i]: key j against query i.

@@ -200,7 +200,7 @@ impl StreamingConv1d {
                 dst.copy_from_slice(&full[src..src + cin]);
             }
         }
-        let mut out = self.weight.matmul_t(&cols, t_out)?;
+        let mut out = self.weight.matmul_t_owned(cols, t_out)?;
         add_bias(&mut out, self.bias.as_deref());
         if hist > 0 {
             let keep = full.len() - hist * cin;
