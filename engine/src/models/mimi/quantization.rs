@@ -300,14 +300,19 @@ impl SplitRvq {
 mod tests {
     use super::*;
 
-    fn codebook(bins: usize, dim: usize, seed: u32) -> Codebook {
+    /// `n` values in [-0.5, 0.5) from a linear congruential generator.
+    fn noise(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed;
-        let values: Vec<f32> = (0..bins * dim)
+        (0..n)
             .map(|_| {
                 s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
                 (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
             })
-            .collect();
+            .collect()
+    }
+
+    fn codebook(bins: usize, dim: usize, seed: u32) -> Codebook {
+        let values = noise(bins * dim, seed);
         let m = Matrix::new(
             &Tensor::from_vec(values, (bins, dim), &Device::Cpu).expect("test codebook"),
         )
@@ -328,13 +333,7 @@ mod tests {
         );
         let mut unpaired = cb.clone();
         unpaired.paired = None;
-        let mut s = 11u32;
-        let x: Vec<f32> = (0..t * dim)
-            .map(|_| {
-                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect();
+        let x = noise(t * dim, 11);
         let (a, b) = (
             cb.dots(&x, t).expect("test codebook"),
             unpaired.dots(&x, t).expect("test codebook"),
