@@ -13,6 +13,7 @@
 //! stay time-major from the microphone to the speaker, so no layer transposes anything.
 
 use crate::compute::cpu::{Matrix, WeightPrecision};
+use crate::compute::team;
 use crate::models::weights::Weights;
 use crate::{Error, Result};
 
@@ -194,12 +195,17 @@ impl StreamingConv1d {
         let t_out = t / stride;
         let width = k * cin;
         let mut cols = vec![0f32; t_out * width];
-        for (to, col) in cols.chunks_exact_mut(width).enumerate() {
-            for (kk, dst) in col.chunks_exact_mut(cin).enumerate() {
-                let src = (to * stride + kk * dilation) * cin;
-                dst.copy_from_slice(&full[src..src + cin]);
+        // Copied on the step's threads, a block of output rows each.
+        let rows_per = (PARALLEL_MIN_VALUES / width).max(1);
+        team::chunks_mut(&mut cols, rows_per * width, |c, block| {
+            for (i, col) in block.chunks_exact_mut(width).enumerate() {
+                let to = c * rows_per + i;
+                for (kk, dst) in col.chunks_exact_mut(cin).enumerate() {
+                    let src = (to * stride + kk * dilation) * cin;
+                    dst.copy_from_slice(&full[src..src + cin]);
+                }
             }
-        }
+        });
         let mut out = self.weight.matmul_t_owned(cols, t_out)?;
         add_bias(&mut out, self.bias.as_deref());
         if hist > 0 {
@@ -360,11 +366,17 @@ impl StreamingConvTr1d {
     }
 }
 
-/// ELU with parameter alpha, as `torch.nn.ELU`, in place.
+/// Values per piece of work shared among the step's threads (ELU, im2col): tens of
+/// microseconds each.
+const PARALLEL_MIN_VALUES: usize = 1 << 14;
+
+/// ELU with parameter alpha, as `torch.nn.ELU`, in place, on the step's threads.
 pub fn elu(x: &mut [f32], alpha: f32) {
-    for v in x.iter_mut() {
-        if *v < 0.0 {
-            *v = alpha * v.exp_m1();
+    team::chunks_mut(x, PARALLEL_MIN_VALUES, |_, part| {
+        for v in part.iter_mut() {
+            if *v < 0.0 {
+                *v = alpha * v.exp_m1();
+            }
         }
-    }
+    });
 }
