@@ -225,10 +225,10 @@ pub fn cpu_description() -> String {
     )
 }
 
-/// The SIMD level of the f32 and bf16 kernels (and candle's products through `gemm`, which
-/// picks its own the same way): pulp's best for this CPU (AVX-512, AVX2 with FMA, NEON),
-/// or the lower one that `PARLEY_CPU_ISA` forces on the quantized kernels too (`avx2`:
-/// AVX2 with FMA, `portable`: scalar).
+/// The SIMD level of Parley's f32 and bf16 kernels: pulp's best for this CPU (AVX-512, AVX2
+/// with FMA, NEON), or the lower one that `PARLEY_CPU_ISA` forces on the quantized kernels
+/// too (`avx2`: AVX2 with FMA, `portable`: scalar). candle's products through `gemm` pick
+/// their own level (AVX-512 where present), whatever `PARLEY_CPU_ISA` says.
 pub(crate) fn arch() -> Arch {
     static ARCH: std::sync::OnceLock<Arch> = std::sync::OnceLock::new();
     *ARCH.get_or_init(|| match super::quant::Isa::detect() {

@@ -277,7 +277,7 @@ impl FeedForward {
                     || "layer: feed-forward in".into(),
                     || linear_in.matmul_t(h, t),
                 )?;
-                let _act = profile::start();
+                let act_t0 = profile::start();
                 let hidden = both.len() / t / 2;
                 let act = |a: f32| {
                     if *silu {
@@ -299,7 +299,7 @@ impl FeedForward {
                         }
                     });
                 }
-                profile::stop(_act, "layer: activation");
+                profile::stop(act_t0, "layer: activation");
                 span(
                     || "layer: feed-forward out".into(),
                     || linear_out.matmul_t(&gated, t),
@@ -926,7 +926,7 @@ fn layer_step(
         || "layer: in-projection".into(),
         || layer.in_proj[widx].matmul_t(&h, t),
     )?;
-    let _rope = profile::start();
+    let rope_t0 = profile::start();
     if dims.rope {
         for (row, table) in qkv.chunks_exact_mut(3 * d).zip(rope) {
             let (q, rest) = row.split_at_mut(d);
@@ -938,8 +938,8 @@ fn layer_step(
         kv.push(&row[d..2 * d], &row[2 * d..], (offset + i) as i64);
     }
     let q = queries_by_head(&qkv, 3 * d, t, dims);
-    profile::stop(_rope, "layer: rope, cache, queries");
-    let _attention = profile::start();
+    profile::stop(rope_t0, "layer: rope, cache, queries");
+    let attention_t0 = profile::start();
     // Only the filled slots: an empty one would score minus infinity anyway.
     let cap = kv.filled();
     let context = dims.context.map_or(i64::MAX, |c| c as i64);
@@ -979,7 +979,7 @@ fn layer_step(
         }
     });
     let attn = heads_to_rows(&per_head, t, dims);
-    profile::stop(_attention, "layer: attention");
+    profile::stop(attention_t0, "layer: attention");
     let update = span(
         || "layer: out-projection".into(),
         || layer.out_proj[widx].matmul_t(&attn, t),
