@@ -252,3 +252,108 @@ fn q8_0_precision_stays_close_to_f32() {
         "audio: max diff {err}, peak {peak}"
     );
 }
+
+/// A frame begun early with its first half (`encode_early`, as a live session does 40 ms
+/// before the frame is complete) encodes as the whole frame does: the same latents to
+/// float rounding and the same codes, in f32 and in q8_0 (where the half's activations are
+/// quantized apart from the other half's).
+#[test]
+fn a_frame_begun_early_encodes_as_the_whole_frame() {
+    use parley_engine::compute::cpu::WeightPrecision;
+    let pcm = &speech()[..1920 * 10];
+    for precision in [WeightPrecision::F32, WeightPrecision::Q8_0] {
+        let mut whole =
+            Mimi::from_weights(&Weights::random_bf16(5), MimiConfig::default(), 32).expect("mimi");
+        whole.set_weight_precision(precision).expect("precision");
+        let mut early = whole.clone();
+        let (mut a, mut b) = (vec![], vec![]);
+        for (i, frame) in pcm.chunks(1920).enumerate() {
+            // Latents on even frames, codes on odd ones: both paths go through the early half.
+            if i % 2 == 0 {
+                let latent = |m: &mut Mimi| -> Vec<f32> {
+                    m.encode_latent_step(frame)
+                        .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
+                        .expect("latent")
+                };
+                a.extend(latent(&mut whole));
+                early.encode_early(&frame[..960]).expect("early half");
+                b.extend(latent(&mut early));
+            } else {
+                let codes = whole.encode_step(frame).expect("codes");
+                early.encode_early(&frame[..960]).expect("early half");
+                assert_eq!(
+                    early.encode_step(frame).expect("codes"),
+                    codes,
+                    "{precision:?}: frame {i}'s codes"
+                );
+            }
+        }
+        let scale = max_abs(&a);
+        let err = max_abs_diff(&a, &b);
+        eprintln!("{precision:?}: latents max diff {err}, scale {scale}");
+        assert!(
+            scale > 0.0 && err <= 1e-5 * scale,
+            "{precision:?}: latents max diff {err}, scale {scale}"
+        );
+        // The latents follow the input (else equal latents would prove nothing).
+        let moved = a
+            .chunks(512)
+            .zip(a.chunks(512).skip(1))
+            .filter(|(x, y)| max_abs_diff(x, y) > 1e-3 * scale)
+            .count();
+        assert!(moved >= 3, "{precision:?}: latents barely change ({moved})");
+    }
+}
+
+#[test]
+fn an_early_start_is_whole_steps_of_one_frame_and_begins_it() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mimi-tiny");
+    let cfg = MimiConfig::from_json_file(&dir.join("mimi_config.json")).expect("cfg");
+    let mut mimi = Mimi::load(&dir.join("mimi.safetensors"), cfg, 8).expect("mimi");
+    let pcm = speech();
+    for bad in [&pcm[..961], &pcm[..1920], &pcm[..0]] {
+        let e = mimi
+            .encode_early(bad)
+            .expect_err("not whole steps short of a frame");
+        assert!(e.to_string().contains("whole steps of 960"), "{e}");
+    }
+    mimi.encode_early(&pcm[..960]).expect("first half");
+    let e = mimi
+        .encode_early(&pcm[960..1920])
+        .expect_err("a whole frame held");
+    assert!(e.to_string().contains("960 already held"), "{e}");
+    let e = mimi
+        .encode_step(&pcm[1920..3840])
+        .expect_err("another frame");
+    assert!(
+        e.to_string()
+            .contains("does not begin with the 960 samples"),
+        "{e}"
+    );
+    // A reset starts a new stream with nothing held.
+    mimi.reset();
+    mimi.encode_early(&pcm[..960]).expect("first half");
+    assert_eq!(mimi.encode_step(&pcm[..1920]).expect("codes").len(), 8);
+}
+
+/// The same past the attention window: the STT fixture's codec (an encoder transformer
+/// of a 12-step context, wrapped many times over 4.6 s) gives the same codes for frames
+/// begun early, its first step attending to what it would with the whole frame.
+#[test]
+fn a_frame_begun_early_encodes_as_the_whole_frame_past_the_attention_window() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/stt-tiny");
+    let cfg = MimiConfig::from_json_file(&dir.join("mimi_config.json")).expect("cfg");
+    let mut whole = Mimi::load(&dir.join("mimi.safetensors"), cfg, 8).expect("mimi");
+    let mut early = whole.clone();
+    let pcm = speech();
+    let mut changed = 0;
+    let mut last = vec![];
+    for (i, frame) in pcm.chunks(1920).enumerate() {
+        let codes = whole.encode_step(frame).expect("codes");
+        early.encode_early(&frame[..960]).expect("early half");
+        assert_eq!(early.encode_step(frame).expect("codes"), codes, "frame {i}");
+        changed += usize::from(codes != last);
+        last = codes;
+    }
+    assert!(changed > 40, "the codes barely change ({changed} frames)");
+}

@@ -222,6 +222,14 @@ fn repo() -> PathBuf {
 /// The dialogue (two turns, 0.50-3.76 s and 5.76-9.16 s) through listen mode with the
 /// tiny STT fixture, turn-taking by `turn`, at `pace`; returns the events.
 fn listen_to_dialogue(turn: TurnModels, pace: Pace) -> Vec<Event> {
+    let pcm =
+        parley_engine::audio::file::read_audio_24k(&repo().join("assets/speech/dialogue.wav"))
+            .expect("dialogue");
+    listen(turn, pcm, pace)
+}
+
+/// `pcm` through listen mode with the tiny STT fixture; returns the events.
+fn listen(turn: TurnModels, pcm: Vec<f32>, pace: Pace) -> Vec<Event> {
     let mut models = Models::load(
         &repo().join("tests/fixtures/stt-tiny"),
         Mode::Listen,
@@ -232,11 +240,7 @@ fn listen_to_dialogue(turn: TurnModels, pace: Pace) -> Vec<Event> {
     .expect("fixture");
     models.turn = turn;
     let (tx, rx) = bounded::<Event>(1 << 16);
-    let source = parley_engine::audio::virtual_device::FileSource::open(
-        &repo().join("assets/speech/dialogue.wav"),
-        pace,
-    )
-    .expect("dialogue");
+    let source = parley_engine::audio::virtual_device::FileSource::from_pcm_24k(pcm, pace);
     let session = Session::start(
         models,
         Box::new(source),
@@ -263,6 +267,49 @@ fn speech_runs(events: &[Event]) -> Vec<(f64, f64)> {
         }
     }
     runs
+}
+
+/// At the pace of speech, the encoder starts each frame when its first half has been
+/// heard (the audio-in thread hands it on 40 ms early) and the stages hear the same: the
+/// transcript is the one of whole frames taken as fast as they come, and each frame's
+/// metrics carry the early work apart from its latency.
+#[test]
+fn a_live_pace_begins_each_frame_early_and_transcribes_the_same() {
+    let mut pcm =
+        parley_engine::audio::file::read_audio_24k(&repo().join("assets/speech/dialogue.wav"))
+            .expect("dialogue");
+    pcm.truncate(24_000 * 3 + 500); // 3 s and a part of a frame
+    let energy = || TurnModels::energy_only(TurnSettings::default());
+    let live = listen(energy(), pcm.clone(), Pace::RealTime);
+    let fast = listen(energy(), pcm, Pace::Unpaced);
+    let text = |events: &[Event]| -> Vec<(String, u64)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::TextDelta { text, frame, .. } => Some((text.clone(), *frame)),
+                _ => None,
+            })
+            .collect()
+    };
+    assert!(!text(&fast).is_empty(), "the fixture writes some text");
+    assert_eq!(text(&live), text(&fast));
+    let early: Vec<Vec<&'static str>> = live
+        .iter()
+        .filter_map(|e| match e {
+            Event::Metrics(m) => Some(m.early.iter().map(|s| s.stage).collect()),
+            _ => None,
+        })
+        .collect();
+    // 38 frames of input, the last one partial: each began early, in the encode stage.
+    assert_eq!(
+        early.iter().filter(|e| *e == &["encode"]).count(),
+        38,
+        "{early:?}"
+    );
+    let unpaced_early = fast
+        .iter()
+        .any(|e| matches!(e, Event::Metrics(m) if !m.early.is_empty()));
+    assert!(!unpaced_early, "unpaced frames come whole");
 }
 
 #[test]

@@ -1201,14 +1201,33 @@ impl FrameSource for MicSource {
     }
 
     fn next_frame(&mut self, frame: &mut [f32; FRAME_LEN_SAMPLES]) -> Result<bool> {
+        self.wait_for(FRAME_LEN_SAMPLES)?;
+        Ok(self.resampler.pop_frame(frame))
+    }
+
+    fn next_part(&mut self, part: &mut [f32]) -> Result<bool> {
+        if part.is_empty()
+            || part.len() >= FRAME_LEN_SAMPLES
+            || self.resampler.ready_samples() >= FRAME_LEN_SAMPLES
+        {
+            return Ok(false);
+        }
+        self.wait_for(part.len())?;
+        Ok(self.resampler.peek(part))
+    }
+}
+
+impl MicSource {
+    /// Blocks until `samples` (at most a frame) of 24 kHz audio are ready.
+    fn wait_for(&mut self, samples: usize) -> Result<()> {
         if !self.started {
             self.started = true;
             self.moving |= self.consumer.clear() > 0;
         }
         let mut last_progress = Instant::now();
         loop {
-            if self.resampler.pop_frame(frame) {
-                return Ok(true);
+            if self.resampler.ready_samples() >= samples {
+                return Ok(());
             }
             let n = self.consumer.pop_slice(&mut self.scratch);
             if n > 0 {
@@ -1230,7 +1249,7 @@ impl FrameSource for MicSource {
                     ),
                 ));
             }
-            let missing_24k = FRAME_LEN_SAMPLES - self.resampler.ready_samples();
+            let missing_24k = samples - self.resampler.ready_samples();
             thread::sleep(poll_wait(missing_24k, SAMPLE_RATE_HZ));
         }
     }

@@ -34,6 +34,17 @@ pub trait FrameSource: Send {
     /// device's timeout.
     fn next_frame(&mut self, frame: &mut [f32; FRAME_LEN_SAMPLES]) -> Result<bool>;
 
+    /// Blocks until the first `part.len()` samples (fewer than a frame) of the next frame
+    /// have been heard and copies them into `part`, so that work on them can start before
+    /// the frame is complete; they stay at the start of the frame the next
+    /// [`Self::next_frame`] returns, which follows whenever this returned `Ok(true)`.
+    /// `Ok(false)`: no part now (a source that hands out whole frames only, the default;
+    /// one that has the whole frame already; or the end of the input): call
+    /// `next_frame`.
+    fn next_part(&mut self, _part: &mut [f32]) -> Result<bool> {
+        Ok(false)
+    }
+
     /// How long before a frame is handed out its last sample was heard, as far as the
     /// device reports it (a live device's capture latency); `None` where unknown. Echo
     /// cancellation aligns its reference with it.

@@ -192,6 +192,22 @@ impl FrameSource for ReopeningMic {
         self.mic.as_ref().and_then(|m| m.latency())
     }
 
+    /// The microphone's part, while it is there (a lost one is reopened by `next_frame`).
+    fn next_part(&mut self, part: &mut [f32]) -> Result<bool> {
+        let Some(mic) = &mut self.mic else {
+            return Ok(false);
+        };
+        match mic.next_part(part) {
+            Ok(more) => Ok(more),
+            Err(e @ (Error::AudioDeviceLost { .. } | Error::AudioDevice { .. })) => {
+                self.mic = None;
+                self.r.lose(e);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn next_frame(&mut self, frame: &mut [f32; FRAME_LEN_SAMPLES]) -> Result<bool> {
         loop {
             if let Some(mic) = &mut self.mic {

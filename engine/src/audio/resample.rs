@@ -239,6 +239,18 @@ impl InputResampler {
         true
     }
 
+    /// Copies the first `out.len()` samples of the next frame into `out` without taking
+    /// them; `false` (and `out` untouched) when fewer are ready.
+    pub fn peek(&self, out: &mut [f32]) -> bool {
+        if self.ready_24k.len() < out.len() {
+            return false;
+        }
+        for (dst, src) in out.iter_mut().zip(&self.ready_24k) {
+            *dst = *src;
+        }
+        true
+    }
+
     /// 24 kHz samples resampled but not yet handed out as a frame.
     pub fn ready_samples(&self) -> usize {
         self.ready_24k.len()

@@ -83,28 +83,59 @@ impl FileSource {
     }
 }
 
+impl FileSource {
+    /// In [`Pace::RealTime`], sleeps until the first `samples` of the next frame have
+    /// been spoken.
+    fn wait_for(&mut self, samples: usize) {
+        if self.pace != Pace::RealTime {
+            return;
+        }
+        let start = *self.start.get_or_insert_with(Instant::now);
+        let short = Duration::from_micros(
+            ((FRAME_LEN_SAMPLES - samples) as u64 * 1_000_000) / u64::from(SAMPLE_RATE_HZ),
+        );
+        let due = start + Self::due_after_start(self.frames_read) - short;
+        loop {
+            let now = Instant::now();
+            if now >= due {
+                break;
+            }
+            thread::sleep(due - now);
+        }
+    }
+
+    /// Copies the next frame's first `out.len()` samples (zeros past the recording's end).
+    fn copy_ahead(&self, out: &mut [f32]) {
+        let end = (self.pos + out.len()).min(self.pcm_24k.len());
+        let n = end - self.pos;
+        out[..n].copy_from_slice(&self.pcm_24k[self.pos..end]);
+        out[n..].fill(0.0);
+    }
+}
+
 impl FrameSource for FileSource {
     fn next_frame(&mut self, frame: &mut [f32; FRAME_LEN_SAMPLES]) -> Result<bool> {
         if self.pos >= self.pcm_24k.len() {
             return Ok(false);
         }
-        if self.pace == Pace::RealTime {
-            let start = *self.start.get_or_insert_with(Instant::now);
-            let due = start + Self::due_after_start(self.frames_read);
-            loop {
-                let now = Instant::now();
-                if now >= due {
-                    break;
-                }
-                thread::sleep(due - now);
-            }
-        }
-        let end = (self.pos + FRAME_LEN_SAMPLES).min(self.pcm_24k.len());
-        let n = end - self.pos;
-        frame[..n].copy_from_slice(&self.pcm_24k[self.pos..end]);
-        frame[n..].fill(0.0);
-        self.pos = end;
+        self.wait_for(FRAME_LEN_SAMPLES);
+        self.copy_ahead(frame);
+        self.pos = (self.pos + FRAME_LEN_SAMPLES).min(self.pcm_24k.len());
         self.frames_read += 1;
+        Ok(true)
+    }
+
+    /// In [`Pace::RealTime`] only (unpaced, the whole frame is there at once).
+    fn next_part(&mut self, part: &mut [f32]) -> Result<bool> {
+        if self.pace != Pace::RealTime
+            || self.pos >= self.pcm_24k.len()
+            || part.is_empty()
+            || part.len() >= FRAME_LEN_SAMPLES
+        {
+            return Ok(false);
+        }
+        self.wait_for(part.len());
+        self.copy_ahead(part);
         Ok(true)
     }
 }

@@ -248,6 +248,17 @@ impl FeedForward {
         }
     }
 
+    fn matrices(&self) -> [&Matrix; 2] {
+        match self {
+            FeedForward::Mlp { linear1, linear2 } => [linear1, linear2],
+            FeedForward::Gated {
+                linear_in,
+                linear_out,
+                ..
+            } => [linear_in, linear_out],
+        }
+    }
+
     fn forward(&self, h: &[f32], t: usize) -> Result<Vec<f32>> {
         match self {
             FeedForward::Mlp { linear1, linear2 } => {
@@ -311,16 +322,7 @@ impl FeedForward {
 
 impl FeedForward {
     fn size_in_bytes(&self) -> usize {
-        match self {
-            FeedForward::Mlp { linear1, linear2 } => {
-                linear1.size_in_bytes() + linear2.size_in_bytes()
-            }
-            FeedForward::Gated {
-                linear_in,
-                linear_out,
-                ..
-            } => linear_in.size_in_bytes() + linear_out.size_in_bytes(),
-        }
+        self.matrices().into_iter().map(Matrix::size_in_bytes).sum()
     }
 }
 
@@ -674,6 +676,14 @@ impl StreamingTransformer {
     /// Runs `t` steps (`rows`: `t` rows of `d_model`), continuing the stream. Returns `t`
     /// rows of `d_model`.
     pub fn step(&mut self, rows: &[f32], t: usize) -> Result<Vec<f32>> {
+        self.step_part(rows, t, 0)
+    }
+
+    /// [`Self::step`] on the first `t` steps of a call of `t + ahead`: they see what they
+    /// would in the whole call (the ring entries its later steps overwrite are hidden from
+    /// them), so a call split in parts computes what it computes whole, the reference's
+    /// streaming semantics included (Mimi's encoder starts a frame's first step early).
+    pub fn step_part(&mut self, rows: &[f32], t: usize, ahead: usize) -> Result<Vec<f32>> {
         let dims = &self.dims;
         let d = dims.d_model;
         if rows.len() != t * d {
@@ -700,12 +710,15 @@ impl StreamingTransformer {
         } else {
             vec![]
         };
+        // The oldest position still in the rings once the whole call has written its steps.
+        let visible_from = |kv: &RingKv| (self.offset + t + ahead) as i64 - kv.capacity as i64;
         for ((layer, kv), cross) in self
             .layers
             .iter()
             .zip(self.rings.iter_mut())
             .zip(&self.cross)
         {
+            let from = visible_from(kv);
             if layer.cross.is_some() && cross.is_none() {
                 return Err(Error::InvalidInput(
                     "a cross-attention transformer stepped without its conditioning \
@@ -732,11 +745,23 @@ impl StreamingTransformer {
                         row,
                         1,
                         self.offset + i,
+                        from,
                         dims,
                     )?;
                 }
             } else {
-                layer_step(layer, 0, &rope, kv, cross, &mut x, t, self.offset, dims)?;
+                layer_step(
+                    layer,
+                    0,
+                    &rope,
+                    kv,
+                    cross,
+                    &mut x,
+                    t,
+                    self.offset,
+                    from,
+                    dims,
+                )?;
             }
         }
         self.offset += t;
@@ -816,24 +841,24 @@ impl StreamingTransformer {
         self.rings.iter_mut().for_each(RingKv::reset);
     }
 
+    /// Every weight matrix, layer by layer (per-step ones included).
+    pub(crate) fn matrices(&self) -> impl Iterator<Item = &Matrix> {
+        self.layers.iter().flat_map(|l| {
+            l.in_proj
+                .iter()
+                .chain(
+                    l.cross
+                        .iter()
+                        .flat_map(|c| [&c.q_proj, &c.kv_proj, &c.out_proj]),
+                )
+                .chain(&l.out_proj)
+                .chain(l.ff.iter().flat_map(FeedForward::matrices))
+        })
+    }
+
     /// Bytes of all weight matrices (per-step ones included: a full pass reads them all).
     pub fn weight_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| {
-                l.in_proj
-                    .iter()
-                    .chain(&l.out_proj)
-                    .chain(
-                        l.cross
-                            .iter()
-                            .flat_map(|c| [&c.q_proj, &c.kv_proj, &c.out_proj]),
-                    )
-                    .map(Matrix::size_in_bytes)
-                    .sum::<usize>()
-                    + l.ff.iter().map(FeedForward::size_in_bytes).sum::<usize>()
-            })
-            .sum()
+        self.matrices().map(Matrix::size_in_bytes).sum()
     }
 
     /// Bytes of the matrices one step of weight set `set` reads (per-step transformers).
@@ -915,6 +940,7 @@ fn layer_step(
     x: &mut [f32],
     t: usize,
     offset: usize,
+    visible_from: i64,
     dims: &Dims,
 ) -> Result<()> {
     let d = dims.d_model;
@@ -963,7 +989,7 @@ fn layer_step(
             for (j, p) in probs.iter_mut().enumerate() {
                 let pk = kv.pos[j];
                 let delta = pos_q - pk;
-                *p = if pk >= 0 && delta >= 0 && delta < context {
+                *p = if pk >= visible_from.max(0) && delta >= 0 && delta < context {
                     scores[j * t + i]
                 } else {
                     f32::NEG_INFINITY
@@ -1116,6 +1142,43 @@ mod tests {
                 (((i as u32 + 1).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0
             })
             .collect()
+    }
+
+    /// Calls of three steps through a ring of four (the window wraps every call), each
+    /// also split as 1 + 2 and 2 + 1 with `step_part`: the same outputs, where plain
+    /// shorter calls see more of the past (the reference's streaming semantics differ by
+    /// call size once the ring has wrapped).
+    #[test]
+    fn a_call_split_in_parts_computes_what_it_computes_whole() {
+        let d = 16;
+        let w = Weights::random(3);
+        let mut whole = StreamingTransformer::load(&w, &spec(false)).expect("load");
+        let mut split = whole.clone();
+        let mut plain = whole.clone();
+        let max_diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max)
+        };
+        let mut plain_differs = false;
+        for call in 0..5 {
+            let x = rows(10 + call, 3, d);
+            let a = whole.step(&x, 3).expect("whole");
+            let first = 1 + call as usize % 2;
+            let mut b = split
+                .step_part(&x[..first * d], first, 3 - first)
+                .expect("first part");
+            b.extend(split.step(&x[first * d..], 3 - first).expect("rest"));
+            assert!(max_diff(&a, &b) < 1e-6, "call {call}: {}", max_diff(&a, &b));
+            let mut c = plain.step(&x[..first * d], first).expect("plain");
+            c.extend(plain.step(&x[first * d..], 3 - first).expect("plain"));
+            plain_differs |= max_diff(&a, &c) > 1e-4;
+        }
+        assert!(
+            plain_differs,
+            "the ring never hid anything: the test proves nothing"
+        );
     }
 
     /// Cross-attention attends over the whole conditioning with no position and no mask:

@@ -194,9 +194,14 @@ pub struct FrameMetrics {
     pub frame: u64,
     /// Each stage's compute, in the order the stages ran.
     pub stages: Vec<StageTime>,
+    /// Work done on the frame before it was complete, as soon as its first half was heard
+    /// ([`stage::Stage::on_early`]: Mimi's encoder on the CPU), by stage: part of the
+    /// frame's share of the CPU, not of its latency.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub early: Vec<StageTime>,
     /// From the moment the frame was available to the moment its output was queued.
     pub latency_ms: f64,
-    /// Compute (all stages) over the 80 ms a frame lasts.
+    /// Compute (all stages, the early work included) over the 80 ms a frame lasts.
     pub deadline_missed: bool,
     /// Seconds since the session started when the frame was done.
     pub done_at_s: f64,
@@ -215,9 +220,14 @@ pub struct FrameMetrics {
 }
 
 impl FrameMetrics {
-    /// All stages' compute.
+    /// All stages' compute once the frame was complete (what its latency is made of).
     pub fn compute_ms(&self) -> f64 {
         self.stages.iter().map(|s| s.ms).sum()
+    }
+
+    /// The work done on the frame before it was complete.
+    pub fn early_ms(&self) -> f64 {
+        self.early.iter().map(|s| s.ms).sum()
     }
 
     /// One stage's compute (0 if the mode has no such stage).

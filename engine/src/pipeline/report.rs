@@ -10,7 +10,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Event, FrameMetrics, Mode, ResponseTiming, Speaker, TurnSettings, TurnSource};
+use super::{
+    Event, FrameMetrics, Mode, ResponseTiming, Speaker, StageTime, TurnSettings, TurnSource,
+};
 use crate::audio::{FRAME_LEN_SAMPLES, SAMPLE_RATE_HZ};
 use crate::{Error, Result};
 
@@ -117,8 +119,13 @@ pub struct StagePercentiles {
 pub struct Compute {
     /// Each stage of the mode, in pipeline order.
     pub stages: Vec<StagePercentiles>,
+    /// The stages' compute once a frame was complete: its latency on the model thread.
     pub total_ms: Percentiles,
-    /// Mean compute per frame over the 80 ms a frame lasts.
+    /// Work done on frames before they were complete (their first halves, as they were
+    /// heard), by stage; not in `total_ms`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub early: Vec<StagePercentiles>,
+    /// Mean compute per frame (the early work included) over the 80 ms a frame lasts.
     pub real_time_factor: f64,
     pub deadline_misses: usize,
     pub frames: usize,
@@ -324,29 +331,45 @@ impl LatencyReport {
     pub fn compute(rec: &SessionRecord, alignment: Option<&Alignment>, device: &str) -> Self {
         let metrics = rec.metrics();
         let total: Vec<f64> = metrics.iter().map(FrameMetrics::compute_ms).collect();
-        let mut names: Vec<&'static str> = vec![];
-        for m in &metrics {
-            for st in &m.stages {
-                if !names.contains(&st.stage) {
-                    names.push(st.stage);
+        let busy: Vec<f64> = metrics
+            .iter()
+            .map(|m| m.compute_ms() + m.early_ms())
+            .collect();
+        // Each stage's percentiles over all frames, from `times` (a frame's stage times).
+        let by_stage = |times: fn(&FrameMetrics) -> &[StageTime]| {
+            let mut names: Vec<&'static str> = vec![];
+            for m in &metrics {
+                for st in times(m) {
+                    if !names.contains(&st.stage) {
+                        names.push(st.stage);
+                    }
                 }
             }
-        }
-        let compute = Compute {
-            stages: names
+            names
                 .into_iter()
-                .map(|stage| StagePercentiles {
-                    stage,
-                    ms: Percentiles::of(
-                        &metrics
-                            .iter()
-                            .map(|m| m.stage_ms(stage))
-                            .collect::<Vec<_>>(),
-                    ),
+                .map(|stage| {
+                    let ms: Vec<f64> = metrics
+                        .iter()
+                        .map(|m| {
+                            times(m)
+                                .iter()
+                                .filter(|s| s.stage == stage)
+                                .map(|s| s.ms)
+                                .sum()
+                        })
+                        .collect();
+                    StagePercentiles {
+                        stage,
+                        ms: Percentiles::of(&ms),
+                    }
                 })
-                .collect(),
+                .collect::<Vec<_>>()
+        };
+        let compute = Compute {
+            stages: by_stage(|m| &m.stages),
             total_ms: Percentiles::of(&total),
-            real_time_factor: Percentiles::of(&total).mean / (FRAME_S * 1e3),
+            early: by_stage(|m| &m.early),
+            real_time_factor: Percentiles::of(&busy).mean / (FRAME_S * 1e3),
             deadline_misses: metrics.iter().filter(|m| m.deadline_missed).count(),
             frames: metrics.len(),
         };
@@ -516,6 +539,16 @@ impl LatencyReport {
             );
         }
         s += &format!("{:<28} {}\n", "  total", p(&self.compute.total_ms));
+        if !self.compute.early.is_empty() {
+            s += "before the frame was complete (its first half, not in the total):\n";
+            for st in &self.compute.early {
+                s += &format!(
+                    "{:<28} {}\n",
+                    format!("  {}", stage_label(st.stage)),
+                    p(&st.ms)
+                );
+            }
+        }
         s += &format!(
             "real-time factor {:.3}; deadline misses {} of {}; output underruns {}\n",
             self.compute.real_time_factor,
@@ -847,15 +880,16 @@ mod tests {
         Event::Metrics(FrameMetrics {
             frame,
             stages: vec![
-                super::super::StageTime {
+                StageTime {
                     stage: "encode",
                     ms: 10.0,
                 },
-                super::super::StageTime {
+                StageTime {
                     stage: "lm",
                     ms: lm_ms,
                 },
             ],
+            early: vec![],
             latency_ms: 500.0,
             deadline_missed: 10.0 + lm_ms > 80.0,
             done_at_s: 0.0,

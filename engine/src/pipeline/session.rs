@@ -81,6 +81,19 @@ struct InFrame {
     available: Instant,
 }
 
+/// What the audio-in thread hands the model thread.
+enum Input {
+    /// The first [`EARLY_PART_SAMPLES`] of the next frame, heard before the rest of it.
+    Early(Vec<f32>),
+    Frame(InFrame),
+}
+
+/// The part of a frame the audio-in thread hands on as soon as it is heard
+/// ([`FrameSource::next_part`]), 40 ms before the frame is complete: one step of Mimi's
+/// SEANet encoder, which the encode stage then runs (with the encoder transformer's step)
+/// while the model thread would otherwise wait.
+const EARLY_PART_SAMPLES: usize = FRAME_LEN_SAMPLES / 2;
+
 /// Frames between the input thread and the model, and ticks of the frame clock between the
 /// model and the output: a little slack, and back-pressure beyond it.
 const QUEUE_FRAMES: usize = 8;
@@ -166,7 +179,8 @@ impl Session {
         };
         ev.send(Event::Started { mode, device });
         let start = Instant::now();
-        let (in_tx, in_rx) = bounded::<InFrame>(QUEUE_FRAMES);
+        // Two messages a frame: its early part and the frame.
+        let (in_tx, in_rx) = bounded::<Input>(2 * QUEUE_FRAMES);
         let (tick_tx, tick_rx) = bounded::<u64>(QUEUE_FRAMES);
         let playout = Arc::new(Playout::default());
         let canceller = Canceller {
@@ -177,14 +191,21 @@ impl Session {
         let (stop_in, ev_in) = (stop.clone(), ev.clone());
         let input = spawn("audio-in", move || {
             let mut frame = [0f32; FRAME_LEN_SAMPLES];
+            let mut part = [0f32; EARLY_PART_SAMPLES];
             while !stop_in.load(Ordering::Relaxed) {
-                match source.next_frame(&mut frame) {
+                let got = source.next_part(&mut part).and_then(|early| {
+                    if early && in_tx.send(Input::Early(part.to_vec())).is_err() {
+                        return Ok(false);
+                    }
+                    source.next_frame(&mut frame)
+                });
+                match got {
                     Ok(true) => {
                         let f = InFrame {
                             pcm: frame.to_vec(),
                             available: Instant::now(),
                         };
-                        if in_tx.send(f).is_err() {
+                        if in_tx.send(Input::Frame(f)).is_err() {
                             break;
                         }
                     }
@@ -372,14 +393,14 @@ struct Ctx<'a> {
 
 /// The model thread: the silence prefix, every input frame, then the flush, each down
 /// the stages. Returns the number of input frames.
-fn run_stages(comp: &mut Composition<'_>, input: &Receiver<InFrame>, ctx: &Ctx<'_>) -> Result<u64> {
+fn run_stages(comp: &mut Composition<'_>, input: &Receiver<Input>, ctx: &Ctx<'_>) -> Result<u64> {
     for s in &mut comp.stages {
         s.reset();
     }
     // The counter is the session's own, from 0: a cancel that came before the first frame
     // (a client's line read while the models warmed up) is still reported.
     let mut cancels_seen = 0;
-    let mut run = |comp: &mut Composition<'_>, frame: Frame| -> Result<()> {
+    let mut run = |comp: &mut Composition<'_>, frame: Frame, early: Vec<StageTime>| -> Result<()> {
         let requested = ctx.requests.load(Ordering::Relaxed);
         if requested != cancels_seen {
             cancels_seen = requested;
@@ -390,23 +411,51 @@ fn run_stages(comp: &mut Composition<'_>, input: &Receiver<InFrame>, ctx: &Ctx<'
                 dropped_frames: ctx.canceller.dropped.swap(0, Ordering::Relaxed),
             });
         }
-        step(comp, frame, ctx)
+        step(comp, frame, early, ctx)
     };
     for _ in 0..comp.prefix_frames() {
         let mut f = Frame::silence(0);
         f.reported = false;
-        run(comp, f)?;
+        run(comp, f, vec![])?;
     }
     let mut frames = 0u64;
-    for f in input.iter() {
-        run(comp, Frame::new(frames, f.pcm, f.available))?;
+    // The next frame's early part, and what the stages did with it.
+    let mut part: Option<Vec<f32>> = None;
+    let mut early = vec![];
+    for msg in input.iter() {
+        match msg {
+            Input::Early(pcm) => {
+                for s in &mut comp.stages {
+                    let t = Instant::now();
+                    if s.on_early(&pcm)? {
+                        early.push(StageTime {
+                            stage: s.name(),
+                            ms: t.elapsed().as_secs_f64() * 1e3,
+                        });
+                    }
+                }
+                part = Some(pcm);
+            }
+            Input::Frame(f) => {
+                part = None;
+                let frame = Frame::new(frames, f.pcm, f.available);
+                run(comp, frame, std::mem::take(&mut early))?;
+                frames += 1;
+            }
+        }
+    }
+    if let Some(mut pcm) = part {
+        // The input ended inside a frame the stages had begun: its heard part, completed
+        // with silence, is the input's last frame.
+        pcm.resize(FRAME_LEN_SAMPLES, 0.0);
+        run(comp, Frame::new(frames, pcm, Instant::now()), early)?;
         frames += 1;
     }
     let flush = comp.flush_frames() as u64;
     for i in 0..flush {
         let mut f = Frame::silence(frames + i);
         f.flushing = true;
-        run(comp, f)?;
+        run(comp, f, vec![])?;
     }
     let last = (frames + flush).saturating_sub(1);
     let mut out = Outbox {
@@ -429,7 +478,12 @@ fn peaks(pcm: &[f32]) -> Vec<f32> {
 
 /// One frame down the stages, timed; then its tick of the output clock, levels and
 /// metrics (not for the silence prefix).
-fn step(comp: &mut Composition<'_>, mut frame: Frame, ctx: &Ctx<'_>) -> Result<()> {
+fn step(
+    comp: &mut Composition<'_>,
+    mut frame: Frame,
+    early: Vec<StageTime>,
+    ctx: &Ctx<'_>,
+) -> Result<()> {
     let mut out = Outbox {
         events: ctx.ev,
         playout: ctx.playout,
@@ -463,7 +517,7 @@ fn step(comp: &mut Composition<'_>, mut frame: Frame, ctx: &Ctx<'_>) -> Result<(
     }
     let done = Instant::now();
     let audio = ev.audio_stats.as_ref().map(|s| s.snapshot());
-    let compute: f64 = stages.iter().map(|s| s.ms).sum();
+    let compute: f64 = stages.iter().chain(&early).map(|s| s.ms).sum();
     ev.send(Event::Metrics(FrameMetrics {
         input_overruns: audio.map_or(0, |a| a.overrun_events),
         output_underruns: audio.map_or(0, |a| a.underrun_events),
@@ -473,6 +527,7 @@ fn step(comp: &mut Composition<'_>, mut frame: Frame, ctx: &Ctx<'_>) -> Result<(
         aec_ms: ev.aec_stats.as_ref().map(|s| s.last_ms()),
         frame: frame.index,
         stages,
+        early,
         latency_ms: (done - frame.available).as_secs_f64() * 1e3,
         deadline_missed: compute > 80.0,
         done_at_s: (done - ctx.start).as_secs_f64(),

@@ -140,6 +140,16 @@ pub trait Stage {
     /// send events and audio through `out`. Must not block beyond the frame's compute.
     fn on_frame(&mut self, frame: &mut Frame, out: &mut Outbox<'_>) -> Result<()>;
 
+    /// The first samples of the next frame, heard before the rest of it
+    /// ([`crate::audio::FrameSource::next_part`]): a stage may start on them now, while
+    /// the model thread waits, so that less is left for the whole frame's
+    /// [`Self::on_frame`] (which gets them again, at the start of `frame.input`). Only a
+    /// stage that reads nothing from the stages before it can (Mimi's encoder). Returns
+    /// whether it did anything (its time then counts as the frame's early work).
+    fn on_early(&mut self, _part: &[f32]) -> Result<bool> {
+        Ok(false)
+    }
+
     /// After the last flush frame (`last` is its index): anything still held comes out.
     fn finish(&mut self, _last: u64, _out: &mut Outbox<'_>) -> Result<()> {
         Ok(())

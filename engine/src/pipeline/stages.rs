@@ -36,6 +36,21 @@ impl CodecEncoder<'_> {
             Self::Gpu(e) => e.reset(),
         }
     }
+
+    /// Starts on a frame with its first samples where the encoder can (the CPU's, given
+    /// whole steps of its SEANet); the GPU's encodes whole frames. Whether it started.
+    fn push_early(&mut self, pcm: &[f32]) -> Result<bool> {
+        match self {
+            Self::Cpu(e)
+                if !pcm.is_empty()
+                    && pcm.len().is_multiple_of(e.early_step_samples())
+                    && e.early_samples() + pcm.len() < FRAME_LEN_SAMPLES =>
+            {
+                e.push_early(pcm).map(|()| true)
+            }
+            _ => Ok(false),
+        }
+    }
 }
 
 /// Mimi's decoder on the CPU or the GPU.
@@ -78,6 +93,9 @@ impl Stage for EncodeStage<'_> {
     fn on_frame(&mut self, frame: &mut Frame, _out: &mut Outbox<'_>) -> Result<()> {
         frame.codes = self.enc.step(&frame.input)?;
         Ok(())
+    }
+    fn on_early(&mut self, part: &[f32]) -> Result<bool> {
+        self.enc.push_early(part)
     }
     fn reset(&mut self) {
         self.enc.reset();

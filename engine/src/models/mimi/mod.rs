@@ -46,6 +46,17 @@ pub struct Mimi {
     decoder_transformer: ProjectedTransformer,
     decoder: SeanetDecoder,
     num_codebooks: usize,
+    /// The frame in progress, begun early ([`MimiEncoder::push_early`]).
+    early: EarlyInput,
+}
+
+/// The first samples of the frame in progress, already through the SEANet encoder and the
+/// encoder transformer, waiting for the rest of their frame.
+#[derive(Debug, Clone, Default)]
+struct EarlyInput {
+    pcm: Vec<f32>,
+    /// Their latents (before the downsampling, which needs the whole frame).
+    latents: Option<Seq>,
 }
 
 impl Mimi {
@@ -104,6 +115,7 @@ impl Mimi {
             )?,
             decoder: SeanetDecoder::load(&w.pp("decoder"), &cfg.seanet)?,
             num_codebooks: 0,
+            early: EarlyInput::default(),
             cfg,
         };
         w.finish()?;
@@ -200,6 +212,12 @@ impl Mimi {
     /// Streaming: one frame of exactly [`Self::frame_size`] samples to one code per codebook.
     pub fn encode_step(&mut self, frame: &[f32]) -> Result<Vec<u32>> {
         self.halves().0.step(frame)
+    }
+
+    /// Streaming: starts on the next frame with its first samples
+    /// ([`MimiEncoder::push_early`]).
+    pub fn encode_early(&mut self, pcm: &[f32]) -> Result<()> {
+        self.halves().0.push_early(pcm)
     }
 
     /// Streaming: one code per active codebook to one frame of audio.
@@ -324,6 +342,7 @@ impl Mimi {
                 num_codebooks: self.num_codebooks,
                 frame_size,
                 window_steps,
+                early: &mut self.early,
             },
             MimiDecoder {
                 upsample: &mut self.upsample,
@@ -384,6 +403,7 @@ pub struct MimiEncoder<'a> {
     frame_size: usize,
     /// Attention steps an offline chunk spans (see [`Mimi::encode`]).
     window_steps: usize,
+    early: &'a mut EarlyInput,
 }
 
 impl MimiEncoder<'_> {
@@ -394,6 +414,7 @@ impl MimiEncoder<'_> {
 
     /// `exact_window`: attention rings that hold a whole offline chunk.
     fn reset_window(&mut self, exact_window: bool) {
+        *self.early = EarlyInput::default();
         self.encoder.reset();
         self.transformer.set_window(exact_window, self.window_steps);
         if let Some(d) = self.downsample {
@@ -409,13 +430,72 @@ impl MimiEncoder<'_> {
         Ok(codes.into_iter().map(|row| row[0]).collect())
     }
 
+    /// Samples of input one step of the SEANet encoder and the encoder transformer takes:
+    /// the unit of [`Self::push_early`] (960, 40 ms, for the published Mimi).
+    pub fn early_step_samples(&self) -> usize {
+        let stride = self.downsample.as_ref().map_or(1, |d| d.spec().stride);
+        self.frame_size / stride.max(1)
+    }
+
+    /// Starts on the frame in progress with its first samples (whole steps of
+    /// [`Self::early_step_samples`], less than a frame in all): the SEANet encoder and the
+    /// transformer run on them now, so the frame's [`Self::step`], which must begin with
+    /// the same samples, has only the rest to do. For a live stream, where the first half
+    /// of a frame is heard 40 ms before the frame is complete. The codes are those of
+    /// encoding the whole frame at once (the layers are causal and every chunk is a whole
+    /// number of their strides).
+    pub fn push_early(&mut self, pcm: &[f32]) -> Result<()> {
+        let step = self.early_step_samples();
+        let held = self.early.pcm.len();
+        if pcm.is_empty() || !pcm.len().is_multiple_of(step) || held + pcm.len() >= self.frame_size
+        {
+            return Err(Error::InvalidInput(format!(
+                "push_early takes whole steps of {step} samples, less than a frame of {} in \
+                 all; got {} with {held} already held",
+                self.frame_size,
+                pcm.len()
+            )));
+        }
+        let ahead = (self.frame_size - held - pcm.len()) / step;
+        let latents = crate::compute::cpu::on_pool(|| self.unsampled_latents(pcm, ahead))?;
+        self.early.pcm.extend_from_slice(pcm);
+        match &mut self.early.latents {
+            Some(l) => l.data.extend(latents.data),
+            None => self.early.latents = Some(latents),
+        }
+        Ok(())
+    }
+
+    /// Samples of the frame in progress given to [`Self::push_early`].
+    pub fn early_samples(&self) -> usize {
+        self.early.pcm.len()
+    }
+
+    /// The SEANet encoder and the transformer: latents at the SEANet's rate, for the
+    /// first steps of a frame with `ahead` steps still to come (its attention sees what it
+    /// would with the whole frame: the reference's streaming semantics).
+    fn unsampled_latents(&mut self, pcm: &[f32], ahead: usize) -> Result<Seq> {
+        let emb = self.encoder.step(Seq::new(1, pcm.to_vec()))?;
+        crate::profile::span(
+            || "encoder-transformer".into(),
+            || self.transformer.step_part(&emb, ahead),
+        )
+    }
+
     fn latent_frames(&mut self, pcm: &[f32]) -> Result<Seq> {
         use crate::profile::span;
-        let emb = self.encoder.step(Seq::new(1, pcm.to_vec()))?;
-        let emb = span(
-            || "encoder-transformer".into(),
-            || self.transformer.step(&emb),
-        )?;
+        let early = std::mem::take(self.early);
+        let held = early.pcm.len();
+        if held > 0 && pcm.get(..held) != Some(&early.pcm[..]) {
+            return Err(Error::InvalidInput(format!(
+                "the frame does not begin with the {held} samples given to push_early \
+                 (the encoder's stream is now out of step: reset it)"
+            )));
+        }
+        let mut emb = self.unsampled_latents(&pcm[held..], 0)?;
+        if let Some(l) = early.latents {
+            emb.data = [l.data, emb.data].concat();
+        }
         match &mut self.downsample {
             Some(d) => {
                 let spec = *d.spec();

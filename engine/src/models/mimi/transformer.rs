@@ -66,12 +66,18 @@ impl ProjectedTransformer {
 
     /// Streaming step over `x.t()` steps; returns as many rows of the output dimension.
     pub fn step(&mut self, x: &Seq) -> Result<Seq> {
+        self.step_part(x, 0)
+    }
+
+    /// [`Self::step`] on the first part of a call with `ahead` steps still to come
+    /// ([`StreamingTransformer::step_part`]).
+    pub fn step_part(&mut self, x: &Seq, ahead: usize) -> Result<Seq> {
         let t = x.t();
         let rows = match &self.input_proj {
             Some(w) => w.matmul_t(&x.data, t)?,
             None => x.data.clone(),
         };
-        let y = self.transformer.step(&rows, t)?;
+        let y = self.transformer.step_part(&rows, t, ahead)?;
         Ok(match &self.output_proj {
             Some(w) => Seq::new(w.rows(), w.matmul_t(&y, t)?),
             None => Seq::new(self.transformer.d_model(), y),
