@@ -9,6 +9,16 @@ use candle_core::Tensor;
 use parley_engine::models::mimi::{Codes, Mimi, MimiConfig};
 use parley_engine::models::weights::Weights;
 
+/// The codec of fixture `name` (`mimi-tiny`, or the STT fixture's `stt-tiny`) with
+/// `codebooks` codebooks.
+fn fixture(name: &str, codebooks: usize) -> Mimi {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name);
+    let cfg = MimiConfig::from_json_file(&dir.join("mimi_config.json")).expect("config");
+    Mimi::load(&dir.join("mimi.safetensors"), cfg, codebooks).expect("mimi")
+}
+
 fn max_abs(a: &[f32]) -> f32 {
     a.iter().fold(0f32, |m, x| m.max(x.abs()))
 }
@@ -88,9 +98,7 @@ fn full_size_streaming_equals_offline() {
 
 #[test]
 fn streaming_state_stays_constant_over_a_long_session() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mimi-tiny");
-    let cfg = MimiConfig::from_json_file(&dir.join("mimi_config.json")).expect("cfg");
-    let mut mimi = Mimi::load(&dir.join("mimi.safetensors"), cfg, 8).expect("mimi");
+    let mut mimi = fixture("mimi-tiny", 8);
     let pcm = speech();
     let frames: Vec<&[f32]> = pcm.chunks(1920).collect();
     let mut sizes = vec![];
@@ -307,9 +315,7 @@ fn a_frame_begun_early_encodes_as_the_whole_frame() {
 
 #[test]
 fn an_early_start_is_whole_steps_of_one_frame_and_begins_it() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mimi-tiny");
-    let cfg = MimiConfig::from_json_file(&dir.join("mimi_config.json")).expect("cfg");
-    let mut mimi = Mimi::load(&dir.join("mimi.safetensors"), cfg, 8).expect("mimi");
+    let mut mimi = fixture("mimi-tiny", 8);
     let pcm = speech();
     for bad in [&pcm[..961], &pcm[..1920], &pcm[..0]] {
         let e = mimi
@@ -341,9 +347,7 @@ fn an_early_start_is_whole_steps_of_one_frame_and_begins_it() {
 /// begun early, its first step attending to what it would with the whole frame.
 #[test]
 fn a_frame_begun_early_encodes_as_the_whole_frame_past_the_attention_window() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/stt-tiny");
-    let cfg = MimiConfig::from_json_file(&dir.join("mimi_config.json")).expect("cfg");
-    let mut whole = Mimi::load(&dir.join("mimi.safetensors"), cfg, 8).expect("mimi");
+    let mut whole = fixture("stt-tiny", 8);
     let mut early = whole.clone();
     let pcm = speech();
     let mut changed = 0;

@@ -248,17 +248,6 @@ impl FeedForward {
         }
     }
 
-    fn matrices(&self) -> [&Matrix; 2] {
-        match self {
-            FeedForward::Mlp { linear1, linear2 } => [linear1, linear2],
-            FeedForward::Gated {
-                linear_in,
-                linear_out,
-                ..
-            } => [linear_in, linear_out],
-        }
-    }
-
     fn forward(&self, h: &[f32], t: usize) -> Result<Vec<f32>> {
         match self {
             FeedForward::Mlp { linear1, linear2 } => {
@@ -322,7 +311,16 @@ impl FeedForward {
 
 impl FeedForward {
     fn size_in_bytes(&self) -> usize {
-        self.matrices().into_iter().map(Matrix::size_in_bytes).sum()
+        match self {
+            FeedForward::Mlp { linear1, linear2 } => {
+                linear1.size_in_bytes() + linear2.size_in_bytes()
+            }
+            FeedForward::Gated {
+                linear_in,
+                linear_out,
+                ..
+            } => linear_in.size_in_bytes() + linear_out.size_in_bytes(),
+        }
     }
 }
 
@@ -841,24 +839,24 @@ impl StreamingTransformer {
         self.rings.iter_mut().for_each(RingKv::reset);
     }
 
-    /// Every weight matrix, layer by layer (per-step ones included).
-    pub(crate) fn matrices(&self) -> impl Iterator<Item = &Matrix> {
-        self.layers.iter().flat_map(|l| {
-            l.in_proj
-                .iter()
-                .chain(
-                    l.cross
-                        .iter()
-                        .flat_map(|c| [&c.q_proj, &c.kv_proj, &c.out_proj]),
-                )
-                .chain(&l.out_proj)
-                .chain(l.ff.iter().flat_map(FeedForward::matrices))
-        })
-    }
-
     /// Bytes of all weight matrices (per-step ones included: a full pass reads them all).
     pub fn weight_bytes(&self) -> usize {
-        self.matrices().map(Matrix::size_in_bytes).sum()
+        self.layers
+            .iter()
+            .map(|l| {
+                l.in_proj
+                    .iter()
+                    .chain(&l.out_proj)
+                    .chain(
+                        l.cross
+                            .iter()
+                            .flat_map(|c| [&c.q_proj, &c.kv_proj, &c.out_proj]),
+                    )
+                    .map(Matrix::size_in_bytes)
+                    .sum::<usize>()
+                    + l.ff.iter().map(FeedForward::size_in_bytes).sum::<usize>()
+            })
+            .sum()
     }
 
     /// Bytes of the matrices one step of weight set `set` reads (per-step transformers).
