@@ -183,3 +183,32 @@ fn speech_starts_and_stops_with_the_dialogues_turns() {
         );
     }
 }
+
+/// Fed in half frames (as a live pipeline feeds its early halves) the VAD decides what it
+/// decides on whole frames, at the same times and probabilities: its resampler takes half a
+/// frame at a time and its 32 ms windows are cut from the stream, whatever the pieces.
+#[test]
+fn half_frames_give_the_decisions_of_whole_frames() {
+    use parley_engine::models::vad::{VadSettings, VoiceActivity};
+    if runtime_or_skip().is_none() {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let pcm = parley_engine::audio::file::read_audio_24k(&root.join("assets/speech/dialogue.wav"))
+        .expect("wav");
+    let mut whole = VoiceActivity::new(VadSettings::default()).expect("vad");
+    let mut halves = VoiceActivity::new(VadSettings::default()).expect("vad");
+    let (mut a, mut b) = (vec![], vec![]);
+    for frame in pcm.chunks(1920) {
+        a.extend(whole.push_24k(frame).expect("push"));
+        let (first, second) = frame.split_at(frame.len().min(960));
+        b.extend(halves.push_24k(first).expect("push"));
+        b.extend(halves.push_24k(second).expect("push"));
+        assert_eq!(whole.last_probability(), halves.last_probability());
+    }
+    assert!(
+        a.len() >= 4,
+        "the dialogue's two turns start and stop: {a:?}"
+    );
+    assert_eq!(a, b);
+}

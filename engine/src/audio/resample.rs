@@ -271,14 +271,16 @@ impl OutputResampler {
     /// A resampler from 24 kHz to `device_rate_hz`, taking input a frame (1920 samples) at a
     /// time.
     pub fn new(device_rate_hz: u32) -> Result<Self> {
+        Self::with_chunk(device_rate_hz, FRAME_LEN_SAMPLES)
+    }
+
+    /// [`Self::new`] taking input `chunk` samples at a time: the output for a push comes
+    /// once each whole chunk is in.
+    pub fn with_chunk(device_rate_hz: u32, chunk: usize) -> Result<Self> {
         let stream = if device_rate_hz == SAMPLE_RATE_HZ {
             None
         } else {
-            Some(MonoStream::new(
-                SAMPLE_RATE_HZ,
-                device_rate_hz,
-                FRAME_LEN_SAMPLES,
-            )?)
+            Some(MonoStream::new(SAMPLE_RATE_HZ, device_rate_hz, chunk)?)
         };
         let capacity = 2 * FRAME_LEN_SAMPLES * (device_rate_hz as usize).div_ceil(24_000);
         Ok(Self {

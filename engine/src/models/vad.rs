@@ -255,7 +255,11 @@ impl VoiceActivity {
         Ok(Self {
             vad: SileroVad::new()?,
             settings,
-            resampler: crate::audio::resample::OutputResampler::new(SAMPLE_RATE)?,
+            // Half a frame at a time: a pipeline's early half is heard at once.
+            resampler: crate::audio::resample::OutputResampler::with_chunk(
+                SAMPLE_RATE,
+                crate::audio::FRAME_LEN_SAMPLES / 2,
+            )?,
             pending: Vec::with_capacity(2 * CHUNK),
             chunks: 0,
             speaking: false,

@@ -236,6 +236,10 @@ pub struct TurnStage<'a> {
     ended_now: bool,
     /// Where an end of turn asks the STT to bring out its last words (the cascade).
     flush: Option<FlushRequest>,
+    /// Samples of the frame in progress the VAD has heard early ([`Stage::on_early`]),
+    /// and the decisions they led to, reported with the frame.
+    early_samples: usize,
+    early_events: Vec<VadEvent>,
 }
 
 impl<'a> TurnStage<'a> {
@@ -263,6 +267,8 @@ impl<'a> TurnStage<'a> {
             started_now: false,
             ended_now: false,
             flush: None,
+            early_samples: 0,
+            early_events: vec![],
         })
     }
 
@@ -433,8 +439,13 @@ impl Stage for TurnStage<'_> {
         let index = frame.index;
         // The energy detector always runs: the baseline, or the stand-in.
         let energy = self.energy.push(&frame.input, &s);
+        let early = std::mem::take(&mut self.early_samples).min(frame.input.len());
         let vad_events = match &mut self.models.vad {
-            Some(v) => Some(v.push_24k(&frame.input)?),
+            Some(v) => {
+                let mut events = std::mem::take(&mut self.early_events);
+                events.extend(v.push_24k(&frame.input[early..])?);
+                Some(events)
+            }
             None => None,
         };
         match vad_events {
@@ -500,8 +511,21 @@ impl Stage for TurnStage<'_> {
         Ok(())
     }
 
+    /// Silero VAD hears the frame's first half now (the decisions are those of the whole
+    /// frame: its 32 ms windows are cut from the stream whatever the pieces).
+    fn on_early(&mut self, part: &[f32]) -> Result<bool> {
+        let Some(v) = &mut self.models.vad else {
+            return Ok(false);
+        };
+        self.early_events.extend(v.push_24k(part)?);
+        self.early_samples += part.len();
+        Ok(true)
+    }
+
     fn reset(&mut self) {
         self.models.reset();
+        self.early_samples = 0;
+        self.early_events.clear();
         self.energy = EnergyActivity::default();
         self.speaking = false;
         self.turn_open = false;
