@@ -229,13 +229,4 @@ impl FrameMetrics {
     pub fn early_ms(&self) -> f64 {
         self.early.iter().map(|s| s.ms).sum()
     }
-
-    /// One stage's compute (0 if the mode has no such stage).
-    pub fn stage_ms(&self, stage: &str) -> f64 {
-        self.stages
-            .iter()
-            .filter(|s| s.stage == stage)
-            .map(|s| s.ms)
-            .sum()
-    }
 }
