@@ -81,9 +81,7 @@ impl FileSource {
     pub fn due_after_start(index: u64) -> Duration {
         Duration::from_micros(80_000 * (index + 1))
     }
-}
 
-impl FileSource {
     /// In [`Pace::RealTime`], sleeps until the first `samples` of the next frame have
     /// been spoken.
     fn wait_for(&mut self, samples: usize) {
