@@ -511,6 +511,36 @@ fn file_source_in_real_time_takes_80_ms_per_frame() {
     );
 }
 
+/// In real time a frame's first half comes when it has been spoken, 40 ms before the frame,
+/// and the frame begins with it; unpaced there are no halves (the frame is there at once).
+#[test]
+fn file_source_in_real_time_hands_out_first_halves_early() {
+    let pcm = sine(300.0, SAMPLE_RATE_HZ, 3 * FRAME_LEN_SAMPLES, 0.3);
+    let mut source = FileSource::from_pcm_24k(pcm.clone(), Pace::RealTime);
+    let (mut frame, mut half) = ([0.0f32; FRAME_LEN_SAMPLES], [0.0f32; FRAME_LEN_SAMPLES / 2]);
+    let t0 = Instant::now();
+    for k in 0..3u64 {
+        assert!(source.next_part(&mut half).expect("next_part"));
+        let at = t0.elapsed();
+        let due = FileSource::due_after_start(k);
+        assert!(
+            at + Duration::from_millis(41) >= due,
+            "frame {k}'s half came early ({at:?})"
+        );
+        assert!(
+            at + Duration::from_millis(20) < due,
+            "frame {k}'s half came late ({at:?})"
+        );
+        assert!(source.next_frame(&mut frame).expect("next_frame"));
+        assert_eq!(&frame[..FRAME_LEN_SAMPLES / 2], &half[..]);
+        let start = k as usize * FRAME_LEN_SAMPLES;
+        assert_eq!(&frame[..], &pcm[start..start + FRAME_LEN_SAMPLES]);
+    }
+    assert!(!source.next_part(&mut half).expect("the end"));
+    let mut unpaced = FileSource::from_pcm_24k(pcm, Pace::Unpaced);
+    assert!(!unpaced.next_part(&mut half).expect("unpaced"));
+}
+
 #[test]
 fn recording_sink_keeps_every_frame_and_its_time() {
     let dir = std::env::temp_dir().join(format!("parley-audio-devices-{}", std::process::id()));
@@ -608,10 +638,18 @@ fn default_devices_capture_frames_and_play_audio() {
         .expect("spawn the player");
 
     let mut frame = [1e9f32; FRAME_LEN_SAMPLES];
+    let mut half = [1e9f32; FRAME_LEN_SAMPLES / 2];
     let mut captured = Vec::new();
+    let mut parts = 0;
     let t0 = Instant::now();
     for _ in 0..6 {
+        // A frame's first half as soon as it is captured, then the frame beginning with it.
+        let part = mic.next_part(&mut half).expect("a captured half");
         assert!(mic.next_frame(&mut frame).expect("a captured frame"));
+        if part {
+            assert_eq!(&frame[..FRAME_LEN_SAMPLES / 2], &half[..]);
+            parts += 1;
+        }
         assert!(frame.iter().all(|x| x.is_finite() && x.abs() <= 1.5));
         captured.extend_from_slice(&frame);
     }
@@ -623,9 +661,11 @@ fn default_devices_capture_frames_and_play_audio() {
 
     let s = stats.snapshot();
     say(&format!(
-        "captured 6 frames in {capture_time:?} (rms {:.4}); stats {s:?}",
+        "captured 6 frames in {capture_time:?} (rms {:.4}), {parts} begun by halves; stats {s:?}",
         rms(&captured)
     ));
+    // Capture runs in real time, so frames are not all whole before they are asked for.
+    assert!(parts > 0, "no frame was handed out by halves");
     assert_eq!(captured.len(), 6 * FRAME_LEN_SAMPLES);
     assert!(s.capture_callbacks > 0 && s.captured_samples > 0, "{s:?}");
     // `finish` returned, so the device took every sample the tone became at its rate.
