@@ -94,6 +94,16 @@ struct Run {
     cancelled: Arc<AtomicBool>,
 }
 
+/// Held by the tests that time the output clock and by every listen session: a listen
+/// session keeps both cores busy, and the output thread then takes its ticks late (a tick
+/// sent before a reply was queued can find the reply half-queued).
+static CPU: Mutex<()> = Mutex::new(());
+
+fn cpu_alone() -> std::sync::MutexGuard<'static, ()> {
+    CPU.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn start(input_frames: usize, reply_at: u64, reply_len: usize, pace_ms: u64) -> Run {
     let written = Arc::new(Mutex::new(vec![]));
     let reply_frames = Arc::new(AtomicUsize::new(0));
@@ -138,6 +148,7 @@ fn ended(events: &[Event]) -> (u64, u64) {
 
 #[test]
 fn a_reply_longer_than_its_input_plays_out_on_the_output_clock() {
+    let _cpu = cpu_alone();
     let run = start(10, 2, 60, 0);
     let events: Vec<Event> = run.events.iter().collect();
     let _ = run.session.join();
@@ -166,6 +177,7 @@ fn a_reply_longer_than_its_input_plays_out_on_the_output_clock() {
 
 #[test]
 fn a_cancelled_reply_stops_within_one_frame_and_the_session_goes_on() {
+    let _cpu = cpu_alone();
     // 80 input frames; a 60-frame reply from frame 2; a device taking 15 ms per frame.
     let run = start(80, 2, 60, 15);
     let cancel = run.session.canceller();
@@ -230,6 +242,7 @@ fn listen_to_dialogue(turn: TurnModels, pace: Pace) -> Vec<Event> {
 
 /// `pcm` through listen mode with the tiny STT fixture; returns the events.
 fn listen(turn: TurnModels, pcm: Vec<f32>, pace: Pace) -> Vec<Event> {
+    let _cpu = cpu_alone();
     let mut models = Models::load(
         &repo().join("tests/fixtures/stt-tiny"),
         Mode::Listen,
