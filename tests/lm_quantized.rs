@@ -1,4 +1,4 @@
-//! The language model on the CPU in q8_0, q5 and q4 against f32: a random model large enough
+//! The language model on the CPU in q8_0, q6, q5 and q4 against f32: a random model large enough
 //! that its matrices are quantized (the fixture models are too small to be), run for 100
 //! greedy steps on the same input, its ring of 64 steps wrapping. The text logits stay
 //! within the stated tolerance of their range and the greedy tokens mostly agree, on every
@@ -96,6 +96,7 @@ fn check() {
         // Measured on this random model (every instruction set alike): q8_0 within 4.8e-3,
         // 100 of 100 tokens; q5 within 2.0e-2, 91 of 100; q4 within 4.5e-2, 84 of 100.
         (WeightPrecision::Q8_0, 1e-2, 95),
+        (WeightPrecision::Q6, 3e-2, 85),
         (WeightPrecision::Q5, 5e-2, 80),
         (WeightPrecision::Q4, 0.1, 70),
     ] {

@@ -43,7 +43,7 @@ pub enum BenchCommand {
 pub struct TtsBench {
     #[arg(long, default_value = "tts-1.6b-en_fr")]
     preset: String,
-    /// f32, bf16, q8_0, q5 or q4 (the CPU's formats); Mimi in q8_0 beside q8_0, q5 and q4.
+    /// f32, bf16, q8_0, q6, q5 or q4 (the CPU's formats); Mimi in q8_0 beside q8_0, q6, q5 and q4.
     #[arg(long, default_value = "q8_0")]
     precision: parley_engine::compute::Dtype,
     /// Audio codebooks to generate (32; Kyutai's own server uses 24).
@@ -99,7 +99,7 @@ pub struct GpuBench {
 pub struct LoadBench {
     #[arg(long)]
     model_dir: std::path::PathBuf,
-    /// f32, bf16, q8_0, q5 or q4 (the CPU's formats).
+    /// f32, bf16, q8_0, q6, q5 or q4 (the CPU's formats).
     #[arg(long, default_value = "bf16")]
     precision: parley_engine::compute::cpu::WeightPrecision,
     /// A published layout to write (random weights) into --model-dir first.

@@ -434,7 +434,8 @@ impl ParleyApp {
         egui::ComboBox::from_label("Weights")
             .selected_text(self.settings.precision.clone())
             .show_ui(ui, |ui| {
-                for d in ["auto", "f32", "bf16", "f16", "q8_0", "q4"] {
+                // q6 and q5 are CPU formats (the GPU refuses them by name when loading).
+                for d in ["auto", "f32", "bf16", "f16", "q8_0", "q6", "q5", "q4"] {
                     ui.selectable_value(&mut self.settings.precision, d.to_string(), d);
                 }
             });

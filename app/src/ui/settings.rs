@@ -34,7 +34,7 @@ pub struct Settings {
     pub persona: String,
     /// auto, gpu or cpu.
     pub device: String,
-    /// auto, f32, f16, bf16, q8_0, q5 (CPU) or q4.
+    /// auto, f32, f16, bf16, q8_0, q6 or q5 (CPU), or q4.
     pub precision: String,
     pub input: Input,
     /// Playback device by name; None: the default.

@@ -40,6 +40,9 @@ pub enum WeightPrecision {
     /// Large matrices in GGML's q8_0 (8-bit blocks of 32, 8.5 bits a weight), multiplied
     /// by Parley's integer kernels ([`super::quant`]); others as for `Bf16`.
     Q8_0,
+    /// Large matrices in 6-bit blocks of 32 (6.5 bits a weight; q5_0's arithmetic with 64
+    /// levels, [`super::quant::QFormat::Q6`]), the same kernels; others as for `Bf16`.
+    Q6,
     /// Large matrices in GGML's q5_0 (5-bit blocks of 32, 5.5 bits a weight), the same
     /// kernels; others as for `Bf16`.
     Q5,
@@ -55,10 +58,11 @@ impl std::str::FromStr for WeightPrecision {
             "f32" => Ok(Self::F32),
             "bf16" => Ok(Self::Bf16),
             "q8_0" | "q8" => Ok(Self::Q8_0),
+            "q6" => Ok(Self::Q6),
             "q5" | "q5_0" => Ok(Self::Q5),
             "q4" | "q4_0" => Ok(Self::Q4),
             other => Err(format!(
-                "unknown weight precision `{other}` (f32, bf16, q8_0, q5 or q4)"
+                "unknown weight precision `{other}` (f32, bf16, q8_0, q6, q5 or q4)"
             )),
         }
     }
@@ -70,6 +74,7 @@ impl std::fmt::Display for WeightPrecision {
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
             Self::Q8_0 => "q8_0",
+            Self::Q6 => "q6",
             Self::Q5 => "q5",
             Self::Q4 => "q4",
         })
@@ -85,6 +90,7 @@ impl WeightPrecision {
             Self::F32 => 4.0,
             Self::Bf16 => 2.0,
             Self::Q8_0 => 34.0 / 32.0,
+            Self::Q6 => 26.0 / 32.0,
             Self::Q5 => 22.0 / 32.0,
             Self::Q4 => 18.0 / 32.0,
         }
@@ -93,12 +99,13 @@ impl WeightPrecision {
     /// The share of the CPU's read probe a step in this format reaches on its weights
     /// (measured at full context on the 2-core Xeon VM, one and two threads, against its
     /// AVX-512 probe: q8_0 0.79 / 0.75, q5 0.63 / 0.61, q4 0.67 / 0.67; bf16 and f32 about
-    /// 0.77 and 0.9), rounded down, for predicting a step's time.
+    /// 0.77 and 0.9; q6 on two threads of a slower host of the same VM type, at the start
+    /// of a context, 0.71 beside q8_0's 0.89), rounded down, for predicting a step's time.
     fn probe_share(self) -> f64 {
         match self {
             Self::F32 => 0.9,
             Self::Bf16 | Self::Q8_0 => 0.75,
-            Self::Q4 => 0.65,
+            Self::Q4 | Self::Q6 => 0.65,
             Self::Q5 => 0.6,
         }
     }
@@ -115,9 +122,9 @@ impl WeightPrecision {
     /// publishes for its own Rust CPU path), unless a copy of a model of `params` weights
     /// does not fit in `available` bytes with [`AUTO_HEADROOM`] to spare, or, where the
     /// CPU's read bandwidth `read_gbs` is known, its step would take more than
-    /// [`AUTO_STEP_BUDGET_MS`] (the model would fall behind live audio): then q5, then q4
-    /// (0.65x and 0.53x the bytes, each a measurable loss: `tests/lm_quantized.rs`), the
-    /// first that fits and keeps up; q4 when none keeps up. f32 and bf16 read 3.8x and
+    /// [`AUTO_STEP_BUDGET_MS`] (the model would fall behind live audio): then q6, q5, q4
+    /// (0.76x, 0.65x and 0.53x the bytes, each a measurable loss growing as bits go:
+    /// `tests/lm_quantized.rs`), the first that fits and keeps up; q4 when none keeps up. f32 and bf16 read 3.8x and
     /// 1.9x q8_0's bytes per step, and a step is bound by them: they are for parity
     /// checks, asked for by name. Returns the choice and why.
     pub fn auto_for(params: u64, available: Option<u64>, read_gbs: Option<f64>) -> (Self, String) {
@@ -160,8 +167,8 @@ impl WeightPrecision {
                 gb(available.unwrap_or(0) as f64)
             )
         };
-        // Smaller, in order of quality: q5 (half q4's rounding error) before q4.
-        for p in [Self::Q5, Self::Q4] {
+        // Smaller, in order of quality: each bit fewer doubles the rounding error.
+        for p in [Self::Q6, Self::Q5, Self::Q4] {
             if fits(p) && keeps_up(p) {
                 return (
                     p,
@@ -440,6 +447,7 @@ impl Matrix {
         match precision {
             WeightPrecision::Q4 if large && cols.is_multiple_of(32) => Some(QFormat::Q4_0),
             WeightPrecision::Q5 if large && cols.is_multiple_of(32) => Some(QFormat::Q5_0),
+            WeightPrecision::Q6 if large && cols.is_multiple_of(32) => Some(QFormat::Q6),
             WeightPrecision::Q8_0 if large && cols.is_multiple_of(32) => Some(QFormat::Q8_0),
             _ => None,
         }
@@ -1184,6 +1192,8 @@ mod tests {
         let stacked = Tensor::cat(&[&top, &bottom], 0).expect("cat");
         for precision in [
             WeightPrecision::Q8_0,
+            WeightPrecision::Q6,
+            WeightPrecision::Q5,
             WeightPrecision::Q4,
             WeightPrecision::Bf16,
         ] {
@@ -1216,6 +1226,13 @@ mod tests {
         assert_eq!(
             WeightPrecision::auto_for(7_700_000_000, Some(12 * gb), None).0,
             WeightPrecision::Q8_0
+        );
+        // q6 needs 7.8 GB.
+        let (p, why) = WeightPrecision::auto_for(7_700_000_000, Some(8 * gb), None);
+        assert_eq!(p, WeightPrecision::Q6, "{why}");
+        assert!(
+            why.contains("q8_0 would need") && why.contains("q6 needs 7.8 GB"),
+            "{why}"
         );
         let (p, why) = WeightPrecision::auto_for(7_700_000_000, Some(7 * gb), None);
         assert_eq!(p, WeightPrecision::Q5, "{why}");
@@ -1253,7 +1270,11 @@ mod tests {
         assert_eq!(p, WeightPrecision::Q4, "{why}");
         assert!(why.contains("q8_0 would take about 89 ms"), "{why}");
         assert!(why.contains("q4 needs 0.7 GB, a step about 54 ms"), "{why}");
-        // At 20 GB/s: q8_0 71 ms, q5 57: q5.
+        // At 22 GB/s: q8_0 64 ms, q6 57: q6.
+        let (p, why) = WeightPrecision::auto_for(gb, Some(24 * gb), Some(22.0));
+        assert_eq!(p, WeightPrecision::Q6, "{why}");
+        assert!(why.contains("q6 needs 1.0 GB, a step about 57 ms"), "{why}");
+        // At 20 GB/s: q8_0 71 ms, q6 62, q5 57: q5.
         assert_eq!(
             WeightPrecision::auto_for(gb, Some(24 * gb), Some(20.0)).0,
             WeightPrecision::Q5
@@ -1299,7 +1320,11 @@ mod tests {
         let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
         let t = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu).expect("t");
         for (precision, label, bytes, tol) in [
+            // Measured: q8_0 5.4e-3, q6 1.6e-2, q5 3.2e-2, q4 6.5e-2 (the rounding step
+            // halves with each bit).
             (WeightPrecision::Q8_0, "q8_0", rows * cols / 32 * 34, 0.01),
+            (WeightPrecision::Q6, "q6", rows * cols / 32 * 26, 0.025),
+            (WeightPrecision::Q5, "q5_0", rows * cols / 32 * 22, 0.05),
             (WeightPrecision::Q4, "q4_0", rows * cols / 32 * 18, 0.1),
         ] {
             let mat = Matrix::with_precision(&t, precision).expect("quantize");
@@ -1312,6 +1337,7 @@ mod tests {
                 let err: f32 = got.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum();
                 let norm: f32 = want.iter().map(|b| b * b).sum();
                 let rel = (err / norm).sqrt();
+                eprintln!("{label}, m {m}: relative error {rel:.2e}");
                 assert!(rel < tol, "{label}, m {m}: relative error {rel}");
             }
         }

@@ -22,6 +22,8 @@ pub enum Dtype {
     Bf16,
     Q8_0,
     /// CPU only.
+    Q6,
+    /// CPU only.
     Q5,
     Q4,
 }
@@ -35,10 +37,11 @@ impl std::str::FromStr for Dtype {
             "f16" => Ok(Self::F16),
             "bf16" => Ok(Self::Bf16),
             "q8_0" | "q8" => Ok(Self::Q8_0),
+            "q6" => Ok(Self::Q6),
             "q5" | "q5_0" => Ok(Self::Q5),
             "q4" | "q4k" | "q4_0" => Ok(Self::Q4),
             other => Err(format!(
-                "unknown weight format `{other}` (auto, f32, f16, bf16, q8_0, q5 or q4)"
+                "unknown weight format `{other}` (auto, f32, f16, bf16, q8_0, q6, q5 or q4)"
             )),
         }
     }
@@ -52,6 +55,7 @@ impl std::fmt::Display for Dtype {
             Self::F16 => "f16",
             Self::Bf16 => "bf16",
             Self::Q8_0 => "q8_0",
+            Self::Q6 => "q6",
             Self::Q5 => "q5",
             Self::Q4 => "q4",
         })
@@ -67,6 +71,7 @@ impl Dtype {
             Self::Auto => Ok(P::Q8_0),
             Self::Bf16 => Ok(P::Bf16),
             Self::Q8_0 => Ok(P::Q8_0),
+            Self::Q6 => Ok(P::Q6),
             Self::Q5 => Ok(P::Q5),
             Self::Q4 => Ok(P::Q4),
             Self::F16 => Err(crate::Error::InvalidInput(
@@ -84,7 +89,7 @@ impl Dtype {
         match self {
             Self::F32 => cpu::WeightPrecision::F32,
             Self::Bf16 | Self::F16 => cpu::WeightPrecision::Bf16,
-            Self::Auto | Self::Q8_0 | Self::Q5 | Self::Q4 => cpu::WeightPrecision::Q8_0,
+            Self::Auto | Self::Q8_0 | Self::Q6 | Self::Q5 | Self::Q4 => cpu::WeightPrecision::Q8_0,
         }
     }
 
@@ -97,10 +102,10 @@ impl Dtype {
             Self::F16 => G::F16,
             Self::Q8_0 => G::Q8_0,
             Self::Q4 => G::Q4,
-            Self::Q5 => {
-                return Err(crate::Error::InvalidInput(
-                    "q5 weights are a CPU format; on the GPU use q8_0 or q4".into(),
-                ))
+            Self::Q6 | Self::Q5 => {
+                return Err(crate::Error::InvalidInput(format!(
+                    "{self} weights are a CPU format; on the GPU use q8_0 or q4"
+                )))
             }
         })
     }
@@ -111,17 +116,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn q5_is_a_cpu_format_and_the_gpu_refuses_it_by_name() {
-        for name in ["q5", "q5_0"] {
-            let d: Dtype = name.parse().expect("q5 parses");
-            assert_eq!(d, Dtype::Q5);
-            assert_eq!(d.cpu().expect("cpu"), cpu::WeightPrecision::Q5);
+    fn q5_and_q6_are_cpu_formats_and_the_gpu_refuses_them_by_name() {
+        for (name, want, cpu) in [
+            ("q5", Dtype::Q5, cpu::WeightPrecision::Q5),
+            ("q5_0", Dtype::Q5, cpu::WeightPrecision::Q5),
+            ("q6", Dtype::Q6, cpu::WeightPrecision::Q6),
+        ] {
+            let d: Dtype = name.parse().expect("parses");
+            assert_eq!(d, want);
+            assert_eq!(d.cpu().expect("cpu"), cpu);
             assert_eq!(d.mimi_precision(), cpu::WeightPrecision::Q8_0);
-            let err = d.gpu().expect_err("the GPU has no q5 kernels");
-            assert!(err.to_string().contains("q5") && err.to_string().contains("CPU"));
+            let err = d.gpu().expect_err("the GPU has no q5 or q6 kernels");
+            let err = err.to_string();
+            assert!(
+                err.contains(&want.to_string()) && err.contains("CPU"),
+                "{err}"
+            );
         }
-        let err = "q6".parse::<Dtype>().expect_err("unknown");
-        assert!(err.contains("q5"), "{err}");
+        let err = "q7".parse::<Dtype>().expect_err("unknown");
+        assert!(err.contains("q6") && err.contains("q5"), "{err}");
         assert_eq!(Dtype::Q4.gpu().expect("q4"), gpu::GpuFormat::Q4);
     }
 }

@@ -1,8 +1,12 @@
 //! Quantized weight matrices and the integer kernels that stream them.
 //!
-//! Three formats with GGML's arithmetic: q8_0 (blocks of 32 weights, one f16 scale, 8-bit
-//! values: 8.5 bits a weight), q5_0 (the same blocks with 5-bit values: 5.5 bits a weight)
-//! and q4_0 (4-bit values: 4.5 bits a weight, the format the GPU path calls q4). A product quantizes each activation row
+//! Four formats with GGML's arithmetic: q8_0 (blocks of 32 weights, one f16 scale, 8-bit
+//! values: 8.5 bits a weight), q6 (the same blocks with 6-bit values: 6.5 bits a weight),
+//! q5_0 (5-bit values: 5.5 bits a weight) and q4_0 (4-bit values: 4.5 bits a weight, the
+//! format the GPU path calls q4). q6 is not one of GGML's formats (its 6-bit one is the
+//! k-quant q6_K, 6.56 bits a weight in blocks of 16 under 8-bit scales): it is q5_0's
+//! block and rounding with 64 levels, so every format here shares one layout and one
+//! kernel shape. A product quantizes each activation row
 //! once to 8-bit blocks, takes every block's dot product in integers and scales it by
 //! both scales, as llama.cpp's CPU kernels do. Written here rather than through candle's
 //! `QMatMul` because candle's kernels are compute-bound at batch 1 (q4k barely beats q8_0
@@ -24,12 +28,14 @@
 //! the scales are applied once per 16 blocks (one conversion, one multiply, one FMA)
 //! instead of once per block; the four rows' vectors lie side by side, so a product reads
 //! one sequential stream, which the hardware prefetchers follow at full rate. Values are
-//! unsigned, `q + 128` for q8_0, `q + 8` for q4_0 and `q + 16` for q5_0 (q4_0 and q5_0
-//! pack two vectors into one: the even one in the low nibbles, the odd one in the high
-//! ones; q5_0's fifth bits follow each row's nibbles as one more 64-byte vector per
-//! super-block whose byte `p` holds in bit `k` the fifth bit of byte `p` of value vector
-//! `k`), so `vpdpbusd` multiplies them directly; the offset times each activation block's
-//! sum starts the accumulator.
+//! unsigned, `q + 128` for q8_0, `q + 8` for q4_0, `q + 16` for q5_0 and `q + 32` for q6
+//! (q4_0, q5_0 and q6 pack two vectors into one: the even one in the low nibbles, the odd
+//! one in the high ones; the bits above the nibbles follow each row's nibbles as planes of
+//! 64-byte vectors per super-block: q5_0 has one, whose byte `p` holds in bit `k` the
+//! fifth bit of byte `p` of value vector `k`; q6 has two, plane `j` holding in bits `2i`
+//! and `2i + 1` of byte `p` the two high bits of byte `p` of value vector `4j + i`), so
+//! `vpdpbusd` multiplies them directly; the offset times each activation block's sum
+//! starts the accumulator.
 //! Blocks past a row's end are zero.
 
 use half::f16;
@@ -57,6 +63,9 @@ pub enum QFormat {
     /// GGML's q5_0 arithmetic (5-bit values, 5.5 bits a weight): q4_0's nibbles plus a
     /// plane of fifth bits.
     Q5_0,
+    /// q5_0's arithmetic with 6-bit values (6.5 bits a weight): q4_0's nibbles plus two
+    /// planes of the two high bits. Not a GGML format.
+    Q6,
 }
 
 impl QFormat {
@@ -65,38 +74,65 @@ impl QFormat {
             Self::Q8_0 => "q8_0",
             Self::Q4_0 => "q4_0",
             Self::Q5_0 => "q5_0",
+            Self::Q6 => "q6",
+        }
+    }
+
+    /// Bits per value.
+    const fn bits(self) -> u32 {
+        match self {
+            Self::Q8_0 => 8,
+            Self::Q4_0 => 4,
+            Self::Q5_0 => 5,
+            Self::Q6 => 6,
         }
     }
 
     /// What is added to a value to store it unsigned.
-    fn offset(self) -> i32 {
-        match self {
-            Self::Q8_0 => 128,
-            Self::Q4_0 => 8,
-            Self::Q5_0 => 16,
-        }
+    const fn offset(self) -> i32 {
+        1 << (self.bits() - 1)
     }
 
-    /// Stored nibble or byte vectors per row and super-block (q4_0 and q5_0 pack two in
-    /// one).
-    fn chunks(self) -> usize {
+    /// Stored nibble or byte vectors per row and super-block (the nibble formats pack two
+    /// in one).
+    const fn chunks(self) -> usize {
         match self {
             Self::Q8_0 => VECS,
-            Self::Q4_0 | Self::Q5_0 => VECS / 2,
+            _ => VECS / 2,
         }
     }
 
-    /// Whether values have a fifth bit in a plane after the nibbles.
-    fn planes(self) -> bool {
-        self == Self::Q5_0
+    /// Bits of each value above its nibble, kept in planes after the nibbles.
+    const fn high_bits(self) -> usize {
+        match self {
+            Self::Q8_0 | Self::Q4_0 => 0,
+            Self::Q5_0 => 1,
+            Self::Q6 => 2,
+        }
     }
 
-    /// Bytes per block as GGML stores it (values and an f16 scale), for sizing.
+    /// 64-byte plane vectors per row and super-block: the high bits of the eight value
+    /// vectors.
+    const fn planes(self) -> usize {
+        self.high_bits()
+    }
+
+    /// Which plane holds the high bits of value vector `k`, and at which bit of its bytes
+    /// they start.
+    const fn high_at(self, k: usize) -> (usize, usize) {
+        let h = self.high_bits();
+        let per_plane = 8 / h;
+        (k / per_plane, k % per_plane * h)
+    }
+
+    /// Bytes per block as GGML stores it (values and an f16 scale), for sizing (q6, which
+    /// GGML has not: its 6 bits a value and the scale).
     pub fn ggml_block_bytes(self) -> usize {
         match self {
             Self::Q8_0 => BLOCK + 2,
             Self::Q4_0 => BLOCK / 2 + 2,
             Self::Q5_0 => BLOCK / 2 + 4 + 2,
+            Self::Q6 => BLOCK * 3 / 4 + 2,
         }
     }
 }
@@ -214,30 +250,18 @@ fn quantize_block_q8(x: &[f32], q: &mut [i8]) -> f32 {
     d
 }
 
-/// GGML's q4_0 rounding of one block: the value of largest magnitude maps to -8, the rest
-/// round half up into 0..=15 (stored `q + 8`). Returns the scale.
-fn quantize_block_q4(x: &[f32], q: &mut [u8]) -> f32 {
+/// GGML's q4_0 and q5_0 rounding of one block, for `bits` of 4, 5 or 6 (q6 the same with
+/// 64 levels): the value of largest magnitude maps to `-2^(bits-1)`, the rest round half
+/// up into `0..2^bits` (stored `q + 2^(bits-1)`). Returns the scale.
+fn quantize_block_signed(x: &[f32], q: &mut [u8], bits: u32) -> f32 {
+    let half = (1u32 << (bits - 1)) as f32;
     let max = x
         .iter()
         .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-    let d = max / -8.0;
+    let d = max / -half;
     let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
     for (q, &v) in q.iter_mut().zip(x) {
-        *q = ((v * inv + 8.5).clamp(0.0, 15.0)) as u8;
-    }
-    d
-}
-
-/// GGML's q5_0 rounding of one block: as q4_0 with 32 levels (the value of largest
-/// magnitude maps to -16, the rest round half up into 0..=31, stored `q + 16`).
-fn quantize_block_q5(x: &[f32], q: &mut [u8]) -> f32 {
-    let max = x
-        .iter()
-        .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-    let d = max / -16.0;
-    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
-    for (q, &v) in q.iter_mut().zip(x) {
-        *q = ((v * inv + 16.5).clamp(0.0, 31.0)) as u8;
+        *q = ((v * inv + half + 0.5).clamp(0.0, 2.0 * half - 1.0)) as u8;
     }
     d
 }
@@ -259,27 +283,29 @@ impl QMatrix {
             q: vec![],
         };
         // Zero values (the offset) everywhere, zero scales.
-        let pad = match format {
-            QFormat::Q8_0 => 0x80,
-            QFormat::Q4_0 => 0x88,
-            QFormat::Q5_0 => 0x00,
+        // (q5_0's 16 is a high bit of 1 over a zero nibble: planes of ones; q6's 32 is
+        // high bits 0b10 over a zero nibble: planes of 0b10101010.)
+        let (pad, plane_pad) = match format {
+            QFormat::Q8_0 => (0x80, 0),
+            QFormat::Q4_0 => (0x88, 0),
+            QFormat::Q5_0 => (0x00, 0xFF),
+            QFormat::Q6 => (0x00, 0xAA),
         };
         m.q = vec![pad; rows.div_ceil(GROUP) * m.group_bytes()];
         let planes = SCALE_BYTES + format.chunks() * GROUP * VEC;
+        let plane_bytes = format.planes() * GROUP * VEC;
         for g in 0..rows.div_ceil(GROUP) {
             for sb in 0..supers {
                 let at = m.super_at(g, sb);
                 m.q[at..at + SCALE_BYTES].fill(0);
-                if format.planes() {
-                    m.q[at + planes..at + planes + GROUP * VEC].fill(0xFF);
-                }
+                m.q[at + planes..at + planes + plane_bytes].fill(plane_pad);
             }
         }
         Ok(m)
     }
 
     fn super_bytes(&self) -> usize {
-        SCALE_BYTES + (self.format.chunks() + usize::from(self.format.planes())) * GROUP * VEC
+        SCALE_BYTES + (self.format.chunks() + self.format.planes()) * GROUP * VEC
     }
 
     fn group_bytes(&self) -> usize {
@@ -301,7 +327,7 @@ impl QMatrix {
         let (k, lane_byte) = (e / 4, b % SUPER * 4 + e % 4);
         let (chunk, high) = match self.format {
             QFormat::Q8_0 => (k, false),
-            QFormat::Q4_0 | QFormat::Q5_0 => (k / 2, k % 2 == 1),
+            _ => (k / 2, k % 2 == 1),
         };
         let at = self.super_at(r / GROUP, b / SUPER)
             + SCALE_BYTES
@@ -310,15 +336,16 @@ impl QMatrix {
         (at, high)
     }
 
-    /// Where the fifth bit of value `e` of block `b` of row `r` is (q5_0): byte `p` of the
-    /// row's plane holds in bit `k` the fifth bit of lane byte `p` of value vector `k`.
+    /// Where the high bits of value `e` of block `b` of row `r` are (q5_0, q6): the byte,
+    /// and the bit they start at (see the module's notes).
     fn plane_at(&self, r: usize, b: usize, e: usize) -> (usize, u32) {
         let (k, lane_byte) = (e / 4, b % SUPER * 4 + e % 4);
+        let (plane, shift) = self.format.high_at(k);
         let at = self.super_at(r / GROUP, b / SUPER)
             + SCALE_BYTES
-            + (self.format.chunks() * GROUP + r % GROUP) * VEC
+            + ((self.format.chunks() + plane) * GROUP + r % GROUP) * VEC
             + lane_byte;
-        (at, k as u32)
+        (at, shift as u32)
     }
 
     fn scale(&self, r: usize, b: usize) -> f16 {
@@ -332,7 +359,7 @@ impl QMatrix {
     }
 
     /// Stores block `b` of row `r` from its unsigned values (0..=255 for q8_0, 0..=15 for
-    /// q4_0, 0..=31 for q5_0).
+    /// q4_0, 0..=31 for q5_0, 0..=63 for q6).
     fn set_block(&mut self, r: usize, b: usize, vals: &[u8; BLOCK]) {
         for (e, &v) in vals.iter().enumerate() {
             let (at, high) = self.value_at(r, b, e);
@@ -342,9 +369,10 @@ impl QMatrix {
                 (_, false) => (*o & 0xF0) | (v & 0x0F),
                 (_, true) => (*o & 0x0F) | (v << 4),
             };
-            if self.format.planes() {
-                let (at, bit) = self.plane_at(r, b, e);
-                self.q[at] = (self.q[at] & !(1 << bit)) | ((v >> 4) & 1) << bit;
+            if self.format.planes() > 0 {
+                let (at, shift) = self.plane_at(r, b, e);
+                let mask = (1u8 << self.format.high_bits()) - 1;
+                self.q[at] = (self.q[at] & !(mask << shift)) | ((v >> 4) & mask) << shift;
             }
         }
     }
@@ -358,9 +386,11 @@ impl QMatrix {
             *o = match self.format {
                 QFormat::Q8_0 => (v ^ 0x80) as i8,
                 QFormat::Q4_0 => nibble - 8,
-                QFormat::Q5_0 => {
-                    let (at, bit) = self.plane_at(r, b, e);
-                    nibble + (((self.q[at] >> bit) & 1) << 4) as i8 - 16
+                QFormat::Q5_0 | QFormat::Q6 => {
+                    let (at, shift) = self.plane_at(r, b, e);
+                    let mask = (1u8 << self.format.high_bits()) - 1;
+                    let high = (self.q[at] >> shift) & mask;
+                    (nibble as u8 | high << 4) as i8 - self.format.offset() as i8
                 }
             };
         }
@@ -402,8 +432,7 @@ impl QMatrix {
                         }
                         d
                     }
-                    QFormat::Q4_0 => quantize_block_q4(x, &mut stored),
-                    QFormat::Q5_0 => quantize_block_q5(x, &mut stored),
+                    _ => quantize_block_signed(x, &mut stored, format.bits()),
                 };
                 m.set_scale(r, b, f16::from_f32(d));
                 m.set_block(r, b, &stored);
@@ -416,6 +445,11 @@ impl QMatrix {
     /// values; q4_0: an f16 scale and 16 bytes holding value `k` in the low nibble of
     /// byte `k` and value `k + 16` in the high one): nothing is rounded again.
     pub fn from_ggml(bytes: &[u8], rows: usize, cols: usize, format: QFormat) -> Result<Self> {
+        if format == QFormat::Q6 {
+            return Err(Error::InvalidInput(
+                "q6 is not a GGML block format: its matrices are quantized from f32 or bf16".into(),
+            ));
+        }
         let mut m = Self::empty(format, rows, cols)?;
         let per = format.ggml_block_bytes();
         let blocks = cols / BLOCK;
@@ -450,6 +484,7 @@ impl QMatrix {
                         stored[k + 16] = (v >> 4) | (((qh >> (k + 16)) & 1) << 4) as u8;
                     }
                 }
+                QFormat::Q6 => unreachable!("refused above"),
             }
             m.set_block(r, b, &stored);
         }
@@ -598,25 +633,27 @@ fn portable_groups(w: &QMatrix, g0: usize, acts: &Acts, out_t: &mut [f32]) {
             let base = w.super_at(g0 + g, sb);
             for r in 0..GROUP {
                 let mut vals = [[0i32; VEC]; VECS];
-                let plane = base + SCALE_BYTES + (w.format.chunks() * GROUP + r) * VEC;
                 for (c, chunk) in (0..w.format.chunks()).map(|c| {
                     let at = base + SCALE_BYTES + (c * GROUP + r) * VEC;
                     (c, &w.q[at..at + VEC])
                 }) {
                     for (p, &v) in chunk.iter().enumerate() {
-                        match w.format {
-                            QFormat::Q8_0 => vals[c][p] = v as i32,
-                            QFormat::Q4_0 | QFormat::Q5_0 => {
-                                vals[2 * c][p] = (v & 0x0F) as i32;
-                                vals[2 * c + 1][p] = (v >> 4) as i32;
-                            }
+                        if w.format == QFormat::Q8_0 {
+                            vals[c][p] = v as i32;
+                        } else {
+                            vals[2 * c][p] = (v & 0x0F) as i32;
+                            vals[2 * c + 1][p] = (v >> 4) as i32;
                         }
                     }
                 }
-                if w.format.planes() {
+                if w.format.planes() > 0 {
+                    let mask = (1u8 << w.format.high_bits()) - 1;
                     for (k, vk) in vals.iter_mut().enumerate() {
+                        let (j, shift) = w.format.high_at(k);
+                        let plane =
+                            base + SCALE_BYTES + ((w.format.chunks() + j) * GROUP + r) * VEC;
                         for (p, v) in vk.iter_mut().enumerate() {
-                            *v += (((w.q[plane + p] >> k) & 1) << 4) as i32;
+                            *v += (((w.q[plane + p] >> shift) & mask) << 4) as i32;
                         }
                     }
                 }
@@ -667,25 +704,40 @@ mod x86 {
                 (Isa::Avx512Vnni, QFormat::Q8_0) => avx512_groups::<Q8>(w, g0, n, acts, out_t),
                 (Isa::Avx512Vnni, QFormat::Q4_0) => avx512_groups::<Q4>(w, g0, n, acts, out_t),
                 (Isa::Avx512Vnni, QFormat::Q5_0) => avx512_groups::<Q5>(w, g0, n, acts, out_t),
+                (Isa::Avx512Vnni, QFormat::Q6) => avx512_groups::<Q6>(w, g0, n, acts, out_t),
                 (_, QFormat::Q8_0) => avx2_groups::<Q8>(w, g0, n, acts, out_t),
                 (_, QFormat::Q4_0) => avx2_groups::<Q4>(w, g0, n, acts, out_t),
                 (_, QFormat::Q5_0) => avx2_groups::<Q5>(w, g0, n, acts, out_t),
+                (_, QFormat::Q6) => avx2_groups::<Q6>(w, g0, n, acts, out_t),
             }
         }
     }
 
-    /// The kernels' format parameter: bytes, nibbles, nibbles with a plane of fifth bits.
+    /// The kernels' format parameter: bytes, nibbles, nibbles with a plane of fifth bits,
+    /// nibbles with two planes of sixth and fifth bits.
     const Q8: u8 = 0;
     const Q4: u8 = 1;
     const Q5: u8 = 2;
+    const Q6: u8 = 3;
+
+    /// The format `F` stands for.
+    const fn format(f: u8) -> QFormat {
+        match f {
+            Q8 => QFormat::Q8_0,
+            Q4 => QFormat::Q4_0,
+            Q5 => QFormat::Q5_0,
+            _ => QFormat::Q6,
+        }
+    }
 
     /// Stored vectors per row and super-block for format `F`.
     const fn chunks(f: u8) -> usize {
-        if f == Q8 {
-            VECS
-        } else {
-            VECS / 2
-        }
+        format(f).chunks()
+    }
+
+    /// Where row `r`'s plane `j` of super-block `base` is.
+    fn plane_at(f: u8, base: usize, j: usize, r: usize) -> usize {
+        base + SCALE_BYTES + ((chunks(f) + j) * GROUP + r) * VEC
     }
 
     /// Activation rows taken together against a row group (their accumulators stay in
@@ -791,6 +843,19 @@ mod x86 {
         unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
     }
 
+    /// `p` with the bits from `at` of each byte moved to bit 4 (16-bit shifts: the bits
+    /// that cross into a neighbouring byte land outside bits 4-5, which are all that is
+    /// kept).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    fn shift_to_bit4_512(p: __m512i, at: usize) -> __m512i {
+        if at <= 4 {
+            _mm512_sll_epi16(p, _mm_cvtsi32_si128(4 - at as i32))
+        } else {
+            _mm512_srl_epi16(p, _mm_cvtsi32_si128(at as i32 - 4))
+        }
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     #[inline]
     fn avx512<const F: u8, const M: usize>(job: &Job, out_t: &mut [f32]) {
@@ -821,12 +886,14 @@ mod x86 {
                     *v = load512(xq, ai * width + b0 * BLOCK + k * VEC);
                 }
             }
-            let planes: [__m512i; GROUP] = std::array::from_fn(|r| {
-                if F == Q5 {
-                    load512(&w.q, base + SCALE_BYTES + (chunks(F) * GROUP + r) * VEC)
-                } else {
-                    _mm512_setzero_si512()
-                }
+            let planes: [[__m512i; 2]; GROUP] = std::array::from_fn(|r| {
+                std::array::from_fn(|j| {
+                    if j < format(F).planes() {
+                        load512(&w.q, plane_at(F, base, j, r))
+                    } else {
+                        _mm512_setzero_si512()
+                    }
+                })
             });
             for c in 0..chunks(F) {
                 for r in 0..GROUP {
@@ -839,10 +906,21 @@ mod x86 {
                             // byte mask of it, then 16 added where it is set.
                             let fifth = |k: usize| {
                                 let bit = _mm512_set1_epi8((1u8 << k) as i8);
-                                _mm512_test_epi8_mask(planes[r], bit)
+                                _mm512_test_epi8_mask(planes[r][0], bit)
                             };
                             lo = _mm512_mask_add_epi8(lo, fifth(2 * c), lo, bit4);
                             hi = _mm512_mask_add_epi8(hi, fifth(2 * c + 1), hi, bit4);
+                        } else if F == Q6 {
+                            // Vector k's two high bits moved to bits 4-5 of each byte, then
+                            // `nibble | (moved & 0x30)` in one ternary-logic instruction
+                            // (0xF8: a | (b & c)).
+                            let two = _mm512_set1_epi8(0x30);
+                            let high = |k: usize| {
+                                let (j, at) = format(F).high_at(k);
+                                shift_to_bit4_512(planes[r][j], at)
+                            };
+                            lo = _mm512_ternarylogic_epi32::<0xF8>(lo, high(2 * c), two);
+                            hi = _mm512_ternarylogic_epi32::<0xF8>(hi, high(2 * c + 1), two);
                         }
                         for i in 0..M {
                             dot[r][i] = _mm512_dpbusd_epi32(dot[r][i], lo, x[i][2 * c]);
@@ -886,7 +964,6 @@ mod x86 {
         let xs: &[u8] = bytemuck::cast_slice(&acts.scale);
         let xb: &[u8] = bytemuck::cast_slice(&acts.bias);
         let low = _mm256_set1_epi8(0x0F);
-        let bit4 = _mm256_set1_epi8(0x10);
         let flip = _mm256_set1_epi8(-128);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_ps(); M]; GROUP];
@@ -913,31 +990,42 @@ mod x86 {
                         (job.i0 + i) * width + sb * SUPER * BLOCK + k * VEC + h * 32,
                     )
                 };
-                let planes: [__m256i; GROUP] = std::array::from_fn(|r| {
-                    if F == Q5 {
-                        let at = base + SCALE_BYTES + (chunks(F) * GROUP + r) * VEC + h * 32;
-                        load256(&w.q, at)
-                    } else {
-                        _mm256_setzero_si256()
-                    }
+                let planes: [[__m256i; 2]; GROUP] = std::array::from_fn(|r| {
+                    std::array::from_fn(|j| {
+                        if j < format(F).planes() {
+                            load256(&w.q, plane_at(F, base, j, r) + h * 32)
+                        } else {
+                            _mm256_setzero_si256()
+                        }
+                    })
                 });
+                // The high bits above a nibble: q5_0's fifth, q6's fifth and sixth.
+                let high_mask = _mm256_set1_epi8(if F == Q6 { 0x30 } else { 0x10 });
                 for c in 0..chunks(F) {
                     for r in 0..GROUP {
                         let v = load256(&w.q, base + SCALE_BYTES + (c * GROUP + r) * VEC + h * 32);
                         if F != Q8 {
                             let mut lo = _mm256_and_si256(v, low);
                             let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
-                            if F == Q5 {
-                                let fifth = |k: i32| {
-                                    let p = if k <= 4 {
-                                        _mm256_sll_epi16(planes[r], _mm_cvtsi32_si128(4 - k))
+                            if F == Q5 || F == Q6 {
+                                // Vector k's high bits moved to bit 4 up, masked, added.
+                                let high = |k: usize| {
+                                    let (j, at) = format(F).high_at(k);
+                                    let p = if at <= 4 {
+                                        _mm256_sll_epi16(
+                                            planes[r][j],
+                                            _mm_cvtsi32_si128(4 - at as i32),
+                                        )
                                     } else {
-                                        _mm256_srl_epi16(planes[r], _mm_cvtsi32_si128(k - 4))
+                                        _mm256_srl_epi16(
+                                            planes[r][j],
+                                            _mm_cvtsi32_si128(at as i32 - 4),
+                                        )
                                     };
-                                    _mm256_and_si256(p, bit4)
+                                    _mm256_and_si256(p, high_mask)
                                 };
-                                lo = _mm256_or_si256(lo, fifth(2 * c as i32));
-                                hi = _mm256_or_si256(hi, fifth(2 * c as i32 + 1));
+                                lo = _mm256_or_si256(lo, high(2 * c));
+                                hi = _mm256_or_si256(hi, high(2 * c + 1));
                             }
                             for i in 0..M {
                                 for (nib, k) in [(lo, 2 * c), (hi, 2 * c + 1)] {
@@ -1036,15 +1124,16 @@ mod arm {
 
     /// Each 16-byte quarter of a 64-byte vector covers 4 blocks: `sdot` leaves block `l`'s
     /// sum in lane `l % 4` of quarter `l / 4`. Values are made signed again (q8_0: flip
-    /// the offset bit; q4_0 and q5_0: subtract the offset), so no bias is needed.
+    /// the offset bit; the nibble formats: subtract the offset), so no bias is needed.
     #[target_feature(enable = "neon,dotprod")]
     fn dot_groups(w: &QMatrix, g0: usize, acts: &Acts, out_t: &mut [f32]) {
         let m = acts.m;
         let width = acts.blocks * BLOCK;
         let xq = acts.q_bytes();
         let nibbles = w.format != QFormat::Q8_0;
-        let planes = w.format.planes();
-        let (flip, low, bit4) = (vdupq_n_u8(0x80), vdupq_n_u8(0x0F), vdupq_n_u8(0x10));
+        let (flip, low) = (vdupq_n_u8(0x80), vdupq_n_u8(0x0F));
+        // The high bits above a nibble: q5_0's fifth, q6's fifth and sixth.
+        let high_mask = vdupq_n_u8(((1u8 << w.format.high_bits()) - 1) << 4);
         let offset = vdupq_n_s8(w.format.offset() as i8);
         for (g, out) in out_t.chunks_exact_mut(GROUP * m).enumerate() {
             for i in 0..m {
@@ -1066,19 +1155,20 @@ mod arm {
                                     load(&w.q, base + SCALE_BYTES + (c * GROUP + r) * VEC + q * 16);
                                 if nibbles {
                                     let (mut lo, mut hi) = (vandq_u8(v, low), vshrq_n_u8::<4>(v));
-                                    if planes {
-                                        let at = base
-                                            + SCALE_BYTES
-                                            + (w.format.chunks() * GROUP + r) * VEC
-                                            + q * 16;
-                                        let plane = load(&w.q, at);
-                                        // Bit k of the plane's byte to bit 4 (a negative
-                                        // count shifts right).
-                                        let fifth = |k: i8| {
-                                            vandq_u8(vshlq_u8(plane, vdupq_n_s8(4 - k)), bit4)
+                                    if w.format.planes() > 0 {
+                                        // Vector k's high bits moved to bit 4 up (a
+                                        // negative count shifts right).
+                                        let high = |k: usize| {
+                                            let (j, shift) = w.format.high_at(k);
+                                            let at = base
+                                                + SCALE_BYTES
+                                                + ((w.format.chunks() + j) * GROUP + r) * VEC
+                                                + q * 16;
+                                            let count = vdupq_n_s8(4 - shift as i8);
+                                            vandq_u8(vshlq_u8(load(&w.q, at), count), high_mask)
                                         };
-                                        lo = vorrq_u8(lo, fifth(2 * c as i8));
-                                        hi = vorrq_u8(hi, fifth(2 * c as i8 + 1));
+                                        lo = vorrq_u8(lo, high(2 * c));
+                                        hi = vorrq_u8(hi, high(2 * c + 1));
                                     }
                                     let lo = vsubq_s8(vreinterpretq_s8_u8(lo), offset);
                                     let hi = vsubq_s8(vreinterpretq_s8_u8(hi), offset);
@@ -1157,7 +1247,7 @@ mod tests {
         // One block per row (a super-block mostly padding), odd row counts (a partial last
         // group of four), 17 blocks (a second super-block cut short), a matrix split over
         // threads; 1, 2, 3, 5 and 16 activation rows.
-        for format in [QFormat::Q8_0, QFormat::Q4_0, QFormat::Q5_0] {
+        for format in [QFormat::Q8_0, QFormat::Q4_0, QFormat::Q5_0, QFormat::Q6] {
             for (rows, cols) in [
                 (1, 32),
                 (7, 64),
@@ -1198,18 +1288,25 @@ mod tests {
         x[2] = 0.125;
         x[3] = 2.0;
         let mut q = [0u8; BLOCK];
-        let d = quantize_block_q4(&x, &mut q);
+        let d = quantize_block_signed(&x, &mut q, 4);
         assert_eq!(d, 0.25);
         assert_eq!(&q[..4], &[0, 12, 9, 15]);
         let w = QMatrix::quantize(&x, 1, BLOCK, QFormat::Q4_0).expect("q4");
         let back = w.dequantize();
         assert_eq!(&back[..4], &[-2.0, 1.0, 0.25, 1.75]);
         // q5_0: the largest magnitude maps to -16; the rest round half up into 0..=31.
-        let d = quantize_block_q5(&x, &mut q);
+        let d = quantize_block_signed(&x, &mut q, 5);
         assert_eq!(d, 0.125);
         assert_eq!(&q[..4], &[0, 24, 17, 31]);
         let w = QMatrix::quantize(&x, 1, BLOCK, QFormat::Q5_0).expect("q5");
         assert_eq!(&w.dequantize()[..4], &[-2.0, 1.0, 0.125, 1.875]);
+        // q6: the same with 64 levels, -32 to 31 (0.125 is two steps of 1/16: 34; 2.0 is
+        // 32 steps, clipped to 31).
+        let d = quantize_block_signed(&x, &mut q, 6);
+        assert_eq!(d, 0.0625);
+        assert_eq!(&q[..4], &[0, 48, 34, 63]);
+        let w = QMatrix::quantize(&x, 1, BLOCK, QFormat::Q6).expect("q6");
+        assert_eq!(&w.dequantize()[..4], &[-2.0, 1.0, 0.125, 1.9375]);
         // q8_0: max|x| / 127.
         let mut q8 = [0i8; BLOCK];
         let d = quantize_block_q8(&x, &mut q8);
@@ -1239,6 +1336,7 @@ mod tests {
                             bytes.extend(qh.to_le_bytes());
                             bytes.extend((0..16).map(|k| (u[k] & 15) | (u[k + 16] & 15) << 4));
                         }
+                        QFormat::Q6 => unreachable!("not a GGML format"),
                     }
                 }
             }
@@ -1248,6 +1346,52 @@ mod tests {
             assert!(err.to_string().contains(format.name()), "{err}");
         }
         assert!(QMatrix::quantize(&values(40, 1), 1, 40, QFormat::Q8_0).is_err());
+        let bytes = vec![0u8; rows * cols / BLOCK * QFormat::Q6.ggml_block_bytes()];
+        let err = QMatrix::from_ggml(&bytes, rows, cols, QFormat::Q6).expect_err("q6");
+        assert!(err.to_string().contains("not a GGML"), "{err}");
+    }
+
+    #[test]
+    fn every_value_survives_the_planes() {
+        // Each of the 64 q6 levels (and 32 q5_0 levels) at every position of a block and
+        // of a super-block, through storage and back, and in a product with unit
+        // activations on every path.
+        for format in [QFormat::Q5_0, QFormat::Q6] {
+            let levels = 1i32 << format.bits();
+            let (rows, cols) = (5, 2 * SUPER * BLOCK);
+            let mut w = QMatrix::empty(format, rows, cols).expect("empty");
+            let mut want = vec![0i8; rows * cols];
+            for r in 0..rows {
+                for b in 0..cols / BLOCK {
+                    w.set_scale(r, b, f16::ONE);
+                    let mut vals = [0u8; BLOCK];
+                    for (e, v) in vals.iter_mut().enumerate() {
+                        *v = ((r * 7 + b * 3 + e * 5) as i32 % levels) as u8;
+                        want[r * cols + b * BLOCK + e] = (*v as i32 - format.offset()) as i8;
+                    }
+                    w.set_block(r, b, &vals);
+                }
+            }
+            let back: Vec<i8> = w.dequantize().iter().map(|&v| v as i8).collect();
+            assert_eq!(back, want, "{}", format.name());
+            for isa in Isa::available() {
+                for col in [0, 37, cols - 1] {
+                    let mut x = vec![0f32; cols];
+                    x[col] = 1.0;
+                    let got = w.matmul_t_with(&x, 1, isa).expect("product");
+                    for (r, &g) in got.iter().enumerate() {
+                        // One-hot activations quantize to 127 at scale 1/127.
+                        let v = f32::from(want[r * cols + col]);
+                        assert!(
+                            (g - v).abs() < 1e-4,
+                            "{} {} row {r} col {col}: {g} vs {v}",
+                            format.name(),
+                            isa.name()
+                        );
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -1263,7 +1407,7 @@ mod speed {
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919) % 255) as f32 - 127.0)
             .collect();
-        for format in [QFormat::Q8_0, QFormat::Q4_0, QFormat::Q5_0] {
+        for format in [QFormat::Q8_0, QFormat::Q4_0, QFormat::Q5_0, QFormat::Q6] {
             let count = std::env::var("QCOUNT")
                 .ok()
                 .and_then(|v| v.parse().ok())
