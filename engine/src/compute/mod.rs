@@ -12,8 +12,9 @@ pub mod team;
 /// The weight format asked for on the command line, for whichever device runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Dtype {
-    /// q8_0 on the CPU where it fits in memory (see `WeightPrecision::auto_for`), bf16 on
-    /// the GPU (what Kyutai publishes, so nothing is rounded).
+    /// q8_0 on the CPU where it fits in memory and keeps up (else q6, q5 or q4: see
+    /// `WeightPrecision::auto_for`), bf16 on the GPU (what Kyutai publishes, so nothing is
+    /// rounded).
     #[default]
     Auto,
     F32,
